@@ -1,0 +1,58 @@
+"""The same resolved profiles, shaped for each engine. Neither adapter computes anything:
+both carry ``node`` = ``NodeProfile.model_dump(mode="json")`` and the connection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpunode.inventory.loader import Site
+from gpunode.model import NodeProfile
+
+
+def node_data(profile: NodeProfile) -> dict[str, Any]:
+    return profile.model_dump(mode="json")
+
+
+def _ansible_connection(p: NodeProfile) -> dict[str, Any]:
+    c = p.connection
+    out: dict[str, Any] = {"ansible_host": c.address, "ansible_port": c.port,
+                           "ansible_user": c.user, "ansible_become": c.become,
+                           "ansible_python_interpreter": "/usr/bin/python3"}
+    if c.key:
+        out["ansible_ssh_private_key_file"] = c.key
+    return out
+
+
+def to_ansible(site: Site) -> dict[str, Any]:
+    """`ansible-inventory --list` JSON: groups from the site, node in hostvars."""
+    inv: dict[str, Any] = {
+        "_meta": {"hostvars": {name: {**_ansible_connection(p), "node": node_data(p),
+                                      "gpunode_site": str(site.path.resolve())}
+                               for name, p in site.nodes.items()}},
+        "all": {"children": ["ungrouped", *site.groups]},
+        "ungrouped": {"hosts": [n for n, p in site.nodes.items() if not p.groups]},
+    }
+    for group, hosts in site.groups.items():
+        inv[group] = {"hosts": list(hosts)}
+    return inv
+
+
+def pyinfra_host(p: NodeProfile, site: Site) -> tuple[str, dict[str, Any]]:
+    c = p.connection
+    data: dict[str, Any] = {"ssh_hostname": c.address, "ssh_port": c.port, "ssh_user": c.user,
+                            "_sudo": c.become and c.user != "root", "node": node_data(p),
+                            "gpunode_site": str(site.path.resolve()),
+                            "ssh_known_hosts_file": "/dev/null",
+                            "ssh_strict_host_key_checking": "no"}
+    if c.key:
+        data["ssh_key"] = c.key
+    return p.name, data
+
+
+def to_pyinfra(site: Site) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Groups name -> [(host, data)]; pyinfra adds the implicit `all`."""
+    hosts = dict(pyinfra_host(p, site) for p in site.nodes.values())
+    out: dict[str, list[tuple[str, dict[str, Any]]]] = {
+        group: [(h, hosts[h]) for h in members] for group, members in site.groups.items()}
+    out["ungrouped"] = [(n, hosts[n]) for n, p in site.nodes.items() if not p.groups]
+    return out

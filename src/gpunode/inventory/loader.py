@@ -1,0 +1,352 @@
+"""Load a site file, merge its layers once, validate, and report every problem.
+
+Merge rule (the only one): ``defaults`` -> each group the node lists, in the order it
+lists them -> the node itself. Mappings merge key by key, recursively; lists and scalars
+from a later layer replace the earlier value whole (so ``vllm.services`` is never spliced).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from gpunode.model import NodeProfile, Problem, check_profile
+from gpunode.model.site import GROUP_NAME, SITE_KEYS, SiteMeta
+
+DEFAULT_SITE = Path("inventory/site.yaml")
+Path_ = tuple[str | int, ...]
+
+
+class SiteError(Exception):
+    """Invalid input: one line per problem in ``lines``. Nothing has been touched."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+@dataclass
+class Site:
+    path: Path
+    meta: SiteMeta
+    nodes: dict[str, NodeProfile]
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def select(self, names: list[str] | None) -> list[NodeProfile]:
+        """Nodes by name or group name; all nodes when names is empty."""
+        if not names:
+            return list(self.nodes.values())
+        chosen: dict[str, NodeProfile] = {}
+        unknown = []
+        for name in names:
+            if name in self.nodes:
+                chosen[name] = self.nodes[name]
+            elif name in self.groups:
+                chosen.update({h: self.nodes[h] for h in self.groups[name]})
+            else:
+                unknown.append(name)
+        if unknown:
+            known = sorted(self.nodes) + sorted(self.groups)
+            raise SiteError([f"{self.path}: unknown node or group {u!r}"
+                             f"{_suggest(u, known)}; known: {', '.join(known)}"
+                             for u in unknown])
+        return list(chosen.values())
+
+
+def resolve_site_path(option: str | os.PathLike[str] | None = None) -> Path:
+    """--site, else $GPUNODE_SITE, else inventory/site.yaml."""
+    if option:
+        return Path(option)
+    if os.environ.get("GPUNODE_SITE"):
+        return Path(os.environ["GPUNODE_SITE"])
+    return DEFAULT_SITE
+
+
+# --- YAML with line numbers -------------------------------------------------------------
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+class LineDict(dict):
+    """A mapping that remembers the line (1-based) of each key."""
+
+    lines: dict[Any, int]
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
+    loader.flatten_mapping(node)
+    result = LineDict()
+    result.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in result:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        hint = " (copy one of inventory/examples/*.yaml to inventory/site.yaml, or pass --site)"
+        raise SiteError([f"{path}: site file not found{hint}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SiteError([f"{path}: cannot read: {exc}"]) from None
+    try:
+        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = exc.problem or exc.context or "invalid YAML"
+        if mark is not None and "\t" in problem or "'\\t'" in str(exc):
+            problem += " (YAML indentation must use spaces, not tabs)"
+        raise SiteError([f"{where}: YAML syntax error: {problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise SiteError([f"{path}: YAML error: {exc}"]) from None
+
+
+# --- merging ----------------------------------------------------------------------------
+
+def merge(base: Any, over: Any) -> Any:
+    """Maps merge recursively; anything else from ``over`` replaces ``base``."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(over)
+
+
+def _leaf_paths(data: Any, prefix: Path_ = ()) -> Iterator[Path_]:
+    if isinstance(data, dict):
+        yield prefix
+        for key, value in data.items():
+            yield from _leaf_paths(value, prefix + (key,))
+    else:
+        yield prefix
+
+
+# --- unknown keys -----------------------------------------------------------------------
+
+def _model_of(annotation: Any) -> tuple[type[BaseModel] | None, bool, bool]:
+    """(model class, is list of it, is free-form dict) for a field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _model_of(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found[0] is not None or found[2]:
+                return found
+        return None, False, False
+    if origin is list:
+        model, _, _ = _model_of(typing.get_args(annotation)[0])
+        return model, model is not None, False
+    if origin is dict:
+        return None, False, True
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False, False
+    return None, False, False
+
+
+def unknown_keys(data: Any, model: type[BaseModel], prefix: str,
+                 skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, list[Any], str]]:
+    """Yield (field path, key path for the line lookup, message) per unknown key."""
+    if not isinstance(data, dict):
+        return
+    allowed = [name for name in model.model_fields if name not in skip]
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in allowed:
+            yield path, [key], (f"unknown key {key!r}{_suggest(str(key), allowed)}; allowed: "
+                                f"{', '.join(allowed)}")
+            continue
+        sub, is_list, _ = _model_of(model.model_fields[key].annotation)
+        if sub is None:
+            continue
+        if is_list and isinstance(value, list):
+            for i, item in enumerate(value):
+                for p, keys, msg in unknown_keys(item, sub, f"{path}[{i}]"):
+                    yield p, [key, i, *keys], msg
+        elif isinstance(value, dict):
+            for p, keys, msg in unknown_keys(value, sub, path):
+                yield p, [key, *keys], msg
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _line_of(data: Any, keys: list[Any]) -> int | None:
+    line = None
+    for key in keys:
+        if isinstance(data, LineDict) and key in data:
+            line = data.lines.get(key, line)
+            data = data[key]
+        elif isinstance(data, list) and isinstance(key, int) and key < len(data):
+            data = data[key]
+        else:
+            break
+    return line
+
+
+# --- loading ----------------------------------------------------------------------------
+
+def _loc_str(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def load_site(path: str | os.PathLike[str] | None = None) -> Site:
+    """Read, merge and validate a site file. Raises SiteError listing every problem."""
+    site_path = resolve_site_path(path)
+    raw = read_yaml(site_path)
+    lines: list[str] = []
+
+    def report(layer_keys: list[Any], field_path: str, message: str) -> None:
+        line = _line_of(raw, layer_keys)
+        where = f"{site_path}:{line}" if line else str(site_path)
+        entry = f"{where}: {field_path}: {message}" if field_path else f"{where}: {message}"
+        if entry not in lines:
+            lines.append(entry)
+
+    if not isinstance(raw, dict):
+        raise SiteError([f"{site_path}: a site file is a mapping with keys {', '.join(SITE_KEYS)}"])
+    for key in raw:
+        if key not in SITE_KEYS:
+            report([key], str(key), f"unknown key{_suggest(str(key), list(SITE_KEYS))}; "
+                   f"allowed: {', '.join(SITE_KEYS)}")
+    meta_raw = raw.get("site") or {}
+    defaults = raw.get("defaults") or {}
+    groups = raw.get("groups") or {}
+    nodes = raw.get("nodes")
+    for name, value in (("defaults", defaults), ("groups", groups), ("nodes", nodes)):
+        if value is not None and not isinstance(value, dict):
+            report([name], name, "must be a mapping")
+    if not isinstance(nodes, dict) or not nodes:
+        report(["nodes"], "nodes", "a site needs at least one node")
+    if lines:
+        raise SiteError(lines)
+
+    try:
+        meta = SiteMeta.model_validate(meta_raw)
+    except ValidationError as exc:
+        for err in exc.errors():
+            report(["site", *err["loc"]], _loc_str(("site", *err["loc"])), err["msg"])
+        meta = SiteMeta()
+
+    layers: list[tuple[list[Any], Any, frozenset[str]]] = [(["defaults"], defaults,
+                                                          frozenset({"name", "groups"}))]
+    for gname, gdata in groups.items():
+        if not isinstance(gname, str) or not _matches(GROUP_NAME, gname):
+            report(["groups", gname], f"groups.{gname}", "group names are lower-case letters, "
+                   "digits and _ (they become Ansible group names)")
+        if gdata is not None and not isinstance(gdata, dict):
+            report(["groups", gname], f"groups.{gname}", "must be a mapping")
+            continue
+        layers.append((["groups", gname], gdata or {}, frozenset({"name", "groups"})))
+    for nname, ndata in nodes.items():
+        if ndata is not None and not isinstance(ndata, dict):
+            report(["nodes", nname], f"nodes.{nname}", "must be a mapping")
+            continue
+        layers.append((["nodes", nname], ndata or {}, frozenset({"name"})))
+    for keys, data, skip in layers:
+        prefix = ".".join(str(k) for k in keys)
+        for field_path, sub_keys, message in unknown_keys(data, NodeProfile, prefix, skip):
+            report([*keys, *sub_keys], field_path, message)
+
+    profiles: dict[str, NodeProfile] = {}
+    members: dict[str, list[str]] = {g: [] for g in groups}
+    for nname, ndata in nodes.items():
+        ndata = ndata if isinstance(ndata, dict) else {}
+        node_groups = ndata.get("groups", [])
+        if not isinstance(node_groups, list):
+            report(["nodes", nname, "groups"], f"nodes.{nname}.groups", "must be a list")
+            continue
+        merged: Any = merge({}, defaults)
+        origin: dict[Path_, list[Any]] = {p: ["defaults"] for p in _leaf_paths(defaults)}
+        bad_group = False
+        for gname in node_groups:
+            if gname not in groups:
+                report(["nodes", nname, "groups"], f"nodes.{nname}.groups",
+                       f"unknown group {gname!r}{_suggest(str(gname), list(groups))}; "
+                       f"defined groups: {', '.join(groups) or 'none'}")
+                bad_group = True
+                continue
+            members[gname].append(nname)
+            gdata = groups[gname] or {}
+            merged = merge(merged, gdata)
+            origin.update({p: ["groups", gname] for p in _leaf_paths(gdata)})
+        merged = merge(merged, ndata)
+        origin.update({p: ["nodes", nname] for p in _leaf_paths(ndata)})
+        merged["name"] = nname
+        if bad_group:
+            continue
+        try:
+            profile = NodeProfile.model_validate(merged)
+        except ValidationError as exc:
+            for err in exc.errors():
+                if err["type"] == "extra_forbidden":
+                    continue  # reported above, at the layer that holds the key
+                loc = tuple(err["loc"])
+                layer = _origin_of(origin, loc) or ["nodes", nname]
+                field_path = ".".join(str(k) for k in layer) + "." + _loc_str(loc)
+                message = err["msg"]
+                if err["type"] == "missing":
+                    message = "required field is missing"
+                report([*layer, *loc], field_path, message)
+            continue
+        for problem in check_profile(profile):
+            report(["nodes", nname, *_keys_of(problem.path)], f"nodes.{nname}.{problem.path}",
+                   problem.message)
+        profiles[nname] = profile
+    if lines:
+        raise SiteError(lines)
+    return Site(path=site_path, meta=meta, nodes=profiles, groups=members)
+
+
+def _origin_of(origin: dict[Path_, list[Any]], loc: tuple[str | int, ...]) -> list[Any] | None:
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in origin:
+            return origin[loc[:cut]]
+    return None
+
+
+def _keys_of(path: str) -> list[Any]:
+    keys: list[Any] = []
+    for part in path.replace("[", ".[").split("."):
+        if part.startswith("["):
+            keys.append(int(part.strip("[]")))
+        elif part:
+            keys.append(part)
+    return keys
+
+
+def _matches(pattern: str, value: str) -> bool:
+    import re
+
+    return re.fullmatch(pattern.strip("^$"), value) is not None
+
+
+def problems_of(profile: NodeProfile) -> list[Problem]:
+    return check_profile(profile)

@@ -1,0 +1,345 @@
+"""The parts of a node profile. Every field carries a description: it is the documentation
+of the site file (``gpunode schema`` publishes it as JSON Schema)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PCI_ADDRESS = r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}(\.[0-7])?$"
+GPU_UUID = r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+SERVICE_NAME = r"^[a-z0-9][a-z0-9-]{0,39}$"
+SHA256 = r"^[0-9a-f]{64}$"
+
+OsName = Literal["ubuntu-22.04", "ubuntu-24.04", "debian-12"]
+NodeKind = Literal["bare-metal", "pve-guest", "pve-host"]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Strict(BaseModel):
+    """Base for every model: unknown keys are errors, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+
+
+class Connection(Strict):
+    address: str = Field(description="Host name or IP address gpunode connects to over SSH.")
+    port: Port = Field(22, description="SSH port.")
+    user: str = Field("root", description="SSH user.")
+    key: str | None = Field(None, description="Path to the SSH private key (on the control machine).")
+    become: bool = Field(True, description="Use sudo for changes (needed unless user is root).")
+
+
+class GpuExpect(Strict):
+    model: str = Field("NVIDIA RTX A6000", description="GPU product name as nvidia-smi prints it.")
+    count: int = Field(0, ge=0, le=16, description="Number of GPUs the node must have.")
+    pci_addresses: list[Annotated[str, Field(pattern=PCI_ADDRESS)]] = Field(
+        default_factory=list,
+        description="Optional explicit PCI addresses, lower-case dddd:bb:ss[.f], in GPU index order.",
+    )
+    uuids: list[Annotated[str, Field(pattern=GPU_UUID)]] = Field(
+        default_factory=list, description="Optional expected GPU UUIDs, in GPU index order."
+    )
+
+    @model_validator(mode="after")
+    def _lengths(self) -> GpuExpect:
+        for field in ("pci_addresses", "uuids"):
+            values = getattr(self, field)
+            if values and len(values) != self.count:
+                raise ValueError(f"{field} lists {len(values)} entries but count is {self.count}")
+        return self
+
+
+class ClockRange(Strict):
+    min_mhz: int = Field(ge=0, description="Lower bound of locked graphics clocks (MHz).")
+    max_mhz: int = Field(ge=0, description="Upper bound of locked graphics clocks (MHz).")
+
+    @model_validator(mode="after")
+    def _order(self) -> ClockRange:
+        if self.min_mhz > self.max_mhz:
+            raise ValueError("min_mhz must not exceed max_mhz")
+        return self
+
+
+class AppClocks(Strict):
+    memory_mhz: int = Field(ge=0, description="Application memory clock (MHz).")
+    graphics_mhz: int = Field(ge=0, description="Application graphics clock (MHz).")
+
+
+class GpuSettings(Strict):
+    persistence: bool = Field(True, description="Persistence mode, kept by nvidia-persistenced.")
+    power_limit_w: int | None = Field(
+        None, ge=50, le=1000, description="Power limit in watts (None: leave the default)."
+    )
+    ecc: bool | None = Field(
+        None, description="ECC on/off (None: leave as is). A change needs a reboot to apply."
+    )
+    locked_clocks: ClockRange | None = Field(None, description="Locked graphics clocks (-lgc).")
+    application_clocks: AppClocks | None = Field(None, description="Application clocks (-ac).")
+    compute_mode: Literal["DEFAULT", "EXCLUSIVE_PROCESS", "PROHIBITED"] = Field(
+        "DEFAULT", description="GPU compute mode."
+    )
+
+
+class Nvidia(Strict):
+    source: Literal["cuda-repo", "ubuntu-archive"] = Field(
+        "cuda-repo",
+        description="Driver source: NVIDIA's CUDA apt repository (all OSes) or the Ubuntu "
+        "archive's -server packages with Canonical-signed prebuilt modules (Ubuntu only).",
+    )
+    branch: int = Field(580, ge=470, le=999, description="Driver branch (580 = R580 LTSB).")
+    version: str | None = Field(
+        None,
+        pattern=r"^\d{3}\.\d{1,3}(\.\d{1,3})?$",
+        description="Exact driver version to pin, e.g. 580.95.05 (None: newest of the branch).",
+    )
+    open_kernel_modules: bool = Field(True, description="Open GPU kernel modules (NVIDIA's default).")
+    compute_only: bool = Field(True, description="Compute-only (headless) install, no desktop parts.")
+    hold: bool = Field(True, description="apt-mark hold the driver packages.")
+    repo_url: str = Field(
+        "https://developer.download.nvidia.com/compute/cuda/repos",
+        pattern=r"^https?://",
+        description="Base URL of the CUDA repository (override for mirrors and the lab); "
+        "<distro>/x86_64/ is appended.",
+    )
+    keyring_sha256: str | None = Field(
+        None,
+        pattern=SHA256,
+        description="SHA-256 of cuda-keyring_1.1-1_all.deb at repo_url (None: the published "
+        "upstream checksum for the node's distro).",
+    )
+    secure_boot: Literal["stop", "mok"] = Field(
+        "stop",
+        description="With Secure Boot on and DKMS modules: stop with guidance, or proceed "
+        "expecting a MOK enrolment.",
+    )
+    settings: GpuSettings = Field(default_factory=GpuSettings, description="nvidia-smi settings.")
+
+    @model_validator(mode="after")
+    def _version_in_branch(self) -> Nvidia:
+        if self.version and not self.version.startswith(f"{self.branch}."):
+            raise ValueError(f"version {self.version} is not in branch {self.branch}")
+        return self
+
+
+class Cuda(Strict):
+    enabled: bool = Field(False, description="Install the host CUDA toolkit (vLLM does not need it).")
+    version: str = Field("13.0", pattern=r"^\d+\.\d+$", description="CUDA major.minor.")
+
+
+class Nccl(Strict):
+    enabled: bool = Field(False, description="Install host NCCL (libnccl2, libnccl-dev).")
+    version: str = Field("2.28.3", pattern=r"^\d+\.\d+\.\d+$", description="NCCL version; "
+                         "the package version is <version>-1+cuda<cuda.version>.")
+
+
+class Cudnn(Strict):
+    enabled: bool = Field(False, description="Install host cuDNN 9 for the CUDA major.")
+    version: str = Field("9.15.0.58", pattern=r"^9\.\d+\.\d+\.\d+$", description="cuDNN version.")
+
+
+class ContainerToolkit(Strict):
+    enabled: bool = Field(False, description="Install the NVIDIA Container Toolkit.")
+    version: str = Field("1.18.0", pattern=r"^\d+\.\d+\.\d+(~rc\.\d+)?$",
+                         description="Toolkit version (package version <version>-1).")
+    runtimes: list[Literal["docker", "containerd", "podman", "crio"]] = Field(
+        default_factory=list,
+        description="Runtimes to configure (podman uses CDI only; its config is not touched).",
+    )
+    cdi: bool = Field(True, description="Generate the CDI spec /etc/cdi/nvidia.yaml.")
+    repo_url: str = Field(
+        "https://nvidia.github.io/libnvidia-container/stable/deb",
+        pattern=r"^https?://",
+        description="Container toolkit repository (when not served from repo_url's mirror).",
+    )
+
+
+class Dcgm(Strict):
+    enabled: bool = Field(False, description="Install DCGM 4 (datacenter-gpu-manager-4).")
+    version: str = Field("4.4.2", pattern=r"^\d+\.\d+\.\d+$", description="DCGM version.")
+    exporter: bool = Field(False, description="Also install dcgm-exporter.")
+
+
+class Hugepages(Strict):
+    size: Literal["2M", "1G"] = Field("2M", description="Huge page size.")
+    count: int = Field(0, ge=0, description="Pages to reserve (2M at runtime, 1G on the kernel "
+                       "command line). vLLM does not use hugetlbfs: keep 0 on serving nodes.")
+
+
+class Limits(Strict):
+    nofile: int = Field(1048576, ge=1024, description="LimitNOFILE for vLLM units.")
+    memlock: Literal["infinity"] | int = Field("infinity", description="LimitMEMLOCK for vLLM units.")
+
+
+SYSCTL_KEY = r"^[a-z0-9_]+(\.[a-zA-Z0-9_\-]+)+$"
+
+
+class Tuning(Strict):
+    profile: Literal["auto", "accelerator-performance", "throughput-performance",
+                     "virtual-guest", "none"] = Field(
+        "auto", description="Tuned-style profile; auto = accelerator-performance on bare metal, "
+        "virtual-guest in VMs.")
+    governor: Literal["performance", "schedutil", "ondemand", "powersave"] | None = Field(
+        "performance", description="CPU frequency governor where cpufreq exists (VMs: skipped).")
+    numa_balancing: bool | None = Field(
+        None, description="kernel.numa_balancing; None = off when services are pinned.")
+    thp: Literal["always", "madvise", "never"] = Field("madvise", description="THP mode.")
+    thp_defrag: Literal["always", "defer", "defer+madvise", "madvise", "never"] = Field(
+        "madvise", description="THP defrag mode.")
+    hugepages: Hugepages = Field(default_factory=Hugepages, description="Reserved huge pages.")
+    sysctl: dict[Annotated[str, Field(pattern=SYSCTL_KEY)], str | int] = Field(
+        default_factory=dict, description="Extra sysctls (merged over gpunode's defaults).")
+    swappiness: int = Field(10, ge=0, le=200, description="vm.swappiness.")
+    limits: Limits = Field(default_factory=Limits, description="Resource limits for vLLM units.")
+    irqbalance: Literal["default", "ban-service-cpus", "disabled"] = Field(
+        "ban-service-cpus", description="irqbalance policy: keep IRQs off pinned service CPUs.")
+    cpu_placement: Literal["gpu-local", "none"] = Field(
+        "gpu-local", description="Pin vLLM services to their GPUs' local CPUs and NUMA node.")
+
+
+ScalarArg = str | int | float | bool
+
+
+class VllmService(Strict):
+    name: str = Field(pattern=SERVICE_NAME, description="Service name (unit vllm@<name>).")
+    model: str = Field(description="Hugging Face repo id (org/name) or absolute local path.")
+    revision: str | None = Field(
+        None, description="Pinned model revision (commit) for repo ids; required for repo ids.")
+    served_names: list[str] = Field(default_factory=list,
+                                    description="Names served on /v1/models (default: name).")
+    gpus: list[Annotated[int, Field(ge=0)]] = Field(
+        min_length=1, description="GPU indices on the node this service uses.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel size.")
+    host: str = Field("127.0.0.1", description="Listen address.")
+    port: Port = Field(8000, description="Listen port.")
+    gpu_memory_utilization: float = Field(0.92, gt=0, le=1, description="Fraction of each GPU.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Max concurrent sequences.")
+    quantization: Literal["awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "bitsandbytes",
+                          "compressed-tensors"] | None = Field(None, description="Quantization.")
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        "auto", description="KV cache dtype.")
+    dtype: Literal["auto", "bfloat16", "float16", "half"] = Field("auto", description="dtype.")
+    extra_args: dict[str, ScalarArg | list[ScalarArg]] = Field(
+        default_factory=dict, description="Further vllm serve options (YAML config keys).")
+    extra_env: dict[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")], str] = Field(
+        default_factory=dict, description="Extra environment variables.")
+    api_key_file: str | None = Field(
+        None, description="File on the control machine holding the API key (copied into the "
+        "unit's credentials; never on a command line).")
+
+    @field_validator("model")
+    @classmethod
+    def _model_ref(cls, value: str) -> str:
+        if not (value.startswith("/") or re.fullmatch(r"[\w.\-]+/[\w.\-]+", value)):
+            raise ValueError("must be a Hugging Face repo id like org/name or an absolute path")
+        return value
+
+    @field_validator("extra_env")
+    @classmethod
+    def _no_secret_env(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in ("VLLM_API_KEY", "HF_TOKEN"):
+            if key in value:
+                raise ValueError(f"{key} must not be set here; use api_key_file (secrets never "
+                                 "go into unit files)")
+        return value
+
+    @property
+    def names(self) -> list[str]:
+        return self.served_names or [self.name]
+
+    @property
+    def local_model(self) -> bool:
+        return self.model.startswith("/")
+
+
+class Vllm(Strict):
+    version: str = Field("0.33.0", pattern=r"^\d+\.\d+\.\d+$", description="Pinned vLLM version.")
+    python: str = Field("3.12", pattern=r"^3\.\d+$", description="Python for the vLLM venv (>=3.11).")
+    index_url: str | None = Field(None, pattern=r"^https?://",
+                                  description="Python package index override (air-gapped/lab).")
+    uv_version: str = Field("0.9.5", pattern=r"^\d+\.\d+\.\d+$", description="Pinned uv version.")
+    user: str = Field("vllm", description="System user running the services.")
+    prefix: str = Field("/opt/vllm", description="Install prefix (venv at <prefix>/venv).")
+    model_cache: str = Field("/var/lib/vllm/hf", description="Shared HF_HOME for models.")
+    services: list[VllmService] = Field(default_factory=list, description="vLLM services.")
+
+    @field_validator("python")
+    @classmethod
+    def _python(cls, value: str) -> str:
+        if int(value.split(".")[1]) < 11:
+            raise ValueError("vLLM 0.33 needs Python 3.11 or newer")
+        return value
+
+
+class Hostpci(Strict):
+    mapping: str | None = Field(None, description="PVE PCI resource mapping name (preferred).")
+    address: str | None = Field(None, pattern=PCI_ADDRESS,
+                                description="Raw PCI address dddd:bb:ss[.f] (root@pam only).")
+    pcie: bool = Field(True, description="Attach as PCIe (needs machine q35).")
+    rombar: bool = Field(True, description="Expose the ROM BAR.")
+    x_vga: bool = Field(False, description="Primary VGA (not for compute).")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Hostpci:
+        if (self.mapping is None) == (self.address is None):
+            raise ValueError("give exactly one of mapping or address")
+        return self
+
+
+class CloudInit(Strict):
+    user: str = Field("gpunode", description="Default user.")
+    ssh_keys: list[str] = Field(default_factory=list, description="Public SSH keys.")
+    ipconfig0: str = Field("ip=dhcp", description="PVE ipconfig0 value.")
+    nameserver: str | None = Field(None, description="DNS server.")
+
+
+class VmSpec(Strict):
+    pve_node: str = Field(description="Proxmox node that hosts the VM.")
+    vmid: int = Field(ge=100, le=999999999, description="VM id.")
+    template_vmid: int | None = Field(None, ge=100, description="Template to clone.")
+    cloud_image: str | None = Field(None, description="Cloud image volume to import instead.")
+    cores: int = Field(8, ge=1, le=512, description="vCPU cores.")
+    sockets: int = Field(1, ge=1, le=8, description="vCPU sockets.")
+    memory_mib: int = Field(65536, ge=1024, description="Memory in MiB.")
+    numa: bool = Field(True, description="Expose NUMA to the guest.")
+    hugepages: Literal["none", "2", "1024"] = Field("none", description="Back RAM with huge pages.")
+    machine: Literal["q35", "pc"] = Field("q35", description="Machine type.")
+    bios: Literal["ovmf", "seabios"] = Field("ovmf", description="Firmware.")
+    cpu: str = Field("host", description="CPU type.")
+    disk_gib: int = Field(200, ge=8, description="Boot disk size.")
+    storage: str = Field("local-lvm", description="Storage for disks.")
+    bridge: str = Field("vmbr0", description="Network bridge.")
+    hostpci: list[Hostpci] = Field(default_factory=list, description="Passed-through devices.")
+    cloud_init: CloudInit = Field(default_factory=CloudInit, description="Cloud-init settings.")
+
+    @model_validator(mode="after")
+    def _source(self) -> VmSpec:
+        if (self.template_vmid is None) == (self.cloud_image is None):
+            raise ValueError("give exactly one of template_vmid or cloud_image")
+        return self
+
+
+class PciMapping(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z][\w\-]*$", description="Mapping name.")
+    addresses: list[Annotated[str, Field(pattern=PCI_ADDRESS)]] = Field(
+        min_length=1, description="Host PCI addresses in the mapping.")
+
+
+class PveApi(Strict):
+    url: str = Field(pattern=r"^https://", description="API base, e.g. https://pve1:8006.")
+    token_id: str = Field(pattern=r"^[^@\s]+@[^!\s]+![\w\-]+$", description="user@realm!tokenid")
+    token_secret_file: str = Field(description="File holding the token secret.")
+    verify_tls: bool | str = Field(True, description="Verify TLS (or a CA bundle path).")
+
+
+class PveHost(Strict):
+    iommu: Literal["intel", "amd"] = Field("intel", description="IOMMU vendor for kernel args.")
+    vfio_ids: list[Annotated[str, Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")]] = Field(
+        default_factory=lambda: ["10de:2230", "10de:1aef"],
+        description="vendor:device ids bound to vfio-pci (GPU and its audio function).")
+    hugepages_1g: int = Field(0, ge=0, description="1 GiB pages reserved at boot for VMs.")
+    api: PveApi | None = Field(None, description="API access for provisioning.")
+    pci_mappings: list[PciMapping] = Field(default_factory=list, description="PCI mappings.")

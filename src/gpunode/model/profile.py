@@ -1,0 +1,161 @@
+"""The resolved per-host profile and the rules that span several fields."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field
+
+from gpunode.model.parts import (
+    Connection,
+    ContainerToolkit,
+    Cuda,
+    Cudnn,
+    Dcgm,
+    GpuExpect,
+    Nccl,
+    NodeKind,
+    Nvidia,
+    OsName,
+    PveHost,
+    Strict,
+    Tuning,
+    VmSpec,
+    Vllm,
+)
+
+#: Memory kept free for the OS and model loading when huge pages are reserved (MiB).
+HUGEPAGE_HEADROOM_MIB = 8192
+
+
+class NodeProfile(Strict):
+    """Everything gpunode needs to build, tune and prove one host."""
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$", description="Inventory name.")
+    groups: list[str] = Field(default_factory=list, description="Site groups, applied in order.")
+    connection: Connection = Field(description="How to reach the host.")
+    os: OsName = Field("ubuntu-24.04", description="Operating system.")
+    kind: NodeKind = Field("bare-metal", description="bare-metal, pve-guest or pve-host.")
+    reboot: Literal["auto", "never"] = Field(
+        "auto", description="auto: reboot when needed during a deploy (vLLM units stopped "
+        "first); never: finish what is safe and report the host as needing a reboot.")
+    reboot_timeout_s: int = Field(900, ge=60, description="How long to wait for a reboot.")
+    memory_mib: int | None = Field(None, ge=1024, description="Host RAM (for hugepage checks).")
+    gpus: GpuExpect = Field(default_factory=GpuExpect, description="GPUs the host must have.")
+    nvidia: Nvidia = Field(default_factory=Nvidia, description="NVIDIA driver.")
+    cuda: Cuda = Field(default_factory=Cuda, description="Host CUDA toolkit.")
+    nccl: Nccl = Field(default_factory=Nccl, description="Host NCCL.")
+    cudnn: Cudnn = Field(default_factory=Cudnn, description="Host cuDNN.")
+    container_toolkit: ContainerToolkit = Field(default_factory=ContainerToolkit,
+                                                description="NVIDIA Container Toolkit.")
+    dcgm: Dcgm = Field(default_factory=Dcgm, description="DCGM and exporter.")
+    tuning: Tuning = Field(default_factory=Tuning, description="Host tuning.")
+    vllm: Vllm = Field(default_factory=Vllm, description="vLLM services.")
+    vm: VmSpec | None = Field(None, description="VM spec (kind pve-guest).")
+    pve: PveHost | None = Field(None, description="Proxmox host preparation (kind pve-host).")
+
+    @property
+    def distro(self) -> str:
+        """NVIDIA's repository name for the OS: ubuntu2204, ubuntu2404, debian12."""
+        return self.os.replace("-", "").replace(".", "")
+
+    @property
+    def numa_balancing(self) -> bool:
+        if self.tuning.numa_balancing is not None:
+            return self.tuning.numa_balancing
+        pinned = self.tuning.cpu_placement == "gpu-local" and bool(self.vllm.services)
+        return not pinned
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input: where (a field path) and what."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+def check_profile(p: NodeProfile) -> list[Problem]:
+    """Rules spanning several fields. Paths are relative to the node."""
+    problems: list[Problem] = []
+    add = lambda path, msg: problems.append(Problem(path, msg))  # noqa: E731
+
+    if p.kind == "pve-guest" and p.vm is None:
+        add("vm", "a pve-guest needs a vm section (pve_node, vmid, template_vmid or cloud_image)")
+    if p.kind != "pve-guest" and p.vm is not None:
+        add("vm", f"only pve-guest nodes take a vm section (kind is {p.kind})")
+    if p.kind != "pve-host" and p.pve is not None:
+        add("pve", f"only pve-host nodes take a pve section (kind is {p.kind})")
+    if p.nvidia.source == "ubuntu-archive" and not p.os.startswith("ubuntu"):
+        add("nvidia.source", f"ubuntu-archive drivers exist only on Ubuntu (os is {p.os}); "
+            "use cuda-repo")
+    if p.vllm.services and p.nvidia.branch < 580:
+        add("nvidia.branch", f"vLLM {p.vllm.version} needs CUDA 13, i.e. driver branch 580 or "
+            f"newer (branch is {p.nvidia.branch})")
+    if p.os == "ubuntu-22.04" and p.vllm.python == "3.10":
+        add("vllm.python", "vLLM needs Python >= 3.11")
+    if p.nccl.enabled and not p.cuda.version.startswith("13") and p.nvidia.branch >= 580:
+        pass  # NCCL follows cuda.version; any CUDA major works with R580
+
+    if p.vm is not None:
+        for i, dev in enumerate(p.vm.hostpci):
+            if dev.pcie and p.vm.machine != "q35":
+                add(f"vm.hostpci[{i}].pcie", "pcie=1 needs machine q35")
+        if p.vm.hugepages == "1024" and p.vm.memory_mib % 1024:
+            add("vm.memory_mib", f"{p.vm.memory_mib} MiB is not a multiple of 1024, which "
+                "1G huge pages need")
+        if p.vm.hostpci and p.vm.bios != "ovmf":
+            add("vm.bios", "GPU passthrough needs OVMF (UEFI)")
+
+    hp = p.tuning.hugepages
+    if hp.count:
+        page_mib = 2 if hp.size == "2M" else 1024
+        reserved = hp.count * page_mib
+        total = p.memory_mib or (p.vm.memory_mib if p.vm else None)
+        if total is None:
+            add("tuning.hugepages.count", "reserving huge pages needs memory_mib (host RAM) so "
+                "gpunode can check enough is left for the OS and model loading")
+        elif total - reserved < HUGEPAGE_HEADROOM_MIB:
+            add("tuning.hugepages.count", f"{hp.count} x {hp.size} reserves {reserved} MiB of "
+                f"{total} MiB; leave at least {HUGEPAGE_HEADROOM_MIB} MiB for the OS and model "
+                "loading")
+
+    gpu_count = p.gpus.count
+    ports: dict[int, str] = {}
+    names: set[str] = set()
+    util: dict[int, float] = defaultdict(float)
+    for i, svc in enumerate(p.vllm.services):
+        base = f"vllm.services[{i}]"
+        if svc.name in names:
+            add(f"{base}.name", f"duplicate service name {svc.name!r}")
+        names.add(svc.name)
+        if len(set(svc.gpus)) != len(svc.gpus):
+            add(f"{base}.gpus", f"lists a GPU twice: {svc.gpus}")
+        missing = [g for g in svc.gpus if g >= gpu_count]
+        if missing:
+            add(f"{base}.gpus", f"GPU(s) {missing} do not exist on this node "
+                f"(gpus.count is {gpu_count}; valid indices 0..{max(gpu_count - 1, 0)})")
+        if len(svc.gpus) % svc.tensor_parallel_size:
+            add(f"{base}.tensor_parallel_size", f"{svc.tensor_parallel_size} does not divide "
+                f"the service's {len(svc.gpus)} GPU(s); allowed: "
+                f"{[d for d in range(1, len(svc.gpus) + 1) if len(svc.gpus) % d == 0]}")
+        if svc.port in ports:
+            add(f"{base}.port", f"port {svc.port} is already used by service "
+                f"{ports[svc.port]!r}; ports must be unique per node")
+        ports.setdefault(svc.port, svc.name)
+        if not svc.local_model and not svc.revision:
+            add(f"{base}.revision", "a Hugging Face model needs a pinned revision (commit hash) "
+                "so a node can be rebuilt exactly")
+        for g in set(svc.gpus):
+            util[g] += svc.gpu_memory_utilization
+    for g, total_util in sorted(util.items()):
+        if total_util > 1.0 + 1e-9:
+            users = [s.name for s in p.vllm.services if g in s.gpus]
+            add("vllm.services", f"GPU {g} is shared by {users} with gpu_memory_utilization "
+                f"summing to {total_util:.2f}; the sum per GPU must be <= 1.0")
+    return problems
