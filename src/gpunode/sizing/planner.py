@@ -279,7 +279,11 @@ def tp_problems(shape: ModelShape, tp: int, quant: QuantConfig | None = None) ->
         return [Finding("error", f"tensor_parallel_size must be ≥ 1, got {tp}", "tp-invalid")]
     heads, kv = shape.num_attention_heads, shape.num_key_value_heads
     if heads % tp:
-        valid = ", ".join(str(t) for t in range(1, heads + 1) if heads % t == 0 and t <= 16)
+        valid = ", ".join(
+            str(t)
+            for t in range(1, min(heads, 64) + 1)
+            if heads % t == 0 and (shape.is_mla or kv % t == 0 or t % kv == 0)
+        )
         out.append(
             Finding(
                 "error",
