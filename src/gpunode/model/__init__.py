@@ -15,9 +15,9 @@ from gpunode.model.parts import (
     Nvidia,
     PveHost,
     Tuning,
-    VmSpec,
     Vllm,
     VllmService,
+    VmSpec,
 )
 from gpunode.model.profile import NodeProfile, Problem, check_profile
 from gpunode.model.site import SiteMeta, SiteSchema

@@ -3,6 +3,7 @@ of the site file (``gpunode schema`` publishes it as JSON Schema)."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Literal
 
@@ -235,6 +236,27 @@ class VllmService(Strict):
     def _model_ref(cls, value: str) -> str:
         if not (value.startswith("/") or re.fullmatch(r"[\w.\-]+/[\w.\-]+", value)):
             raise ValueError("must be a Hugging Face repo id like org/name or an absolute path")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _known_args(cls, value: dict[str, object]) -> dict[str, object]:
+        from gpunode.vllm_flags import SERVE_FLAGS, VLLM_VERSION
+
+        managed = {"model", "host", "port", "served-model-name", "tensor-parallel-size",
+                   "gpu-memory-utilization", "max-model-len", "max-num-seqs", "quantization",
+                   "kv-cache-dtype", "dtype", "revision", "config"}
+        for key in value:
+            flag = key.replace("_", "-")
+            if flag == "api-key":
+                raise ValueError("api-key must not be set here; use api_key_file (the key is "
+                                 "passed as a systemd credential, never in files or arguments)")
+            if flag in managed:
+                raise ValueError(f"{key!r} has its own field; set it there")
+            if flag not in SERVE_FLAGS:
+                close = difflib.get_close_matches(flag, sorted(SERVE_FLAGS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{key!r} is not a vllm {VLLM_VERSION} serve option{hint}")
         return value
 
     @field_validator("extra_env")

@@ -22,8 +22,8 @@ from gpunode.model.parts import (
     PveHost,
     Strict,
     Tuning,
-    VmSpec,
     Vllm,
+    VmSpec,
 )
 
 #: Memory kept free for the OS and model loading when huge pages are reserved (MiB).

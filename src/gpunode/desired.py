@@ -1,0 +1,291 @@
+"""What a node should be, computed once from its profile: package names and versions,
+repositories, sysctls, kernel arguments, units. The pyinfra deploys, the Ansible roles (via
+the filter plugin) and the checks all call these functions; none re-derives them."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from gpunode.model import NodeProfile
+
+KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
+#: Published checksums of cuda-keyring_1.1-1_all.deb per distro (research/nvidia-repo.md §1.1).
+UPSTREAM_KEYRING_SHA256 = {
+    "debian12": "e7f219eab6fe4819cdb5c15b98233dc3420302d9c00883219cd3d896857cf48d",
+    "ubuntu2404": "d2a6b11c096396d868758b86dab1823b25e14d70333f1dfa74da5ddaf6a06dba",
+}
+CUDA_KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
+CTK_KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"
+#: Name patterns of driver packages (holds, unattended-upgrades blacklist, checks).
+DRIVER_PATTERNS = ("nvidia-*", "libnvidia-*", "libcuda1", "libcudadebugger1",
+                   "cuda-drivers*", "firmware-nvidia-*", "linux-modules-nvidia-*",
+                   "xserver-xorg-video-nvidia*")
+UNATTENDED_BLACKLIST = ("nvidia-", "libnvidia-", "libcuda", "cuda-", "libnccl", "libcudnn",
+                        "datacenter-gpu-manager", "firmware-nvidia-", "linux-modules-nvidia-")
+
+
+@dataclass(frozen=True)
+class Pkg:
+    name: str
+    version: str | None = None  # exact Debian version to install, None = candidate
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}={self.version}" if self.version else self.name
+
+
+def keyring_url(p: NodeProfile) -> str:
+    return f"{p.nvidia.repo_url.rstrip('/')}/{p.distro}/x86_64/{KEYRING_DEB}"
+
+
+def keyring_sha256(p: NodeProfile) -> str | None:
+    return p.nvidia.keyring_sha256 or UPSTREAM_KEYRING_SHA256.get(p.distro)
+
+
+def cuda_repo_line(p: NodeProfile) -> str:
+    return (f"deb [signed-by={CUDA_KEYRING}] {p.nvidia.repo_url.rstrip('/')}/{p.distro}/"
+            "x86_64/ /")
+
+
+def cuda_repo_list_path(p: NodeProfile) -> str:
+    return f"/etc/apt/sources.list.d/cuda-{p.distro}-x86_64.list"
+
+
+def ctk_repo_line(p: NodeProfile) -> str:
+    return f"deb [signed-by={CTK_KEYRING}] {p.container_toolkit.repo_url.rstrip('/')}/$(ARCH) /"
+
+
+def driver_deb_version(p: NodeProfile) -> str | None:
+    """The Debian version string of the pinned driver in the chosen source."""
+    v = p.nvidia.version
+    if not v:
+        return None
+    if p.nvidia.source == "ubuntu-archive":
+        return None  # archive revisions vary per release: pinned by apt preferences
+    if p.os == "debian-12":
+        return f"{v}-1"
+    # Ubuntu CUDA repo: 0ubuntu1 up to 580.105.08, 1ubuntu1 from 580.126 (nvidia-repo.md §2.1)
+    minor = int(v.split(".")[1])
+    return f"{v}-{'1' if (p.nvidia.branch > 580 or minor >= 126) else '0'}ubuntu1"
+
+
+def driver_packages(p: NodeProfile) -> list[str]:
+    """Driver packages to install, by source, OS, module flavour and compute-only split."""
+    n, b, open_ = p.nvidia, p.nvidia.branch, p.nvidia.open_kernel_modules
+    if n.source == "ubuntu-archive":
+        flavour = "-open" if open_ else ""
+        return [f"nvidia-headless-{b}-server{flavour}", f"nvidia-utils-{b}-server",
+                f"linux-modules-nvidia-{b}-server{flavour}-generic"]
+    if p.os == "debian-12":
+        if n.compute_only:
+            kmod = "nvidia-kernel-open-dkms" if open_ else "nvidia-kernel-dkms"
+            return ["nvidia-driver-cuda", kmod, "nvidia-persistenced"]
+        return ["nvidia-open" if open_ else "cuda-drivers"]
+    suffix = f"-{b}" if b <= 580 else ""
+    if n.compute_only:
+        kmod = f"nvidia-dkms{suffix}-open" if open_ else f"nvidia-dkms{suffix}"
+        return [f"libnvidia-compute{suffix}", kmod, f"nvidia-utils{suffix}",
+                "nvidia-persistenced"]
+    return [f"nvidia-open{suffix}" if open_ else f"cuda-drivers{suffix}"]
+
+
+def pinning_package(p: NodeProfile) -> str | None:
+    """NVIDIA's branch pinning package (CUDA repo only), installed before the driver."""
+    return f"nvidia-driver-pinning-{p.nvidia.branch}" if p.nvidia.source == "cuda-repo" else None
+
+
+def driver_preferences(p: NodeProfile) -> str | None:
+    """apt preferences pinning the exact driver version (None without a version)."""
+    if not p.nvidia.version:
+        return None
+    names = " ".join(DRIVER_PATTERNS)
+    return (f"Package: {names}\nPin: version {p.nvidia.version}-*\nPin-Priority: 1001\n")
+
+
+def is_driver_package(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pat) for pat in DRIVER_PATTERNS) and not name.startswith(
+        ("nvidia-driver-pinning", "nvidia-container", "libnvidia-container"))
+
+
+def driver_hold_set(p: NodeProfile, installed: dict[str, str]) -> list[str]:
+    """Installed driver packages to hold: driver-named packages of the node's branch."""
+    prefix = f"{p.nvidia.branch}."
+    return sorted(name for name, version in installed.items()
+                  if is_driver_package(name) and version.split(":")[-1].startswith(prefix))
+
+
+def cuda_packages(p: NodeProfile) -> list[Pkg]:
+    if not p.cuda.enabled:
+        return []
+    return [Pkg(f"cuda-toolkit-{p.cuda.version.replace('.', '-')}")]
+
+
+def nccl_packages(p: NodeProfile) -> list[Pkg]:
+    if not p.nccl.enabled:
+        return []
+    version = f"{p.nccl.version}-1+cuda{p.cuda.version}"
+    return [Pkg("libnccl2", version), Pkg("libnccl-dev", version)]
+
+
+def cudnn_packages(p: NodeProfile) -> list[Pkg]:
+    if not p.cudnn.enabled:
+        return []
+    major = p.cuda.version.split(".")[0]
+    version = f"{p.cudnn.version}-1"
+    return [Pkg(f"libcudnn9-cuda-{major}", version), Pkg(f"libcudnn9-dev-cuda-{major}", version)]
+
+
+def container_toolkit_packages(p: NodeProfile) -> list[Pkg]:
+    if not p.container_toolkit.enabled:
+        return []
+    v = f"{p.container_toolkit.version}-1"
+    return [Pkg(name, v) for name in ("nvidia-container-toolkit", "nvidia-container-toolkit-base",
+                                      "libnvidia-container-tools", "libnvidia-container1")]
+
+
+def dcgm_packages(p: NodeProfile) -> list[Pkg]:
+    if not p.dcgm.enabled:
+        return []
+    v = f"1:{p.dcgm.version}-1"
+    major = p.cuda.version.split(".")[0]
+    pkgs = [Pkg("datacenter-gpu-manager-4-core", v), Pkg(f"datacenter-gpu-manager-4-cuda{major}", v)]
+    if p.dcgm.exporter:
+        pkgs.append(Pkg("datacenter-gpu-manager-exporter"))
+    return pkgs
+
+
+def base_packages(p: NodeProfile) -> list[str]:
+    """What the rest of the deploy needs, present on every supported OS."""
+    pkgs = ["ca-certificates", "curl", "gnupg", "kmod", "pciutils", "numactl",
+            "initramfs-tools", "python3", "python3-venv", "irqbalance"]
+    if p.nvidia.source == "cuda-repo":
+        pkgs.append("dkms")
+    return pkgs
+
+
+def header_packages(p: NodeProfile, running: str, installed_kernels: list[str]) -> list[str]:
+    """Kernel headers for the running kernel and the newest installed one."""
+    meta = "linux-headers-amd64" if p.os == "debian-12" else "linux-headers-generic"
+    kernels = {running}
+    if installed_kernels:
+        kernels.add(newest_kernel(installed_kernels))
+    return [meta, *sorted(f"linux-headers-{k}" for k in kernels)]
+
+
+def newest_kernel(kernels: list[str]) -> str:
+    def key(version: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in "".join(c if c.isdigit() else " " for c in version).split())
+
+    return max(kernels, key=key)
+
+
+def held_packages(p: NodeProfile) -> list[str]:
+    """Exact-version packages gpunode holds besides the driver."""
+    if not p.nvidia.hold:
+        return []
+    return [pkg.name for pkg in (nccl_packages(p) + cudnn_packages(p)
+                                 + container_toolkit_packages(p) + dcgm_packages(p))
+            if pkg.version]
+
+
+# --- tuning ------------------------------------------------------------------------------
+
+def tuning_profile(p: NodeProfile) -> str:
+    if p.tuning.profile != "auto":
+        return p.tuning.profile
+    return "virtual-guest" if p.kind == "pve-guest" else "accelerator-performance"
+
+
+def sysctls(p: NodeProfile) -> dict[str, str]:
+    """Every sysctl gpunode sets: its defaults, then the profile's map on top."""
+    values: dict[str, str] = {
+        "vm.swappiness": str(p.tuning.swappiness),
+        "kernel.numa_balancing": "1" if p.numa_balancing else "0",
+    }
+    if tuning_profile(p) in ("accelerator-performance", "throughput-performance"):
+        values.update({"vm.dirty_background_ratio": "10", "vm.dirty_ratio": "40"})
+    elif tuning_profile(p) == "virtual-guest":
+        values.update({"vm.dirty_background_ratio": "10", "vm.dirty_ratio": "30"})
+    hp = p.tuning.hugepages
+    if hp.size == "2M" and hp.count:
+        values["vm.nr_hugepages"] = str(hp.count)
+    for key, value in p.tuning.sysctl.items():
+        values[key] = str(value)
+    return dict(sorted(values.items()))
+
+
+def kernel_args(p: NodeProfile) -> list[str]:
+    """Tokens gpunode keeps on the kernel command line."""
+    args = [f"transparent_hugepage={p.tuning.thp}"]
+    hp = p.tuning.hugepages
+    if hp.size == "1G" and hp.count:
+        args += ["default_hugepagesz=1G", "hugepagesz=1G", f"hugepages={hp.count}"]
+    if p.kind == "pve-host" and p.pve is not None:
+        args += [f"{p.pve.iommu}_iommu=on", "iommu=pt"]
+        if p.pve.hugepages_1g:
+            args += ["hugepagesz=1G", f"hugepages={p.pve.hugepages_1g}"]
+    seen: list[str] = []
+    for token in args:
+        if token not in seen:
+            seen.append(token)
+    return seen
+
+
+def missing_kernel_args(p: NodeProfile, cmdline: str) -> list[str]:
+    current = set(cmdline.split())
+    return [t for t in kernel_args(p) if t not in current]
+
+
+# --- units -------------------------------------------------------------------------------
+
+def vllm_unit(name: str) -> str:
+    return f"vllm@{name}.service"
+
+
+def prefetch_unit(name: str) -> str:
+    return f"vllm-prefetch@{name}.service"
+
+
+def vllm_units(p: NodeProfile) -> list[str]:
+    return [vllm_unit(s.name) for s in p.vllm.services]
+
+
+def vllm_config(service: dict) -> dict:
+    """The YAML given to `vllm serve --config` for one service (profile JSON data)."""
+    cfg: dict = {
+        "model": service["model"],
+        "served-model-name": service["served_names"] or [service["name"]],
+        "host": service["host"],
+        "port": service["port"],
+        "tensor-parallel-size": service["tensor_parallel_size"],
+        "gpu-memory-utilization": service["gpu_memory_utilization"],
+        "kv-cache-dtype": service["kv_cache_dtype"],
+        "dtype": service["dtype"],
+        "shutdown-timeout": 30,
+        "disable-access-log-for-endpoints": "/health,/metrics",
+    }
+    if service.get("revision"):
+        cfg["revision"] = service["revision"]
+    for key in ("max_model_len", "max_num_seqs", "quantization"):
+        if service.get(key) is not None:
+            cfg[key.replace("_", "-")] = service[key]
+    for key, value in service.get("extra_args", {}).items():
+        cfg[key.replace("_", "-")] = value
+    return dict(sorted(cfg.items()))
+
+
+def vllm_environment(p_vllm: dict, service: dict) -> dict[str, str]:
+    """Environment of one service (no secrets: the API key arrives as a credential)."""
+    env = {
+        "HF_HOME": p_vllm["model_cache"],
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "PYTHONUNBUFFERED": "1",
+        "VLLM_HTTP_PORT": str(service["port"]),
+        "VLLM_HTTP_HOST": "127.0.0.1" if service["host"] in ("0.0.0.0", "::") else service["host"],
+    }
+    env.update(service.get("extra_env", {}))
+    return dict(sorted(env.items()))

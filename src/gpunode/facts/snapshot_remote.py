@@ -1,0 +1,151 @@
+# Runs ON THE HOST (python3, stdlib only) and prints one JSON document with everything
+# the deploy and the reboot logic read: one remote command instead of dozens of facts.
+# Input: argv[1] = JSON spec {"paths": [...], "units": [...], "sysctls": [...]}.
+import glob
+import hashlib
+import json
+import os
+import pwd
+import grp
+import subprocess
+import sys
+
+
+def run(cmd, timeout=60):
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return p.returncode, p.stdout, p.stderr
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 127, "", str(exc)
+
+
+def read(path, default=None):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def file_info(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    info = {"mode": "%04o" % (st.st_mode & 0o7777)}
+    try:
+        info["owner"] = pwd.getpwuid(st.st_uid).pw_name
+        info["group"] = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        info["owner"], info["group"] = str(st.st_uid), str(st.st_gid)
+    if os.path.isfile(path):
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb") as f:
+                h.update(f.read())
+            info["sha256"] = h.hexdigest()
+        except OSError:
+            info["sha256"] = None
+    else:
+        info["dir"] = os.path.isdir(path)
+    return info
+
+
+def main():
+    spec = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    out = {}
+    osr = {}
+    for line in (read("/etc/os-release", "") or "").splitlines():
+        if "=" in line:
+            k, v = line.split("=", 1)
+            osr[k] = v.strip('"')
+    out["os"] = {"id": osr.get("ID"), "version_id": osr.get("VERSION_ID")}
+    out["kernel"] = os.uname().release
+    out["kernels"] = sorted(os.path.basename(d) for d in glob.glob("/lib/modules/*")
+                            if os.path.exists(os.path.join(d, "modules.dep"))
+                            or os.path.isdir(os.path.join(d, "kernel")))
+    out["cmdline"] = (read("/proc/cmdline", "") or "").strip()
+    rc, virt, _ = run(["systemd-detect-virt"])
+    out["virt"] = virt.strip() or "none"
+    out["cpufreq"] = os.path.isdir("/sys/devices/system/cpu/cpu0/cpufreq")
+    out["governors"] = sorted({(read(p, "") or "").strip() for p in
+                               glob.glob("/sys/devices/system/cpu/cpu*/cpufreq/scaling_governor")})
+    sb = None
+    for p in glob.glob("/sys/firmware/efi/efivars/SecureBoot-*"):
+        data = open(p, "rb").read()
+        sb = bool(data[-1]) if data else None
+    out["secure_boot"] = sb
+    out["efi"] = os.path.isdir("/sys/firmware/efi")
+    mods = [line.split()[0] for line in (read("/proc/modules", "") or "").splitlines() if line]
+    out["modules"] = sorted(m for m in mods if m.startswith(("nouveau", "nvidia", "vfio")))
+    out["reboot_required"] = os.path.exists("/run/reboot-required")
+    out["reboot_required_pkgs"] = (read("/run/reboot-required.pkgs", "") or "").split()
+    out["nvidia_proc_version"] = read("/proc/driver/nvidia/version")
+    rc, dpkg, _ = run(["dpkg-query", "-W", "-f", "${Package}\t${Version}\t${Status}\n"])
+    pkgs, holds = {}, []
+    for line in dpkg.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3:
+            continue
+        name, version, status = parts
+        words = status.split()
+        if len(words) == 3 and words[2] in ("installed", "half-configured", "unpacked"):
+            pkgs[name] = version
+        if words and words[0] == "hold":
+            holds.append(name)
+    out["packages"] = pkgs
+    out["holds"] = sorted(holds)
+    lists = glob.glob("/var/lib/apt/lists/*_Packages") + glob.glob("/var/lib/apt/lists/*Release")
+    out["apt_lists_mtime"] = max((os.path.getmtime(p) for p in lists), default=0)
+    out["files"] = {p: file_info(p) for p in spec.get("paths", [])}
+    units = spec.get("units", [])
+    out["units"] = {}
+    if units:
+        rc, text, _ = run(["systemctl", "show", "--no-pager", "-p",
+                           "Id,LoadState,ActiveState,SubState,UnitFileState,MainPID,"
+                           "NeedDaemonReload", *units])
+        blocks = [b for b in text.split("\n\n")]
+        for unit, block in zip(units, blocks):
+            props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+            out["units"][unit] = props
+    out["sysctl"] = {}
+    for key in spec.get("sysctls", []):
+        value = read("/proc/sys/" + key.replace(".", "/"))
+        out["sysctl"][key] = " ".join(value.split()) if value is not None else None
+    thp = {}
+    for k in ("enabled", "defrag"):
+        text = read("/sys/kernel/mm/transparent_hugepage/" + k, "") or ""
+        thp[k] = next((w.strip("[]") for w in text.split() if w.startswith("[")), None)
+    out["thp"] = thp
+    out["hugepages"] = {os.path.basename(d): int((read(d + "/nr_hugepages", "0") or "0").strip())
+                        for d in glob.glob("/sys/kernel/mm/hugepages/hugepages-*")}
+    out["memory_kib"] = next((int(line.split()[1]) for line in
+                              (read("/proc/meminfo", "") or "").splitlines()
+                              if line.startswith("MemTotal:")), None)
+    smi = {"present": False}
+    if any(os.access(os.path.join(d, "nvidia-smi"), os.X_OK)
+           for d in os.environ.get("PATH", "/usr/bin:/bin").split(":") + ["/usr/bin"]):
+        smi["present"] = True
+        q = spec.get("nvidia_smi_query")
+        if q:
+            rc, text, err = run(q.split(), timeout=60)
+            smi.update({"rc": rc, "query": text, "error": (err or text).strip()[:2000]})
+            if rc == 0:
+                rc2, topo, _ = run(["nvidia-smi", "topo", "-m"], timeout=60)
+                smi["topo"] = topo if rc2 == 0 else None
+    out["nvidia_smi"] = smi
+    venvs = {}
+    for prefix in spec.get("venvs", []):
+        found = glob.glob(prefix + "/lib/python3*/site-packages/*.dist-info")
+        venvs[prefix] = {os.path.basename(d)[:-len(".dist-info")].rsplit("-", 1)[0].lower():
+                         os.path.basename(d)[:-len(".dist-info")].rsplit("-", 1)[1]
+                         for d in found}
+    out["venvs"] = venvs
+    out["cmds"] = {}
+    for key, cmd in spec.get("commands", {}).items():
+        rc, text, err = run(["sh", "-c", cmd], timeout=120)
+        out["cmds"][key] = {"rc": rc, "out": text[-4000:], "err": err[-2000:]}
+    json.dump(out, sys.stdout, sort_keys=True)
+
+
+main()

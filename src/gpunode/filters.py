@@ -1,0 +1,117 @@
+"""The only custom Jinja filters. Both engines register exactly these (the Ansible
+filter plugin imports this module), so templates render byte for byte alike."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+
+
+def to_sysctl_value(value: Any) -> str:
+    """sysctl.d value: lists become space-separated."""
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def to_systemd_bool(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def to_yaml_block(value: Any) -> str:
+    """Deterministic block YAML (sorted keys, no trailing newline)."""
+    return yaml.safe_dump(value, default_flow_style=False, sort_keys=True).rstrip("\n")
+
+
+def to_json_compact(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def env_quote(value: Any) -> str:
+    """Quote a value for a systemd EnvironmentFile line."""
+    text = str(value)
+    if text and all(c.isalnum() or c in "-_./:,=@+" for c in text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _profile(node: dict[str, Any]):  # noqa: ANN202 - avoids an import cycle at load time
+    from gpunode.model import NodeProfile
+
+    return NodeProfile.model_validate(node)
+
+
+def node_sysctls(node: dict[str, Any]) -> dict[str, str]:
+    from gpunode import desired
+
+    return desired.sysctls(_profile(node))
+
+
+def node_kernel_args(node: dict[str, Any]) -> str:
+    from gpunode import desired
+
+    return " ".join(desired.kernel_args(_profile(node)))
+
+
+def node_cuda_repo_line(node: dict[str, Any]) -> str:
+    from gpunode import desired
+
+    return desired.cuda_repo_line(_profile(node))
+
+
+def node_ctk_repo_line(node: dict[str, Any]) -> str:
+    from gpunode import desired
+
+    return desired.ctk_repo_line(_profile(node))
+
+
+def node_driver_preferences(node: dict[str, Any]) -> str:
+    from gpunode import desired
+
+    return desired.driver_preferences(_profile(node)) or ""
+
+
+def node_unattended_blacklist(node: dict[str, Any]) -> list[str]:
+    from gpunode import desired
+
+    return list(desired.UNATTENDED_BLACKLIST)
+
+
+def node_tuning_profile(node: dict[str, Any]) -> str:
+    from gpunode import desired
+
+    return desired.tuning_profile(_profile(node))
+
+
+def service_config(service: dict[str, Any]) -> dict[str, Any]:
+    from gpunode import desired
+
+    return desired.vllm_config(service)
+
+
+def service_environment(service: dict[str, Any], node: dict[str, Any]) -> dict[str, str]:
+    from gpunode import desired
+
+    return desired.vllm_environment(node["vllm"], service)
+
+
+FILTERS = {
+    "node_sysctls": node_sysctls,
+    "node_kernel_args": node_kernel_args,
+    "node_cuda_repo_line": node_cuda_repo_line,
+    "node_ctk_repo_line": node_ctk_repo_line,
+    "node_driver_preferences": node_driver_preferences,
+    "node_unattended_blacklist": node_unattended_blacklist,
+    "node_tuning_profile": node_tuning_profile,
+    "service_config": service_config,
+    "service_environment": service_environment,
+    "sysctl_value": to_sysctl_value,
+    "systemd_bool": to_systemd_bool,
+    "yaml_block": to_yaml_block,
+    "json_compact": to_json_compact,
+    "env_quote": env_quote,
+}
