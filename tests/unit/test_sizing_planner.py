@@ -100,9 +100,7 @@ SCENARIOS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("name", "tp", "kv", "util", "w_gpu", "kv_gpu", "cap", "ctx", "conc"), SCENARIOS
-)
+@pytest.mark.parametrize(("name", "tp", "kv", "util", "w_gpu", "kv_gpu", "cap", "ctx", "conc"), SCENARIOS)
 def test_worked_example_scenarios(name, tp, kv, util, w_gpu, kv_gpu, cap, ctx, conc):
     s = mixtral_awq() if name == "mixtral-awq" else shape(name)
     p = plan(s, A6000, tp, tp, ctx, util, kv)
@@ -198,19 +196,19 @@ def test_validator_default_max_model_len_is_model_maximum():
     findings = check_service(shape("llama-3.1-70b-instruct-awq"), A6000, tp=2)
     assert [f.code for f in findings] == ["kv-tight"]
     assert (
-        check_service(
-            shape("llama-3.1-70b-instruct-awq"), A6000, tp=2, gpu_memory_utilization=0.85
-        )[0].code
+        check_service(shape("llama-3.1-70b-instruct-awq"), A6000, tp=2, gpu_memory_utilization=0.85)[0].code
         == "kv-too-small"
     )
 
 
 def test_validator_gpu_count_and_len_limit():
     s = shape("llama-3.1-8b-instruct")
-    assert [
-        f.code for f in check_service(s, A6000, tp=2, max_model_len=8192, n_gpus_on_service=1)
-    ] == ["tp-gpus"]
-    codes = [f.code for f in check_service(s, A6000, tp=1, max_model_len=8192, n_gpus_on_service=2)]
+    assert [f.code for f in check_service(s, A6000, tp=2, max_model_len=8192, n_gpus_on_service=1)] == [
+        "tp-gpus"
+    ]
+    # two data-parallel ranks of TP=1: fine; three GPUs for TP=2: one left over
+    assert check_service(s, A6000, tp=1, max_model_len=8192, n_gpus_on_service=2) == []
+    codes = [f.code for f in check_service(s, A6000, tp=2, max_model_len=8192, n_gpus_on_service=3)]
     assert codes == ["gpus-unused"]
     over = check_service(shape("qwen2.5-32b-instruct-awq"), A6000, tp=2, max_model_len=65536)
     assert "max-model-len-limit" in [f.code for f in over if f.level == "error"]
@@ -229,6 +227,8 @@ def test_validator_quantization_rules():
     fp8 = plan(dense, A6000, 1, 1, 8192, 0.92, quantization="fp8")
     assert 7.0 < fp8.weight_bytes_per_gpu / GIB < 8.5
     assert fp8.verdict == "fits"
+    assert any("weight-only" in n for n in fp8.notes)
+    assert not plan(dense, lookup_gpu("l40s"), 1, 1, 8192, quantization="fp8").notes
 
 
 def test_validator_bad_kv_dtype_is_an_error_not_a_traceback():

@@ -83,10 +83,7 @@ def test_fp8_kv_at_least_doubles_capacity(shape, gpu, util, tp, ctx):
 @given(shapes(), gpus, utils, utils, ctxs)
 def test_higher_utilization_never_reduces_capacity(shape, gpu, u1, u2, ctx):
     lo, hi = sorted((u1, u2))
-    assert (
-        plan(shape, gpu, 1, 1, ctx, hi).capacity_tokens
-        >= plan(shape, gpu, 1, 1, ctx, lo).capacity_tokens
-    )
+    assert plan(shape, gpu, 1, 1, ctx, hi).capacity_tokens >= plan(shape, gpu, 1, 1, ctx, lo).capacity_tokens
 
 
 @settings(max_examples=150, deadline=None)

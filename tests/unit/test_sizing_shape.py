@@ -216,6 +216,9 @@ def test_gpu_usable_memory():
     assert a6000.usable_mib == 48681  # 47.54 GiB, what CUDA reports
     assert lookup_gpu("a6000-ecc").usable_mib == 46068 - 459
     assert not a6000.has_fp8_compute and lookup_gpu("l40s").has_fp8_compute
+    assert lookup_gpu("NVIDIA RTX A6000", ecc=True).memory_mib == 46068
+    assert lookup_gpu("NVIDIA RTX A6000", ecc=False) is a6000
+    assert lookup_gpu("h100", ecc=True).memory_mib == 81559
 
 
 @pytest.mark.parametrize("text", ["", "0xA6000", "2xA7000", "a100", "2x100MiB"])

@@ -69,9 +69,7 @@ def test_parse_without_memory_lines():
 def test_calibrate_real_log_uses_measured_weights():
     # Simulated GPU total for the capture's H200s (no H200 capture in research/): 140 GiB.
     gpu = GpuSpec("H200 (simulated total)", 143_819, 143_360)
-    cal = calibrate(
-        (LOGS / "vllm-0.10.2-tp2-h200.log").read_text(), gpu, tp=2, gpu_memory_utilization=0.9
-    )
+    cal = calibrate((LOGS / "vllm-0.10.2-tp2-h200.log").read_text(), gpu, tp=2, gpu_memory_utilization=0.9)
     assert cal.weights_measured and cal.weights_gib == 74.281
     assert cal.overhead_gib == pytest.approx(140 * 0.9 - 74.2812 - 44.59, abs=1e-3)
     assert cal.measured_bytes_per_token == pytest.approx(44.59 * GIB / 973_760)

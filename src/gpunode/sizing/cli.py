@@ -33,16 +33,12 @@ _VERDICT_STYLE = {"fits": "green", "tight": "yellow", "fails": "red"}
 def sizing_command(
     model: Annotated[
         str,
-        typer.Argument(
-            help="Model directory, config.json, or HF repo id in the local Hugging Face cache"
-        ),
+        typer.Argument(help="Model directory, config.json, or HF repo id in the local Hugging Face cache"),
     ],
     gpus: Annotated[str, typer.Option("--gpus", help="GPUs per node, e.g. 2xA6000")] = "1xA6000",
     ctx: Annotated[
         int | None,
-        typer.Option(
-            "--ctx", help="max_model_len to plan for (default: min(model maximum, 32768))"
-        ),
+        typer.Option("--ctx", help="max_model_len to plan for (default: min(model maximum, 32768))"),
     ] = None,
     kv_cache_dtype: Annotated[
         str, typer.Option("--kv-cache-dtype", help="auto, fp8, fp8_e4m3, fp8_e5m2")
@@ -54,9 +50,7 @@ def sizing_command(
         str | None,
         typer.Option("--quantization", help="vLLM --quantization (default: from config.json)"),
     ] = None,
-    revision: Annotated[
-        str | None, typer.Option("--revision", help="revision in the HF cache")
-    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="revision in the HF cache")] = None,
     hf_home: Annotated[str | None, typer.Option("--hf-home", help="HF_HOME to search")] = None,
     overhead_tp1: Annotated[
         float, typer.Option("--overhead-tp1", help="GiB per GPU besides weights and KV at TP=1")
@@ -150,7 +144,7 @@ def sizing_command(
             out.print(f"  {key}: {value}", highlight=False)
     else:
         out.print("[red]No configuration fits.[/red]")
-    for note in rec.notes:
+    for note in rec.notes + (rec.plan.notes if rec.plan else ()):
         out.print(f"  note: {note}", highlight=False)
     raise typer.Exit(0 if rec.ok else 1)
 

@@ -91,9 +91,21 @@ def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text)
 
 
-def lookup_gpu(name: str) -> GpuSpec:
+def lookup_gpu(name: str, ecc: bool | None = None) -> GpuSpec:
     """A known GPU by short or nvidia-smi name (``A6000``, ``NVIDIA RTX A6000``, ``h100``),
-    or an ad-hoc one from a memory size (``48000MiB``, ``80GiB``: nvidia-smi figure)."""
+    or an ad-hoc one from a memory size (``48000MiB``, ``80GiB``: nvidia-smi figure).
+
+    ``ecc=True`` picks the ECC-on memory figure where it differs (RTX A6000: 46068 MiB).
+    """
+    spec = _lookup(name)
+    if ecc:
+        for key, known in KNOWN_GPUS.items():
+            if known is spec and f"{key}-ecc" in KNOWN_GPUS:
+                return KNOWN_GPUS[f"{key}-ecc"]
+    return spec
+
+
+def _lookup(name: str) -> GpuSpec:
     text = name.strip()
     mem = _MEM.match(text.replace(" ", ""))
     if mem:

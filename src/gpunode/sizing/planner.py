@@ -145,6 +145,7 @@ class Plan:
     tokens_per_seq: int  # max_model_len, capped by a sliding window
     replicas: int
     findings: tuple[Finding, ...] = ()
+    notes: tuple[str, ...] = ()
 
     @property
     def errors(self) -> list[Finding]:
@@ -188,9 +189,8 @@ class Plan:
             "kv_capacity_tokens": self.capacity_tokens,
             "concurrency": round(self.concurrency, 2),
             "verdict": self.verdict,
-            "findings": [
-                {"level": f.level, "code": f.code, "message": f.message} for f in self.findings
-            ],
+            "notes": list(self.notes),
+            "findings": [{"level": f.level, "code": f.code, "message": f.message} for f in self.findings],
         }
 
 
@@ -205,9 +205,7 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
-def effective_quant(
-    shape: ModelShape, quantization: str | None
-) -> tuple[QuantConfig | None, list[Finding]]:
+def effective_quant(shape: ModelShape, quantization: str | None) -> tuple[QuantConfig | None, list[Finding]]:
     """The weight quantization vLLM will use, and errors for impossible combinations."""
     findings: list[Finding] = []
     q = (quantization or "").strip().lower() or None
@@ -357,9 +355,7 @@ def plan(
     default_len = shape.max_model_len_default
     mml = max_model_len or default_len
     if mml is None:
-        raise SizingError(
-            f"{shape.name}: config.json has no max_position_embeddings; give max_model_len"
-        )
+        raise SizingError(f"{shape.name}: config.json has no max_position_embeddings; give max_model_len")
     if default_len and mml > default_len:
         findings.append(
             Finding(
@@ -435,11 +431,7 @@ def plan(
                 "utilization-high",
             )
         )
-    if (
-        not shape.is_mla
-        and tp_eff > shape.num_key_value_heads
-        and not findings_have(findings, "tp-kv-heads")
-    ):
+    if not shape.is_mla and tp_eff > shape.num_key_value_heads and not findings_have(findings, "tp-kv-heads"):
         findings.append(
             Finding(
                 "warning",
@@ -452,6 +444,16 @@ def plan(
         )
     for note in shape.approximate:
         findings.append(Finding("warning", f"{shape.name}: {note}", "approximate"))
+    notes: list[str] = []
+    if quant is not None and quant.method == "fp8" and not gpu.has_fp8_compute:
+        notes.append(
+            f"FP8 weights on {gpu.name} run weight-only (Marlin W8A16): 1 byte per weight, 16-bit compute"
+        )
+    if kv_dtype_bytes(shape, kv_cache_dtype) == 1 and not gpu.has_fp8_compute:
+        notes.append(
+            "FP8 KV cache without FP8 tensor cores: vLLM picks an attention backend that "
+            "accepts it (Triton/FlashInfer); calibrated KV scales recommended for accuracy"
+        )
 
     return Plan(
         model=shape.name,
@@ -474,6 +476,7 @@ def plan(
         tokens_per_seq=tokens_per_seq,
         replicas=max(n_gpus // tp_eff, 0),
         findings=tuple(findings),
+        notes=tuple(notes),
     )
 
 
@@ -631,7 +634,11 @@ def check_service(
     max_num_seqs: int | None = None,
     overheads: Overheads | None = None,
 ) -> list[Finding]:
-    """Validator entry point: findings for one configured service (errors = won't start)."""
+    """Validator entry point: findings for one configured service (errors = won't start).
+
+    ``n_gpus_on_service`` may be a multiple of ``tp`` (data-parallel ranks of the same
+    size); every rank is sized alike.
+    """
     n = tp if n_gpus_on_service is None else n_gpus_on_service
     try:
         p = plan(
@@ -658,12 +665,13 @@ def check_service(
                 "tp-gpus",
             ),
         )
-    elif n > tp:
+    elif n % max(tp, 1):
+        used = n // tp * tp
         findings.append(
             Finding(
                 "warning",
-                f"the service is given {n} GPUs but tensor_parallel_size {tp} uses only {tp}; "
-                f"set tensor_parallel_size {n} (if valid) or give the others their own service",
+                f"the service is given {n} GPUs but tensor_parallel_size {tp} groups only "
+                f"{used} of them; give it a multiple of {tp} GPUs",
                 "gpus-unused",
             )
         )

@@ -77,9 +77,7 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        if self.method in {"awq", "gptq"} or (
-            self.method == "compressed-tensors" and self.bits < 8
-        ):
+        if self.method in {"awq", "gptq"} or (self.method == "compressed-tensors" and self.bits < 8):
             g = f"-g{self.group_size}" if self.group_size and self.group_size > 0 else ""
             return f"{self.method}-int{self.bits}{g}"
         if self.method == "bitsandbytes":
@@ -270,9 +268,7 @@ def _derived_max_len(cfg: dict[str, Any]) -> int | None:
     return mpe
 
 
-def shape_from_config(
-    cfg: dict[str, Any], name: str = "model", source: str | None = None
-) -> ModelShape:
+def shape_from_config(cfg: dict[str, Any], name: str = "model", source: str | None = None) -> ModelShape:
     """Build a :class:`ModelShape` from a parsed ``config.json``."""
     where = source or name
     full = cfg
