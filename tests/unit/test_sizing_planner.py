@@ -10,6 +10,7 @@ import pytest
 from gpunode.sizing import (
     Overheads,
     QuantConfig,
+    check_model_service,
     check_service,
     kv_bytes_per_token,
     load_model_config,
@@ -310,3 +311,17 @@ def test_recommend_nothing_fits():
     rec = recommend(shape("llama-3.1-70b-instruct"), A6000, 2, 8192)
     assert not rec.ok and rec.plan is None
     assert "does not fit" in rec.notes[0]
+
+
+def test_check_model_service_from_plain_fields(tmp_path):
+    awq = str(MODELS / "llama-3.1-70b-instruct-awq")
+    assert check_model_service(awq, "NVIDIA RTX A6000", 2, 32768, 0.92, n_gpus_on_service=2) == []
+    bf16 = str(MODELS / "llama-3.1-70b-instruct")
+    errors = check_model_service(bf16, "NVIDIA RTX A6000", 2, 8192, 0.92, n_gpus_on_service=2)
+    assert [f.code for f in errors] == ["weights-exceed"]
+    # ECC on shrinks the A6000 (46068 MiB): 70B AWQ at TP=1 no longer holds 8k twice
+    assert check_model_service(awq, "NVIDIA RTX A6000", 1, 8192, 0.92)[0].code == "kv-tight"
+    assert check_model_service(awq, "NVIDIA RTX A6000", 1, 8192, 0.92, ecc=True)[0].code == ("kv-too-small")
+    # not on this machine: nothing to say; unknown GPU: a warning, not a crash
+    assert check_model_service("org/absent", "NVIDIA RTX A6000", hf_home=str(tmp_path)) is None
+    assert check_model_service(awq, "NVIDIA B999")[0].code == "gpu-unknown"

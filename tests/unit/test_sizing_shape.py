@@ -214,7 +214,9 @@ def test_parse_gpus(text, name, count, mib):
 def test_gpu_usable_memory():
     a6000 = lookup_gpu("rtx a6000")
     assert a6000.usable_mib == 48681  # 47.54 GiB, what CUDA reports
-    assert lookup_gpu("a6000-ecc").usable_mib == 46068 - 459
+    assert lookup_gpu("a6000-ecc").usable_mib == 46068 - 450  # "Reserved : 450 MiB"
+    assert lookup_gpu("h100").usable_mib == 81079  # nvidia-smi -q Free on an idle H100
+    assert lookup_gpu("l40s").usable_mib == 46068 - 459  # default reservation
     assert not a6000.has_fp8_compute and lookup_gpu("l40s").has_fp8_compute
     assert lookup_gpu("NVIDIA RTX A6000", ecc=True).memory_mib == 46068
     assert lookup_gpu("NVIDIA RTX A6000", ecc=False) is a6000

@@ -11,8 +11,11 @@ __all__ = ["CUDA_RESERVED_MIB", "KNOWN_GPUS", "GpuSpec", "lookup_gpu", "parse_gp
 
 # nvidia-smi's memory.total minus what CUDA reports as the device total
 # (torch.cuda.mem_get_info()[1], the figure vLLM multiplies by gpu_memory_utilization).
-# Measured on RTX A6000: nvidia-smi 49140 MiB, PyTorch "47.54 GiB total capacity"
-# (= 48681 MiB) -> 459 MiB. Used for GPUs without their own measured figure [inferred].
+# `nvidia-smi -q` shows the difference as "FB Memory Usage / Reserved": 450 MiB on an
+# RTX A6000 with ECC on (research/captures.md §5.1), 480 MiB on an H100 80GB
+# (tests/fixtures/nvidia/h100_580.159.04/q.txt). RTX A6000 with ECC off: 49140 MiB vs
+# PyTorch's "47.54 GiB total capacity" (48681 MiB) -> 459 MiB. That figure is the default
+# for GPUs without their own [inferred].
 CUDA_RESERVED_MIB = 459
 
 
@@ -49,16 +52,16 @@ class GpuSpec:
 KNOWN_GPUS: dict[str, GpuSpec] = {
     # 49140 MiB with ECC off (captures §1.1-1.4); CUDA total 47.54 GiB (PyTorch OOM text).
     "a6000": GpuSpec("NVIDIA RTX A6000", 49140, 48681, "8.6"),
-    # ECC on: 46068 MiB (captures §1.5, §5.1); CUDA total by the reserved-MiB rule.
-    "a6000-ecc": GpuSpec("NVIDIA RTX A6000 (ECC on)", 46068, None, "8.6"),
+    # ECC on: 46068 MiB, of which 450 MiB reserved (captures §1.5, §5.1).
+    "a6000-ecc": GpuSpec("NVIDIA RTX A6000 (ECC on)", 46068, 46068 - 450, "8.6"),
     # L40S, ECC on: 46068 MiB (captures §3.3).
     "l40s": GpuSpec("NVIDIA L40S", 46068, None, "8.9"),
     # A100-SXM4-40GB: 40960 MiB (captures §1.8c).
     "a100-40gb": GpuSpec("NVIDIA A100 40GB", 40960, None, "8.0"),
     # A100 80GB: 81920 MiB (nominal 80 GiB; no capture in research/).
     "a100-80gb": GpuSpec("NVIDIA A100 80GB", 81920, None, "8.0"),
-    # H100 80GB HBM3: 81559 MiB (captures §3.3).
-    "h100-80gb": GpuSpec("NVIDIA H100 80GB", 81559, None, "9.0"),
+    # H100 80GB HBM3: 81559 MiB, 480 MiB reserved (captures §3.3; fixtures/nvidia q.txt).
+    "h100-80gb": GpuSpec("NVIDIA H100 80GB", 81559, 81559 - 480, "9.0"),
     # RTX 3090: 24576 MiB (captures §1.7).
     "rtx3090": GpuSpec("NVIDIA GeForce RTX 3090", 24576, None, "8.6"),
 }

@@ -47,6 +47,7 @@ __all__ = [
     "Recommendation",
     "TIGHT_MIN_SEQS",
     "UTILIZATION_WARN",
+    "check_model_service",
     "check_service",
     "effective_quant",
     "kv_bytes_per_token",
@@ -676,3 +677,50 @@ def check_service(
             )
         )
     return findings
+
+
+def check_model_service(
+    model: str,
+    gpu_name: str,
+    tp: int = 1,
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    kv_cache_dtype: str = "auto",
+    quantization: str | None = None,
+    n_gpus_on_service: int | None = None,
+    max_num_seqs: int | None = None,
+    revision: str | None = None,
+    ecc: bool | None = None,
+    hf_home: str | None = None,
+    overheads: Overheads | None = None,
+) -> list[Finding] | None:
+    """:func:`check_service` from plain service fields; ``None`` when the model's
+    config.json is not on this machine (the validator then skips sizing for it).
+
+    An unknown GPU name or an unreadable config.json is reported as an error finding.
+    """
+    from gpunode.sizing.gpus import lookup_gpu
+    from gpunode.sizing.shape import ModelConfigNotFound, load_model_config
+
+    try:
+        shape = load_model_config(model, hf_home=hf_home, revision=revision)
+    except ModelConfigNotFound:
+        return None
+    except SizingError as exc:
+        return [Finding("error", str(exc), "model-config")]
+    try:
+        gpu = lookup_gpu(gpu_name, ecc=ecc)
+    except SizingError as exc:
+        return [Finding("warning", f"sizing skipped: {exc}", "gpu-unknown")]
+    return check_service(
+        shape,
+        gpu,
+        tp,
+        max_model_len,
+        gpu_memory_utilization,
+        kv_cache_dtype,
+        quantization,
+        n_gpus_on_service,
+        max_num_seqs,
+        overheads,
+    )
