@@ -1,0 +1,228 @@
+"""SIMULATION support: a PEP 503 "simple" Python index for lab guests, served on loopback.
+
+Layout under the www root:
+
+    pypi/simple/index.html                 project list
+    pypi/simple/<project>/index.html       links ../../files/<wheel>#sha256=<hex>
+    pypi/files/*.whl
+
+Contents: the vLLM stand-in wheel (built from sim/vllm_standin/ with `pip wheel --no-deps`)
+and wheels downloaded once for the guest (Debian 12: CPython 3.11, manylinux x86_64) into
+`~/.cache/gpunode/lab/wheels`: uv, PyYAML and the stand-in's own requirements.
+
+Guests have no HTTPS that verifies, so uv reaches them over this index, e.g.
+
+    python3 -m venv /opt/uv && /opt/uv/bin/pip install \
+        --index-url http://10.0.2.2:18087/pypi/simple/ uv==UV_VERSION
+
+(needs Debian's python3-venv), or without pip: fetch the uv wheel from
+http://10.0.2.2:18087/pypi/files/ over plain HTTP, unpack it with `python3 -m zipfile -e`
+and install `uv-UV_VERSION.data/scripts/uv` as /usr/local/bin/uv (mode 0755).
+After that `uv pip install --index-url http://10.0.2.2:<port>/pypi/simple/ vllm` installs
+the stand-in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from gpunode.lab.errors import LabError
+from gpunode.lab.paths import cache_root
+
+UV_VERSION = "0.13.9"
+PYYAML_VERSION = "6.0.3"
+GUEST_PYTHON = "3.11"  # Debian 12
+GUEST_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+BASE_REQUIREMENTS = (f"uv=={UV_VERSION}", f"PyYAML=={PYYAML_VERSION}")
+STANDIN_DIR = Path(__file__).resolve().parent / "vllm_standin"
+INDEX_DIR = "pypi"
+
+
+def wheels_cache() -> Path:
+    return cache_root() / "wheels"
+
+
+def normalize(name: str) -> str:
+    """PEP 503 project name normalisation."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pip_env() -> dict[str, str]:
+    """Environment for pip that ignores this machine's pip config (constraints file,
+    find-links, extra local indexes) so downloads come from PyPI as a guest would see it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    if "PIP_CERT" in os.environ:  # the machine's CA bundle, needed to reach PyPI here
+        env["PIP_CERT"] = os.environ["PIP_CERT"]
+    return env
+
+
+def _run_pip(args: list[str], what: str) -> None:
+    cmd = [sys.executable, "-m", "pip", *args]
+    proc = subprocess.run(cmd, env=_pip_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
+        raise LabError(f"{what} failed (pip exit {proc.returncode}):\n{tail}\n"
+                       "Check that PyPI is reachable, or put the wheels into "
+                       f"{wheels_cache()} by hand.")
+
+
+def _wheel_name(path: Path) -> tuple[str, str]:
+    """(normalized project, version) from a wheel file name."""
+    parts = path.name[:-4].split("-")
+    return normalize(parts[0]), parts[1]
+
+
+def _have(cache: Path, requirement: str) -> bool:
+    """True if a pinned requirement `name==version` already has a wheel in the cache."""
+    if "==" not in requirement:
+        return False
+    name, version = requirement.split("==", 1)
+    return any(_wheel_name(p) == (normalize(name), version) for p in cache.glob("*.whl"))
+
+
+def download(requirements: list[str], cache: Path | None = None, deps: bool = True) -> None:
+    """pip download binary wheels for the guest interpreter/platform into the cache."""
+    cache = cache or wheels_cache()
+    cache.mkdir(parents=True, exist_ok=True)
+    missing = [r for r in requirements if not _have(cache, r)]
+    if not missing:
+        return
+    args = ["download", "--only-binary=:all:", "--python-version", GUEST_PYTHON,
+            "--implementation", "cp", "--abi", f"cp{GUEST_PYTHON.replace('.', '')}",
+            "--dest", str(cache)]
+    for plat in GUEST_PLATFORMS:
+        args += ["--platform", plat]
+    if not deps:
+        args.append("--no-deps")
+    _run_pip(args + missing, f"downloading {', '.join(missing)} for the lab guests")
+
+
+def build_standin(dest: Path, source: Path = STANDIN_DIR) -> Path | None:
+    """Build the vLLM stand-in wheel into dest; None while the stand-in does not exist yet."""
+    if not (source / "pyproject.toml").is_file() and not (source / "setup.py").is_file():
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gpunode-standin-") as tmp:
+        # Build from a copy: setuptools writes build/ and *.egg-info into the source tree.
+        src = Path(tmp) / "src"
+        shutil.copytree(source, src, ignore=shutil.ignore_patterns(
+            "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+        out = Path(tmp) / "out"
+        _run_pip(["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out),
+                  str(src)], "building the vLLM stand-in wheel")
+        wheels = sorted(out.glob("*.whl"))
+        if not wheels:
+            raise LabError(f"building the vLLM stand-in from {source} produced no wheel.")
+        target = dest / wheels[0].name
+        shutil.copy2(wheels[0], target)
+        return target
+
+
+def wheel_requirements(wheel: Path) -> list[str]:
+    """Unconditional Requires-Dist entries of a wheel (no extras, markers evaluated for
+    a Linux CPython 3.11 guest only when trivially true)."""
+    with zipfile.ZipFile(wheel) as zf:
+        meta_name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        meta = zf.read(meta_name).decode()
+    reqs = []
+    for line in meta.splitlines():
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req = line.split(":", 1)[1].strip()
+        if ";" in req:
+            marker = req.split(";", 1)[1]
+            if "extra" in marker:
+                continue
+            req = req.split(";", 1)[0].strip()
+        reqs.append(req)
+    return reqs
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_index(www: Path, wheels: list[Path]) -> dict[str, list[str]]:
+    """(Re)write the PEP 503 pages for the given wheels; returns {project: [files]}."""
+    root = www / INDEX_DIR
+    files_dir = root / "files"
+    simple = root / "simple"
+    files_dir.mkdir(parents=True, exist_ok=True)
+    projects: dict[str, list[tuple[str, str]]] = {}
+    for wheel in sorted(wheels, key=lambda p: p.name):
+        target = files_dir / wheel.name
+        if not target.is_file() or target.stat().st_size != wheel.stat().st_size:
+            shutil.copy2(wheel, target)
+        project, _ = _wheel_name(wheel)
+        projects.setdefault(project, []).append((wheel.name, _sha256(target)))
+    if simple.exists():
+        shutil.rmtree(simple)
+    simple.mkdir(parents=True)
+    head = ('<!DOCTYPE html>\n<html>\n<head><meta name="pypi:repository-version" '
+            'content="1.0"><title>{}</title></head>\n<body>\n')
+    lines = [head.format("Simple index (gpunode lab SIMULATION)")]
+    for project in sorted(projects):
+        lines.append(f'<a href="{project}/">{html.escape(project)}</a><br/>\n')
+    (simple / "index.html").write_text("".join(lines) + "</body>\n</html>\n")
+    for project, files in projects.items():
+        page = [head.format(f"Links for {html.escape(project)}")]
+        for name, digest in files:
+            page.append(f'<a href="../../files/{html.escape(name)}#sha256={digest}">'
+                        f"{html.escape(name)}</a><br/>\n")
+        (simple / project).mkdir()
+        (simple / project / "index.html").write_text("".join(page) + "</body>\n</html>\n")
+    # Drop wheels no longer indexed.
+    keep = {w.name for w in wheels}
+    for stale in files_dir.glob("*.whl"):
+        if stale.name not in keep:
+            stale.unlink()
+    return {p: [n for n, _ in f] for p, f in projects.items()}
+
+
+def build(www_root: Path, cache: Path | None = None) -> dict:
+    """Fill the index: stand-in wheel (if its source exists) + guest wheels. Returns facts."""
+    cache = cache or wheels_cache()
+    standin_dir = cache.parent / "standin-wheel"
+    if standin_dir.exists():
+        shutil.rmtree(standin_dir)
+    standin = build_standin(standin_dir)
+    requirements = list(BASE_REQUIREMENTS)
+    download(requirements, cache, deps=False)
+    extra = wheel_requirements(standin) if standin else []
+    if extra:
+        download(extra, cache, deps=True)
+    wheels = [p for p in sorted(cache.glob("*.whl")) if _wanted(p, requirements + extra)]
+    if standin:
+        wheels.append(standin)
+    projects = write_index(www_root, wheels)
+    return {
+        "projects": projects,
+        "standin_wheel": standin.name if standin else None,
+        "uv_version": UV_VERSION,
+    }
+
+
+def _wanted(wheel: Path, requirements: list[str]) -> bool:
+    """Keep cached wheels of the requested projects (and, for unpinned or dependency
+    downloads, any cached project: the cache only holds what this module downloaded)."""
+    project, version = _wheel_name(wheel)
+    for req in requirements:
+        name = re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0]
+        if normalize(name) == project and "==" in req:
+            return req.split("==", 1)[1].strip() == version
+    return True
