@@ -59,3 +59,11 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
     assert res.exit_code == 2 and "no config.json for 'org/not-cached'" in res.output
     res = run(str(MODELS / "llama-3.1-8b-instruct"), "--kv-cache-dtype", "int3")
     assert res.exit_code == 2 and "kv_cache_dtype 'int3'" in res.output
+
+
+def test_ecc_flag_uses_the_smaller_memory():
+    args = [str(MODELS / "llama-3.1-70b-instruct-awq"), "--gpus", "1xA6000", "--ctx", "8192", "--json"]
+    off = json.loads(run(*args).output)
+    on = json.loads(run(*args, "--ecc").output)
+    assert on["gpus"]["memory_mib"] == 46068 and off["gpus"]["memory_mib"] == 49140
+    assert on["options"][0]["kv_capacity_tokens"] < off["options"][0]["kv_capacity_tokens"]

@@ -325,3 +325,9 @@ def test_check_model_service_from_plain_fields(tmp_path):
     # not on this machine: nothing to say; unknown GPU: a warning, not a crash
     assert check_model_service("org/absent", "NVIDIA RTX A6000", hf_home=str(tmp_path)) is None
     assert check_model_service(awq, "NVIDIA B999")[0].code == "gpu-unknown"
+
+
+def test_recommend_caps_context_at_model_maximum():
+    rec = recommend(shape("qwen2.5-32b-instruct-awq"), A6000, 2, 65536)
+    assert rec.ok and rec.settings["max_model_len"] == 32768
+    assert "exceeds" in rec.notes[0]

@@ -58,12 +58,15 @@ def sizing_command(
     overhead_tp: Annotated[
         float, typer.Option("--overhead-tp", help="GiB per GPU besides weights and KV at TP>1")
     ] = 2.5,
+    ecc: Annotated[
+        bool | None, typer.Option("--ecc/--no-ecc", help="GPU ECC state (A6000: 46068 MiB with ECC on)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON for tools")] = False,
 ) -> None:
     """Show which tensor-parallel sizes fit a model on a node's GPUs and recommend settings."""
     err = Console(stderr=True)
     try:
-        gpu, n_gpus = parse_gpus(gpus)
+        gpu, n_gpus = parse_gpus(gpus, ecc=ecc)
         shape = load_model_config(model, hf_home=hf_home, revision=revision)
         if ctx is not None and ctx < 1:
             raise SizingError(f"--ctx must be a positive token count, got {ctx}")

@@ -131,7 +131,7 @@ def _lookup(name: str) -> GpuSpec:
     )
 
 
-def parse_gpus(text: str) -> tuple[GpuSpec, int]:
+def parse_gpus(text: str, ecc: bool | None = None) -> tuple[GpuSpec, int]:
     """Parse ``2xA6000`` / ``4x h100`` / ``A6000`` / ``2x49140MiB`` into (spec, count)."""
     m = _COUNT.match(text or "")
     if not m or not m.group(2):
@@ -139,4 +139,4 @@ def parse_gpus(text: str) -> tuple[GpuSpec, int]:
     count = int(m.group(1) or 1)
     if count < 1:
         raise SizingError(f"GPU count in '{text}' must be at least 1")
-    return lookup_gpu(m.group(2)), count
+    return lookup_gpu(m.group(2), ecc=ecc), count

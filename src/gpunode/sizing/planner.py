@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 GIB = 2**30
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.90  # vLLM's default
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.92  # gpunode service default (vLLM alone: 0.90)
 TIGHT_MIN_SEQS = 2.0
 UTILIZATION_WARN = 0.95
 DEFAULT_TARGET_CTX = 32768  # recommend(): context aimed at when none is asked for
@@ -566,6 +566,9 @@ def recommend(
     limit = shape.max_model_len_default or DEFAULT_TARGET_CTX
     target = ctx or min(limit, DEFAULT_TARGET_CTX)
     notes: list[str] = []
+    if target > limit:
+        notes.append(f"max_model_len {_fmt_int(target)} exceeds {shape.name}'s maximum {_fmt_int(limit)}")
+        target = limit
     lens = [target] + [n for n in STANDARD_LENS if n < target]
     chosen: Plan | None = None
     for length in lens:
