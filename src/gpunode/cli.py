@@ -126,11 +126,12 @@ def _mount(module: str, name: str, help_text: str) -> None:
         sub = importlib.import_module(module)
     except ImportError:
         return
+    command = getattr(sub, f"{name}_command", None)
     target = getattr(sub, "app", None)
-    if isinstance(target, typer.Typer):
+    if callable(command):
+        app.command(name, help=help_text)(command)
+    elif isinstance(target, typer.Typer):
         app.add_typer(target, name=name, help=help_text)
-    elif callable(getattr(sub, "command", None)):
-        app.command(name, help=help_text)(sub.command)
 
 
 _mount("gpunode.lab.cli", "lab", "Local test VMs (qemu) and the simulated NVIDIA stack.")

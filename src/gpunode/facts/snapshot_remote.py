@@ -141,6 +141,9 @@ def main():
                          os.path.basename(d)[:-len(".dist-info")].rsplit("-", 1)[1]
                          for d in found}
     out["venvs"] = venvs
+    out["users"] = sorted(line.split(":", 1)[0] for line in
+                          (read("/etc/passwd", "") or "").splitlines() if ":" in line)
+    out["globs"] = {g: sorted(glob.glob(g)) for g in spec.get("globs", [])}
     out["cmds"] = {}
     for key, cmd in spec.get("commands", {}).items():
         rc, text, err = run(["sh", "-c", cmd], timeout=120)

@@ -1,0 +1,249 @@
+"""gpunode's pyinfra operations. Each reads the host through ONE cached snapshot
+(gpunode.facts) and yields commands only when the host differs from the profile, so a
+converged host costs one remote command per run. An operation that changes something
+drops the cache (at execution time) and records a tag, so later operations re-read the
+host and can react (restart a unit whose files changed, reload systemd, ...)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from collections import defaultdict
+from io import StringIO
+from pathlib import PurePosixPath
+
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, OperationError, StringCommand, operation
+from pyinfra.operations import server
+
+from gpunode import desired
+from gpunode.facts import NodeSnapshot, Snapshot, reboot_reasons, snapshot_spec
+from gpunode.files import ManagedFile, credential_path
+from gpunode.model import NodeProfile
+
+_CACHE: dict[str, Snapshot] = {}
+_CHANGED: dict[str, set[str]] = defaultdict(set)
+APT_ENV = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a"
+APT_GET = (f"{APT_ENV} apt-get -q -y -o DPkg::Lock::Timeout=300 "
+           "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold")
+STAMPS = "/var/lib/gpunode"
+
+
+def managed_paths(p: NodeProfile) -> list[str]:
+    """Every path the snapshot reports on (files, drop-ins, credentials, stamps)."""
+    from gpunode.files import node_files
+
+    paths = [f.path for f in node_files(p)]
+    paths += [f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf" for s in p.vllm.services]
+    paths += [credential_path(s.name) for s in p.vllm.services if s.api_key_file]
+    paths += ["/etc/systemd/system/irqbalance.service.d/gpunode.conf", desired.CUDA_KEYRING,
+              desired.CTK_KEYRING, "/etc/cdi/nvidia.yaml", "/etc/docker/daemon.json",
+              "/etc/containerd/config.toml", "/etc/crio/crio.conf.d/99-nvidia.toml"]
+    paths += [f"{STAMPS}/{name}.stamp" for name in ("initramfs", "grub", "cdi", "vllm-venv")]
+    return paths
+
+
+def unit_names(p: NodeProfile) -> list[str]:
+    units = ["nvidia-persistenced.service", "gpunode-gpu-settings.service", "irqbalance.service",
+             "nvidia-dcgm.service", "docker.service", "containerd.service"]
+    return units + desired.vllm_units(p)
+
+
+def snapshot(p: NodeProfile) -> Snapshot:
+    snap = _CACHE.get(host.name)
+    if snap is None:
+        spec = snapshot_spec(p, managed_paths(p), unit_names(p))
+        spec["globs"] = ["/etc/vllm/*.yaml"]
+        data = host.get_fact(NodeSnapshot, spec_json=json.dumps(spec, sort_keys=True))
+        snap = _CACHE[host.name] = Snapshot(data)
+    return snap
+
+
+def changing(tag: str) -> None:
+    """Record a change about to execute; later operations re-read the host."""
+    if host.state.is_executing:
+        _CACHE.pop(host.name, None)
+        _CHANGED[host.name].add(tag)
+
+
+def changed(*tags: str) -> bool:
+    return any(t in _CHANGED[host.name] for t in tags)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_differs(snap: Snapshot, path: str, content: str, mode: int, owner: str,
+                 group: str) -> bool:
+    cur = snap.file(path)
+    return not (cur and cur.get("sha256") == sha256(content) and cur["mode"] == f"{mode:04o}"
+                and cur["owner"] == owner and cur["group"] == group)
+
+
+def _upload(path: str, content: str, mode: int, owner: str, group: str):
+    """Upload through a private staging directory (secrets are never world-readable)."""
+    user = host.data.get("ssh_user") or "root"
+    staging = f"/tmp/.gpunode-{user}"
+    parent = str(PurePosixPath(path).parent)
+    yield StringCommand(f"install -d -m 700 -o {shlex.quote(user)} {staging} && "
+                        f"install -d -m 755 {shlex.quote(parent)}")
+    yield FileUploadCommand(StringIO(content), path,
+                            remote_temp_filename=f"{staging}/{sha256(path)[:16]}")
+    yield StringCommand(f"chown {owner}:{group} {shlex.quote(path)} && "
+                        f"chmod {mode:o} {shlex.quote(path)}")
+
+
+@operation()
+def managed_file(p: NodeProfile, f: ManagedFile):
+    """Make one gpunode-rendered file exactly as rendered (content, mode, owner)."""
+    if file_differs(snapshot(p), f.path, f.content, f.mode, f.owner, f.group):
+        changing(f.path)
+        yield from _upload(f.path, f.content, f.mode, f.owner, f.group)
+
+
+@operation()
+def secret_file(p: NodeProfile, path: str, content: str, group: str = "root"):
+    """A 0600 secret (API key): content is never printed, diffed or put on a command line."""
+    if file_differs(snapshot(p), path, content, 0o600, "root", group):
+        changing(path)
+        yield from _upload(path, content, 0o600, "root", group)
+
+
+@operation()
+def absent(p: NodeProfile, paths: list[str]):
+    present = [path for path in paths if snapshot(p).file(path)]
+    if present:
+        changing("absent:" + ",".join(present))
+        yield StringCommand("rm -rf " + " ".join(shlex.quote(x) for x in present))
+
+
+@operation()
+def apt_update(p: NodeProfile, cache_time: int, when_changed: tuple[str, ...] = ()):
+    """apt-get update when the lists are older than cache_time or sources changed."""
+    import time
+
+    age = time.time() - snapshot(p).data["apt_lists_mtime"]
+    if age > cache_time or changed(*when_changed):
+        changing("apt-update")
+        yield StringCommand(f"{APT_GET} update")
+
+
+@operation()
+def apt_install(p: NodeProfile, packages: list[desired.Pkg], unhold: bool = False):
+    """Install packages (at exact versions where given); unhold first when a held
+    package must change version, then hold it again."""
+    snap = snapshot(p)
+    todo = [pkg for pkg in packages if snap.packages.get(pkg.name) is None
+            or (pkg.version and snap.packages[pkg.name] != pkg.version)]
+    if not todo:
+        return
+    changing("apt:" + ",".join(pkg.name for pkg in todo))
+    held = [pkg.name for pkg in todo if pkg.name in snap.holds]
+    specs = " ".join(shlex.quote(pkg.spec) for pkg in todo)
+    if held:
+        yield StringCommand(f"apt-mark unhold {' '.join(held)}")
+    yield StringCommand(f"{APT_GET} install --allow-change-held-packages {specs}")
+    if held:
+        yield StringCommand(f"apt-mark hold {' '.join(held)}")
+
+
+@operation()
+def apt_hold(p: NodeProfile, names: list[str]):
+    missing = [n for n in names if n not in snapshot(p).holds]
+    if missing:
+        changing("hold")
+        yield StringCommand(f"apt-mark hold {' '.join(sorted(missing))}")
+
+
+@operation()
+def driver_to_version(p: NodeProfile):
+    """Move every installed driver package to the pinned version (upgrade/downgrade):
+    release holds, install at the preferences' candidate, hold again."""
+    snap = snapshot(p)
+    want = p.nvidia.version
+    if not want:
+        return
+    stale = sorted(n for n, v in snap.packages.items() if desired.is_driver_package(n)
+                   and v.split(":")[-1].startswith(f"{p.nvidia.branch}.")
+                   and not v.split(":")[-1].startswith(f"{want}-"))
+    if not stale:
+        return
+    changing("driver-version")
+    yield StringCommand(f"apt-mark unhold {' '.join(stale)}")
+    yield StringCommand(f"{APT_GET} install --allow-change-held-packages --allow-downgrades "
+                        f"{' '.join(stale)}")
+
+
+@operation()
+def stamped(p: NodeProfile, name: str, key: str, command: str):
+    """Run `command` once per value of `key` (a stamp file records the last success), so
+    an interrupted run repeats it next time."""
+    if file_differs(snapshot(p), f"{STAMPS}/{name}.stamp", key + "\n", 0o644, "root", "root"):
+        changing(f"stamp:{name}")
+        stamp = f"{STAMPS}/{name}.stamp"
+        yield StringCommand(f"{command} && install -d {STAMPS} && "
+                            f"printf '%s\\n' {shlex.quote(key)} > {stamp} && chmod 644 {stamp}")
+
+
+@operation()
+def run_when(p: NodeProfile, command: str, needed: bool, tag: str):
+    """Run a command when `needed` (decided by the caller from the snapshot)."""
+    if needed:
+        changing(tag)
+        yield StringCommand(command)
+
+
+@operation()
+def daemon_reload(p: NodeProfile, unit_paths: list[str]):
+    snap = snapshot(p)
+    stale = any(snap.unit(u).get("NeedDaemonReload") == "yes" for u in unit_names(p))
+    if changed(*unit_paths) or stale:
+        changing("daemon-reload")
+        yield StringCommand("systemctl daemon-reload")
+
+
+@operation()
+def unit(p: NodeProfile, name: str, enabled: bool = True, running: bool = True,
+         restart_when: tuple[str, ...] = ()):
+    """Unit enabled/running as asked; restarted when one of its inputs changed."""
+    state = snapshot(p).unit(name)
+    is_enabled = state.get("UnitFileState") in ("enabled", "static", "enabled-runtime")
+    active = state.get("ActiveState") == "active"
+    if enabled and state.get("UnitFileState") not in ("enabled", "enabled-runtime"):
+        changing(f"unit:{name}")
+        yield StringCommand(f"systemctl enable {name}")
+    if not enabled and is_enabled and state.get("UnitFileState") != "static":
+        changing(f"unit:{name}")
+        yield StringCommand(f"systemctl disable {name}")
+    if running and (not active or changed(*restart_when)):
+        changing(f"unit:{name}")
+        yield StringCommand(f"systemctl {'restart' if active else 'start'} {name}")
+    if not running and active:
+        changing(f"unit:{name}")
+        yield StringCommand(f"systemctl stop {name}")
+
+
+@operation()
+def fail(message: str):
+    """Stop this host with a message (other hosts continue)."""
+    raise OperationError(message)
+    yield  # pragma: no cover - makes this a generator
+
+
+@operation()
+def reboot_if_needed(p: NodeProfile):
+    """Reboot when the host needs it and the node's policy allows; otherwise stop this host
+    with the reasons (exit 1), after everything that was safe to do."""
+    reasons = reboot_reasons(p, snapshot(p))
+    if not reasons:
+        return
+    if p.reboot == "never":
+        raise OperationError(f"{p.name} needs a reboot ({'; '.join(reasons)}) and its reboot "
+                             "policy is 'never': reboot it, then run the deploy again")
+    changing("reboot")
+    host.log("rebooting: " + "; ".join(reasons))
+    yield StringCommand("systemctl stop 'vllm@*.service' || true")
+    yield from server.reboot._inner(delay=5, interval=2, reboot_timeout=p.reboot_timeout_s)
+    _CACHE.pop(host.name, None)

@@ -1,0 +1,119 @@
+"""What gpunode reads from a host, as one batched pyinfra fact.
+
+Each pyinfra fact is a remote command, and every operation is evaluated twice in pyinfra 3
+(prepare, then execute). So the deploy reads the whole host in ONE command
+(`snapshot_remote.py`, stdlib python3 on the host) and caches it until one of gpunode's
+operations changes something."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shlex
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pyinfra.api import FactBase
+
+from gpunode import desired
+from gpunode.model import NodeProfile
+from gpunode.topology import NVIDIA_SMI_QUERY, Gpu, attach_topology, parse_query_gpu, parse_topo
+
+_SCRIPT = (Path(__file__).with_name("snapshot_remote.py")).read_bytes()
+_SCRIPT_B64 = base64.b64encode(_SCRIPT).decode()
+
+
+def snapshot_command(spec: dict[str, Any]) -> str:
+    """The one remote command: python3 running the snapshot script on `spec`."""
+    loader = "import base64,sys;exec(base64.b64decode(sys.argv.pop(1)))"
+    return (f"python3 -c {shlex.quote(loader)} {_SCRIPT_B64} "
+            f"{shlex.quote(json.dumps(spec, sort_keys=True))}")
+
+
+class NodeSnapshot(FactBase):
+    """Everything the deploy reads from a host, as a dict (see snapshot_remote.py)."""
+
+    def command(self, spec_json: str) -> str:  # type: ignore[override]
+        return snapshot_command(json.loads(spec_json))
+
+    def process(self, output: list[str]) -> dict[str, Any]:  # type: ignore[override]
+        return json.loads("\n".join(output))
+
+
+@dataclass
+class Snapshot:
+    """A host as read by the snapshot script, with the derived views the deploy needs."""
+
+    data: dict[str, Any]
+
+    @property
+    def packages(self) -> dict[str, str]:
+        return self.data["packages"]
+
+    @property
+    def holds(self) -> list[str]:
+        return self.data["holds"]
+
+    def file(self, path: str) -> dict[str, Any] | None:
+        return self.data["files"].get(path)
+
+    def unit(self, name: str) -> dict[str, str]:
+        return self.data["units"].get(name, {})
+
+    @property
+    def smi_ok(self) -> bool:
+        smi = self.data["nvidia_smi"]
+        return bool(smi.get("present")) and smi.get("rc") == 0
+
+    @cached_property
+    def gpus(self) -> list[Gpu]:
+        if not self.smi_ok:
+            return []
+        smi = self.data["nvidia_smi"]
+        gpus = parse_query_gpu(smi["query"])
+        if smi.get("topo"):
+            attach_topology(gpus, parse_topo(smi["topo"]))
+        return gpus
+
+    def driver_installed(self, p: NodeProfile) -> bool:
+        return all(name in self.packages for name in desired.driver_packages(p))
+
+
+def snapshot_spec(p: NodeProfile, paths: list[str], units: list[str]) -> dict[str, Any]:
+    return {
+        "paths": sorted(set(paths)),
+        "units": units,
+        "sysctls": sorted(desired.sysctls(p)),
+        "nvidia_smi_query": NVIDIA_SMI_QUERY,
+        "venvs": [f"{p.vllm.prefix}/venv"],
+    }
+
+
+def reboot_reasons(p: NodeProfile, snap: Snapshot) -> list[str]:
+    """Why this host needs a reboot now (empty: it does not)."""
+    reasons = []
+    data = snap.data
+    installed = snap.driver_installed(p)
+    if installed and "nouveau" in data["modules"]:
+        reasons.append("nouveau is loaded; the NVIDIA driver can load only after a reboot")
+    smi = data["nvidia_smi"]
+    if installed and smi.get("present") and smi.get("rc") not in (0, None):
+        if "mismatch" in (smi.get("error") or "").lower():
+            reasons.append("NVIDIA driver/library version mismatch (driver upgraded, old "
+                           "kernel module still loaded)")
+        elif data.get("nvidia_proc_version") is None:
+            reasons.append("the NVIDIA kernel module is not loaded")
+    if data["reboot_required"]:
+        pkgs = ", ".join(data["reboot_required_pkgs"]) or "packages"
+        reasons.append(f"/run/reboot-required is set (by {pkgs})")
+    missing = desired.missing_kernel_args(p, data["cmdline"])
+    if missing and data["files"].get("/etc/default/grub.d/60-gpunode.cfg"):
+        reasons.append(f"kernel command line lacks {' '.join(missing)} (set in GRUB, "
+                       "applies at the next boot)")
+    for gpu in snap.gpus:
+        cur, pend = gpu.values.get("ecc.mode.current"), gpu.values.get("ecc.mode.pending")
+        if cur and pend and cur != pend and "N/A" not in (cur, pend):
+            reasons.append(f"GPU {gpu.index}: ECC change pending ({cur} -> {pend})")
+    return reasons
