@@ -18,6 +18,7 @@ Two repositories are modelled:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,6 +456,10 @@ def _persistenced(distro: str, v: str, cfg_dep: str) -> Package:
     user = "nvpd" if family == "debian" else "nvidia-persistenced"
     unit = "nvidia-persistenced.service"
     unit_dir = "/lib/systemd/system"
+    unit_text = _persistenced_unit(user, family)
+    # The postinst creates whichever user the shipped unit runs the daemon as.
+    found = re.search(rb"--user[= ]([A-Za-z0-9_.-]+)", unit_text)
+    user = found.group(1).decode() if found else user
     adduser = (
         f"if ! getent passwd {user} >/dev/null; then\n"
         f"    adduser --system --group --home /var/run/{user}/ --gecos 'NVIDIA Persistence Daemon' "
@@ -484,7 +489,7 @@ def _persistenced(distro: str, v: str, cfg_dep: str) -> Package:
         depends=("adduser", cfg_dep, "gpunode-sim-base"),
         files=(
             _exe("/usr/bin/nvidia-persistenced", "nvidia-persistenced"),
-            File(f"{unit_dir}/{unit}", _persistenced_unit(user, family)),
+            File(f"{unit_dir}/{unit}", unit_text),
         ),
         scripts=scripts,
     )

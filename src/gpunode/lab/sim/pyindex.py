@@ -35,6 +35,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
+
 from gpunode.lab.errors import LabError
 from gpunode.lab.paths import cache_root
 
@@ -67,9 +69,10 @@ def _pip_env() -> dict[str, str]:
     return env
 
 
-def _run_pip(args: list[str], what: str) -> None:
+def _run_pip(args: list[str], what: str, env: dict[str, str] | None = None) -> None:
     cmd = [sys.executable, "-m", "pip", *args]
-    proc = subprocess.run(cmd, env=_pip_env(), capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, env=env or _pip_env(), capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-6:])
         raise LabError(f"{what} failed (pip exit {proc.returncode}):\n{tail}\n"
@@ -84,11 +87,16 @@ def _wheel_name(path: Path) -> tuple[str, str]:
 
 
 def _have(cache: Path, requirement: str) -> bool:
-    """True if a pinned requirement `name==version` already has a wheel in the cache."""
-    if "==" not in requirement:
+    """True if the cache already holds a wheel satisfying the requirement."""
+    try:
+        req = Requirement(requirement)
+    except InvalidRequirement:
         return False
-    name, version = requirement.split("==", 1)
-    return any(_wheel_name(p) == (normalize(name), version) for p in cache.glob("*.whl"))
+    for wheel in cache.glob("*.whl"):
+        project, version = _wheel_name(wheel)
+        if project == normalize(req.name) and req.specifier.contains(version, prereleases=True):
+            return True
+    return False
 
 
 def download(requirements: list[str], cache: Path | None = None, deps: bool = True) -> None:
@@ -119,14 +127,31 @@ def build_standin(dest: Path, source: Path = STANDIN_DIR) -> Path | None:
         shutil.copytree(source, src, ignore=shutil.ignore_patterns(
             "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
         out = Path(tmp) / "out"
-        _run_pip(["wheel", "--no-deps", "--no-build-isolation", "--wheel-dir", str(out),
-                  str(src)], "building the vLLM stand-in wheel")
+        # The machine's own pip config is fine here: it only supplies the build backend
+        # (an isolated build env with setuptools); the wheel is pure Python.
+        _run_pip(["wheel", "--no-deps", "--wheel-dir", str(out), str(src)],
+                 "building the vLLM stand-in wheel", env=dict(os.environ))
         wheels = sorted(out.glob("*.whl"))
         if not wheels:
             raise LabError(f"building the vLLM stand-in from {source} produced no wheel.")
         target = dest / wheels[0].name
         shutil.copy2(wheels[0], target)
         return target
+
+
+_IGNORED = ("build", "dist", "__pycache__", ".pytest_cache")
+
+
+def source_hash(source: Path) -> str:
+    """Hash of a source tree's files (build artefacts ignored)."""
+    h = hashlib.sha256()
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if path.is_dir() or any(part in _IGNORED or part.endswith(".egg-info")
+                                for part in rel.parts) or path.suffix == ".pyc":
+            continue
+        h.update(str(rel).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def wheel_requirements(wheel: Path) -> list[str]:
@@ -197,10 +222,14 @@ def write_index(www: Path, wheels: list[Path]) -> dict[str, list[str]]:
 def build(www_root: Path, cache: Path | None = None) -> dict:
     """Fill the index: stand-in wheel (if its source exists) + guest wheels. Returns facts."""
     cache = cache or wheels_cache()
-    standin_dir = cache.parent / "standin-wheel"
-    if standin_dir.exists():
-        shutil.rmtree(standin_dir)
-    standin = build_standin(standin_dir)
+    standin = None
+    if STANDIN_DIR.is_dir():
+        # Rebuilt only when the stand-in's sources change.
+        standin_dir = cache.parent / "standin-wheel" / source_hash(STANDIN_DIR)
+        standin = next(iter(sorted(standin_dir.glob("*.whl"))), None)
+        if standin is None:
+            shutil.rmtree(standin_dir.parent, ignore_errors=True)
+            standin = build_standin(standin_dir)
     requirements = list(BASE_REQUIREMENTS)
     download(requirements, cache, deps=False)
     extra = wheel_requirements(standin) if standin else []
