@@ -52,6 +52,16 @@ def cuda_repo_list_path(p: NodeProfile) -> str:
     return f"/etc/apt/sources.list.d/cuda-{p.distro}-x86_64.list"
 
 
+RUNTIME_CONFIG = {"docker": "/etc/docker/daemon.json",
+                  "containerd": "/etc/containerd/config.toml",
+                  "crio": "/etc/crio/crio.conf.d/99-nvidia.toml"}
+
+
+def runtime_probe(path: str) -> str:
+    """Shell test: does a container runtime config know the nvidia runtime?"""
+    return f"grep -qs nvidia {path}"
+
+
 def ctk_repo_line(p: NodeProfile) -> str:
     return f"deb [signed-by={CTK_KEYRING}] {p.container_toolkit.repo_url.rstrip('/')}/$(ARCH) /"
 
@@ -289,3 +299,41 @@ def vllm_environment(p_vllm: dict, service: dict) -> dict[str, str]:
     }
     env.update(service.get("extra_env", {}))
     return dict(sorted(env.items()))
+
+
+COMPUTE_MODES = {"DEFAULT": "Default", "EXCLUSIVE_PROCESS": "Exclusive_Process",
+                 "PROHIBITED": "Prohibited"}
+
+
+def gpu_settings_drift(p: NodeProfile, gpus: list) -> list[str]:
+    """Differences between the profile's GPU settings and what nvidia-smi reports
+    (gpus: gpunode.topology.Gpu with the GPU_FIELDS values). ECC compares the pending
+    mode: a change made is complete until the reboot that applies it."""
+    s = p.nvidia.settings
+    drift = []
+    for g in gpus:
+        v = g.values
+        pm = "Enabled" if s.persistence else "Disabled"
+        if v.get("persistence_mode") != pm:
+            drift.append(f"GPU {g.index}: persistence mode {v.get('persistence_mode')}, want {pm}")
+        if s.power_limit_w is not None:
+            try:
+                current = float(v.get("power.limit", "nan"))
+            except ValueError:
+                current = float("nan")
+            if not abs(current - s.power_limit_w) <= 0.5:
+                drift.append(f"GPU {g.index}: power limit {v.get('power.limit')} W, want "
+                             f"{s.power_limit_w} W")
+        if v.get("compute_mode") != COMPUTE_MODES[s.compute_mode]:
+            drift.append(f"GPU {g.index}: compute mode {v.get('compute_mode')}, want "
+                         f"{COMPUTE_MODES[s.compute_mode]}")
+        if s.ecc is not None:
+            ecc = "Enabled" if s.ecc else "Disabled"
+            if v.get("ecc.mode.pending") != ecc:
+                drift.append(f"GPU {g.index}: ECC pending {v.get('ecc.mode.pending')}, want {ecc}")
+        if s.application_clocks is not None:
+            want = (str(s.application_clocks.graphics_mhz), str(s.application_clocks.memory_mhz))
+            have = (v.get("clocks.applications.graphics"), v.get("clocks.applications.memory"))
+            if have != want:
+                drift.append(f"GPU {g.index}: application clocks {have}, want {want}")
+    return drift

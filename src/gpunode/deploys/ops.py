@@ -10,6 +10,7 @@ import hashlib
 import json
 import shlex
 from collections import defaultdict
+from collections.abc import Callable
 from io import StringIO
 from pathlib import PurePosixPath
 
@@ -40,6 +41,7 @@ def managed_paths(p: NodeProfile) -> list[str]:
     paths += ["/etc/systemd/system/irqbalance.service.d/gpunode.conf", desired.CUDA_KEYRING,
               desired.CTK_KEYRING, "/etc/cdi/nvidia.yaml", "/etc/docker/daemon.json",
               "/etc/containerd/config.toml", "/etc/crio/crio.conf.d/99-nvidia.toml"]
+    paths += ["/etc/vllm", "/etc/vllm/credentials", "/var/lib/vllm", p.vllm.model_cache]
     paths += [f"{STAMPS}/{name}.stamp" for name in ("initramfs", "grub", "cdi", "vllm-venv")]
     return paths
 
@@ -54,7 +56,9 @@ def snapshot(p: NodeProfile) -> Snapshot:
     snap = _CACHE.get(host.name)
     if snap is None:
         spec = snapshot_spec(p, managed_paths(p), unit_names(p))
-        spec["globs"] = ["/etc/vllm/*.yaml"]
+        spec["globs"] = ["/etc/vllm/*.yaml", "/etc/systemd/system/multi-user.target.wants/*"]
+        spec["commands"] = {f"grep:{desired.RUNTIME_CONFIG[r]}": desired.runtime_probe(
+            desired.RUNTIME_CONFIG[r]) for r in p.container_toolkit.runtimes if r != "podman"}
         data = host.get_fact(NodeSnapshot, spec_json=json.dumps(spec, sort_keys=True))
         snap = _CACHE[host.name] = Snapshot(data)
     return snap
@@ -158,6 +162,16 @@ def apt_hold(p: NodeProfile, names: list[str]):
 
 
 @operation()
+def hold_driver(p: NodeProfile):
+    """Hold every installed package of the driver branch (decided at execution time)."""
+    snap = snapshot(p)
+    missing = [n for n in desired.driver_hold_set(p, snap.packages) if n not in snap.holds]
+    if missing:
+        changing("hold")
+        yield StringCommand(f"apt-mark hold {' '.join(missing)}")
+
+
+@operation()
 def driver_to_version(p: NodeProfile):
     """Move every installed driver package to the pinned version (upgrade/downgrade):
     release holds, install at the preferences' candidate, hold again."""
@@ -176,21 +190,28 @@ def driver_to_version(p: NodeProfile):
                         f"{' '.join(stale)}")
 
 
+def decide(value: bool | Callable[[Snapshot], bool], p: NodeProfile) -> bool:
+    """A decision made at execution time from the current snapshot (or a constant)."""
+    return value(snapshot(p)) if callable(value) else bool(value)
+
+
 @operation()
-def stamped(p: NodeProfile, name: str, key: str, command: str):
+def stamped(p: NodeProfile, stamp_name: str, key: str | Callable[[Snapshot], str | None],
+            command: str):
     """Run `command` once per value of `key` (a stamp file records the last success), so
-    an interrupted run repeats it next time."""
-    if file_differs(snapshot(p), f"{STAMPS}/{name}.stamp", key + "\n", 0o644, "root", "root"):
-        changing(f"stamp:{name}")
-        stamp = f"{STAMPS}/{name}.stamp"
+    an interrupted run repeats it next time. A key of None means: not now."""
+    key = key(snapshot(p)) if callable(key) else key
+    stamp = f"{STAMPS}/{stamp_name}.stamp"
+    if key is not None and file_differs(snapshot(p), stamp, key + "\n", 0o644, "root", "root"):
+        changing(f"stamp:{stamp_name}")
         yield StringCommand(f"{command} && install -d {STAMPS} && "
                             f"printf '%s\\n' {shlex.quote(key)} > {stamp} && chmod 644 {stamp}")
 
 
 @operation()
-def run_when(p: NodeProfile, command: str, needed: bool, tag: str):
-    """Run a command when `needed` (decided by the caller from the snapshot)."""
-    if needed:
+def run_when(p: NodeProfile, command: str, needed: bool | Callable[[Snapshot], bool], tag: str):
+    """Run a command when `needed` (a constant, or decided at execution from the snapshot)."""
+    if decide(needed, p):
         changing(tag)
         yield StringCommand(command)
 
@@ -205,13 +226,22 @@ def daemon_reload(p: NodeProfile, unit_paths: list[str]):
 
 
 @operation()
-def unit(p: NodeProfile, name: str, enabled: bool = True, running: bool = True,
-         restart_when: tuple[str, ...] = ()):
-    """Unit enabled/running as asked; restarted when one of its inputs changed."""
+def unit(p: NodeProfile, unit_name: str, enabled: bool = True,
+         running: bool | Callable[[Snapshot], bool] = True, restart_when: tuple[str, ...] = (),
+         wanted_by: str | None = None):
+    """Unit enabled/running as asked (running may be decided at execution time); restarted
+    when one of its inputs changed. `wanted_by` enables units without an [Install]."""
+    name = unit_name
     state = snapshot(p).unit(name)
+    running = decide(running, p)
     is_enabled = state.get("UnitFileState") in ("enabled", "static", "enabled-runtime")
     active = state.get("ActiveState") == "active"
-    if enabled and state.get("UnitFileState") not in ("enabled", "enabled-runtime"):
+    wants = snapshot(p).data["globs"].get(f"/etc/systemd/system/{wanted_by}.wants/*", [])
+    if wanted_by and f"/etc/systemd/system/{wanted_by}.wants/{name}" not in wants:
+        changing(f"unit:{name}")
+        yield StringCommand(f"systemctl add-wants {wanted_by} {name}")
+    elif not wanted_by and enabled and state.get("UnitFileState") not in ("enabled",
+                                                                          "enabled-runtime"):
         changing(f"unit:{name}")
         yield StringCommand(f"systemctl enable {name}")
     if not enabled and is_enabled and state.get("UnitFileState") != "static":
@@ -247,3 +277,39 @@ def reboot_if_needed(p: NodeProfile):
     yield StringCommand("systemctl stop 'vllm@*.service' || true")
     yield from server.reboot._inner(delay=5, interval=2, reboot_timeout=p.reboot_timeout_s)
     _CACHE.pop(host.name, None)
+
+
+@operation()
+def placement_file(p: NodeProfile, path: str,
+                   build: Callable[[Snapshot], ManagedFile | None]):
+    """A file whose content depends on host facts read at execution time (GPU UUIDs,
+    GPU-local CPUs); `build` returns None when the facts are not available yet."""
+    f = build(snapshot(p))
+    if f is not None and file_differs(snapshot(p), f.path, f.content, f.mode, f.owner, f.group):
+        changing(f.path)
+        yield from _upload(f.path, f.content, f.mode, f.owner, f.group)
+
+
+@operation()
+def directory(p: NodeProfile, path: str, mode: int, owner: str, group: str):
+    cur = snapshot(p).file(path)
+    if not (cur and cur.get("dir") and cur["mode"] == f"{mode:04o}" and cur["owner"] == owner
+            and cur["group"] == group):
+        changing(path)
+        yield StringCommand(f"install -d -m {mode:o} -o {owner} -g {group} {shlex.quote(path)}")
+
+
+@operation()
+def remove_stale_services(p: NodeProfile):
+    """Services with a config in /etc/vllm but no longer in the profile: stop, remove."""
+    keep = {s.name for s in p.vllm.services}
+    configs = snapshot(p).data["globs"].get("/etc/vllm/*.yaml", [])
+    stale = sorted(PurePosixPath(c).stem for c in configs if PurePosixPath(c).stem not in keep)
+    for name in stale:
+        changing(f"removed:{name}")
+        unit = desired.vllm_unit(name)
+        yield StringCommand(f"systemctl disable --now {unit} || true")
+        yield StringCommand(
+            f"rm -rf /etc/vllm/{name}.yaml /etc/vllm/{name}.env {credential_path(name)} "
+            f"/etc/systemd/system/{unit}.d && systemctl daemon-reload && "
+            f"(systemctl reset-failed {unit} || true)")

@@ -2,11 +2,11 @@
 # the deploy and the reboot logic read: one remote command instead of dozens of facts.
 # Input: argv[1] = JSON spec {"paths": [...], "units": [...], "sysctls": [...]}.
 import glob
+import grp
 import hashlib
 import json
 import os
 import pwd
-import grp
 import subprocess
 import sys
 
@@ -105,7 +105,7 @@ def main():
                            "Id,LoadState,ActiveState,SubState,UnitFileState,MainPID,"
                            "NeedDaemonReload", *units])
         blocks = [b for b in text.split("\n\n")]
-        for unit, block in zip(units, blocks):
+        for unit, block in zip(units, blocks, strict=False):
             props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
             out["units"][unit] = props
     out["sysctl"] = {}

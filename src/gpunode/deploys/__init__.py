@@ -1,0 +1,32 @@
+"""pyinfra deploys, one per concern, each taking the NodeProfile explicitly. The order
+is the order of `deploy_node`: base, tuning, nvidia_driver, reboot, gpu_settings, cuda,
+container_toolkit, dcgm, vllm."""
+
+from __future__ import annotations
+
+from gpunode.model import NodeProfile
+
+
+def deploy_node(p: NodeProfile) -> None:
+    from gpunode.deploys import (
+        base,
+        container_toolkit,
+        cuda,
+        dcgm,
+        gpu_settings,
+        nvidia_driver,
+        reboot,
+        tuning,
+        vllm,
+    )
+
+    base.deploy_base(p)
+    tuning.deploy_tuning(p)
+    nvidia_driver.deploy_nvidia_driver(p)
+    reboot.deploy_reboot(p)
+    gpu_settings.deploy_gpu_settings(p)
+    cuda.deploy_cuda(p)
+    container_toolkit.deploy_container_toolkit(p)
+    dcgm.deploy_dcgm(p)
+    tuning.deploy_irq_placement(p)
+    vllm.deploy_vllm(p)

@@ -1,0 +1,29 @@
+"""Base: supported OS, apt hygiene, packages the rest needs, NVIDIA packages kept out of
+unattended-upgrades."""
+
+from pyinfra.api import deploy
+
+from gpunode import desired
+from gpunode.deploys import ops
+from gpunode.files import base_files
+from gpunode.model import NodeProfile
+
+APT_CACHE_TIME = 3600
+OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04"),
+          "debian-12": ("debian", "12")}
+
+
+@deploy("Base")
+def deploy_base(p: NodeProfile) -> None:
+    found = ops.snapshot(p).data["os"]
+    want = OS_IDS[p.os]
+    if (found["id"], found["version_id"]) != want:
+        ops.fail(name="Refuse an unsupported or unexpected OS",
+                 message=f"{p.name}: the profile says {p.os} but the host runs "
+                 f"{found['id']} {found['version_id']}; nothing was changed")
+        return
+    for f in base_files(p):
+        ops.managed_file(name=f"Write {f.path}", p=p, f=f)
+    ops.apt_update(name="Refresh apt lists (at most hourly)", p=p, cache_time=APT_CACHE_TIME)
+    ops.apt_install(name="Install base packages", p=p,
+                    packages=[desired.Pkg(n) for n in desired.base_packages(p)])

@@ -1,0 +1,59 @@
+"""NVIDIA Container Toolkit: its repository and keyring, a pinned and held package set,
+runtimes configured by nvidia-ctk (which merges into existing configs), and the CDI spec,
+regenerated when the driver version changes."""
+
+import shlex
+
+from pyinfra.api import deploy
+
+from gpunode import desired
+from gpunode.deploys import ops
+from gpunode.files import container_toolkit_files
+from gpunode.model import NodeProfile
+
+
+def key_url(p: NodeProfile) -> str:
+    base = p.container_toolkit.repo_url.rstrip("/")
+    return base.removesuffix("/stable/deb").removesuffix("/deb") + "/gpgkey"
+
+
+@deploy("NVIDIA Container Toolkit")
+def deploy_container_toolkit(p: NodeProfile) -> None:
+    if not p.container_toolkit.enabled:
+        return
+    ops.run_when(
+        name="Install the container toolkit repository key", p=p, tag="ctk-key",
+        needed=lambda snap: not snap.file(desired.CTK_KEYRING),
+        command=(f"curl -fsSL --retry 3 {shlex.quote(key_url(p))} | "
+                 f"gpg --batch --yes --dearmor -o {desired.CTK_KEYRING} && "
+                 f"chmod 644 {desired.CTK_KEYRING}"))
+    files = container_toolkit_files(p)
+    for f in files:
+        ops.managed_file(name=f"Write {f.path}", p=p, f=f)
+    ops.apt_update(name="Refresh apt lists after repository changes", p=p, cache_time=86400,
+                   when_changed=(*(f.path for f in files), "ctk-key"))
+    pkgs = desired.container_toolkit_packages(p)
+    ops.apt_install(name="Install the container toolkit (pinned)", p=p, packages=pkgs)
+    if p.nvidia.hold:
+        ops.apt_hold(name="Hold the container toolkit", p=p, names=[x.name for x in pkgs])
+    for runtime in p.container_toolkit.runtimes:
+        if runtime == "podman":
+            continue  # podman uses the CDI spec; nothing to configure
+        path = desired.RUNTIME_CONFIG[runtime]
+        ops.run_when(
+            name=f"Configure the {runtime} runtime for NVIDIA", p=p, tag=f"runtime:{runtime}",
+            needed=lambda snap, path=path: _lacks_nvidia(snap, path),
+            command=(f"nvidia-ctk runtime configure --runtime={runtime} && "
+                     f"(systemctl try-restart {runtime}.service || true)"))
+    if p.container_toolkit.cdi:
+        ops.stamped(name="Generate the CDI spec for this driver", p=p, stamp_name="cdi",
+                    key=lambda snap: (snap.gpus[0].driver_version + " " + ",".join(
+                        g.uuid for g in snap.gpus)) if snap.gpus else None,
+                    command="nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml")
+
+
+def _lacks_nvidia(snap, path: str) -> bool:
+    info = snap.data["cmds"].get(f"grep:{path}")
+    if info is not None:
+        return info["rc"] != 0
+    return True

@@ -1,0 +1,28 @@
+"""GPU settings (persistence, power limit, ECC, clocks, compute mode) as read-compare-set
+state: a oneshot unit after nvidia-persistenced applies them at every boot; the deploy
+re-runs it when the files changed or nvidia-smi reports drift."""
+
+from pyinfra.api import deploy
+
+from gpunode import desired
+from gpunode.deploys import ops
+from gpunode.files import gpu_settings_files
+from gpunode.model import NodeProfile
+
+UNIT = "gpunode-gpu-settings.service"
+
+
+@deploy("GPU settings")
+def deploy_gpu_settings(p: NodeProfile) -> None:
+    files = gpu_settings_files(p)
+    for f in files:
+        ops.managed_file(name=f"Write {f.path}", p=p, f=f)
+    ops.daemon_reload(name="Reload systemd units", p=p, unit_paths=[f.path for f in files])
+    ops.unit(name="Enable the GPU settings unit", p=p, unit_name=UNIT, running=False)
+    ops.run_when(
+        name="Apply GPU settings where nvidia-smi differs from the profile", p=p,
+        tag="gpu-settings", command=f"systemctl restart {UNIT}",
+        needed=lambda snap: snap.smi_ok and (
+            bool(desired.gpu_settings_drift(p, snap.gpus))
+            or snap.unit(UNIT).get("ActiveState") != "active"
+            or ops.changed(*(f.path for f in files))))

@@ -1,0 +1,72 @@
+"""NVIDIA driver: kernel headers, the source (CUDA repository with a checksum-verified
+keyring, or Ubuntu's archive), branch pinning and exact version, holds, open kernel
+modules, nouveau blacklisted in the initramfs, Secure Boot, nvidia-persistenced with
+persistence mode really on."""
+
+import shlex
+
+from pyinfra.api import deploy
+
+from gpunode import desired
+from gpunode.deploys import ops
+from gpunode.files import driver_files
+from gpunode.model import NodeProfile
+
+
+@deploy("NVIDIA driver")
+def deploy_nvidia_driver(p: NodeProfile) -> None:
+    snap = ops.snapshot(p)
+    dkms = p.nvidia.source == "cuda-repo"
+    if dkms and snap.data["secure_boot"] and not snap.driver_installed(p):
+        if p.nvidia.secure_boot == "stop":
+            ops.fail(name="Stop: Secure Boot with DKMS modules",
+                     message=f"{p.name}: Secure Boot is on and the CUDA repository builds "
+                     "unsigned DKMS modules that will not load. Either disable Secure Boot, "
+                     "use nvidia.source: ubuntu-archive (Canonical-signed modules, Ubuntu), "
+                     "or set nvidia.secure_boot: mok and enrol the DKMS key with "
+                     "`mokutil --import /var/lib/dkms/mok.pub` at the next boot")
+            return
+        host_log = "Secure Boot is on: enrol /var/lib/dkms/mok.pub with mokutil after install"
+        ops.run_when(name=host_log, p=p, command="true", needed=False, tag="sb")
+
+    headers = desired.header_packages(p, snap.data["kernel"], snap.data["kernels"])
+    ops.apt_install(name="Install kernel headers for the running and newest kernel", p=p,
+                    packages=[desired.Pkg(n) for n in headers])
+
+    files = driver_files(p)
+    if dkms:
+        url, sha = desired.keyring_url(p), desired.keyring_sha256(p)
+        if sha is None:
+            ops.fail(name="Stop: no keyring checksum",
+                     message=f"{p.name}: no published checksum for {url}; set "
+                     "nvidia.keyring_sha256")
+            return
+        deb = f"/tmp/{desired.KEYRING_DEB}"
+        ops.run_when(
+            name="Install cuda-keyring (checksum-verified)", p=p, tag="keyring",
+            needed="cuda-keyring" not in snap.packages or not snap.file(desired.CUDA_KEYRING),
+            command=(f"curl -fsSL --retry 3 -o {deb} {shlex.quote(url)} && "
+                     f"echo {sha}' '{deb} | sha256sum -c --quiet - && "
+                     f"{ops.APT_ENV} dpkg --force-confold -i {deb} && rm -f {deb}"))
+    for f in files:
+        ops.managed_file(name=f"Write {f.path}", p=p, f=f)
+    sources = tuple(f.path for f in files if "sources.list.d" in f.path or "preferences" in f.path)
+    ops.apt_update(name="Refresh apt lists after repository changes", p=p, cache_time=86400,
+                   when_changed=(*sources, "keyring"))
+    pin = desired.pinning_package(p)
+    if pin:
+        # NVIDIA: install the pinning package in its own transaction, before the driver.
+        ops.apt_install(name=f"Pin the driver branch ({pin})", p=p, packages=[desired.Pkg(pin)])
+    ops.driver_to_version(name="Move the driver to the pinned version", p=p)
+    ops.apt_install(name="Install the NVIDIA driver", p=p,
+                    packages=[desired.Pkg(n) for n in desired.driver_packages(p)])
+    if p.nvidia.hold:
+        ops.hold_driver(name="Hold the driver packages", p=p)
+    blacklist = next(f for f in files if f.path.endswith("blacklist-nouveau.conf"))
+    ops.stamped(name="Rebuild the initramfs without nouveau", p=p, stamp_name="initramfs",
+                key=ops.sha256(blacklist.content), command="update-initramfs -u -k all")
+    ops.daemon_reload(name="Reload systemd units", p=p, unit_paths=[f.path for f in files])
+    ops.unit(name="Run nvidia-persistenced with persistence mode", p=p,
+             unit_name="nvidia-persistenced.service", wanted_by="multi-user.target",
+             running=lambda snap: snap.smi_ok,
+             restart_when=("/etc/systemd/system/nvidia-persistenced.service.d/gpunode.conf",))

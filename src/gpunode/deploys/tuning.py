@@ -1,0 +1,75 @@
+"""Host tuning: sysctl file, THP and governor at runtime and at boot (tmpfiles), kernel
+arguments as idempotent GRUB tokens, huge pages, limits, and irqbalance kept off the CPUs
+pinned to vLLM services. What the platform lacks (cpufreq in VMs) is skipped visibly."""
+
+from pyinfra import host
+from pyinfra.api import deploy
+
+from gpunode import desired
+from gpunode.deploys import ops
+from gpunode.files import ManagedFile, render, tuning_files
+from gpunode.model import NodeProfile
+
+GRUB_CFG = "/etc/default/grub.d/60-gpunode.cfg"
+IRQ_DROPIN = "/etc/systemd/system/irqbalance.service.d/gpunode.conf"
+
+
+@deploy("Tuning")
+def deploy_tuning(p: NodeProfile) -> None:
+    snap = ops.snapshot(p)
+    files = tuning_files(p)
+    for f in files:
+        ops.managed_file(name=f"Write {f.path}", p=p, f=f)
+    sysctls = desired.sysctls(p)
+    ops.run_when(name="Apply sysctls", p=p, tag="sysctl",
+                 command="sysctl -q -p /etc/sysctl.d/60-gpunode.conf",
+                 needed=lambda s: any(s.data["sysctl"].get(k) != " ".join(v.split())
+                                      for k, v in sysctls.items()))
+    ops.run_when(name="Apply THP and CPU governor now", p=p, tag="tmpfiles",
+                 command="systemd-tmpfiles --create /etc/tmpfiles.d/gpunode-tuning.conf",
+                 needed=lambda s: _runtime_differs(p, s))
+    if p.tuning.governor and not snap.data["cpufreq"]:
+        host.noop(f"CPU governor {p.tuning.governor} skipped: no cpufreq on this host "
+                  f"({snap.data['virt']})")
+    grub = next(f for f in files if f.path == GRUB_CFG)
+    ops.stamped(name="Update the GRUB configuration", p=p, stamp_name="grub",
+                key=ops.sha256(grub.content),
+                command="if command -v update-grub >/dev/null; then update-grub; "
+                        "else grub-mkconfig -o /boot/grub/grub.cfg; fi")
+
+
+def _runtime_differs(p: NodeProfile, snap) -> bool:
+    thp = snap.data["thp"]
+    if thp.get("enabled") not in (None, p.tuning.thp) or thp.get("defrag") not in (
+            None, p.tuning.thp_defrag):
+        return True
+    govs = snap.data["governors"]
+    return bool(p.tuning.governor and govs and govs != [p.tuning.governor])
+
+
+@deploy("IRQ placement")
+def deploy_irq_placement(p: NodeProfile) -> None:
+    """irqbalance keeps device interrupts off the CPUs pinned to vLLM services."""
+    if p.tuning.irqbalance == "disabled":
+        ops.unit(name="Stop irqbalance", p=p, unit_name="irqbalance.service", enabled=False,
+                 running=False)
+        return
+    if p.tuning.irqbalance != "ban-service-cpus" or not p.vllm.services:
+        return
+    ops.placement_file(name=f"Write {IRQ_DROPIN}", p=p, path=IRQ_DROPIN,
+                       build=lambda snap: _irq_dropin(p, snap))
+    ops.daemon_reload(name="Reload systemd units", p=p, unit_paths=[IRQ_DROPIN])
+    ops.unit(name="Run irqbalance", p=p, unit_name="irqbalance.service",
+             restart_when=(IRQ_DROPIN,))
+
+
+def _irq_dropin(p: NodeProfile, snap) -> ManagedFile | None:
+    from gpunode.files import banned_cpus
+
+    if not snap.gpus:
+        return None
+    cpus = banned_cpus(p, snap.gpus)
+    if not cpus:
+        return None
+    return ManagedFile("tuning", IRQ_DROPIN, "tuning/irqbalance.conf.j2",
+                       render("tuning/irqbalance.conf.j2", p, banned_cpus=cpus))

@@ -1,0 +1,112 @@
+"""vLLM: a system user, a uv-managed venv at the pinned version (index override honoured),
+`vllm@<service>` units from the shared template with per-service YAML config, environment
+and a drop-in with GPU UUIDs and GPU-local CPU/NUMA placement, API keys as systemd
+credentials (0600, never on a command line). Services restart only when their inputs
+changed; services removed from the profile are stopped and removed."""
+
+import shlex
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pyinfra.api import deploy
+
+from gpunode import desired
+from gpunode.deploys import ops
+from gpunode.files import ManagedFile, credential_path, placements, vllm_files
+from gpunode.model import NodeProfile
+from gpunode.render import render
+
+TEMPLATE_UNITS = ("/etc/systemd/system/vllm@.service", "/etc/systemd/system/vllm-prefetch@.service")
+SCRIPTS = ("/usr/local/lib/gpunode/vllm-start", "/usr/local/lib/gpunode/vllm-wait-ready")
+
+
+def venv_command(p: NodeProfile) -> str:
+    v = p.vllm
+    pip_index = uv_index = ""
+    if v.index_url:
+        host_name = urlparse(v.index_url).hostname or ""
+        pip_index = f"--index-url {shlex.quote(v.index_url)}"
+        uv_index = f"--index-url {shlex.quote(v.index_url)}"
+        if v.index_url.startswith("http://"):
+            pip_index += f" --trusted-host {shlex.quote(host_name)}"
+            uv_index += f" --allow-insecure-host {shlex.quote(host_name)}"
+    downloads = "never" if v.index_url else "automatic"
+    return " && ".join([
+        f"install -d -m 755 {v.prefix}",
+        f"(test -x {v.prefix}/uv/bin/uv || python3 -m venv {v.prefix}/uv)",
+        f"{v.prefix}/uv/bin/python -m pip install -q --disable-pip-version-check {pip_index} "
+        f"uv=={v.uv_version}",
+        f"UV_PYTHON_DOWNLOADS={downloads} {v.prefix}/uv/bin/uv venv -q --allow-existing "
+        f"--python {v.python} {v.prefix}/venv",
+        f"UV_PYTHON_DOWNLOADS={downloads} {v.prefix}/uv/bin/uv pip install -q "
+        f"--python {v.prefix}/venv/bin/python {uv_index} vllm=={v.version}",
+    ])
+
+
+def read_key(path: str) -> str | None:
+    try:
+        return Path(path).expanduser().read_text().strip() + "\n"
+    except OSError:
+        return None
+
+
+def instance_dropin(p: NodeProfile, name: str, snap) -> ManagedFile | None:
+    if not snap.gpus:
+        return None
+    data = p.model_dump(mode="json")
+    svc = next(s for s in data["vllm"]["services"] if s["name"] == name)
+    where = placements(p, snap.gpus)[name]
+    path = f"/etc/systemd/system/vllm@{name}.service.d/gpunode.conf"
+    return ManagedFile("vllm", path, "vllm/instance.conf.j2",
+                       render("vllm/instance.conf.j2", p, service=svc,
+                              placement_lines=where.unit_lines()))
+
+
+@deploy("vLLM")
+def deploy_vllm(p: NodeProfile) -> None:
+    v = p.vllm
+    ops.remove_stale_services(name="Stop and remove vLLM services no longer in the profile",
+                              p=p)
+    if not v.services:
+        return
+    ops.run_when(name=f"Create the {v.user} system user", p=p, tag="user",
+                 needed=lambda snap: v.user not in snap.data["users"],
+                 command=(f"useradd --system --user-group --home-dir /var/lib/vllm "
+                          f"--shell /usr/sbin/nologin {v.user}"))
+    for path, mode, owner, group in (("/var/lib/vllm", 0o755, v.user, v.user),
+                                     (v.model_cache, 0o755, v.user, v.user),
+                                     ("/etc/vllm", 0o750, "root", v.user),
+                                     ("/etc/vllm/credentials", 0o700, "root", "root")):
+        ops.directory(name=f"Directory {path}", p=p, path=path, mode=mode, owner=owner,
+                      group=group)
+    venv = f"{v.prefix}/venv"
+    ops.run_when(name=f"Install vLLM {v.version} in {venv} (uv)", p=p, tag="venv",
+                 needed=lambda snap: not snap.data["venvs"].get(venv, {}).get(
+                     "vllm", "").startswith(v.version),
+                 command=venv_command(p))
+    files = vllm_files(p)
+    for f in files:
+        ops.managed_file(name=f"Write {f.path}", p=p, f=f)
+    for svc in v.services:
+        ops.placement_file(name=f"Place vllm@{svc.name} on its GPUs' CPUs", p=p,
+                           path=f"/etc/systemd/system/vllm@{svc.name}.service.d/gpunode.conf",
+                           build=lambda snap, name=svc.name: instance_dropin(p, name, snap))
+        if svc.api_key_file:
+            key = read_key(svc.api_key_file)
+            if key is None:
+                ops.fail(name=f"Stop: API key file of {svc.name} missing",
+                         message=f"{p.name}: vllm service {svc.name}: api_key_file "
+                         f"{svc.api_key_file} cannot be read on this machine")
+                return
+            ops.secret_file(name=f"Install the API key credential of {svc.name}", p=p,
+                            path=credential_path(svc.name), content=key)
+    dropins = [f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf" for s in v.services]
+    ops.daemon_reload(name="Reload systemd units", p=p,
+                      unit_paths=[*TEMPLATE_UNITS, *dropins])
+    for svc in v.services:
+        inputs = (f"/etc/vllm/{svc.name}.yaml", f"/etc/vllm/{svc.name}.env",
+                  f"/etc/systemd/system/vllm@{svc.name}.service.d/gpunode.conf",
+                  credential_path(svc.name), *TEMPLATE_UNITS, *SCRIPTS, "venv")
+        ops.unit(name=f"Run vllm@{svc.name} (waits for /health)", p=p,
+                 unit_name=desired.vllm_unit(svc.name), running=lambda snap: snap.smi_ok,
+                 restart_when=inputs)
