@@ -1,0 +1,350 @@
+"""The vLLM stand-in (SIMULATION): flag table, parsing, GPU checks, HTTP behaviour, wheel."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpunode.lab.sim import gpus as simgpus
+
+REPO = Path(__file__).resolve().parents[2]
+STANDIN = REPO / "src/gpunode/lab/sim/vllm_standin"
+SMI = REPO / "src/gpunode/lab/sim/guest/nvidia-smi"
+BOOT = REPO / "src/gpunode/lab/sim/guest/gpunode-sim-boot"
+FLAGS_FILE = REPO.parent / "shared/vllm/serve_flags-0.33.0.txt"
+KEY = "test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def standin():
+    sys.path.insert(0, str(STANDIN))
+    try:
+        import vllm.cli
+        import vllm.serve_flags
+
+        yield vllm
+    finally:
+        sys.path.remove(str(STANDIN))
+        for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+            del sys.modules[name]
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "etc/gpunode-sim").mkdir(parents=True)
+    (root / "etc/gpunode-sim/gpus.json").write_text(simgpus.to_json(simgpus.default_a6000x2()))
+    inst = root / "usr/lib/gpunode-sim/installed"
+    inst.mkdir(parents=True)
+    (inst / "driver").write_text("580.95.05\n")
+    (inst / "kmod").write_text("580.95.05 open\n")
+    (root / "etc/modprobe.d").mkdir()
+    (root / "etc/modprobe.d/nvidia-blacklists-nouveau.conf").write_text("blacklist nouveau\n")
+    subprocess.run([sys.executable, str(BOOT)], env=dict(os.environ, GPUNODE_SIM_ROOT=str(root)), check=True)
+    return root
+
+
+def _env(root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("VLLM_API_KEY", "CUDA_VISIBLE_DEVICES")}
+    env.update(
+        GPUNODE_SIM_ROOT=str(root),
+        GPUNODE_SIM_NVIDIA_SMI=str(SMI),
+        GPUNODE_SIM_VLLM_LOAD_SECONDS="1.0",
+        PYTHONPATH=str(STANDIN),
+    )
+    env.update(extra)
+    return env
+
+
+def _vllm(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vllm.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        env=_env(root, **env),
+        timeout=60,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------- flags
+
+
+@pytest.mark.skipif(not FLAGS_FILE.exists(), reason="needs ../shared/vllm")
+def test_flag_table_matches_the_vllm_flag_list(standin) -> None:
+    want = [ln.strip() for ln in FLAGS_FILE.read_text().splitlines() if ln.strip()]
+    assert list(standin.serve_flags.SERVE_FLAGS) == want
+
+
+def test_every_flag_is_accepted(standin) -> None:
+    sample = {"bool": [], "list": ["a"], "json": ["{}"], "int": ["1"], "float": ["0.5"]}
+    for flag, kind in standin.serve_flags.SERVE_FLAGS.items():
+        if kind == "help":
+            continue
+        value = sample.get(kind, ["8k" if flag == "--max-model-len" else "x"])
+        ns = standin.cli.parse_serve(["m", flag, *value])
+        assert getattr(ns, flag[2:].replace("-", "_")) is not None, flag
+        if kind == "bool":
+            ns = standin.cli.parse_serve(["m", "--no-" + flag[2:]])
+            assert getattr(ns, flag[2:].replace("-", "_")) is False
+
+
+def test_parse_forms_and_config_file(standin, tmp_path: Path) -> None:
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(
+        "model: meta-llama/Llama-3.1-8B-Instruct\n"
+        "max_model_len: 16384\n"
+        "gpu-memory-utilization: 0.9\n"
+        "enable_prefix_caching: false\n"
+        "enforce-eager: true\n"
+        "served_model_name: [a, b]\n"
+        "compilation_config: {mode: 3}\n"
+    )
+    ns = standin.cli.parse_serve(["--config", str(cfg), "--max_model_len", "32K", "-tp", "2"])
+    assert ns.model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert ns.max_model_len == 32768  # CLI after --config wins; K = 1024
+    assert ns.gpu_memory_utilization == 0.9
+    assert ns.enable_prefix_caching is False and ns.enforce_eager is True
+    assert ns.served_model_name == ["a", "b"]
+    assert ns.compilation_config == {"mode": 3}
+    assert ns.tensor_parallel_size == 2
+    ns = standin.cli.parse_serve(["m", "--compilation-config.mode", "3", "--max-model-len=32k"])
+    assert ns.compilation_config == {"mode": 3} and ns.max_model_len == 32000
+
+
+def test_unknown_flags_are_rejected_like_argparse(guest: Path, tmp_path: Path) -> None:
+    r = _vllm(guest, "meta-llama/Llama-3.1-8B-Instruct", "--swap-space", "4")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == "vllm serve: error: unrecognized arguments: --swap-space 4"
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("swap_space: 4\n")
+    r = _vllm(guest, "--config", str(cfg))
+    assert r.returncode == 2
+    assert "unrecognized arguments: --swap-space 4" in r.stderr
+
+
+# ----------------------------------------------------------------- GPU checks
+
+
+def test_refuses_unknown_cuda_visible_devices(guest: Path) -> None:
+    r = _vllm(guest, "m", CUDA_VISIBLE_DEVICES="0,5")
+    assert r.returncode == 1
+    assert "CUDA_VISIBLE_DEVICES=0,5 names GPU '5'" in r.stdout
+    r = _vllm(guest, "m", CUDA_VISIBLE_DEVICES="GPU-00000000-0000-0000-0000-000000000000")
+    assert r.returncode == 1 and "No CUDA GPUs are available" in r.stdout
+
+
+def test_tensor_parallel_needs_enough_visible_gpus(guest: Path) -> None:
+    uuid0 = simgpus.default_a6000x2()[0].uuid
+    r = _vllm(guest, "m", "--tensor-parallel-size", "2", CUDA_VISIBLE_DEVICES=uuid0)
+    assert r.returncode == 1
+    assert "World size (2) is larger than the number of available GPUs (1)" in r.stdout
+    r = _vllm(guest, "Qwen/Qwen2.5-32B-Instruct", "-tp", "3")
+    assert r.returncode == 1
+    assert "World size (3)" in r.stdout
+
+
+def test_refuses_when_the_driver_is_not_usable(guest: Path) -> None:
+    (guest / "usr/lib/gpunode-sim/installed/driver").write_text("580.105.08\n")  # no reboot
+    r = _vllm(guest, "m")
+    assert r.returncode == 1
+    assert "Driver/library version mismatch" in r.stdout
+    (guest / "run/gpunode-sim/loaded-kmod").unlink()
+    r = _vllm(guest, "m")
+    assert r.returncode == 1 and "couldn't communicate with the NVIDIA driver" in r.stdout
+
+
+def test_model_that_does_not_fit_fails_with_vllm_message(guest: Path) -> None:
+    r = _vllm(guest, "meta-llama/Llama-3.1-70B-Instruct")
+    assert r.returncode == 1
+    assert "No available memory for the cache blocks" in r.stdout
+    r = _vllm(guest, "meta-llama/Llama-3.1-8B-Instruct", "--gpu-memory-utilization", "0.5")
+    assert r.returncode == 1
+    assert "To serve at least one request with the models's max seq len (131072)" in r.stdout
+
+
+# ----------------------------------------------------------------- the server
+
+
+@pytest.fixture
+def server(guest: Path) -> Iterator[tuple[int, subprocess.Popen[str], Path]]:
+    port = _free_port()
+    uuid1 = simgpus.default_a6000x2()[1].uuid
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.cli",
+            "serve",
+            "meta-llama/Llama-3.1-8B-Instruct",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "llama8b",
+            "--max-model-len",
+            "32768",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(guest, VLLM_API_KEY=KEY, CUDA_VISIBLE_DEVICES=uuid1),
+    )
+    try:
+        yield port, p, guest
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def _req(
+    port: int,
+    method: str,
+    path: str,
+    body: dict | None = None,
+    key: str | None = None,
+    scheme: str = "Bearer",
+    timeout: float = 20,
+) -> tuple[int, bytes]:
+    for _ in range(100):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+            headers = {"Content-Type": "application/json"}
+            if key is not None:
+                headers["Authorization"] = f"{scheme} {key}"
+            c.request(method, path, body=json.dumps(body) if body else None, headers=headers)
+            r = c.getresponse()
+            data = r.read()
+            c.close()
+            return r.status, data
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+    raise AssertionError("server did not come up")
+
+
+def test_server_end_to_end(server) -> None:
+    port, proc, root = server
+    t0 = time.monotonic()
+    status, body = _req(port, "GET", "/health")
+    assert (status, body) == (200, b"")
+    assert time.monotonic() - t0 >= 0.5  # requests queue until the simulated load is done
+
+    # API key: /v1 needs "Bearer <key>" (scheme case-insensitive); others are open
+    assert _req(port, "GET", "/v1/models") == (401, b'{"error":"Unauthorized"}')
+    assert _req(port, "GET", "/v1/models", key="wrong")[0] == 401
+    assert _req(port, "GET", "/v1/models", key=KEY, scheme="Basic")[0] == 401
+    status, body = _req(port, "GET", "/v1/models", key=KEY, scheme="bearer")
+    assert status == 200
+    models = json.loads(body)
+    assert [m["id"] for m in models["data"]] == ["llama8b"]
+    assert models["data"][0]["root"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert models["data"][0]["max_model_len"] == 32768
+    assert _req(port, "GET", "/version") == (200, b'{"version":"0.33.0+gpunodesim"}')
+
+    status, body = _req(
+        port,
+        "POST",
+        "/v1/completions",
+        {"model": "llama8b", "prompt": "Hello there", "max_tokens": 4},
+        key=KEY,
+    )
+    doc = json.loads(body)
+    assert status == 200 and doc["object"] == "text_completion"
+    assert doc["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+    assert doc["choices"][0]["finish_reason"] == "length"
+    status, body = _req(port, "POST", "/v1/completions", {"model": "other", "prompt": "x"}, key=KEY)
+    assert status == 404 and b"does not exist" in body
+
+    status, body = _req(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        {"model": "llama8b", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        key=KEY,
+    )
+    assert status == 200
+    events = [e for e in body.decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.startswith("SIMULATION")
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+    status, body = _req(port, "GET", "/metrics")
+    m = body.decode()
+    assert status == 200
+    assert 'vllm:num_requests_running{engine="0",model_name="llama8b"} 0.0' in m
+    assert 'vllm:request_success_total{engine="0",finished_reason="length",model_name="llama8b"} 1.0' in m
+    assert "# TYPE vllm:generation_tokens_total counter" in m
+
+    # the GPU it runs on shows the memory in nvidia-smi; a second instance does not fit
+    smi = subprocess.run(
+        [sys.executable, str(SMI), "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        env=_env(root),
+    ).stdout.split()
+    assert int(smi[0]) < 100 < int(smi[1])
+    second = _vllm(
+        root,
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "--port",
+        str(_free_port()),
+        "--host",
+        "127.0.0.1",
+        CUDA_VISIBLE_DEVICES="1",
+    )
+    assert second.returncode == 1
+    assert "is less than desired GPU memory utilization (0.92" in second.stdout
+
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert "Finished server process" in out
+    assert "Available KV cache memory: " in out and "GPU KV cache size: " in out
+    assert "Starting vLLM API server 0 on http://127.0.0.1:" in out
+    assert KEY not in out
+
+
+def test_wheel_builds(tmp_path: Path) -> None:
+    # build from a copy: setuptools writes build/ and *.egg-info next to pyproject.toml
+    src = tmp_path / "src"
+    shutil.copytree(STANDIN, src, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    out = tmp_path / "wheels"
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    wheels = [p.name for p in out.glob("*.whl")]
+    assert wheels == ["vllm-0.33.0+gpunodesim-py3-none-any.whl"]
+    with zipfile.ZipFile(out / wheels[0]) as z:
+        names = set(z.namelist())
+        meta = z.read("vllm-0.33.0+gpunodesim.dist-info/METADATA").decode()
+        entry = z.read("vllm-0.33.0+gpunodesim.dist-info/entry_points.txt").decode()
+    assert {"vllm/cli.py", "vllm/server.py", "vllm/serve_flags.py"} <= names
+    assert "Requires-Dist: PyYAML" in meta
+    assert "vllm = vllm.cli:main" in entry
