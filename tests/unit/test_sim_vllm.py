@@ -171,6 +171,13 @@ def test_refuses_when_the_driver_is_not_usable(guest: Path) -> None:
     assert r.returncode == 1 and "couldn't communicate with the NVIDIA driver" in r.stdout
 
 
+def test_refuses_when_device_nodes_are_missing(guest: Path) -> None:
+    (guest / "dev/nvidia1").unlink()
+    r = _vllm(guest, "m", CUDA_VISIBLE_DEVICES="1")
+    assert r.returncode == 1
+    assert "cannot open /dev/nvidia1" in r.stdout
+
+
 def test_model_that_does_not_fit_fails_with_vllm_message(guest: Path) -> None:
     r = _vllm(guest, "meta-llama/Llama-3.1-70B-Instruct")
     assert r.returncode == 1
@@ -306,6 +313,20 @@ def test_server_end_to_end(server) -> None:
         env=_env(root),
     ).stdout.split()
     assert int(smi[0]) < 100 < int(smi[1])
+    apps = subprocess.run(
+        [
+            sys.executable,
+            str(SMI),
+            "--query-compute-apps=pid,process_name,gpu_uuid,used_memory",
+            "--format=csv",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(root),
+    ).stdout.splitlines()
+    assert apps[0] == "pid, process_name, gpu_uuid, used_gpu_memory [MiB]"
+    assert apps[1].startswith(f"{proc.pid}, VLLM::EngineCore, {simgpus.default_a6000x2()[1].uuid}, ")
+    assert len(apps) == 2
     second = _vllm(
         root,
         "meta-llama/Llama-3.1-8B-Instruct",

@@ -182,9 +182,7 @@ def persistence_enabled(state: dict[str, Any], gpu: dict[str, Any]) -> bool:
 
 def memory_total(state: dict[str, Any], gpu: dict[str, Any]) -> int:
     m = gpu["model"]
-    return (
-        m["memory_total_ecc_mib"] if settings(state, gpu)["ecc_current"] else m["memory_total_mib"]
-    )
+    return m["memory_total_ecc_mib"] if settings(state, gpu)["ecc_current"] else m["memory_total_mib"]
 
 
 def processes() -> list[dict[str, Any]]:
@@ -336,9 +334,7 @@ def _mount_proc_driver() -> None:
         and subprocess.call(["mountpoint", "-q", PROC_DRIVER], stdout=subprocess.DEVNULL) == 0
     ):
         return
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "mode=0755,size=1m", "tmpfs", PROC_DRIVER], check=True
-    )
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=1m", "tmpfs", PROC_DRIVER], check=True)
 
 
 def boot(log=print) -> int:  # noqa: ANN001 - tiny logger callable
@@ -348,6 +344,8 @@ def boot(log=print) -> int:  # noqa: ANN001 - tiny logger callable
         if os.path.exists(path(stale)):
             os.remove(path(stale))
     shutil.rmtree(path(PROCS), ignore_errors=True)
+    os.makedirs(path(PROCS), exist_ok=True)
+    os.chmod(path(PROCS), 0o1777)  # any user's vLLM stand-in records its GPU memory here
 
     # GPU settings: ECC pending becomes current; volatile settings are lost at reboot.
     gpus = load_gpus()
@@ -387,9 +385,7 @@ def boot(log=print) -> int:  # noqa: ANN001 - tiny logger callable
             f"Device Minor: \t {gpu['index']}\n"
             f"GPU Excluded:\t No\n"
         )
-        write_text(
-            f"{PROC_DRIVER}/nvidia/gpus/{gpu['pci_bus_id'][4:].lower()}/information", info, 0o444
-        )
+        write_text(f"{PROC_DRIVER}/nvidia/gpus/{gpu['pci_bus_id'][4:].lower()}/information", info, 0o444)
     # device nodes as the driver creates them (major 195; nvidia-uvm gets a dynamic major)
     for gpu in gpus:
         _make_node(f"/dev/nvidia{gpu['index']}", 195, gpu["index"], 0o666)

@@ -8,6 +8,7 @@ OpenAI-compatible HTTP server in server.py. No model is loaded.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -292,6 +293,25 @@ def visible_gpus(all_gpus: list[Gpu], env: str | None) -> list[Gpu]:
     return out
 
 
+def check_device_nodes(gpus: list[Gpu]) -> None:
+    """CUDA opens /dev/nvidiactl, /dev/nvidia-uvm and /dev/nvidia<N>; a sandbox that hides
+    or denies them (PrivateDevices=, DevicePolicy= without DeviceAllow=) breaks vLLM."""
+    root = os.environ.get("GPUNODE_SIM_ROOT", "/") or "/"
+    for dev in ["nvidiactl", "nvidia-uvm", *(f"nvidia{g.index}" for g in gpus)]:
+        p = os.path.join(root, "dev", dev)
+        try:
+            fd = os.open(p, os.O_RDWR)
+            os.close(fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENXIO, errno.ENODEV):
+                continue  # the node is reachable; no real driver backs it in the lab
+            raise StandinError(
+                "RuntimeError",
+                f"No CUDA GPUs are available (cannot open /dev/{dev}: {exc.strerror}; check the "
+                "service's device access: PrivateDevices=, DevicePolicy=, DeviceAllow=)",
+            ) from exc
+
+
 # ------------------------------------------------------------------ model shapes / KV math
 
 
@@ -447,6 +467,7 @@ def serve(argv: list[str]) -> int:
                 "'--nnodes' appropriately.",
             )
         used = visible[:world]
+        check_device_nodes(used)
         plan = plan_memory(ns, used, tp)
     except StandinError as exc:
         log("EngineCore failed to start.", proc="EngineCore_DP0", level="ERROR", where="core.py:708")

@@ -425,16 +425,19 @@ def run(ns: argparse.Namespace, keys: list[str], gpus: list[Any], plan: Any, log
 
     record = _proc_record_path()
     if record:
-        os.makedirs(os.path.dirname(record), exist_ok=True)
-        with open(record, "w", encoding="utf-8") as f:
-            json.dump(
-                {
-                    "pid": os.getpid(),
-                    "name": "VLLM::EngineCore",
-                    "memory_mib": {g.uuid: plan.per_gpu_mib for g in gpus},
-                },
-                f,
-            )
+        try:
+            os.makedirs(os.path.dirname(record), exist_ok=True)
+            with open(record, "w", encoding="utf-8") as f:
+                json.dump(
+                    {
+                        "pid": os.getpid(),
+                        "name": "VLLM::EngineCore",
+                        "memory_mib": {g.uuid: plan.per_gpu_mib for g in gpus},
+                    },
+                    f,
+                )
+        except OSError:
+            record = None  # sandboxed service without write access to /run: no record
 
     stopping = threading.Event()
 
