@@ -357,7 +357,7 @@ def cuda_keyring(distro: str, keyring: bytes, repo_base_url: str) -> Package:
         name="cuda-keyring",
         version=KEYRING_VERSION,
         architecture="all",
-        section="devel" if distro.startswith("debian") else "multiverse/devel",
+        section="multiverse/devel",  # one source template for all distros
         description="GPG keyring for the CUDA repository",
         long_description=(
             f"Enrolls public key: SIMULATION throwaway key\nand enables repo: {distro}/x86_64\n"
