@@ -15,7 +15,7 @@ from gpunode.model.site import SITE_KEYS
 jsonschema = pytest.importorskip("jsonschema")
 
 # Examples whose partial layers the current schema rejects (bug, see the xfail reason).
-PARTIAL_NESTED_LAYERS = {"proxmox"}
+PARTIAL_NESTED_LAYERS: set[str] = set()
 
 
 def committed(repo: Path) -> dict[str, Any]:
@@ -76,8 +76,6 @@ def test_schema_rejects_what_the_loader_rejects(repo: Path, text: str, where: st
         ("/".join(map(str, e.absolute_path)), e.message) for e in errors]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: model/site.py SiteSchema keeps `required` of "
-                   "nested maps inside partial layers (here Connection.address in a group)")
 def test_partial_nested_map_in_a_layer_validates(repo: Path) -> None:
     site = ("defaults:\n  connection: {user: ubuntu}\n"
             "groups:\n  g:\n    connection: {port: 2222}\n"

@@ -124,9 +124,6 @@ def test_upper_case_hostpci_address(site_errors: Errors) -> None:
     assert "site.yaml:10: nodes.vm1.vm.hostpci[0].address: " in line
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the message for a bad PCI address is pydantic's "
-                   "raw regex ('String should match pattern ...'); it should say lower-case "
-                   "dddd:bb:ss[.f] (field description in model/parts.py)")
 def test_upper_case_hostpci_address_message_says_lower_case(site_errors: Errors) -> None:
     line = one(site_errors(GUEST + "      hostpci: [{address: '0000:4A:00.0'}]\n"),
                "hostpci")
@@ -210,16 +207,10 @@ def test_node_that_is_not_a_mapping(site_errors: Errors) -> None:
     assert "must be a mapping" in site_errors("nodes:\n  a: [1, 2]\n")[0]
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug: loader.py _construct_mapping does `key in result` on an "
-                   "unhashable key (a YAML complex key `? [a]`): TypeError, not SiteError")
 def test_unhashable_yaml_key(site_errors: Errors) -> None:
     one(site_errors(NODE + "    ? [a, b]\n    : 1\n"), "site.yaml")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug: loader.py load_site does `gname not in groups` for each entry "
-                   "of a node's groups list; a list/mapping entry raises TypeError")
 @pytest.mark.parametrize("entry", ["[x]", "{x: 1}"])
 def test_group_entry_that_is_not_a_string(site_errors: Errors, entry: str) -> None:
     text = "groups:\n  g: {}\n" + NODE + f"    groups: [{entry}]\n"
@@ -323,10 +314,6 @@ def test_error_in_defaults_is_reported_once_at_defaults(site_errors: Errors) -> 
     assert not [line for line in lines if "nodes." in line]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: loader.py reports check_profile problems at "
-                   "nodes.<n>.<path> (and the node's line) for every node, even when the "
-                   "offending value comes from defaults; pydantic errors use the origin map, "
-                   "cross-field problems do not")
 def test_cross_field_error_in_defaults_is_reported_once(site_errors: Errors) -> None:
     text = ("defaults:\n  gpus: {count: 1}\n  vllm:\n    services:\n"
             "      - {name: a, model: org/m, gpus: [0]}\n"
@@ -404,26 +391,16 @@ def test_select_by_node_and_group(example: Path) -> None:
         site.select(["nope"])
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug: loader.py load_site -> _suggest(str(gname), list(groups)) passes "
-                   "non-string group names (e.g. `groups: {0: null}`) to difflib: TypeError")
 def test_unknown_group_with_non_string_group_names(site_errors: Errors) -> None:
     text = "groups:\n  0: {}\n" + NODE + "    groups: [gpu]\n"
     one(site_errors(text), "unknown group 'gpu'")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: loader.py validates `site:` with pydantic only, so "
-                   "an unknown key there reads 'Extra inputs are not permitted' without the "
-                   "allowed keys or nearest match (unknown_keys() is not run on SiteMeta)")
 def test_unknown_key_in_site_section(site_errors: Errors) -> None:
     line = one(site_errors("site: {nam: x}\n" + NODE), "site.nam")
     assert "did you mean 'name'" in line and "allowed: name, description" in line
 
 
-@pytest.mark.xfail(strict=True, reason="bug: loader.py reports every branch of a pydantic union "
-                   "error as its own line with internal loc parts (e.g. "
-                   "`extra_args.x.str`, `extra_args.x.list[union[str,int,float,bool]]`): five "
-                   "lines for one problem")
 def test_one_line_for_a_bad_union_value(site_errors: Errors) -> None:
     text = NODE + ("    vllm:\n      services:\n        - name: a\n          model: /m\n"
                    "          gpus: [0]\n          extra_args: {x: {y: 1}}\n")

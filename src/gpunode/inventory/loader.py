@@ -90,6 +90,12 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
     result.lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "found unhashable key (a mapping key must be a plain value)",
+                key_node.start_mark) from None
         if key in result:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -191,7 +197,7 @@ def unknown_keys(data: Any, model: type[BaseModel], prefix: str,
 
 
 def _suggest(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -203,6 +209,8 @@ def _line_of(data: Any, keys: list[Any]) -> int | None:
             data = data[key]
         elif isinstance(data, list) and isinstance(key, int) and key < len(data):
             data = data[key]
+            if isinstance(data, LineDict) and data.lines:
+                line = min(data.lines.values())
         else:
             break
     return line
@@ -248,11 +256,14 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
     if lines:
         raise SiteError(lines)
 
+    for field_path, sub_keys, message in unknown_keys(meta_raw, SiteMeta, "site"):
+        report(["site", *sub_keys], field_path, message)
     try:
         meta = SiteMeta.model_validate(meta_raw)
     except ValidationError as exc:
         for err in exc.errors():
-            report(["site", *err["loc"]], _loc_str(("site", *err["loc"])), err["msg"])
+            if err["type"] != "extra_forbidden":
+                report(["site", *err["loc"]], _loc_str(("site", *err["loc"])), err["msg"])
         meta = SiteMeta()
 
     layers: list[tuple[list[Any], Any, frozenset[str]]] = [(["defaults"], defaults,
@@ -287,10 +298,15 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
         origin: dict[Path_, list[Any]] = {p: ["defaults"] for p in _leaf_paths(defaults)}
         bad_group = False
         for gname in node_groups:
+            if not isinstance(gname, str):
+                report(["nodes", nname, "groups"], f"nodes.{nname}.groups",
+                       f"group entries are group names (strings), got {gname!r}")
+                bad_group = True
+                continue
             if gname not in groups:
                 report(["nodes", nname, "groups"], f"nodes.{nname}.groups",
                        f"unknown group {gname!r}{_suggest(str(gname), list(groups))}; "
-                       f"defined groups: {', '.join(groups) or 'none'}")
+                       f"defined groups: {', '.join(map(str, groups)) or 'none'}")
                 bad_group = True
                 continue
             members[gname].append(nname)
@@ -308,21 +324,48 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
             for err in exc.errors():
                 if err["type"] == "extra_forbidden":
                     continue  # reported above, at the layer that holds the key
-                loc = tuple(err["loc"])
+                loc = _field_loc(tuple(err["loc"]))
                 layer = _origin_of(origin, loc) or ["nodes", nname]
                 field_path = ".".join(str(k) for k in layer) + "." + _loc_str(loc)
                 message = err["msg"]
                 if err["type"] == "missing":
                     message = "required field is missing"
+                elif len(loc) < len(err["loc"]):
+                    message = f"invalid value {err.get('input')!r}"
+                elif err["type"] == "string_pattern_mismatch":
+                    message = _pattern_message(err)
                 report([*layer, *loc], field_path, message)
             continue
         for problem in check_profile(profile):
-            report(["nodes", nname, *_keys_of(problem.path)], f"nodes.{nname}.{problem.path}",
-                   problem.message)
+            keys = _keys_of(problem.path)
+            layer = _origin_of(origin, tuple(keys)) or ["nodes", nname]
+            prefix = ".".join(str(k) for k in layer)
+            report([*layer, *keys], f"{prefix}.{problem.path}", problem.message)
         profiles[nname] = profile
     if lines:
         raise SiteError(lines)
     return Site(path=site_path, meta=meta, nodes=profiles, groups=members)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "function-after", "literal"}
+
+
+def _field_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """Cut pydantic's union/type tags (e.g. 'str', 'list[...]') off an error location."""
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part):
+            return loc[:i]
+    return loc
+
+
+def _pattern_message(err: dict[str, Any]) -> str:
+    from gpunode.model.parts import PCI_ADDRESS
+
+    pattern = (err.get("ctx") or {}).get("pattern")
+    if pattern == PCI_ADDRESS:
+        return (f"{err.get('input')!r} is not a lower-case PCI address dddd:bb:ss[.f] "
+                "(e.g. 0000:41:00.0)")
+    return f"{err.get('input')!r} does not match the pattern {pattern}"
 
 
 def _origin_of(origin: dict[Path_, list[Any]], loc: tuple[str | int, ...]) -> list[Any] | None:

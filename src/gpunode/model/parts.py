@@ -282,7 +282,7 @@ class Vllm(Strict):
     python: str = Field("3.12", pattern=r"^3\.\d+$", description="Python for the vLLM venv (>=3.11).")
     index_url: str | None = Field(None, pattern=r"^https?://",
                                   description="Python package index override (air-gapped/lab).")
-    uv_version: str = Field("0.9.5", pattern=r"^\d+\.\d+\.\d+$", description="Pinned uv version.")
+    uv_version: str = Field("0.13.9", pattern=r"^\d+\.\d+\.\d+$", description="Pinned uv version.")
     user: str = Field("vllm", description="System user running the services.")
     prefix: str = Field("/opt/vllm", description="Install prefix (venv at <prefix>/venv).")
     model_cache: str = Field("/var/lib/vllm/hf", description="Shared HF_HOME for models.")

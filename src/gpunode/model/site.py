@@ -36,6 +36,11 @@ class SiteSchema:
                                 "lists and scalars replace.")
         group_layer = copy.deepcopy(layer)
         group_layer["properties"].pop("groups", None)
+        # Layers are partial at every depth (a group may set only connection.user), except
+        # list items, which replace whole and so must be complete.
+        for name, definition in defs.items():
+            if name not in ("VllmService", "Hostpci", "PciMapping"):
+                definition.pop("required", None)
         defs["Layer"] = layer
         defs["GroupLayer"] = group_layer
         meta = SiteMeta.model_json_schema()

@@ -1,0 +1,132 @@
+"""Package selection and computed settings per OS and source (Ubuntu's archive is not
+reachable here, so its choices are proven by these tests)."""
+
+import pytest
+
+from gpunode import desired
+from gpunode.facts import Snapshot, reboot_reasons
+from gpunode.model import NodeProfile
+from gpunode.topology import Gpu
+
+
+def profile(**over) -> NodeProfile:
+    data = {"name": "n", "connection": {"address": "h"}, "gpus": {"count": 2}}
+    for key, value in over.items():
+        data[key] = value
+    return NodeProfile.model_validate(data)
+
+
+@pytest.mark.parametrize("os_, source, open_, compute, expected", [
+    ("debian-12", "cuda-repo", True, True,
+     ["nvidia-driver-cuda", "nvidia-kernel-open-dkms", "nvidia-persistenced"]),
+    ("debian-12", "cuda-repo", False, True,
+     ["nvidia-driver-cuda", "nvidia-kernel-dkms", "nvidia-persistenced"]),
+    ("debian-12", "cuda-repo", True, False, ["nvidia-open"]),
+    ("ubuntu-24.04", "cuda-repo", True, True,
+     ["libnvidia-compute-580", "nvidia-dkms-580-open", "nvidia-utils-580",
+      "nvidia-persistenced"]),
+    ("ubuntu-22.04", "cuda-repo", False, False, ["cuda-drivers-580"]),
+    ("ubuntu-24.04", "ubuntu-archive", True, True,
+     ["nvidia-headless-580-server-open", "nvidia-utils-580-server",
+      "linux-modules-nvidia-580-server-open-generic"]),
+    ("ubuntu-22.04", "ubuntu-archive", False, True,
+     ["nvidia-headless-580-server", "nvidia-utils-580-server",
+      "linux-modules-nvidia-580-server-generic"]),
+])
+def test_driver_packages(os_, source, open_, compute, expected):
+    p = profile(os=os_, nvidia={"source": source, "open_kernel_modules": open_,
+                                "compute_only": compute})
+    assert desired.driver_packages(p) == expected
+
+
+def test_branch_590_drops_suffix_on_ubuntu():
+    p = profile(os="ubuntu-24.04", nvidia={"branch": 590})
+    assert desired.driver_packages(p)[0] == "libnvidia-compute"
+
+
+@pytest.mark.parametrize("os_, version, expected", [
+    ("debian-12", "580.95.05", "580.95.05-1"),
+    ("ubuntu-24.04", "580.95.05", "580.95.05-0ubuntu1"),
+    ("ubuntu-22.04", "580.126.20", "580.126.20-1ubuntu1"),
+])
+def test_driver_deb_versions(os_, version, expected):
+    assert desired.driver_deb_version(profile(os=os_, nvidia={"version": version})) == expected
+
+
+def test_repo_and_keyring():
+    p = profile(os="debian-12")
+    assert desired.cuda_repo_line(p) == (
+        "deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg] "
+        "https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/ /")
+    assert desired.keyring_url(p).endswith("/debian12/x86_64/cuda-keyring_1.1-1_all.deb")
+    assert desired.keyring_sha256(p) == desired.UPSTREAM_KEYRING_SHA256["debian12"]
+    mirror = profile(os="debian-12", nvidia={"repo_url": "http://m/r", "keyring_sha256": "a" * 64})
+    assert desired.keyring_sha256(mirror) == "a" * 64
+    assert desired.pinning_package(p) == "nvidia-driver-pinning-580"
+    assert desired.pinning_package(profile(os="ubuntu-24.04",
+                                           nvidia={"source": "ubuntu-archive"})) is None
+
+
+def test_matched_sets_follow_cuda():
+    p = profile(cuda={"enabled": True, "version": "13.0"}, nccl={"enabled": True},
+                cudnn={"enabled": True})
+    assert [x.spec for x in desired.nccl_packages(p)] == [
+        "libnccl2=2.28.3-1+cuda13.0", "libnccl-dev=2.28.3-1+cuda13.0"]
+    assert desired.cudnn_packages(p)[0].name == "libcudnn9-cuda-13"
+    assert desired.cuda_packages(p)[0].name == "cuda-toolkit-13-0"
+
+
+def test_hold_set_is_the_branch_driver_packages():
+    installed = {"nvidia-driver-cuda": "580.95.05-1", "libcuda1": "580.95.05-1",
+                 "nvidia-driver-pinning-580": "580-5", "nvidia-container-toolkit": "1.18.0-1",
+                 "curl": "7.88"}
+    assert desired.driver_hold_set(profile(), installed) == ["libcuda1", "nvidia-driver-cuda"]
+
+
+def test_sysctls_merge_profile_over_defaults_and_numa_follows_pinning():
+    p = profile(tuning={"sysctl": {"vm.swappiness": 1, "net.core.somaxconn": 4096}},
+                vllm={"services": [{"name": "a", "model": "/m", "gpus": [0]}]})
+    values = desired.sysctls(p)
+    assert values["vm.swappiness"] == "1"
+    assert values["kernel.numa_balancing"] == "0"
+    assert desired.sysctls(profile())["kernel.numa_balancing"] == "1"
+
+
+def test_kernel_args_and_pending():
+    p = profile(tuning={"thp": "madvise", "hugepages": {"size": "1G", "count": 4}},
+                memory_mib=65536)
+    assert desired.kernel_args(p) == ["transparent_hugepage=madvise", "default_hugepagesz=1G",
+                                      "hugepagesz=1G", "hugepages=4"]
+    assert desired.missing_kernel_args(p, "root=/dev/vda transparent_hugepage=madvise") == [
+        "default_hugepagesz=1G", "hugepagesz=1G", "hugepages=4"]
+
+
+def snap(**over) -> Snapshot:
+    data = {"modules": [], "nvidia_smi": {"present": False}, "reboot_required": False,
+            "reboot_required_pkgs": [], "cmdline": "transparent_hugepage=madvise",
+            "files": {}, "packages": {}, "nvidia_proc_version": None}
+    data.update(over)
+    return Snapshot(data)
+
+
+def test_reboot_reasons():
+    p = profile(os="debian-12")
+    installed = {n: "580.95.05-1" for n in desired.driver_packages(p)}
+    assert reboot_reasons(p, snap(modules=["nouveau"])) == []  # no driver yet: no reboot
+    assert "nouveau" in reboot_reasons(p, snap(modules=["nouveau"], packages=installed))[0]
+    mismatch = {"present": True, "rc": 18, "error": "Failed to initialize NVML: "
+                "Driver/library version mismatch"}
+    assert "mismatch" in reboot_reasons(p, snap(nvidia_smi=mismatch, packages=installed))[0]
+    pending = snap(cmdline="quiet", files={"/etc/default/grub.d/60-gpunode.cfg": {"sha256": "x"}})
+    assert "transparent_hugepage=madvise" in reboot_reasons(p, pending)[0]
+    assert reboot_reasons(p, snap(reboot_required=True, reboot_required_pkgs=["linux-image"]))
+
+
+def test_gpu_settings_drift_names_the_difference():
+    p = profile(nvidia={"settings": {"power_limit_w": 280, "ecc": True}})
+    gpu = Gpu(0, "GPU-a", "NVIDIA RTX A6000", "00000000:01:00.0", 49140, "580.95.05",
+              values={"persistence_mode": "Enabled", "power.limit": "300.00",
+                      "compute_mode": "Default", "ecc.mode.pending": "Disabled"})
+    drift = desired.gpu_settings_drift(p, [gpu])
+    assert drift == ["GPU 0: power limit 300.00 W, want 280 W",
+                     "GPU 0: ECC pending Disabled, want Enabled"]
