@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpunode.inventory import Site, SiteError, load_site
@@ -37,28 +37,6 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
 @pytest.fixture(scope="module")
 def site_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz") / "site.yaml"
-
-
-def known_bug(text: str) -> bool:
-    """Inputs that hit bugs pinned by strict xfail tests in test_site_loader.py
-    (test_unhashable_yaml_key, test_group_entry_that_is_not_a_string,
-    test_unknown_group_with_non_string_group_names). Remove once fixed."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.constructor.ConstructorError as exc:
-        return "unhashable" in str(exc)
-    except yaml.YAMLError:
-        return False
-    nodes = data.get("nodes") if isinstance(data, dict) else None
-    if not isinstance(nodes, dict):
-        return False
-    groups = data.get("groups")
-    groups = groups if isinstance(groups, dict) else {}
-    listed = [g for n in nodes.values() if isinstance(n, dict)
-              and isinstance(n.get("groups"), list) for g in n["groups"]]
-    if any(isinstance(g, list | dict) for g in listed):
-        return True
-    return any(not isinstance(k, str) for k in groups) and any(g not in groups for g in listed)
 
 
 def load_text(path: Path, text: str) -> Site | SiteError:
