@@ -439,11 +439,39 @@ def test_ctk_runtime_configure_and_cdi(a6000: Guest) -> None:
     ]
 
 
-def test_dcgmi_discovery(a6000: Guest) -> None:
-    out = a6000.run("dcgmi", "discovery", "-l").stdout.splitlines()
+def test_dcgmi_discovery_needs_the_host_engine(a6000: Guest) -> None:
+    assert a6000.run("dcgmi", "discovery", "-l").returncode == 255
+    p = subprocess.Popen(
+        [sys.executable, str(GUEST / "nv-hostengine"), "-n"],
+        env=dict(os.environ, GPUNODE_SIM_ROOT=str(a6000.root)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline().startswith("Started host engine version ")
+        for _ in range(100):
+            if (a6000.root / "run/gpunode-sim/hostengine.json").exists():
+                break
+            time.sleep(0.05)
+        out = a6000.run("dcgmi", "discovery", "-l").stdout.splitlines()
+    finally:
+        p.terminate()
+        p.wait(10)
     assert out[0] == "2 GPUs found."
     assert "| 0      | Name: NVIDIA RTX A6000" in out[4]
     assert len({len(ln) for ln in out[1:-5]}) == 1  # a rectangular box
+
+
+def test_container_tools_report_versions(a6000: Guest) -> None:
+    a6000.write("/usr/lib/gpunode-sim/installed/ctk", "1.17.8\n")
+    assert a6000.run("nvidia-ctk", "--version").stdout.startswith(
+        "NVIDIA Container Toolkit CLI version 1.17.8\n"
+    )
+    assert a6000.run("nvidia-container-cli", "--version").stdout.startswith("cli-version: 1.17.8")
+    info = a6000.run("nvidia-container-cli", "info").stdout
+    assert "NVRM version:   580.95.05" in info and info.count("Model:          NVIDIA RTX A6000") == 2
+    assert a6000.run("nvidia-modprobe").returncode == 0
 
 
 def test_install_manifest_points_at_existing_files() -> None:

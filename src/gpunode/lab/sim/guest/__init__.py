@@ -48,6 +48,15 @@ INSTALL: tuple[GuestFile, ...] = (
     GuestFile("nvcc", "/usr/local/cuda-13.0/bin/nvcc", 0o755, "cuda-nvcc-13-0"),
     GuestFile("nvidia-ctk", "/usr/bin/nvidia-ctk", 0o755, "nvidia-container-toolkit-base"),
     GuestFile("dcgmi", "/usr/bin/dcgmi", 0o755, "datacenter-gpu-manager-4-core"),
+    GuestFile("nv-hostengine", "/usr/bin/nv-hostengine", 0o755, "datacenter-gpu-manager-4-core"),
+    GuestFile(
+        "nvidia-container-runtime",
+        "/usr/bin/nvidia-container-runtime",
+        0o755,
+        "nvidia-container-toolkit-base",
+    ),
+    GuestFile("nvidia-container-cli", "/usr/bin/nvidia-container-cli", 0o755, "libnvidia-container-tools"),
+    GuestFile("nvidia-modprobe", "/usr/bin/nvidia-modprobe", 0o755, "nvidia-modprobe"),
 )
 
 
