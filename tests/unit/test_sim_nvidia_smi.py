@@ -479,3 +479,19 @@ def test_install_manifest_points_at_existing_files() -> None:
         assert guest.read(f.source)
         if f.mode & 0o111:
             assert guest.read(f.source).startswith("#!/usr/bin/python3\n")
+
+
+def test_ctk_config_writes_default_and_sets_keys(a6000: Guest) -> None:
+    import tomllib
+
+    cfgfile = "/etc/nvidia-container-runtime/config.toml"
+    r = a6000.run("nvidia-ctk", "--quiet", "config", f"--config-file={cfgfile}", "--in-place")
+    assert r.returncode == 0, r.stderr
+    doc = tomllib.loads(a6000.read(cfgfile))
+    assert doc["nvidia-container-runtime"]["mode"] == "auto"
+    assert "no-cgroups" not in doc["nvidia-container-cli"]
+    r = a6000.run("nvidia-ctk", "config", "--set", "nvidia-container-cli.no-cgroups", "--in-place")
+    assert r.returncode == 0, r.stderr
+    doc = tomllib.loads(a6000.read(cfgfile))
+    assert doc["nvidia-container-cli"]["no-cgroups"] is True
+    assert doc["nvidia-container-cli"]["load-kmods"] is True
