@@ -144,3 +144,33 @@ def test_source_hash_ignores_build_artefacts(tmp_path: Path) -> None:
     assert pyindex.source_hash(tmp_path) == before
     (tmp_path / "pkg/a.py").write_text("x = 2\n")
     assert pyindex.source_hash(tmp_path) != before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (pyindex.STANDIN_DIR / "pyproject.toml").is_file(),
+                    reason="vLLM stand-in not written yet")
+def test_build_indexes_standin_and_cached_wheels(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyindex.build with a pre-filled wheel cache: no downloads, the real stand-in wheel."""
+    cache = tmp_path / "cache/wheels"
+    make_wheel(cache, "uv", pyindex.UV_VERSION)
+    make_wheel(cache, "PyYAML", pyindex.PYYAML_VERSION)
+    make_wheel(cache, "PyYAML", "5.0")  # not the pinned one: left out of the index
+    real_run_pip = pyindex._run_pip
+
+    def no_downloads(args: list[str], what: str, env: dict[str, str] | None = None) -> None:
+        assert args[0] != "download", f"unexpected download: {args}"
+        real_run_pip(args, what, env)
+
+    monkeypatch.setattr(pyindex, "_run_pip", no_downloads)
+    facts = pyindex.build(tmp_path / "www", cache)
+    assert set(facts["projects"]) == {"uv", "pyyaml", "vllm"}
+    assert facts["projects"]["pyyaml"] == [f"PyYAML-{pyindex.PYYAML_VERSION}-py3-none-any.whl"]
+    standin = tmp_path / "www/pypi/files" / facts["standin_wheel"]
+    with zipfile.ZipFile(standin) as zf:
+        names = zf.namelist()
+        entry = next(n for n in names if n.endswith("entry_points.txt"))
+        assert "vllm = " in zf.read(entry).decode()
+    # Second build reuses the stand-in wheel (same sources, same file).
+    again = pyindex.build(tmp_path / "www", cache)
+    assert again["standin_wheel"] == facts["standin_wheel"]

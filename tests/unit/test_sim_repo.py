@@ -458,3 +458,26 @@ def test_ubuntu_keyring_pin_file_gives_cuda_repo_600(built: tuple[Path, dict],
     assert apt.candidate("nvidia-open") == (f"{V_NEW}-0ubuntu1", "600")
     plan = apt.simulate("nvidia-open")
     assert plan["nvidia-dkms-580-open"] == f"{V_NEW}-0ubuntu1" and "nvidia-dkms-580" not in plan
+
+
+# ------------------------------------------------------------------------- prepare()
+
+
+def test_prepare_returns_site_facts(tmp_path: Path) -> None:
+    from gpunode.lab import sim
+
+    key_dir = Path(tempfile.mkdtemp(prefix="gsimprep-"))
+    try:
+        facts = sim.prepare(tmp_path / "www", port=18123, key_dir=key_dir, python_index=False)
+    finally:
+        shutil.rmtree(key_dir, ignore_errors=True)
+    assert facts["simulation"] is True
+    assert facts["nvidia_repo_url"] == "http://10.0.2.2:18123/compute/cuda/repos"
+    assert facts["pypi_index_url"] == "http://10.0.2.2:18123/pypi/simple/"
+    keyring = tmp_path / "www/compute/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb"
+    assert facts["keyring_sha256"] == hashlib.sha256(keyring.read_bytes()).hexdigest()
+    assert facts["keyring_url"].endswith("/debian12/x86_64/cuda-keyring_1.1-1_all.deb")
+    assert facts["driver_versions"] == list(cat.DRIVER_VERSIONS)
+    assert facts["driver_deb_versions"] == [DEB_OLD, DEB_NEW]
+    assert facts["container_toolkit_versions"] == ["1.17.8-1", "1.18.1-1"]
+    assert Path(facts["manifest"]).is_file()

@@ -1,0 +1,112 @@
+"""SIMULATION equipment test: install the simulated NVIDIA packages with real dpkg/apt.
+
+Opt-in: needs root and a Debian 12 root file system made with
+`debootstrap --variant=minbase --include=python3,adduser,init-system-helpers bookworm DIR`,
+named by GPUNODE_SIM_CHROOT (it is copied, never changed). The chroot shares the host's
+network namespace, so it reaches the server on 127.0.0.1 as a lab guest reaches 10.0.2.2.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpunode.lab.sim import packages as cat
+from gpunode.lab.sim import repo
+from gpunode.lab.sim.server import serving
+
+BASE_ROOT = os.environ.get("GPUNODE_SIM_CHROOT", "")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.skipif(not BASE_ROOT or not Path(BASE_ROOT, "usr/bin/apt-get").exists()
+                       or os.geteuid() != 0,
+                       reason="set GPUNODE_SIM_CHROOT to a debootstrapped Debian 12 (as root)"),
+]
+
+V_OLD, V_NEW = cat.DRIVER_VERSIONS
+
+
+class Chroot:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C",
+               "DEBIAN_FRONTEND": "noninteractive"}
+        proc = subprocess.run(["chroot", str(self.root), "/bin/sh", "-ec", script], env=env,
+                              capture_output=True, text=True, timeout=300)
+        if check:
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    def read(self, path: str) -> str:
+        return (self.root / path.lstrip("/")).read_text()
+
+
+@pytest.fixture
+def chroot() -> Iterator[tuple[Chroot, str]]:
+    tmp = Path(tempfile.mkdtemp(prefix="gsimch-"))
+    root = tmp / "root"
+    subprocess.run(["cp", "-a", BASE_ROOT, str(root)], check=True)
+    (root / "etc/apt/sources.list").unlink(missing_ok=True)  # our repo only
+    fake_dkms = cat.Package(name="dkms", version="3.0.10-8", architecture="all",
+                            section="kernel", maintainer="lab <lab@gpunode.invalid>",
+                            description="test stand-in for Debian's dkms")
+    (root / "root/dkms.deb").write_bytes(repo.build_deb(fake_dkms)[0])
+    subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+    try:
+        with serving(_build(tmp), 0) as url:
+            yield Chroot(root), url
+    finally:
+        subprocess.run(["umount", str(root / "proc")], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(tmp: Path) -> Path:
+    www = tmp / "www"
+    # The server's port is only known later; the keyring's .list is rewritten in the test.
+    repo.build(www, base_url="http://127.0.0.1:1", key_dir=tmp / "key")
+    return www
+
+
+def test_install_pin_upgrade_switch_and_purge(chroot: tuple[Chroot, str]) -> None:
+    ch, url = chroot
+    d = f"{url}/compute/cuda/repos/debian12/x86_64"
+    ch.sh("dpkg -i /root/dkms.deb")
+    ch.sh(f"python3 -c \"import urllib.request as u; open('/root/k.deb','wb')"
+          f".write(u.urlopen('{d}/cuda-keyring_1.1-1_all.deb').read())\" && dpkg -i /root/k.deb")
+    lst = "etc/apt/sources.list.d/cuda-debian12-x86_64.list"
+    assert ch.read(lst).startswith("deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg]")
+    (ch.root / lst).write_text(ch.read(lst).replace("http://127.0.0.1:1", url))
+    ch.sh("apt-get update")
+    ch.sh(f"apt-get install -y nvidia-driver-pinning-{V_OLD}")
+    ch.sh("apt-get install -y nvidia-driver-cuda nvidia-kernel-open-dkms")
+    assert ch.read("/usr/lib/gpunode-sim/installed/kmod") == f"{V_OLD} open\n"
+    assert ch.read("/usr/lib/gpunode-sim/installed/driver") == f"{V_OLD}\n"
+    assert (ch.root / "etc/modprobe.d/nvidia-blacklists-nouveau.conf").exists()
+    assert (ch.root / "etc/systemd/system/sysinit.target.wants/gpunode-sim-boot.service"
+            ).is_symlink()
+    # apt-mark hold keeps the held library back; the branch pin then allows the upgrade.
+    ch.sh("apt-mark hold libnvidia-ml1 && apt-get install -y nvidia-driver-pinning-580 && "
+          "apt-get upgrade -y")
+    assert ch.read("/usr/lib/gpunode-sim/installed/driver") == f"{V_OLD}\n"
+    ch.sh("apt-mark unhold libnvidia-ml1 && apt-get upgrade -y")
+    assert ch.read("/usr/lib/gpunode-sim/installed/driver") == f"{V_NEW}\n"
+    assert ch.read("/usr/lib/gpunode-sim/installed/kmod") == f"{V_NEW} open\n"
+    # open -> proprietary: apt removes the conflicting flavour.
+    ch.sh("apt-get install -y nvidia-kernel-dkms")
+    assert ch.read("/usr/lib/gpunode-sim/installed/kmod") == f"{V_NEW} proprietary\n"
+    ch.sh("apt-get install -y cuda-toolkit-13-0 libnccl-dev datacenter-gpu-manager-4-cuda13")
+    assert ch.read("/usr/lib/gpunode-sim/installed/cuda") == f"{cat.NVCC_VERSION}\n"
+    assert os.readlink(ch.root / "usr/local/cuda") == "/etc/alternatives/cuda"
+    ch.sh("apt-get purge -y nvidia-kernel-dkms libnvidia-ml1")
+    assert not (ch.root / "usr/lib/gpunode-sim/installed/kmod").exists()
+    assert not (ch.root / "usr/lib/gpunode-sim/installed/driver").exists()
