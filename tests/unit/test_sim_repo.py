@@ -254,6 +254,9 @@ def test_keyring_package_and_signatures(built: tuple[Path, dict], tmp_path: Path
                         f"{BASE}/compute/cuda/repos/{distro}/x86_64/ /\n")
         pin = root / "etc/apt/preferences.d/cuda-repository-pin-600"
         assert pin.is_file() == distro.startswith("ubuntu")
+        assert (d / f"cuda-{distro}.pin").is_file() == distro.startswith("ubuntu")
+        if pin.is_file():
+            assert "Pin: release l=NVIDIA CUDA\nPin-Priority: 600" in pin.read_text()
         subprocess.run(["gpgv", "--keyring", str(keyring), str(d / "InRelease")], check=True,
                        capture_output=True)
         subprocess.run(["gpgv", "--keyring", str(keyring), str(d / "Release.gpg"),

@@ -323,6 +323,14 @@ def sim_base() -> Package:
 # ------------------------------------------------------------------------- cuda-keyring
 
 
+# cuda-<distro>.pin as published next to the Ubuntu repos (VERIFIED text, ubuntu2204).
+UBUNTU_PIN = (
+    "Package: nsight-compute\nPin: origin *ubuntu.com*\nPin-Priority: -1\n\n"
+    "Package: nsight-systems\nPin: origin *ubuntu.com*\nPin-Priority: -1\n\n"
+    "Package: *\nPin: release l=NVIDIA CUDA\nPin-Priority: 600\n"
+)
+
+
 def cuda_keyring(distro: str, keyring: bytes, repo_base_url: str) -> Package:
     """cuda-keyring 1.1-1: keyring + sources.list.d entry (+ pin file on Ubuntu).
 
@@ -338,14 +346,7 @@ def cuda_keyring(distro: str, keyring: bytes, repo_base_url: str) -> Package:
         ),
     ]
     if distro.startswith("ubuntu"):
-        files.append(
-            _text(
-                "/etc/apt/preferences.d/cuda-repository-pin-600",
-                "Package: nsight-compute\nPin: origin *ubuntu.com*\nPin-Priority: -1\n\n"
-                "Package: nsight-systems\nPin: origin *ubuntu.com*\nPin-Priority: -1\n\n"
-                "Package: *\nPin: release l=NVIDIA CUDA\nPin-Priority: 600\n",
-            )
-        )
+        files.append(_text("/etc/apt/preferences.d/cuda-repository-pin-600", UBUNTU_PIN))
     postinst = (
         _SH + 'if [ "$1" = configure ] && [ -f /etc/apt/trusted.gpg ] && '
         "grep -q 7fa2af80 /etc/apt/trusted.gpg 2>/dev/null; then\n"

@@ -346,6 +346,8 @@ def build(
         hashes = _write_repo(repo, staging / repo.path, kdir, keys[repo.key])
         if repo.key == "cuda":
             distro = repo.path.split("/")[-2]
+            if distro.startswith("ubuntu"):  # the old manual recipe downloads this file
+                (staging / repo.path / f"cuda-{distro}.pin").write_text(cat.UBUNTU_PIN)
             keyring = next(p for p in repo.packages if p.name == "cuda-keyring")
             manifest["cuda"]["distros"][distro] = {
                 "url": f"{base}/{repo.path}/",
