@@ -52,7 +52,7 @@ class Chroot:
 
 
 @pytest.fixture
-def chroot() -> Iterator[tuple[Chroot, str]]:
+def chroot() -> Iterator[tuple[Chroot, str, Path]]:
     tmp = Path(tempfile.mkdtemp(prefix="gsimch-"))
     root = tmp / "root"
     subprocess.run(["cp", "-a", BASE_ROOT, str(root)], check=True)
@@ -63,8 +63,9 @@ def chroot() -> Iterator[tuple[Chroot, str]]:
     (root / "root/dkms.deb").write_bytes(repo.build_deb(fake_dkms)[0])
     subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
     try:
-        with serving(_build(tmp), 0) as url:
-            yield Chroot(root), url
+        www = _build(tmp)
+        with serving(www, 0) as url:
+            yield Chroot(root), url, www
     finally:
         subprocess.run(["umount", str(root / "proc")], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,8 +78,8 @@ def _build(tmp: Path) -> Path:
     return www
 
 
-def test_install_pin_upgrade_switch_and_purge(chroot: tuple[Chroot, str]) -> None:
-    ch, url = chroot
+def test_install_pin_upgrade_switch_and_purge(chroot: tuple[Chroot, str, Path]) -> None:
+    ch, url, www = chroot
     d = f"{url}/compute/cuda/repos/debian12/x86_64"
     ch.sh("dpkg -i /root/dkms.deb")
     ch.sh(f"python3 -c \"import urllib.request as u; open('/root/k.deb','wb')"
@@ -107,6 +108,20 @@ def test_install_pin_upgrade_switch_and_purge(chroot: tuple[Chroot, str]) -> Non
     ch.sh("apt-get install -y cuda-toolkit-13-0 libnccl-dev datacenter-gpu-manager-4-cuda13")
     assert ch.read("/usr/lib/gpunode-sim/installed/cuda") == f"{cat.NVCC_VERSION}\n"
     assert os.readlink(ch.root / "usr/local/cuda") == "/etc/alternatives/cuda"
+    # Container toolkit repo: its own key (the docs' gpgkey, dearmored) and $(ARCH) line.
+    keyring = ch.root / cat.CTK_KEYRING_PATH.lstrip("/")
+    keyring.write_bytes(subprocess.run(
+        ["gpg", "--dearmor"], input=(www / "libnvidia-container/gpgkey").read_bytes(),
+        capture_output=True, check=True).stdout)
+    (ch.root / "etc/apt/sources.list.d/nvidia-container-toolkit.list").write_text(
+        f"deb [signed-by={cat.CTK_KEYRING_PATH}] {url}/libnvidia-container/stable/deb/$(ARCH) /\n")
+    ver = "1.18.1-1"
+    ch.sh(f"apt-get update && apt-get install -y nvidia-container-toolkit={ver} "
+          f"nvidia-container-toolkit-base={ver} libnvidia-container-tools={ver} "
+          f"libnvidia-container1={ver}")
+    assert (ch.root / "etc/nvidia-container-runtime/config.toml").is_file()
+    assert os.readlink(ch.root / "usr/bin/nvidia-container-toolkit") == \
+        "nvidia-container-runtime-hook"
     ch.sh("apt-get purge -y nvidia-kernel-dkms libnvidia-ml1")
     assert not (ch.root / "usr/lib/gpunode-sim/installed/kmod").exists()
     assert not (ch.root / "usr/lib/gpunode-sim/installed/driver").exists()
