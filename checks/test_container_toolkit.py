@@ -1,0 +1,79 @@
+"""NVIDIA Container Toolkit: pinned packages, runtimes configured, CDI spec lists every GPU."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+
+import pytest
+
+from gpunode import desired, expect
+
+
+@pytest.fixture(autouse=True)
+def _enabled(node):
+    if not node.container_toolkit.enabled:
+        pytest.skip("container_toolkit.enabled is false for this node")
+
+
+def test_toolkit_packages(node, facts):
+    problems = expect.package_problems(desired.container_toolkit_packages(node), facts.packages,
+                                       facts.holds, hold=node.nvidia.hold)
+    assert not problems, expect.explain("container toolkit packages differ", problems)
+
+
+def test_toolkit_cli_version(node, facts):
+    res = facts.cmd("ctk_version")
+    m = re.search(r"version (\S+)", res["out"])
+    actual = m.group(1) if m else None
+    assert actual == node.container_toolkit.version, (
+        f"nvidia-ctk reports version {actual}, expected {node.container_toolkit.version} "
+        f"({res['err'].strip() or res['out'].strip()[:200]})")
+
+
+def _has_nvidia_runtime(data: object) -> bool:
+    """A `runtimes` table with an `nvidia` entry anywhere in a parsed config."""
+    if isinstance(data, dict):
+        runtimes = data.get("runtimes")
+        if isinstance(runtimes, dict) and "nvidia" in runtimes:
+            return True
+        return any(_has_nvidia_runtime(v) for v in data.values())
+    return False
+
+
+def test_runtimes_configured(node, facts):
+    problems = []
+    for runtime in node.container_toolkit.runtimes:
+        path = expect.RUNTIME_CONFIG.get(runtime)
+        if path is None:  # podman: CDI only
+            continue
+        text = facts.content(path)
+        if text is None:
+            problems.append(f"{runtime}: {path} is missing")
+            continue
+        try:
+            data = json.loads(text) if path.endswith(".json") else tomllib.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            problems.append(f"{runtime}: {path} does not parse: {exc}")
+            continue
+        if not _has_nvidia_runtime(data):
+            problems.append(f"{runtime}: {path} defines no 'nvidia' runtime")
+    assert not problems, expect.explain("container runtimes not configured", problems)
+
+
+@pytest.mark.gpu
+def test_cdi_spec_lists_every_gpu(node, facts):
+    if not node.container_toolkit.cdi:
+        pytest.skip("container_toolkit.cdi is false for this node")
+    assert facts.snap.smi_ok, "nvidia-smi fails, so the GPUs to expect are unknown"
+    res = facts.cmd("cdi_list")
+    listed = expect.parse_cdi_list(res["out"])
+    missing = [n for n in expect.expected_cdi_devices(facts.gpus) if n not in listed]
+    assert not missing, (f"CDI spec lacks devices {missing} (nvidia-ctk cdi list: {listed}; "
+                         f"{res['err'].strip()[-300:]})")
+
+
+def test_container_toolkit_files_match(node, facts):
+    problems = facts.file_problems("container_toolkit")
+    assert not problems, expect.explain("container toolkit files differ", problems)

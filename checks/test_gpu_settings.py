@@ -1,0 +1,142 @@
+"""GPUs: count, model, UUIDs, PCI addresses, memory, settings as configured, PCIe link,
+NUMA locality, and the unit that applies the settings at boot."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpunode import expect
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpus(facts):
+    if not facts.snap.smi_ok:
+        pytest.fail(f"nvidia-smi fails: {facts.snap.data['nvidia_smi'].get('error') or 'not "
+                    "installed'}", pytrace=False)
+    return facts.gpus
+
+
+def _per_gpu(gpus, field, want):
+    """{gpu index: (expected, actual)} where nvidia-smi's `field` differs from `want`."""
+    return {g.index: (want, g.values.get(field)) for g in gpus if g.values.get(field) != want}
+
+
+def test_gpu_count(node, gpus):
+    assert len(gpus) == node.gpus.count, (
+        f"GPU count differs: expected {node.gpus.count}, nvidia-smi lists {len(gpus)}")
+
+
+def test_gpu_model(node, gpus):
+    wrong = {g.index: g.name for g in gpus if g.name != node.gpus.model}
+    assert not wrong, f"GPU model differs: expected {node.gpus.model!r}, found {wrong}"
+
+
+def test_gpu_uuids(node, gpus):
+    if not node.gpus.uuids:
+        pytest.skip("the profile lists no GPU UUIDs (gpus.uuids)")
+    actual = [g.uuid for g in sorted(gpus, key=lambda g: g.index)]
+    assert actual == node.gpus.uuids, (
+        f"GPU UUIDs differ (index order): expected {node.gpus.uuids}, found {actual}")
+
+
+def test_gpu_pci_addresses(node, gpus):
+    if not node.gpus.pci_addresses:
+        pytest.skip("the profile lists no GPU PCI addresses (gpus.pci_addresses)")
+    actual = [g.pci_address for g in sorted(gpus, key=lambda g: g.index)]
+    want = [a if "." in a else f"{a}.0" for a in node.gpus.pci_addresses]
+    assert actual == want, f"GPU PCI addresses differ: expected {want}, found {actual}"
+
+
+def test_gpu_memory(node, gpus):
+    wrong = {}
+    for g in gpus:
+        ecc_on = g.values.get("ecc.mode.current") == "Enabled"
+        want = expect.expected_memory_mib(g.name, ecc_on)
+        if (want is not None and g.memory_mib != want) or not g.memory_mib:
+            wrong[g.index] = (want, g.memory_mib)
+    assert not wrong, f"GPU memory.total differs (expected MiB, actual MiB): {wrong}"
+
+
+def test_persistence_mode(node, gpus):
+    want = "Enabled" if node.nvidia.settings.persistence else "Disabled"
+    diff = _per_gpu(gpus, "persistence_mode", want)
+    assert not diff, f"persistence mode differs (expected, actual) per GPU: {diff}"
+
+
+def test_power_limit(node, gpus):
+    limit = node.nvidia.settings.power_limit_w
+    if limit is None:
+        pytest.skip("the profile leaves the power limit at its default")
+    diff = {g.index: (limit, g.values.get("power.limit")) for g in gpus
+            if abs(float(g.values.get("power.limit") or "nan") - limit) > 0.5
+            or g.values.get("power.limit") in (None, "[N/A]")}
+    assert not diff, f"power limit differs (expected W, actual W) per GPU: {diff}"
+
+
+def test_ecc_mode(node, gpus):
+    ecc = node.nvidia.settings.ecc
+    if ecc is None:
+        pytest.skip("the profile leaves ECC as it is")
+    want = "Enabled" if ecc else "Disabled"
+    diff = _per_gpu(gpus, "ecc.mode.current", want)
+    assert not diff, f"ECC mode differs (expected, actual) per GPU: {diff}"
+
+
+def test_compute_mode(node, gpus):
+    want = expect.COMPUTE_MODE_SMI[node.nvidia.settings.compute_mode]
+    diff = _per_gpu(gpus, "compute_mode", want)
+    assert not diff, f"compute mode differs (expected, actual) per GPU: {diff}"
+
+
+def test_application_clocks(node, gpus):
+    clocks = node.nvidia.settings.application_clocks
+    if clocks is None:
+        pytest.skip("the profile sets no application clocks")
+    diff = {}
+    for g in gpus:
+        actual = (g.values.get("clocks.applications.memory"),
+                  g.values.get("clocks.applications.graphics"))
+        if actual != (str(clocks.memory_mhz), str(clocks.graphics_mhz)):
+            diff[g.index] = ((clocks.memory_mhz, clocks.graphics_mhz), actual)
+    assert not diff, f"application clocks differ ((memory, graphics) expected, actual): {diff}"
+
+
+def test_pcie_link(node, facts, gpus):
+    """Full-width link, and the generation/width the GPU model supports."""
+    res = facts.cmd("pcie")
+    assert res["rc"] == 0, f"nvidia-smi PCIe query failed: {res['err'].strip()}"
+    want = expect.PCIE_LINK.get(node.gpus.model)
+    problems = []
+    for line in res["out"].splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != 4:
+            continue
+        index, gen_max, width_max, width_now = cells
+        if width_now != width_max:
+            problems.append(f"GPU {index}: link trained at x{width_now}, GPU supports "
+                            f"x{width_max}")
+        if want and (gen_max, width_max) != (str(want[0]), str(want[1])):
+            problems.append(f"GPU {index}: PCIe Gen{gen_max} x{width_max}, expected "
+                            f"Gen{want[0]} x{want[1]} for {node.gpus.model}")
+    assert not problems, expect.explain("PCIe link differs", problems)
+
+
+def test_numa_affinity_known(gpus):
+    unknown = [g.index for g in gpus if not g.cpus or g.numa_node is None]
+    assert not unknown, (f"GPU(s) {unknown}: nvidia-smi topo -m reports no CPU/NUMA affinity, "
+                         "so services cannot be placed on GPU-local CPUs")
+
+
+def test_gpu_settings_unit(facts):
+    unit = facts.unit(expect.GPU_SETTINGS_UNIT)
+    state = (unit.get("UnitFileState"), unit.get("ActiveState"), unit.get("Result"))
+    assert state == ("enabled", "active", "success"), (
+        f"{expect.GPU_SETTINGS_UNIT}: expected enabled/active/success, is "
+        f"{'/'.join(str(s) for s in state)}")
+
+
+def test_gpu_settings_files_match(node, facts):
+    problems = facts.file_problems("gpu_settings")
+    assert not problems, expect.explain("GPU settings files differ from the profile", problems)
