@@ -13,8 +13,8 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def gpus(facts):
     if not facts.snap.smi_ok:
-        pytest.fail(f"nvidia-smi fails: {facts.snap.data['nvidia_smi'].get('error') or 'not "
-                    "installed'}", pytrace=False)
+        error = facts.snap.data["nvidia_smi"].get("error") or "not installed"
+        pytest.fail(f"nvidia-smi fails: {error}", pytrace=False)
     return facts.gpus
 
 
