@@ -39,7 +39,7 @@ class Chroot:
         self.root = root
 
     def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C",
+        env = {"PATH": "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C",
                "DEBIAN_FRONTEND": "noninteractive"}
         proc = subprocess.run(["chroot", str(self.root), "/bin/sh", "-ec", script], env=env,
                               capture_output=True, text=True, timeout=300)
@@ -125,3 +125,25 @@ def test_install_pin_upgrade_switch_and_purge(chroot: tuple[Chroot, str, Path]) 
     ch.sh("apt-get purge -y nvidia-kernel-dkms libnvidia-ml1")
     assert not (ch.root / "usr/lib/gpunode-sim/installed/kmod").exists()
     assert not (ch.root / "usr/lib/gpunode-sim/installed/driver").exists()
+
+
+def test_uv_and_vllm_standin_from_the_local_index(chroot: tuple[Chroot, str, Path]) -> None:
+    """The guest path without pip-over-https: uv's wheel over plain HTTP, unpacked with the
+    stdlib; then uv installs the vLLM stand-in from the local index (downloads once)."""
+    from gpunode.lab.sim import pyindex
+
+    ch, url, www = chroot
+    facts = pyindex.build(www)
+    uv_wheel = next(f for f in facts["projects"]["uv"])
+    ch.sh(
+        "python3 -c \"import urllib.request as u; open('/root/uv.whl','wb')"
+        f".write(u.urlopen('{url}/pypi/files/{uv_wheel}').read())\" && "
+        "python3 -m zipfile -e /root/uv.whl /root/uvx && "
+        f"install -m 0755 /root/uvx/uv-{pyindex.UV_VERSION}.data/scripts/uv /usr/local/bin/uv"
+    )
+    assert pyindex.UV_VERSION in ch.sh("uv --version").stdout
+    if facts["standin_wheel"]:
+        ch.sh("uv venv --python /usr/bin/python3 /opt/vllm && "
+              f"uv pip install --python /opt/vllm/bin/python --index-url {url}/pypi/simple/ vllm")
+        proc = ch.sh("/opt/vllm/bin/vllm serve --swap-space 4 m", check=False)
+        assert proc.returncode != 0  # unknown flag, as vLLM 0.33.0's argparse rejects it
