@@ -39,6 +39,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 from gpunode.lab.errors import LabError
 from gpunode.lab.paths import cache_root
+from gpunode.lab.sim.repo import locked
 
 UV_VERSION = "0.13.9"
 PYYAML_VERSION = "6.0.3"
@@ -222,6 +223,11 @@ def write_index(www: Path, wheels: list[Path]) -> dict[str, list[str]]:
 def build(www_root: Path, cache: Path | None = None) -> dict:
     """Fill the index: stand-in wheel (if its source exists) + guest wheels. Returns facts."""
     cache = cache or wheels_cache()
+    with locked(www_root / ".pyindex-build.lock"):
+        return _build(www_root, cache)
+
+
+def _build(www_root: Path, cache: Path) -> dict:
     standin = None
     if STANDIN_DIR.is_dir():
         # Rebuilt only when the stand-in's sources change.

@@ -19,6 +19,8 @@ base URL) matches the last build.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import io
@@ -28,6 +30,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +80,18 @@ def guest_base_url(port: int | None = None) -> str:
     return f"http://{GUEST_HOST}:{port or default_port()}"
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Exclusive lock between lab processes building into the same place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 # ------------------------------------------------------------------------------- keys
 
 
@@ -116,6 +131,11 @@ def ensure_keys(key_dir: Path | None = None) -> dict[str, Key]:
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(home, 0o700)
     keys: dict[str, Key] = {}
+    with locked(home.parent / ".lock"):
+        return _ensure_keys(home, keys)
+
+
+def _ensure_keys(home: Path, keys: dict[str, Key]) -> dict[str, Key]:
     try:
         for name, uid in KEY_UIDS.items():
             listing = subprocess.run(
@@ -314,6 +334,11 @@ def build(
     kdir = Path(key_dir) if key_dir else default_key_dir()
     base = (base_url or guest_base_url()).rstrip("/")
     keys = ensure_keys(kdir)
+    with locked(www / ".repo-build.lock"):
+        return _build(www, kdir, base, keys, force)
+
+
+def _build(www: Path, kdir: Path, base: str, keys: dict[str, Key], force: bool) -> dict:
     repos = cat.catalogue({"cuda": keys["cuda"].keyring, "ctk": keys["ctk"].keyring}, base)
     digest = _input_hash(repos, keys, base)
     stamp = www / STAMP
