@@ -495,3 +495,96 @@ def test_ctk_config_writes_default_and_sets_keys(a6000: Guest) -> None:
     doc = tomllib.loads(a6000.read(cfgfile))
     assert doc["nvidia-container-cli"]["no-cgroups"] is True
     assert doc["nvidia-container-cli"]["load-kmods"] is True
+
+
+# Exact texts and exit codes probed on the same real H100 / 580.159.04 (read-only commands,
+# 2026-11-23; the capture.sh fixtures do not include them).
+PROBED = [
+    (
+        ["--query-gpu=gpu_name,gpu_uuid,clocks.gr,gpu_bus_id", "--format=csv"],
+        "name, uuid, clocks.current.graphics [MHz], pci.bus_id\n"
+        "NVIDIA H100 80GB HBM3, GPU-3f7d6e7f-bafc-d33b-65bd-affad9270b29, 1980 MHz, 00000000:00:06.0\n",
+        0,
+    ),
+    (
+        ["--query-compute-apps=pid,process_name,gpu_uuid,used_memory", "--format=csv"],
+        "pid, process_name, gpu_uuid, used_gpu_memory [MiB]\n",
+        0,
+    ),
+    (["--query-compute-apps=pid,name,used_gpu_memory", "--format=csv,noheader"], "", 0),
+    (["--query-gpu=index"], "index\n0\n", 0),
+    (["--query-gpu=index", "--format=json"], "Format modifier is not recognized.\n", 2),
+    (["-q", "-d", "BOGUS"], "Failed to parse --display/-d flags\n", 2),
+    (["-i", "7", "-q"], "No devices were found\n", 6),
+    (
+        ["-i", "0", "-L"],
+        "ERROR: Option -i is not valid for this command. Please run 'nvidia-smi -h' for help.\n\n",
+        2,
+    ),
+    (["--bogus"], "ERROR: Option --bogus is not recognized. Please run 'nvidia-smi -h'.\n\n", 255),
+    (["topo", "-x"], 'Option "-x" is not recognized.\n', 2),
+    (["-pm", "5"], "Invalid persistence mode: 5\nTerminating early due to previous errors.\n", 2),
+    (["-c", "9"], "Invalid compute mode: 9\nTerminating early due to previous errors.\n", 2),
+    (["-e", "5"], "Invalid ECC configuration code: 5\nTerminating early due to previous errors.\n", 2),
+    (
+        ["-lgc", "abc"],
+        "Specified clocks \"abc\" are not valid. Please format input as 'gpuClkMin,gpuClkMax' or "
+        "'gpuClkVal' e.g. '--lock-gpu-clocks=1500,1500', '--lock-gpu-clocks=1500', or "
+        "'--lock-gpu-clocks=tdp,unlimited'\nTerminating early due to previous errors.\n",
+        2,
+    ),
+    (["-pl", "abc"], "ERROR: Option abc is invalid for -pl. Please run 'nvidia-smi -h' for help.\n\n", 2),
+    (
+        ["-ac", "abc"],
+        'Specified clocks "abc" are not valid. Please format input as memClk,smClk e.g. '
+        "--applications-clocks=2000,300\nTerminating early due to previous errors.\n",
+        2,
+    ),
+    (
+        ["-d", "ECC"],
+        "Invalid combination of input arguments. Specify -q/--query and -d/--display to run a "
+        "filtered query.  Please run 'nvidia-smi -h' for help.\n\n",
+        2,
+    ),
+    (["-i", "00:06.0", "--query-gpu=index", "--format=csv,noheader"], "0\n", 0),
+    (
+        [
+            "--query-gpu=count,compute_cap,pstate,fan.speed,memory.reserved,pci.domain,pci.bus,"
+            "utilization.memory,clocks.default_applications.graphics,display_active",
+            "--format=csv",
+        ],
+        "count, compute_cap, pstate, fan.speed [%], memory.reserved [MiB], pci.domain, pci.bus, "
+        "utilization.memory [%], clocks.default_applications.graphics [MHz], display_active\n"
+        "1, 9.0, P0, [N/A], 480 MiB, 0x0000, 0x00, 0 %, 1980 MHz, Disabled\n",
+        0,
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "stdout", "rc"), PROBED)
+def test_texts_probed_on_real_h100(h100: Guest, args: list[str], stdout: str, rc: int) -> None:
+    r = h100.smi(*args)
+    assert (r.stdout, r.returncode) == (stdout, rc)
+
+
+def test_q_memory_utilization_sections_as_probed(h100: Guest) -> None:
+    out = h100.smi("-q", "-d", "MEMORY,UTILIZATION,TEMPERATURE,PIDS").stdout
+    sections = [k for ind, k in _keys(out) if ind == 4]
+    assert sections == [
+        "FB Memory Usage",
+        "BAR1 Memory Usage",
+        "Conf Compute Protected Memory Usage",
+        "Utilization",
+        "GPU Utilization Samples",
+        "Memory Utilization Samples",
+        "ENC Utilization Samples",
+        "DEC Utilization Samples",
+        "JPG Utilization Samples",
+        "OFA Utilization Samples",
+        "Temperature",
+        "Processes",
+    ]
+    assert out.endswith("    Processes                                          : None\n\n")
+    assert h100.smi("topo").returncode == 0
+    info = h100.read("/proc/driver/nvidia/gpus/0000:00:06.0/information")
+    assert "GPU Firmware: \t 580.159.04\n" in info and info.startswith("Model: \t\t NVIDIA H100")

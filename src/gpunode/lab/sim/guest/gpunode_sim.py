@@ -383,7 +383,8 @@ def boot(log=print) -> int:  # noqa: ANN001 - tiny logger callable
             f"DMA Mask: \t 0x7fffffffffff\n"
             f"Bus Location: \t {gpu['pci_bus_id'][4:].lower()}\n"
             f"Device Minor: \t {gpu['index']}\n"
-            f"GPU Excluded:\t No\n"
+            + (f"GPU Firmware: \t {kmod.split()[0]}\n" if kmod.split()[-1] == "open" else "")
+            + "GPU Excluded:\t No\n"
         )
         write_text(f"{PROC_DRIVER}/nvidia/gpus/{gpu['pci_bus_id'][4:].lower()}/information", info, 0o444)
     # device nodes as the driver creates them (major 195; nvidia-uvm gets a dynamic major)
