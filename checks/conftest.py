@@ -276,7 +276,7 @@ def vllm_probe(host: Any, node: NodeProfile, _gpunode_cache: dict[str, Any]) -> 
             _gpunode_cache[key] = exc
     value = _gpunode_cache[key]
     if isinstance(value, Exception):
-        pytest.fail(str(value), pytrace=False)
+        pytest.fail(f"cannot read the host: {value}", pytrace=False)
     return value
 
 
