@@ -1,0 +1,139 @@
+"""`gpunode deploy`: converge nodes with pyinfra (or Ansible) from the site file.
+
+Input is validated first (exit 2, nothing touched); hosts that fail (unreachable, apt
+errors, reboot needed under policy `never`) are reported by name and do not stop the
+others; any failed host gives exit 1."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gpunode.inventory import Site, SiteError
+
+REPO = Path(__file__).resolve().parents[2]
+console = Console(stderr=True)
+
+# pyinfra 3 prints, per operation, "--> Starting operation: NAME" and per host
+# "[host] Success", "[host] No changes" or "[host] Error..." lines.
+OP_START = re.compile(r"--> Starting operation: (.+)")
+HOST_RESULT = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+(?P<what>Success|No changes|Error.*)$")
+
+
+@dataclass
+class HostResult:
+    changed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def preflight(site: Site, names: list[str]) -> list[str]:
+    """Input problems found before any host is touched (one line each)."""
+    problems = []
+    for p in site.select(names):
+        for i, svc in enumerate(p.vllm.services):
+            if svc.api_key_file and not Path(svc.api_key_file).expanduser().is_file():
+                problems.append(f"{site.path}: nodes.{p.name}.vllm.services[{i}].api_key_file: "
+                                f"{svc.api_key_file} is not a readable file on this machine")
+    return problems
+
+
+def run_pyinfra(site_path: Path, hosts: list[str], dry_run: bool = False,
+                verbose: bool = False) -> tuple[int, dict[str, HostResult], float]:
+    env = {**os.environ, "GPUNODE_SITE": str(site_path.resolve()),
+           "GPUNODE_LIMIT": ",".join(hosts), "PYTHONUNBUFFERED": "1"}
+    cmd = [str(Path(sys.executable).with_name("pyinfra")), "-y", "--no-wait"]
+    if dry_run:
+        cmd.append("--dry")
+    cmd += [str(REPO / "inventory" / "pyinfra_inventory.py"), str(REPO / "deploy" / "gpu_node.py")]
+    results: dict[str, HostResult] = {h: HostResult() for h in hosts}
+    started = time.monotonic()
+    op = ""
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip("\n"))
+            if verbose:
+                console.print(text, markup=False, highlight=False)
+            match = OP_START.search(text)
+            if match:
+                op = match.group(1)
+                if not verbose:
+                    console.print(f"[dim]-> {op}[/dim]")
+                continue
+            match = HOST_RESULT.match(text)
+            if match and match.group("host") in results:
+                res = results[match.group("host")]
+                what = match.group("what")
+                if what == "Success":
+                    res.changed.append(op)
+                elif what == "No changes":
+                    res.unchanged += 1
+                else:
+                    res.errors.append(f"{op}: {what}")
+            elif ("Error" in text or "error" in text) and not verbose:
+                console.print(text, markup=False, highlight=False)
+        rc = proc.wait()
+    return rc, results, time.monotonic() - started
+
+
+def deploy_command(
+    nodes: Annotated[list[str] | None, typer.Argument(help="Nodes or groups (default: all).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every node in the site.")] = False,
+    site: Annotated[str | None, typer.Option("--site", help="Site file.")] = None,
+    engine: Annotated[str, typer.Option(help="pyinfra or ansible")] = "pyinfra",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would change.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Engine output.")] = False,
+) -> None:
+    """Converge NODE... (or --all) to their profiles."""
+    from gpunode.cli import fail_input, open_site
+
+    loaded = open_site(site)
+    try:
+        chosen = [p.name for p in loaded.select(nodes if not all_ else [])]
+    except SiteError as exc:
+        raise fail_input(exc.lines) from None
+    problems = preflight(loaded, chosen)
+    if problems:
+        raise fail_input(problems)
+    if engine == "ansible":
+        rc = run_ansible(loaded.path, chosen, dry_run, verbose)
+        raise typer.Exit(0 if rc == 0 else 1)
+    if engine != "pyinfra":
+        raise fail_input([f"--engine: {engine!r} is not one of pyinfra, ansible"])
+    rc, results, seconds = run_pyinfra(loaded.path, chosen, dry_run, verbose)
+    table = Table(title=f"gpunode deploy ({seconds:.1f} s)")
+    for col in ("node", "changed", "unchanged", "result"):
+        table.add_column(col)
+    failed = rc != 0
+    for name, res in results.items():
+        status = "[red]failed[/red]" if res.errors else "[green]ok[/green]"
+        table.add_row(name, str(len(res.changed)), str(res.unchanged), status)
+        for err in res.errors:
+            console.print(f"[red]{name}[/red]: {err}", highlight=False)
+        failed |= bool(res.errors)
+    console.print(table)
+    raise typer.Exit(1 if failed else 0)
+
+
+def run_ansible(site_path: Path, hosts: list[str], check: bool, verbose: bool) -> int:
+    env = {**os.environ, "GPUNODE_SITE": str(site_path.resolve()),
+           "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
+    cmd = [str(Path(sys.executable).with_name("ansible-playbook")),
+           str(REPO / "playbooks" / "gpu_node.yml"), "--limit", ",".join(hosts)]
+    if check:
+        cmd += ["--check", "--diff"]
+    if verbose:
+        cmd.append("-v")
+    return subprocess.call(cmd, cwd=REPO, env=env)

@@ -1,0 +1,90 @@
+"""The lab as a gpunode site: running lab VMs + the simulated NVIDIA stack (SIMULATION).
+
+`prepare_lab()` builds and serves the simulated repositories and index on loopback;
+`prepare_guest()` gives a VM its simulated GPUs (and a local model directory, as an
+operator of an air-gapped host would copy one); `write_lab_site()` writes a site file from
+inventory/examples/lab.yaml with the VMs' connections and the mirrors' facts (keyring
+checksum, uv version, driver version) filled in."""
+
+from __future__ import annotations
+
+import copy
+import secrets
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpunode.lab.core import VM, Lab
+
+REPO = Path(__file__).resolve().parents[3]
+LAB_EXAMPLE = REPO / "inventory" / "examples" / "lab.yaml"
+GUEST_GPUS = "/etc/gpunode-sim/gpus.json"
+
+
+def prepare_lab(state_dir: Path | None = None) -> dict[str, Any]:
+    """Build (cached) and serve the simulated repositories; returns the sim facts."""
+    from gpunode.lab import sim
+    from gpunode.lab.sim import server
+
+    facts = sim.prepare()
+    server.start(root=facts["www_root"], state_dir=state_dir)
+    return facts
+
+
+def prepare_guest(vm: VM, gpus_json: str | None = None, models: tuple[str, ...] = ()) -> None:
+    """Install the simulated GPU description and model directories in a guest."""
+    from gpunode.lab.sim import gpus
+
+    doc = gpus_json or gpus.to_json(gpus.default_a6000x2())
+    script = [f"install -d -m 755 {Path(GUEST_GPUS).parent}",
+              f"cat > {GUEST_GPUS} <<'GPUNODE_EOF'\n{doc.rstrip()}\nGPUNODE_EOF"]
+    for model in models:
+        script.append(f"install -d -m 755 {model} && "
+                      f"printf '%s\\n' '{{\"model_type\": \"llama\", \"architectures\": "
+                      f"[\"LlamaForCausalLM\"], \"gpunode_simulation\": true}}' "
+                      f"> {model}/config.json")
+    vm.check("sudo sh -c " + _quote("\n".join(script)))
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def lab_site(lab: Lab, facts: dict[str, Any], base_path: Path = LAB_EXAMPLE,
+             key_dir: Path | None = None) -> dict[str, Any]:
+    """The lab example with mirror facts and VM connections filled in."""
+    base = yaml.safe_load(base_path.read_text())
+    doc = copy.deepcopy(base)
+    group = doc.setdefault("groups", {}).setdefault("lab", {})
+    nvidia = group.setdefault("nvidia", {})
+    nvidia["repo_url"] = facts["nvidia_repo_url"]
+    nvidia["keyring_sha256"] = facts["keyring_sha256"]
+    if nvidia.get("version") not in facts["driver_versions"]:
+        nvidia["version"] = sorted(facts["driver_versions"])[0]
+    ctk = group.setdefault("container_toolkit", {})
+    if ctk.get("enabled"):
+        ctk["repo_url"] = facts["container_toolkit_repo_url"].removesuffix("/$(ARCH)")
+        ctk["version"] = sorted(facts["container_toolkit_versions"])[-1].split("-")[0]
+    vllm = group.setdefault("vllm", {})
+    vllm["index_url"] = facts["pypi_index_url"]
+    if facts.get("uv_version"):
+        vllm["uv_version"] = facts["uv_version"]
+    keys = key_dir or (lab.dir / "keys")
+    keys.mkdir(parents=True, exist_ok=True)
+    for svc in vllm.get("services", []):
+        if svc.get("api_key_file"):
+            key = keys / f"{svc['name']}.key"
+            if not key.exists():
+                key.write_text(secrets.token_urlsafe(32) + "\n")
+                key.chmod(0o600)
+            svc["api_key_file"] = str(key)
+    return lab.site(doc)
+
+
+def write_lab_site(lab: Lab, facts: dict[str, Any], out: Path,
+                   base_path: Path = LAB_EXAMPLE) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# Written by gpunode lab (SIMULATION mirrors on 10.0.2.2).\n"
+                   + yaml.safe_dump(lab_site(lab, facts, base_path), sort_keys=False))
+    return out
