@@ -144,9 +144,10 @@ def test_unknown_flags_are_rejected_like_argparse(guest: Path, tmp_path: Path) -
 
 
 def test_refuses_unknown_cuda_visible_devices(guest: Path) -> None:
-    r = _vllm(guest, "m", CUDA_VISIBLE_DEVICES="0,5")
+    r = _vllm(guest, "m", "--api-key", KEY, CUDA_VISIBLE_DEVICES="0,5")
     assert r.returncode == 1
     assert "CUDA_VISIBLE_DEVICES=0,5 names GPU '5'" in r.stdout
+    assert "non-default args: {" in r.stdout and KEY not in r.stdout + r.stderr
     r = _vllm(guest, "m", CUDA_VISIBLE_DEVICES="GPU-00000000-0000-0000-0000-000000000000")
     assert r.returncode == 1 and "No CUDA GPUs are available" in r.stdout
 

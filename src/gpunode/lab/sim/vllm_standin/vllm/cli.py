@@ -442,6 +442,13 @@ def serve(argv: list[str]) -> int:
         print(f"{exc.kind}: {exc}", file=sys.stderr)
         return 2
     log = Log()
+    if any(a == "--model" or a.startswith("--model=") for a in argv):
+        log(
+            "With `vllm serve`, you should provide the model as a positional argument or in a "
+            "config file instead of via the `--model` option.",
+            level="WARNING",
+            where="argparse_utils.py:1",
+        )
     log(f"vLLM API server version {__version__}", where="api_server.py:1896")
     log(f"non-default args: {_non_default(ns)}", where="utils.py:328")
     log(
