@@ -1,0 +1,153 @@
+"""The testinfra suite itself, without a GPU node: it collects on any host, runs against
+this machine (local://) without crashing, and host_facts.py probes an API without letting
+the key out."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHECKS = REPO / "checks"
+CONCERNS = ("base", "nvidia_driver", "gpu_settings", "cuda", "container_toolkit", "dcgm",
+            "tuning", "vllm")
+
+
+def _pytest(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pytest", str(CHECKS), "-p", "no:cacheprovider",
+                           "-o", "addopts=", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_every_module_collects_on_a_host_without_gpus():
+    site = REPO / "inventory" / "examples" / "lab.yaml"
+    res = _pytest("--collect-only", "-q", "--strict-markers", "--hosts=local://", "--site",
+                  str(site))
+    assert res.returncode == 0, res.stdout + res.stderr
+    for concern in CONCERNS:
+        assert f"test_{concern}.py::" in res.stdout, concern
+
+
+def test_markers_are_declared():
+    res = _pytest("--markers", "--hosts=local://")
+    for marker in ("gpu", "slow", "destructive"):
+        assert f"@pytest.mark.{marker}:" in res.stdout
+
+
+def test_invalid_site_is_a_usage_error(write_site):
+    path = write_site("nodes:\n  n1:\n    gpus: {count: many}\n")
+    res = _pytest("--collect-only", "--hosts=local://", "--site", str(path))
+    assert res.returncode == 4
+    assert "invalid site file" in res.stderr and "gpus.count" in res.stderr
+
+
+def test_suite_runs_against_this_machine(write_site, tmp_path):
+    """This machine is not a GPU node: checks fail or skip, each with a message; GPU checks
+    skip for a profile that expects no GPUs; no check errors out of the fixtures."""
+    site = write_site("nodes:\n  local:\n    os: debian-12\n    connection: {address: localhost}\n")
+    results = tmp_path / "results.json"
+    res = _pytest("--hosts=local://", "--site", str(site), "--gpunode-results", str(results),
+                  "-m", "not slow", "-q", "--tb=no")
+    assert res.returncode in (0, 1), res.stdout + res.stderr
+    records = json.loads(results.read_text())["results"]
+    assert {r["concern"] for r in records} == set(CONCERNS)
+    assert all(r["host"] == "local" for r in records)
+    assert not [r for r in records if r["outcome"] == "error"], res.stdout
+    for r in records:
+        if r["outcome"] in ("failed", "skipped"):
+            assert r["message"], r
+    gpu_checks = [r for r in records if r["concern"] == "gpu_settings"]
+    assert gpu_checks and all(r["outcome"] == "skipped" and "expects no GPUs" in r["message"]
+                              for r in gpu_checks)
+    sysctl = next(r for r in records if r["check"] == "test_sysctls")
+    assert sysctl["outcome"] in ("passed", "failed")
+    if sysctl["outcome"] == "failed":
+        assert sysctl["message"].startswith("sysctl differ (expected, actual): {")
+
+
+def _host_facts():
+    spec = importlib.util.spec_from_file_location("host_facts", CHECKS / "host_facts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+class _Api(BaseHTTPRequestHandler):
+    key = "k3y-never-printed"
+
+    def log_message(self, *args):  # noqa: ANN002
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        if self.path == "/health":
+            return self._send(200, {})
+        if self.headers.get("Authorization") != f"Bearer {self.key}":
+            return self._send(401, {"error": "Unauthorized"})
+        return self._send(200, {"data": [{"id": "tiny-sim"}]})
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.headers.get("Authorization") != f"Bearer {self.key}":
+            return self._send(401, {"error": "Unauthorized"})
+        return self._send(200, {"choices": [{"text": "hello"}]})
+
+
+@pytest.fixture
+def api():
+    server = HTTPServer(("127.0.0.1", 0), _Api)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_host_facts_probe_keeps_the_key_on_the_host(tmp_path, api):
+    key_file = tmp_path / "tiny.key"
+    key_file.write_text(_Api.key + "\n")
+    key_file.chmod(0o600)
+    leaky = tmp_path / "tiny.env"
+    leaky.write_text(f"VLLM_API_KEY={_Api.key}\n")
+    managed = tmp_path / "managed.conf"
+    managed.write_text("a = 1\n")
+    spec = {"contents": [str(managed), str(tmp_path / "absent")],
+            "commands": {"echo": "echo hi"}, "mtimes": [str(tmp_path / "*.conf")],
+            "services": [{"name": "tiny", "unit": "vllm@gpunode-test-absent.service",
+                          "address": "127.0.0.1", "port": api, "served": ["tiny-sim"],
+                          "key_path": str(key_file), "scan_paths": [str(leaky)]}]}
+    res = subprocess.run([sys.executable, str(CHECKS / "host_facts.py"), json.dumps(spec)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert _Api.key not in res.stdout + res.stderr
+    out = json.loads(res.stdout)
+    assert out["contents"] == {str(managed): "a = 1\n", str(tmp_path / "absent"): None}
+    assert out["cmds"]["echo"]["out"] == "hi\n"
+    assert list(out["mtimes"]) == [str(managed)]
+    probe = out["services"]["tiny"]
+    assert probe["key_read"] and probe["key_stat"]["mode"] == "0600"
+    assert probe["key_found_in"] == [str(leaky)]
+    assert probe["health"]["status"] == 200
+    assert probe["models_nokey"]["status"] == 401
+    assert probe["models_key"]["status"] == 200 and "tiny-sim" in probe["models_key"]["body"]
+    assert probe["completion"]["status"] == 200
+
+
+def test_host_facts_http_reports_refused_connections():
+    hf = _host_facts()
+    r = hf.http("GET", "http://127.0.0.1:9/health", timeout=2)
+    assert r["status"] is None and r["error"]
