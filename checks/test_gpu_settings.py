@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpunode import expect
+from gpunode import desired, expect
 
 pytestmark = pytest.mark.gpu
 
@@ -18,11 +18,6 @@ def gpus(node, facts):
         error = facts.snap.data["nvidia_smi"].get("error") or "not installed"
         pytest.fail(f"nvidia-smi fails: {error}", pytrace=False)
     return facts.gpus
-
-
-def _per_gpu(gpus, field, want):
-    """{gpu index: (expected, actual)} where nvidia-smi's `field` differs from `want`."""
-    return {g.index: (want, g.values.get(field)) for g in gpus if g.values.get(field) != want}
 
 
 def test_gpu_count(node, gpus):
@@ -61,48 +56,12 @@ def test_gpu_memory(node, gpus):
     assert not wrong, f"GPU memory.total differs (expected MiB, actual MiB): {wrong}"
 
 
-def test_persistence_mode(node, gpus):
-    want = "Enabled" if node.nvidia.settings.persistence else "Disabled"
-    diff = _per_gpu(gpus, "persistence_mode", want)
-    assert not diff, f"persistence mode differs (expected, actual) per GPU: {diff}"
-
-
-def test_power_limit(node, gpus):
-    limit = node.nvidia.settings.power_limit_w
-    if limit is None:
-        pytest.skip("the profile leaves the power limit at its default")
-    diff = {g.index: (limit, g.values.get("power.limit")) for g in gpus
-            if abs(float(g.values.get("power.limit") or "nan") - limit) > 0.5
-            or g.values.get("power.limit") in (None, "[N/A]")}
-    assert not diff, f"power limit differs (expected W, actual W) per GPU: {diff}"
-
-
-def test_ecc_mode(node, gpus):
-    ecc = node.nvidia.settings.ecc
-    if ecc is None:
-        pytest.skip("the profile leaves ECC as it is")
-    want = "Enabled" if ecc else "Disabled"
-    diff = _per_gpu(gpus, "ecc.mode.current", want)
-    assert not diff, f"ECC mode differs (expected, actual) per GPU: {diff}"
-
-
-def test_compute_mode(node, gpus):
-    want = expect.COMPUTE_MODE_SMI[node.nvidia.settings.compute_mode]
-    diff = _per_gpu(gpus, "compute_mode", want)
-    assert not diff, f"compute mode differs (expected, actual) per GPU: {diff}"
-
-
-def test_application_clocks(node, gpus):
-    clocks = node.nvidia.settings.application_clocks
-    if clocks is None:
-        pytest.skip("the profile sets no application clocks")
-    diff = {}
-    for g in gpus:
-        actual = (g.values.get("clocks.applications.memory"),
-                  g.values.get("clocks.applications.graphics"))
-        if actual != (str(clocks.memory_mhz), str(clocks.graphics_mhz)):
-            diff[g.index] = ((clocks.memory_mhz, clocks.graphics_mhz), actual)
-    assert not diff, f"application clocks differ ((memory, graphics) expected, actual): {diff}"
+def test_gpu_settings_as_configured(node, gpus):
+    """Persistence, power limit, compute mode, ECC (pending: applied at the next reboot,
+    which test_base's reboot check reports) and application clocks, compared by the same
+    function the deploy uses."""
+    drift = desired.gpu_settings_drift(node, gpus)
+    assert not drift, expect.explain("GPU settings differ from the profile", drift)
 
 
 def test_pcie_link(node, facts, gpus):

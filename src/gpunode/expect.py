@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpunode import desired
 from gpunode.files import ManagedFile, node_files
 from gpunode.model import NodeProfile
 from gpunode.topology import Gpu, Placement, format_cpulist
@@ -23,17 +24,8 @@ from gpunode.topology import Gpu, Placement, format_cpulist
 #: MemoryDenyWriteExecute off on purpose (GPUs, NCCL, JIT), so it cannot reach ~1.
 VLLM_EXPOSURE_MAX = 4.0
 
-#: Config files `nvidia-ctk runtime configure` edits by default, per runtime (podman uses
-#: CDI only and has none).
-RUNTIME_CONFIG = {
-    "docker": "/etc/docker/daemon.json",
-    "containerd": "/etc/containerd/config.toml",
-    "crio": "/etc/crio/crio.conf.d/99-nvidia.toml",
-}
-
-#: nvidia-smi's spelling of the profile's compute modes.
-COMPUTE_MODE_SMI = {"DEFAULT": "Default", "EXCLUSIVE_PROCESS": "Exclusive_Process",
-                    "PROHIBITED": "Prohibited"}
+#: Config files `nvidia-ctk runtime configure` edits, per runtime (the deploy's own map).
+RUNTIME_CONFIG = desired.RUNTIME_CONFIG
 
 #: Longest diff excerpt put into a failure message (lines).
 DIFF_LINES = 24
@@ -326,8 +318,6 @@ NOUVEAU_BLACKLISTS = "/etc/modprobe.d/*nouveau*.conf"
 
 
 def checked_units(p: NodeProfile) -> list[str]:
-    from gpunode import desired
-
     units = [PERSISTENCED_UNIT, GPU_SETTINGS_UNIT, IRQBALANCE_UNIT, *desired.vllm_units(p)]
     if p.dcgm.enabled:
         units.append(DCGM_UNIT)
@@ -363,7 +353,6 @@ def core_spec(p: NodeProfile) -> dict[str, Any]:
 
 def vllm_spec(p: NodeProfile, http_timeout: int = 30) -> dict[str, Any]:
     """The host_facts.py spec probing every vLLM service (HTTP, processes, key exposure)."""
-    from gpunode import desired
     from gpunode.files import credential_path, vllm_files
 
     managed = [f.path for f in vllm_files(p, placeholder_gpus(p))]
