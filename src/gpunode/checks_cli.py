@@ -86,7 +86,7 @@ def batches(profiles: list[NodeProfile]) -> list[Batch]:
 
 def pytest_args(batch: Batch, site_path: Path, ssh_config: Path, results: Path,
                 junit: Path | None = None, markers: str | None = None,
-                checks_dir: Path = CHECKS_DIR) -> list[str]:
+                keyword: str | None = None, checks_dir: Path = CHECKS_DIR) -> list[str]:
     args = [str(checks_dir), f"--hosts={','.join(f'paramiko://{n}' for n in batch.nodes)}",
             f"--ssh-config={ssh_config}", "--site", str(site_path),
             "--gpunode-results", str(results), "-p", "no:cacheprovider", "-q", "--tb=no",
@@ -95,6 +95,8 @@ def pytest_args(batch: Batch, site_path: Path, ssh_config: Path, results: Path,
         args.append("--sudo")
     if markers:
         args += ["-m", markers]
+    if keyword:
+        args += ["-k", keyword]
     if junit is not None:
         args.append(f"--junitxml={junit}")
     return args
@@ -209,7 +211,8 @@ def select(site: Site, nodes: list[str] | None, all_: bool) -> list[NodeProfile]
 
 
 def run_checks(site: Site, profiles: list[NodeProfile], markers: str | None,
-               junit: Path | None, echo: Console, verbose: bool) -> list[dict[str, Any]]:
+               junit: Path | None, echo: Console, verbose: bool,
+               keyword: str | None = None) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gpunode-check-") as tmp:
         tmpdir = Path(tmp)
@@ -222,7 +225,8 @@ def run_checks(site: Site, profiles: list[NodeProfile], markers: str | None,
             part = tmpdir / f"junit-{i}.xml" if junit else None
             if part:
                 junit_parts.append(part)
-            args = pytest_args(batch, site.path.resolve(), ssh_config, results, part, markers)
+            args = pytest_args(batch, site.path.resolve(), ssh_config, results, part, markers,
+                               keyword)
             echo.print(f"checking {', '.join(batch.nodes)} ...", highlight=False)
             proc = subprocess.run([sys.executable, "-m", "pytest", *args], capture_output=True,
                                   text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
@@ -253,6 +257,8 @@ def command(
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML.")] = None,
     markers: Annotated[str | None, typer.Option("-m", "--markers", help="pytest marker "
                                                 "expression, e.g. 'not slow'.")] = None,
+    keyword: Annotated[str | None, typer.Option("-k", "--keyword", help="Only checks whose "
+                                                "names match this pytest -k expression.")] = None,
     drift: Annotated[bool, typer.Option("--drift", help="Print the per-host drift report "
                                         "(JSON, for monitoring) instead of the table.")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show pytest's output.")] = False,
@@ -264,7 +270,7 @@ def command(
     try:
         loaded = load_site(site)
         profiles = select(loaded, nodes, all_)
-        records = run_checks(loaded, profiles, markers, junit, status, verbose)
+        records = run_checks(loaded, profiles, markers, junit, status, verbose, keyword)
     except SiteError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
