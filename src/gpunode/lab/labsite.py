@@ -79,6 +79,9 @@ def lab_site(lab: Lab, facts: dict[str, Any], base_path: Path = LAB_EXAMPLE,
                 key.write_text(secrets.token_urlsafe(32) + "\n")
                 key.chmod(0o600)
             svc["api_key_file"] = str(key)
+    running = {vm.name for vm in lab.status() if vm.running}
+    doc["nodes"] = {name: node for name, node in (doc.get("nodes") or {}).items()
+                    if name in running}
     return lab.site(doc)
 
 

@@ -1,0 +1,235 @@
+"""`gpunode lab ...`: local Debian 12 test VMs (qemu, loopback networking only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+
+from gpunode.lab import deps as lab_deps
+from gpunode.lab import image as lab_image
+from gpunode.lab.core import Lab
+from gpunode.lab.errors import LabError, LabInputError
+
+app = typer.Typer(
+    name="lab",
+    help="Local Debian 12 test VMs under qemu, reachable only on 127.0.0.1.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+T = TypeVar("T")
+
+StateDir = Annotated[
+    Path | None,
+    typer.Option("--state-dir", help="Lab directory [default: $GPUNODE_LAB_DIR, else "
+                 "~/.cache/gpunode/lab/state]", envvar="GPUNODE_LAB_DIR"),
+]
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run `fn`; turn lab errors into a message and an exit code (2: bad input, 1: failed)."""
+    try:
+        return fn()
+    except LabInputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except LabError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def _parse_forward(specs: list[str]) -> dict[int, int] | None:
+    if not specs:
+        return None
+    out: dict[int, int] = {}
+    for spec in specs:
+        guest, _, host = spec.partition(":")
+        if not guest.isdigit() or (host and not host.isdigit()):
+            raise LabInputError(f"--forward {spec!r}: use GUEST_PORT or GUEST_PORT:HOST_PORT")
+        out[int(guest)] = int(host or 0)
+    return out
+
+
+@app.command()
+def up(
+    names: Annotated[list[str], typer.Argument(help="VM names (they become hostnames)")],
+    cpus: Annotated[int, typer.Option(help="vCPUs")] = 2,
+    memory: Annotated[int, typer.Option(help="Memory in MiB")] = 2048,
+    numa: Annotated[int, typer.Option(help="Emulated NUMA nodes")] = 2,
+    disk: Annotated[int, typer.Option(help="Disk size in GiB")] = 8,
+    forward: Annotated[list[str], typer.Option(
+        help="Forward GUEST[:HOST] TCP port to 127.0.0.1 (repeatable; HOST 0/absent = any)"
+    )] = [],  # noqa: B006 - typer needs a literal default
+    state_dir: StateDir = None,
+) -> None:
+    """Start VMs (creating them from the base image), wait for SSH."""
+    lab = Lab(state_dir)
+    fwd = _guard(lambda: _parse_forward(forward))
+    for name in names:
+        vm = _guard(lambda n=name: lab.up(n, cpus=cpus, memory_mib=memory, numa=numa,  # type: ignore[misc]
+                                          disk_gib=disk, forward=fwd))
+        extra = "".join(f" {g}->127.0.0.1:{h}" for g, h in vm.forwards.items())
+        typer.echo(f"{vm.name}: up, ssh {vm.user}@{vm.address} -p {vm.ssh_port}{extra}")
+
+
+@app.command()
+def down(
+    names: Annotated[list[str] | None, typer.Argument(help="VM names")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every VM of the lab")] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """Stop VMs (their disks stay)."""
+    lab = Lab(state_dir)
+    if all_:
+        stopped = _guard(lab.down_all)
+        typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return
+    if not names:
+        typer.echo("error: name the VMs to stop, or pass --all", err=True)
+        raise typer.Exit(2)
+    for name in names:
+        _guard(lambda n=name: lab.down(n))  # type: ignore[misc]
+        typer.echo(f"{name}: down")
+
+
+@app.command()
+def destroy(names: Annotated[list[str], typer.Argument()], state_dir: StateDir = None) -> None:
+    """Stop VMs and delete their disks, seeds and logs."""
+    lab = Lab(state_dir)
+    for name in names:
+        _guard(lambda n=name: lab.destroy(n))  # type: ignore[misc]
+        typer.echo(f"{name}: destroyed")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    state_dir: StateDir = None,
+) -> None:
+    """List the lab's VMs and snapshots."""
+    lab = Lab(state_dir)
+    vms = _guard(lab.status)
+    if as_json:
+        typer.echo(json.dumps({"state_dir": str(lab.dir), "vms": [v.info() for v in vms],
+                               "snapshots": lab.snapshots()}, indent=2))
+        return
+    if not vms:
+        typer.echo(f"no VMs in {lab.dir}")
+    for v in vms:
+        fwd = " ".join(f"{g}->{h}" for g, h in v.forwards.items())
+        typer.echo(f"{v.name:16} {v.state:8} ssh 127.0.0.1:{v.ssh_port:<6} cpus={v.cpus} "
+                   f"mem={v.memory_mib}M numa={v.numa} {fwd}".rstrip())
+    if lab.snapshots():
+        typer.echo("snapshots: " + ", ".join(lab.snapshots()))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def ssh(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument()],
+    state_dir: StateDir = None,
+) -> None:
+    """Open a shell on a VM, or run `-- CMD...` there."""
+    lab = Lab(state_dir)
+    vm = _guard(lambda: lab.vm(name))
+    if not vm.running:
+        typer.echo(f"error: VM {name!r} is not running; start it with `gpunode lab up {name}`",
+                   err=True)
+        raise typer.Exit(1)
+    args = list(ctx.args)
+    if args and args[0] == "--":
+        args = args[1:]
+    command = " ".join(args) if args else None
+    argv = vm.ssh_argv(command, tty=command is None and sys.stdin.isatty())
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+@app.command()
+def reset(name: Annotated[str, typer.Argument()], state_dir: StateDir = None) -> None:
+    """Give the VM a pristine disk (restarts it if it was running)."""
+    vm = _guard(lambda: Lab(state_dir).reset(name))
+    typer.echo(f"{name}: reset ({vm.state})")
+
+
+@app.command()
+def reboot(name: Annotated[str, typer.Argument()], state_dir: StateDir = None) -> None:
+    """Reboot the guest and wait for SSH."""
+    _guard(lambda: Lab(state_dir).reboot(name))
+    typer.echo(f"{name}: rebooted")
+
+
+@app.command()
+def snapshot(
+    name: Annotated[str, typer.Argument()],
+    snap: Annotated[str, typer.Argument()],
+    state_dir: StateDir = None,
+) -> None:
+    """Power the VM off cleanly and freeze its disk as snapshot SNAP."""
+    path = _guard(lambda: Lab(state_dir).snapshot(name, snap))
+    typer.echo(f"{snap}: snapshot of {name} at {path}")
+
+
+@app.command()
+def fork(
+    snap: Annotated[str, typer.Argument()],
+    name: Annotated[str, typer.Argument()],
+    state_dir: StateDir = None,
+) -> None:
+    """Start a new VM NAME from snapshot SNAP."""
+    vm = _guard(lambda: Lab(state_dir).fork(snap, name))
+    typer.echo(f"{vm.name}: up from {snap}, ssh {vm.user}@{vm.address} -p {vm.ssh_port}")
+
+
+@app.command()
+def site(
+    out: Annotated[Path, typer.Option("--out", help="Site YAML to write")],
+    base: Annotated[Path | None, typer.Option("--base", help="Site YAML to merge into")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Write a gpunode site file with connections to the running VMs."""
+    base_doc: dict[str, Any] | None = None
+    if base is not None:
+        try:
+            base_doc = yaml.safe_load(base.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            typer.echo(f"error: cannot read --base {base}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if not isinstance(base_doc, dict):
+            typer.echo(f"error: --base {base}: expected a mapping at the top level", err=True)
+            raise typer.Exit(2)
+    path = _guard(lambda: Lab(state_dir).write_site(out, base_doc))
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def deps(
+    install: Annotated[bool, typer.Option("--install", help="apt-get install what is missing")]
+    = False,
+) -> None:
+    """Check (and with --install, install) the host packages the lab needs."""
+    installed = _guard(lambda: lab_deps.ensure(install))
+    typer.echo(f"installed: {' '.join(installed)}" if installed else "lab dependencies: ok")
+
+
+@app.command("image")
+def image_cmd(
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Build even when cached")] = False,
+) -> None:
+    """Build the Debian 12 base image (cached by recipe hash) and print its path."""
+    path = _guard(lambda: lab_image.ensure_image(rebuild=rebuild))
+    typer.echo(str(path))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,382 @@
+"""The lab's base image: Debian 12 built with debootstrap, booted by GRUB through OVMF.
+
+Built once into `~/.cache/gpunode/lab/images/<recipe-hash>.qcow2`; every lab VM is a qcow2
+overlay on top of it. The hash covers the recipe below and this file's source, so any change
+to how the image is made produces a new image.
+
+Disk layout (GPT): partition 1 = EFI system partition (FAT32, GRUB installed to the removable
+path EFI/BOOT/BOOTX64.EFI), partition 2 = ext4 root (last, so cloud-init can grow it).
+
+Needs root (debootstrap, loop devices, mounting ext4). Loop devices are attached with offsets
+rather than partition scanning, because containers often lack partition device nodes; the ESP
+is filled with mtools (no vfat mount needed) and GRUB's EFI image is made with grub-mkimage
+(what `grub-install --removable` would write), since grub-install insists on a mounted ESP.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gpunode.lab import paths
+from gpunode.lab.errors import LabError
+
+SUITE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+PACKAGES = [
+    # boot and base system
+    "systemd", "systemd-sysv", "udev", "dbus", "kmod", "procps", "netbase",
+    "linux-image-amd64", "initramfs-tools", "grub-efi-amd64", "dosfstools", "e2fsprogs",
+    # access and provisioning
+    "openssh-server", "sudo", "python3", "cloud-init", "cloud-guest-utils",
+    # debootstrap does not resolve virtual packages (python3-cffi-backend-api-*) by itself
+    "python3-cffi-backend",
+    "qemu-guest-agent",
+    # small things any cloud image has
+    "ca-certificates", "curl", "gnupg", "iproute2", "iputils-ping", "numactl", "less",
+]
+
+DISK_MIB = 3072
+ESP_MIB = 127
+ESP_START_MIB = 1
+ROOT_START_MIB = ESP_START_MIB + ESP_MIB
+ROOT_MIB = DISK_MIB - ROOT_START_MIB - 1  # the last MiB holds the backup GPT
+
+# Files written into the image. Lab choices are named `gpunode-lab*` so they are obvious.
+FILES: dict[str, str] = {
+    "etc/default/grub": (
+        "# gpunode lab image: serial console, no menu delay.\n"
+        "GRUB_DEFAULT=0\n"
+        "GRUB_TIMEOUT=0\n"
+        "GRUB_DISTRIBUTOR=`( . /etc/os-release; echo ${NAME:-Debian} ) 2>/dev/null || echo Debian`\n"
+        'GRUB_CMDLINE_LINUX_DEFAULT=""\n'
+        'GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8"\n'
+        'GRUB_TERMINAL="serial console"\n'
+        'GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"\n'
+    ),
+    "etc/systemd/network/20-gpunode-lab.network": (
+        "# gpunode lab: qemu user-mode networking, DHCP on the one NIC.\n"
+        "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n"
+    ),
+    # qemu user networking's DNS forwarder.
+    "etc/resolv.conf": "nameserver 10.0.2.3\n",
+    "etc/cloud/cloud.cfg.d/90-gpunode-lab.cfg": (
+        "# gpunode lab: seeds come only from a NoCloud ISO; networking is systemd-networkd.\n"
+        "datasource_list: [NoCloud, None]\n"
+        "network: {config: disabled}\n"
+    ),
+    # Debian does not blacklist nouveau, but without an NVIDIA device udev never loads it.
+    # A fresh GPU host has nouveau loaded; the lab reproduces that state on purpose.
+    "etc/modules-load.d/gpunode-lab-nouveau.conf": (
+        "# gpunode lab: load nouveau like on a fresh host with an NVIDIA GPU.\nnouveau\n"
+    ),
+    "etc/apt/sources.list": (
+        "deb http://deb.debian.org/debian bookworm main\n"
+        "deb http://deb.debian.org/debian bookworm-updates main\n"
+        "deb http://deb.debian.org/debian-security bookworm-security main\n"
+    ),
+    "etc/hostname": "debian\n",
+    "etc/hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+}
+
+# Timers that would wake up under TCG in the middle of a test and eat scarce CPU.
+MASKED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
+                "fstrim.timer"]
+
+RECIPE = {
+    "suite": SUITE,
+    "packages": PACKAGES,
+    "disk_mib": DISK_MIB,
+    "esp_mib": ESP_MIB,
+    "files": FILES,
+    "masked": MASKED_UNITS,
+}
+
+
+def recipe_hash() -> str:
+    """Hash of the recipe and of this module's source (how the image is made)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(RECIPE, sort_keys=True).encode())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def image_path() -> Path:
+    return paths.images_dir() / f"{recipe_hash()}.qcow2"
+
+
+def host_mirror() -> str:
+    """The Debian mirror this machine's apt uses (bookworm, main), else deb.debian.org."""
+    candidates: list[Path] = [Path("/etc/apt/sources.list")]
+    sdir = Path("/etc/apt/sources.list.d")
+    if sdir.is_dir():
+        candidates += sorted(sdir.glob("*.list")) + sorted(sdir.glob("*.sources"))
+    for f in candidates:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        if f.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = dict(
+                    (k.strip().lower(), v.strip())
+                    for k, _, v in (ln.partition(":") for ln in stanza.splitlines())
+                    if not k.startswith("#") and v
+                )
+                suites = fields.get("suites", "").split()
+                for uri in fields.get("uris", "").split():
+                    if SUITE in suites and uri.startswith("http") and "security" not in uri:
+                        return uri.rstrip("/")
+        else:
+            for ln in text.splitlines():
+                parts = ln.split()
+                if len(parts) >= 3 and parts[0] == "deb" and parts[2] == SUITE:
+                    uri = next((p for p in parts[1:] if p.startswith("http")), "")
+                    if uri:
+                        return uri.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def _run(cmd: list[str], log: Path, **kw: object) -> None:
+    with log.open("a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, **kw)  # type: ignore[call-overload]
+    if rc != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise LabError(
+            f"building the lab image failed: `{' '.join(cmd[:3])} ...` exited {rc}.\n"
+            f"Last lines of {log}:\n{tail}"
+        )
+
+
+def _out(cmd: list[str]) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_image(rebuild: bool = False, mirror: str | None = None) -> Path:
+    """Return the cached base image, building it first when missing (or when `rebuild`)."""
+    target = image_path()
+    with _lock(paths.images_dir() / ".build.lock"):
+        if target.exists() and not rebuild:
+            return target
+        if os.geteuid() != 0:
+            raise LabError(
+                f"the lab base image {target} does not exist and building it needs root "
+                "(debootstrap, loop devices). Run once as root: "
+                "`sudo .venv/bin/python -m gpunode.lab.cli image`"
+            )
+        _build(target, mirror or host_mirror())
+    return target
+
+
+def _build(target: Path, mirror: str) -> None:
+    work = target.with_suffix(".build")
+    if work.exists():
+        _cleanup_mounts(work / "mnt")
+        shutil.rmtree(work)
+    (work / "mnt").mkdir(parents=True)
+    log = target.with_suffix(".build.log")
+    log.write_text(f"gpunode lab image build {time.strftime('%F %T')} mirror={mirror}\n")
+    raw = work / "disk.raw"
+    mnt = work / "mnt"
+    loops: list[str] = []
+    try:
+        with raw.open("wb") as fh:
+            fh.truncate(DISK_MIB << 20)
+        layout = (
+            "label: gpt\n"
+            f"start={ESP_START_MIB}MiB, size={ESP_MIB}MiB, type=U, name=esp\n"
+            f"start={ROOT_START_MIB}MiB, size={ROOT_MIB}MiB, type=L, name=root\n"
+        )
+        subprocess.run(["sfdisk", "-q", str(raw)], input=layout, text=True, check=True,
+                       capture_output=True)
+        esp_loop = _out(["losetup", "-f", "--show", "-o", str(ESP_START_MIB << 20),
+                         "--sizelimit", str(ESP_MIB << 20), str(raw)])
+        loops.append(esp_loop)
+        root_loop = _out(["losetup", "-f", "--show", "-o", str(ROOT_START_MIB << 20),
+                          "--sizelimit", str(ROOT_MIB << 20), str(raw)])
+        loops.append(root_loop)
+        root_uuid = str(uuid.uuid4())
+        _run(["mkfs.vfat", "-F", "32", "-n", "EFI", esp_loop], log)
+        _run(["mkfs.ext4", "-q", "-L", "root", "-U", root_uuid, "-E", "discard", root_loop], log)
+        esp_uuid = _out(["blkid", "-s", "UUID", "-o", "value", esp_loop])
+        _run(["mount", root_loop, str(mnt)], log)
+        (mnt / "boot/efi").mkdir(parents=True)
+        # fstab before the packages: initramfs-tools reads the root fs type from it when it
+        # builds the initrd during debootstrap.
+        (mnt / "etc").mkdir()
+        (mnt / "etc/fstab").write_text(_fstab(root_uuid, esp_uuid))
+        debs = paths.cache_root() / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        try:
+            _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+                  f"--cache-dir={debs}", SUITE, str(mnt), mirror], log)
+        except LabError as exc:
+            dlog = mnt / "debootstrap/debootstrap.log"
+            detail = dlog.read_text(errors="replace").splitlines()[-30:] if dlog.exists() else []
+            raise LabError(f"{exc}\nLast lines of debootstrap.log:\n" + "\n".join(detail)) from None
+        _configure(mnt, root_uuid, esp_uuid, log)
+        efi = mnt / "boot/grub/BOOTX64.EFI"
+        os.environ.setdefault("MTOOLS_SKIP_CHECK", "1")
+        _run(["mmd", "-i", esp_loop, "::/EFI", "::/EFI/BOOT"], log)
+        _run(["mcopy", "-i", esp_loop, str(efi), "::/EFI/BOOT/BOOTX64.EFI"], log)
+        efi.unlink()
+        _run(["fstrim", str(mnt)], log)
+    finally:
+        _cleanup_mounts(mnt)
+        for lp in reversed(loops):
+            subprocess.call(["losetup", "-d", lp])
+    tmp = target.with_suffix(".qcow2.tmp")
+    _run(["qemu-img", "convert", "-O", "qcow2", "-c", "-o", "compression_type=zstd",
+          str(raw), str(tmp)], log)
+    tmp.rename(target)
+    shutil.rmtree(work)
+
+
+def _fstab(root_uuid: str, esp_uuid: str) -> str:
+    return (f"UUID={root_uuid} / ext4 errors=remount-ro 0 1\n"
+            f"UUID={esp_uuid} /boot/efi vfat umask=0077 0 2\n")
+
+
+def _configure(mnt: Path, root_uuid: str, esp_uuid: str, log: Path) -> None:
+    for rel, text in FILES.items():
+        dest = mnt / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_symlink():
+            dest.unlink()
+        dest.write_text(text)
+    (mnt / "etc/fstab").write_text(_fstab(root_uuid, esp_uuid))
+    # Each VM gets its own machine-id and SSH host keys at first boot.
+    (mnt / "etc/machine-id").write_text("")
+    (mnt / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    for key in (mnt / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    binds = ["dev", "dev/pts", "proc", "sys"]
+    try:
+        for b in binds:
+            _run(["mount", "--bind", f"/{b}", str(mnt / b)], log)
+        chroot = ["chroot", str(mnt)]
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+               "DEBIAN_FRONTEND": "noninteractive"}
+        _run([*chroot, "systemctl", "enable", "systemd-networkd", "qemu-guest-agent"], log,
+             env=env)
+        _run([*chroot, "systemctl", "mask", *MASKED_UNITS], log, env=env)
+        _install_grub(mnt, root_uuid, log, env)
+        _write_grub_cfg(mnt, root_uuid)
+        _run([*chroot, "apt-get", "clean"], log, env=env)
+    finally:
+        for b in reversed(binds):
+            subprocess.call(["umount", "-l", str(mnt / b)], stderr=subprocess.DEVNULL)
+    for d in ("var/lib/apt/lists", "var/cache/apt"):
+        for p in (mnt / d).glob("*"):
+            if p.is_file() and p.name != "lock":
+                p.unlink()
+    for p in (mnt / "var/log").rglob("*"):
+        if p.is_file():
+            p.write_text("")
+    _verify(mnt)
+
+
+GRUB_MODULES = [
+    "part_gpt", "part_msdos", "fat", "ext2", "search", "search_fs_uuid", "search_label",
+    "normal", "configfile", "linux", "boot", "echo", "test", "gzio", "all_video", "efi_gop",
+    "serial", "terminal", "ls", "cat", "reboot", "halt",
+]
+
+
+def _install_grub(mnt: Path, root_uuid: str, log: Path, env: dict[str, str]) -> None:
+    """Write /boot/grub/x86_64-efi and a removable-path EFI image that finds the root fs."""
+    moddir = mnt / "boot/grub/x86_64-efi"
+    moddir.mkdir(parents=True, exist_ok=True)
+    for f in (mnt / "usr/lib/grub/x86_64-efi").iterdir():
+        if f.suffix in (".mod", ".lst", ".o") or f.name == "modinfo.sh":
+            shutil.copy2(f, moddir / f.name)
+    (mnt / "boot/grub/early.cfg").write_text(
+        f"search --no-floppy --fs-uuid --set=root {root_uuid}\n"
+        "set prefix=($root)/boot/grub\n"
+    )
+    _run(["chroot", str(mnt), "grub-mkimage", "-O", "x86_64-efi", "-o",
+          "/boot/grub/BOOTX64.EFI", "-p", "/boot/grub", "-c", "/boot/grub/early.cfg",
+          *GRUB_MODULES], log, env=env)
+    (mnt / "boot/grub/early.cfg").unlink()
+
+
+def _write_grub_cfg(mnt: Path, root_uuid: str) -> None:
+    """The first boot's grub.cfg.
+
+    `update-grub` cannot be used at build time: its 10_linux script skips root file systems
+    on file-backed loop devices. The guest's own `update-grub` (on /dev/vda2) replaces this
+    file the first time the toolkit changes the kernel command line.
+    """
+    kernels = sorted((mnt / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise LabError("lab image build: no kernel in /boot")
+    version = kernels[-1].name.removeprefix("vmlinuz-")
+    cmdline = re.search(r'^GRUB_CMDLINE_LINUX="([^"]*)"', FILES["etc/default/grub"], re.M)
+    args = cmdline.group(1) if cmdline else ""
+    (mnt / "boot/grub/grub.cfg").write_text(
+        "# Written by the gpunode lab image build; `update-grub` in the guest replaces it.\n"
+        "serial --unit=0 --speed=115200\n"
+        "terminal_input serial console\n"
+        "terminal_output serial console\n"
+        "set timeout=0\n"
+        "set default=0\n"
+        "insmod part_gpt\n"
+        "insmod ext2\n"
+        "insmod gzio\n"
+        f"search --no-floppy --fs-uuid --set=root {root_uuid}\n"
+        f"menuentry 'Debian GNU/Linux, with Linux {version}' {{\n"
+        f"\tlinux /boot/vmlinuz-{version} root=UUID={root_uuid} ro {args}\n"
+        f"\tinitrd /boot/initrd.img-{version}\n"
+        "}\n"
+    )
+
+
+def _verify(mnt: Path) -> None:
+    """Fail the build when the image would not give the lab what it promises."""
+    if not (mnt / "boot/grub/BOOTX64.EFI").is_file():
+        raise LabError("lab image build: grub-mkimage wrote no EFI image")
+    if "menuentry" not in (mnt / "boot/grub/grub.cfg").read_text():
+        raise LabError("lab image build: /boot/grub/grub.cfg has no kernel entry")
+    if not list((mnt / "usr/lib/modules").glob("*/kernel/drivers/gpu/drm/nouveau/nouveau.ko*")):
+        raise LabError("lab image build: the kernel ships no nouveau module")
+    for d in ("etc/modprobe.d", "usr/lib/modprobe.d", "lib/modprobe.d"):
+        for f in (mnt / d).glob("*.conf") if (mnt / d).is_dir() else []:
+            if re.search(r"^\s*blacklist\s+nouveau", f.read_text(), re.M):
+                raise LabError(f"lab image build: {f} blacklists nouveau")
+
+
+def _cleanup_mounts(mnt: Path) -> None:
+    """Unmount everything below `mnt` (deepest first), e.g. after an interrupted build."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return
+    prefix = str(mnt.resolve())
+    points = [m.split()[1] for m in mounts if len(m.split()) > 1]
+    for p in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")),
+                    key=len, reverse=True):
+        subprocess.call(["umount", "-l", p], stderr=subprocess.DEVNULL)
