@@ -151,3 +151,31 @@ def test_host_facts_http_reports_refused_connections():
     hf = _host_facts()
     r = hf.http("GET", "http://127.0.0.1:9/health", timeout=2)
     assert r["status"] is None and r["error"]
+
+
+def test_profile_from_ansible_inventory(tmp_path, write_site):
+    """--hosts=ansible://...: the profile comes from the hostvar `node` (no --site)."""
+    import os
+
+    import yaml
+
+    from gpunode.inventory import load_site, to_ansible
+
+    site = load_site(write_site("nodes:\n  box1:\n    os: debian-12\n"
+                                "    connection: {address: localhost}\n"))
+    hostvars = to_ansible(site)["_meta"]["hostvars"]["box1"]
+    hostvars.update(ansible_connection="local", ansible_become=False)
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(yaml.safe_dump({"all": {"hosts": {"box1": hostvars}}}))
+    results = tmp_path / "results.json"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("GPUNODE_SITE", None)
+    res = subprocess.run([sys.executable, "-m", "pytest", str(CHECKS), "-p", "no:cacheprovider",
+                          "-o", "addopts=", "--hosts=ansible://box1",
+                          f"--ansible-inventory={inventory}", "--gpunode-results", str(results),
+                          "-k", "test_os_matches_profile or test_sysctls", "-q"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    records = {r["check"]: r for r in json.loads(results.read_text())["results"]}
+    for record in records.values():  # an unresolved profile would make both errors
+        assert record["outcome"] in ("passed", "failed"), res.stdout
+        assert record["host"] == "box1"
