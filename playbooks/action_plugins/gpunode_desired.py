@@ -1,0 +1,47 @@
+"""Action: gpunode's desired values for this host's `node` (computed on the controller)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ansible.plugins.action import ActionBase
+
+try:
+    import gpunode  # noqa: F401
+except ImportError:  # a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+
+def load_node(action: ActionBase, task_vars: dict[str, Any]) -> Any:
+    """The host's resolved profile from hostvars `node`, validated by the model."""
+    from gpunode.model import NodeProfile
+
+    node = action._templar.template(task_vars.get("node"))
+    if not isinstance(node, dict):
+        raise ValueError("hostvar `node` is missing: use gpunode's inventory "
+                         "(inventory/ansible_inventory.py) for this host")
+    return NodeProfile.model_validate(json.loads(json.dumps(node)))
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _supports_check_mode = True
+    _supports_async = False
+
+    def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
+        from gpunode.ansible_plan import desired
+        from gpunode.topology import Gpu
+
+        result = super().run(tmp, task_vars)
+        try:
+            p = load_node(self, task_vars or {})
+        except ValueError as exc:
+            host = (task_vars or {}).get("inventory_hostname")
+            return {**result, "failed": True, "msg": f"{host}: {exc}"}
+        gpus = self._task.args.get("gpus")
+        gpu_list = [Gpu(**g) for g in gpus] if gpus is not None else None
+        result.update(changed=False, ansible_facts={"gpunode_desired": desired(p, gpu_list)})
+        return result

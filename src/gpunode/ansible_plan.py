@@ -1,0 +1,346 @@
+"""What the Ansible roles need from gpunode, computed on the controller.
+
+The roles decide nothing themselves: `gpunode_desired` (an action plugin) returns
+`desired(profile)` -- the files to write and from which template, packages, holds,
+commands -- and `gpunode_snapshot` reads the host with the SAME batched snapshot script as
+the pyinfra deploy and returns `observed(profile, data)`: the host-dependent decisions the
+pyinfra operations make (what to install, hold, restart, stamp; reboot reasons; GPU
+placement). Both are plain JSON data, so the roles stay thin YAML over standard modules."""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from gpunode import desired as d
+from gpunode.facts import Snapshot, reboot_reasons, snapshot_command, snapshot_spec
+from gpunode.files import ManagedFile, banned_cpus, credential_path, node_files, placements
+from gpunode.model import NodeProfile
+from gpunode.render import MANAGED_HEADER, TEMPLATES
+from gpunode.topology import Gpu
+
+#: Templates rendered once per vLLM service (their scope holds `service`).
+SERVICE_TEMPLATES = ("vllm/service.yaml.j2", "vllm/service.env.j2", "vllm/instance.conf.j2")
+STAMPS = "/var/lib/gpunode"
+GRUB_CFG = "/etc/default/grub.d/60-gpunode.cfg"
+IRQ_DROPIN = "/etc/systemd/system/irqbalance.service.d/gpunode.conf"
+TEMPLATE_UNITS = ("/etc/systemd/system/vllm@.service",
+                  "/etc/systemd/system/vllm-prefetch@.service")
+CONCERNS = ("base", "tuning", "nvidia_driver", "gpu_settings", "container_toolkit", "vllm")
+STAMP_COMMANDS = {
+    "grub": "if command -v update-grub >/dev/null; then update-grub; "
+            "else grub-mkconfig -o /boot/grub/grub.cfg; fi",
+    "initramfs": "update-initramfs -u -k all",
+    "cdi": "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml",
+}
+SCRIPTS = ("/usr/local/lib/gpunode/vllm-start", "/usr/local/lib/gpunode/vllm-wait-ready")
+OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04"),
+          "debian-12": ("debian", "12")}
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _scope(p: NodeProfile, f: ManagedFile, gpus: list[Gpu] | None) -> dict[str, Any]:
+    """The per-instance template variables of one managed file (besides node and header)."""
+    if f.template == "tuning/irqbalance.conf.j2":
+        return {"banned_cpus": banned_cpus(p, gpus or [])}
+    if f.template not in SERVICE_TEMPLATES:
+        return {}
+    data = p.model_dump(mode="json")["vllm"]["services"]
+    name = (PurePosixPath(f.path).stem if f.path.startswith("/etc/vllm/")
+            else PurePosixPath(f.path).parent.name.removeprefix("vllm@")
+            .removesuffix(".service.d"))
+    scope: dict[str, Any] = {"service": next(s for s in data if s["name"] == name)}
+    if f.template == "vllm/instance.conf.j2":
+        scope["placement_lines"] = placements(p, gpus or [])[name].unit_lines()
+    return scope
+
+
+def file_jobs(p: NodeProfile, gpus: list[Gpu] | None = None) -> list[dict[str, Any]]:
+    """gpunode.files.node_files as template jobs: path, template, mode, owner, group,
+    concern, scope (the per-instance variables), sha256 of gpunode's rendering."""
+    jobs = []
+    for f in node_files(p, gpus):
+        scope = _scope(p, f, gpus)
+        jobs.append({"concern": f.concern, "path": f.path, "template": f.template,
+                     "mode": f"{f.mode:04o}", "owner": f.owner, "group": f.group,
+                     "parent": str(PurePosixPath(f.path).parent),
+                     "scope": scope, "sha256": sha256(f.content)})
+    return jobs
+
+
+def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
+    """Host-independent values for the roles (`gpunode_desired` facts)."""
+    files: dict[str, list[dict[str, Any]]] = {c: [] for c in CONCERNS}
+    for job in file_jobs(p, gpus):
+        files[job["concern"]].append(job)
+    cuda = d.cuda_packages(p) + d.nccl_packages(p) + d.cudnn_packages(p)
+    ctk = d.container_toolkit_packages(p)
+    dcgm = d.dcgm_packages(p)
+    keyring_deb = f"/tmp/{d.KEYRING_DEB}"
+    url, sha = d.keyring_url(p), d.keyring_sha256(p)
+    ctk_base = p.container_toolkit.repo_url.rstrip("/")
+    ctk_key = ctk_base.removesuffix("/stable/deb").removesuffix("/deb") + "/gpgkey"
+    return {
+        "managed_header": MANAGED_HEADER,
+        "templates_dir": str(TEMPLATES),
+        "files": files,
+        "irqbalance": ("stop" if p.tuning.irqbalance == "disabled" else
+                       "ban" if p.tuning.irqbalance == "ban-service-cpus" and p.vllm.services
+                       else "leave"),
+        "dkms": p.nvidia.source == "cuda-repo",
+        "keyring_command": (f"curl -fsSL --retry 3 -o {keyring_deb} {shlex.quote(url)} && "
+                            f"echo {sha}' '{keyring_deb} | sha256sum -c --quiet - && "
+                            f"dpkg --force-confold -i {keyring_deb} && rm -f {keyring_deb}"),
+        "secure_boot_stop": (
+            f"{p.name}: Secure Boot is on and the CUDA repository builds unsigned DKMS modules "
+            "that will not load. Either disable Secure Boot, use nvidia.source: "
+            "ubuntu-archive (Canonical-signed modules, Ubuntu), or set nvidia.secure_boot: "
+            "mok and enrol the DKMS key with `mokutil --import /var/lib/dkms/mok.pub` at the "
+            "next boot"),
+        "no_keyring_checksum": f"{p.name}: no published checksum for {url}; set "
+                               "nvidia.keyring_sha256",
+        "os": dict(zip(("id", "version_id"), OS_IDS[p.os], strict=True)),
+        "apt_env": {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"},
+        "packages": {
+            "base": d.base_packages(p),
+            "pin": d.pinning_package(p),
+            "driver": d.driver_packages(p),
+            "cuda": [x.spec for x in cuda],
+            "container_toolkit": [x.spec for x in ctk],
+            "dcgm": [x.spec for x in dcgm],
+        },
+        "holds": {
+            "cuda": [x.name for x in cuda if x.version] if p.nvidia.hold else [],
+            "container_toolkit": [x.name for x in ctk] if p.nvidia.hold else [],
+            "dcgm": [x.name for x in dcgm if x.version] if p.nvidia.hold else [],
+        },
+        "keyring": {"url": url, "sha256": sha, "deb": keyring_deb, "path": d.CUDA_KEYRING},
+        "ctk_key_command": (
+            f"curl -fsSL --retry 3 {shlex.quote(ctk_key)} | gpg --batch --yes --dearmor "
+            f"-o {d.CTK_KEYRING} && chmod 644 {d.CTK_KEYRING}"),
+        "runtimes": [{"name": r, "config": d.RUNTIME_CONFIG[r],
+                      "command": f"nvidia-ctk runtime configure --runtime={r} && "
+                                 f"(systemctl try-restart {r}.service || true)"}
+                     for r in p.container_toolkit.runtimes if r != "podman"],
+        "grub_cfg": GRUB_CFG,
+        "irq_dropin": IRQ_DROPIN,
+        "vllm": {
+            "venv": f"{p.vllm.prefix}/venv",
+            "venv_command": _venv_command(p),
+            "units": [{"name": s.name, "unit": d.vllm_unit(s.name),
+                       "dropin": f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf",
+                       "credential": credential_path(s.name) if s.api_key_file else None,
+                       "api_key_file": (str(Path(s.api_key_file).expanduser().resolve())
+                                        if s.api_key_file else None),
+                       "inputs": [f"/etc/vllm/{s.name}.yaml", f"/etc/vllm/{s.name}.env",
+                                  f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf",
+                                  credential_path(s.name), *TEMPLATE_UNITS, *SCRIPTS]}
+                      for s in p.vllm.services],
+            "directories": [
+                {"path": "/var/lib/vllm", "mode": "0755", "owner": p.vllm.user,
+                 "group": p.vllm.user},
+                {"path": p.vllm.model_cache, "mode": "0755", "owner": p.vllm.user,
+                 "group": p.vllm.user},
+                {"path": "/etc/vllm", "mode": "0750", "owner": "root", "group": p.vllm.user},
+                {"path": "/etc/vllm/credentials", "mode": "0700", "owner": "root",
+                 "group": "root"},
+            ],
+        },
+    }
+
+
+def _venv_command(p: NodeProfile) -> str:
+    from gpunode.deploys.vllm import venv_command
+
+    return venv_command(p)
+
+
+def spec(p: NodeProfile) -> dict[str, Any]:
+    """The snapshot spec: exactly what the pyinfra deploy asks the host for."""
+    from gpunode.deploys.ops import managed_paths, unit_names
+
+    s = snapshot_spec(p, managed_paths(p), unit_names(p))
+    s["globs"] = ["/etc/vllm/*.yaml", "/etc/systemd/system/multi-user.target.wants/*"]
+    s["commands"] = {f"grep:{d.RUNTIME_CONFIG[r]}": d.runtime_probe(d.RUNTIME_CONFIG[r])
+                     for r in p.container_toolkit.runtimes if r != "podman"}
+    return s
+
+
+def command(p: NodeProfile) -> str:
+    return snapshot_command(spec(p))
+
+
+def _file_ok(snap: Snapshot, path: str, digest: str, mode: str, owner: str,
+             group: str) -> bool:
+    cur = snap.file(path)
+    return bool(cur and cur.get("sha256") == digest and cur["mode"] == mode
+                and cur["owner"] == owner and cur["group"] == group)
+
+
+def _todo(snap: Snapshot, specs: list[str]) -> list[str]:
+    out = []
+    for spec_ in specs:
+        name, _, version = spec_.partition("=")
+        have = snap.packages.get(name)
+        if have is None or (version and have != version):
+            out.append(spec_)
+    return out
+
+
+def _missing(snap: Snapshot, names: list[str]) -> list[str]:
+    return sorted(n for n in names if n not in snap.holds)
+
+
+def _unit(snap: Snapshot, name: str) -> dict[str, Any]:
+    state = snap.unit(name)
+    return {"enabled": state.get("UnitFileState") in ("enabled", "enabled-runtime"),
+            "static": state.get("UnitFileState") == "static",
+            "active": state.get("ActiveState") == "active",
+            "loaded": state.get("LoadState") == "loaded"}
+
+
+def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
+             ) -> dict[str, Any]:
+    """Host-dependent decisions (`gpunode` facts), the same ones the pyinfra operations make
+    from the same snapshot. skip_unchanged=False reports no file as already right, so every
+    template task runs (and compares on the host)."""
+    snap = Snapshot(data)
+    want = desired(p)
+    gpus = snap.gpus
+    files_ok = {job["path"]: _file_ok(snap, job["path"], job["sha256"], job["mode"],
+                                      job["owner"], job["group"])
+                for jobs in want["files"].values() for job in jobs}
+    placement_files: dict[str, list[dict[str, Any]]] = {"tuning": [], "vllm": []}
+    if gpus:
+        for job in file_jobs(p, gpus):
+            if job["path"] == IRQ_DROPIN or job["template"] == "vllm/instance.conf.j2":
+                if job["path"] == IRQ_DROPIN and not job["scope"]["banned_cpus"]:
+                    continue
+                placement_files[job["concern"]].append(job)
+                files_ok[job["path"]] = _file_ok(snap, job["path"], job["sha256"], job["mode"],
+                                                 job["owner"], job["group"])
+    for unit in want["vllm"]["units"]:
+        if unit["credential"]:
+            key = _read_key(unit["api_key_file"])
+            files_ok[unit["credential"]] = key is not None and _file_ok(
+                snap, unit["credential"], sha256(key), "0600", "root", "root")
+    if not skip_unchanged:
+        files_ok = dict.fromkeys(files_ok, False)
+    parents: dict[str, list[str]] = {c: [] for c in CONCERNS}
+    every = [j for jobs in [*want["files"].values(), *placement_files.values()] for j in jobs]
+    for job in every:
+        if not files_ok[job["path"]] and job["parent"] not in parents[job["concern"]]:
+            parents[job["concern"]].append(job["parent"])
+    stamps = {}
+    grub = next(j for j in want["files"]["tuning"] if j["path"] == GRUB_CFG)
+    blacklist = next(j for j in want["files"]["nvidia_driver"]
+                     if j["path"].endswith("blacklist-nouveau.conf"))
+    cdi_key = (gpus[0].driver_version + " " + ",".join(g.uuid for g in gpus)) if gpus else None
+    for name, key in (("grub", grub["sha256"]), ("initramfs", blacklist["sha256"]),
+                      ("cdi", cdi_key)):
+        stamp = f"{STAMPS}/{name}.stamp"
+        needed = key is not None and not _file_ok(snap, stamp, sha256(key + "\n"), "0644",
+                                                  "root", "root")
+        stamps[name] = {"path": stamp, "needed": needed, "command": (
+            f"{STAMP_COMMANDS[name]} && install -d {STAMPS} && printf '%s\\n' "
+            f"{shlex.quote(key)} > {stamp} && chmod 644 {stamp}") if key else None}
+    sysctls = d.sysctls(p)
+    thp = data["thp"]
+    govs = data["governors"]
+    runtime_differs = (thp.get("enabled") not in (None, p.tuning.thp)
+                       or thp.get("defrag") not in (None, p.tuning.thp_defrag)
+                       or bool(p.tuning.governor and govs and govs != [p.tuning.governor]))
+    version = p.nvidia.version
+    stale_driver = sorted(
+        n for n, v in snap.packages.items() if version and d.is_driver_package(n)
+        and v.split(":")[-1].startswith(f"{p.nvidia.branch}.")
+        and not v.split(":")[-1].startswith(f"{version}-"))
+    units = {u: _unit(snap, u) for u in _unit_names(p)}
+    wants = data["globs"].get("/etc/systemd/system/multi-user.target.wants/*", [])
+    units["nvidia-persistenced.service"]["wanted"] = (
+        "/etc/systemd/system/multi-user.target.wants/nvidia-persistenced.service" in wants)
+    configs = data["globs"].get("/etc/vllm/*.yaml", [])
+    keep = {s.name for s in p.vllm.services}
+    venv = want["vllm"]["venv"]
+    pk = want["packages"]
+    return {
+        "os": data["os"],
+        "os_ok": (data["os"]["id"], data["os"]["version_id"]) == OS_IDS[p.os],
+        "os_message": f"{p.name}: the profile says {p.os} but the host runs "
+                      f"{data['os']['id']} {data['os']['version_id']}; nothing was changed",
+        "virt": data["virt"],
+        "cpufreq": data["cpufreq"],
+        "smi_ok": snap.smi_ok,
+        "secure_boot": bool(data["secure_boot"]),
+        "driver_installed": snap.driver_installed(p),
+        "apt_lists_age_s": int(time.time() - data["apt_lists_mtime"]),
+        "files_ok": files_ok,
+        "placement_files": placement_files,
+        "parents_needed": parents,
+        "todo": {
+            "base": _todo(snap, pk["base"]),
+            "headers": _todo(snap, d.header_packages(p, data["kernel"], data["kernels"])),
+            "pin": _todo(snap, [pk["pin"]] if pk["pin"] else []),
+            "driver": _todo(snap, pk["driver"]),
+            "cuda": _todo(snap, pk["cuda"]),
+            "container_toolkit": _todo(snap, pk["container_toolkit"]),
+            "dcgm": _todo(snap, pk["dcgm"]),
+        },
+        "held": sorted(snap.holds),
+        "missing_holds": {
+            "driver": _missing(snap, d.driver_hold_set(p, snap.packages))
+            if p.nvidia.hold else [],
+            **{k: _missing(snap, v) for k, v in want["holds"].items()},
+        },
+        "stale_driver": stale_driver,
+        "keyring_needed": ("cuda-keyring" not in snap.packages
+                           or not snap.file(d.CUDA_KEYRING)),
+        "ctk_key_needed": not snap.file(d.CTK_KEYRING),
+        "sysctl_differs": any(data["sysctl"].get(k) != " ".join(v.split())
+                              for k, v in sysctls.items()),
+        "runtime_differs": runtime_differs,
+        "stamps": stamps,
+        "units": units,
+        "stale_daemon": any(snap.unit(u).get("NeedDaemonReload") == "yes"
+                            for u in _unit_names(p)),
+        "gpu_drift": d.gpu_settings_drift(p, gpus) if snap.smi_ok else [],
+        "runtime_lacks": {r: (data["cmds"].get(f"grep:{d.RUNTIME_CONFIG[r]}") or {"rc": 1})
+                          ["rc"] != 0 for r in p.container_toolkit.runtimes if r != "podman"},
+        "user_missing": p.vllm.user not in data["users"],
+        "venv_ok": data["venvs"].get(venv, {}).get("vllm", "").startswith(p.vllm.version),
+        "stale_services": sorted(PurePosixPath(c).stem for c in configs
+                                 if PurePosixPath(c).stem not in keep),
+        "directories_ok": {x["path"]: _dir_ok(snap, x) for x in want["vllm"]["directories"]},
+        "reboot_reasons": reboot_reasons(p, snap),
+        "reboot_message": reboot_message(p, reboot_reasons(p, snap)),
+    }
+
+
+def _read_key(path: str) -> str | None:
+    from gpunode.deploys.vllm import read_key
+
+    return read_key(path)
+
+
+def _dir_ok(snap: Snapshot, x: dict[str, str]) -> bool:
+    cur = snap.file(x["path"])
+    return bool(cur and cur.get("dir") and cur["mode"] == x["mode"]
+                and cur["owner"] == x["owner"] and cur["group"] == x["group"])
+
+
+def _unit_names(p: NodeProfile) -> list[str]:
+    from gpunode.deploys.ops import unit_names
+
+    return unit_names(p)
+
+
+def reboot_message(p: NodeProfile, reasons: list[str]) -> str:
+    """The same words as the pyinfra deploy's reboot_if_needed."""
+    return (f"{p.name} needs a reboot ({'; '.join(reasons)}) and its reboot policy is "
+            "'never': reboot it, then run the deploy again")
