@@ -43,7 +43,7 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 SSH_PORT_BASE = 2222
 SSH_PORT_LAST = 2399
 FORWARD_PORT_BASE = 18000
-BOOT_TIMEOUT_S = 180.0
+BOOT_TIMEOUT_S = 300.0  # generous: TCG on a shared 2-core host
 SERIAL_TAIL_LINES = 25
 
 

@@ -75,6 +75,8 @@ FILES: dict[str, str] = {
         "# gpunode lab: seeds come only from a NoCloud ISO; networking is systemd-networkd.\n"
         "datasource_list: [NoCloud, None]\n"
         "network: {config: disabled}\n"
+        "# RSA host key generation is slow under TCG; clients all speak ed25519/ecdsa.\n"
+        "ssh_genkeytypes: [ed25519, ecdsa]\n"
     ),
     # Debian does not blacklist nouveau, but without an NVIDIA device udev never loads it.
     # A fresh GPU host has nouveau loaded; the lab reproduces that state on purpose.
@@ -116,10 +118,10 @@ def image_path() -> Path:
     return paths.images_dir() / f"{recipe_hash()}.qcow2"
 
 
-def host_mirror() -> str:
+def host_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
     """The Debian mirror this machine's apt uses (bookworm, main), else deb.debian.org."""
-    candidates: list[Path] = [Path("/etc/apt/sources.list")]
-    sdir = Path("/etc/apt/sources.list.d")
+    candidates: list[Path] = [apt_dir / "sources.list"]
+    sdir = apt_dir / "sources.list.d"
     if sdir.is_dir():
         candidates += sorted(sdir.glob("*.list")) + sorted(sdir.glob("*.sources"))
     for f in candidates:
