@@ -630,6 +630,19 @@ class Lab:
         return out
 
 
+def qemu_pids(under: str | Path) -> list[int]:
+    """Live qemu processes whose command line names a path under `under` (a lab or VM dir)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        argv = qemu.qemu_cmdline(int(p.name))
+        if argv and "qemu-system" in " ".join(argv[:2]) and any(
+                str(under) in a for a in argv):
+            found.append(int(p.name))
+    return found
+
+
 def port_free(port: int) -> bool:
     """True when nothing listens on 127.0.0.1:`port` (and we may bind it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

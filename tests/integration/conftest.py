@@ -1,0 +1,131 @@
+"""Fixtures for integration tests: real Debian 12 lab VMs under qemu (gpunode.lab).
+
+- `lab` (session): a Lab in `.lab/pytest/run-<pid>/` (gitignored), or in
+  `$GPUNODE_TEST_LAB_DIR` when set (kept afterwards, for debugging). qemu processes are tied
+  to the pytest process (they die with it, even on SIGKILL), reaped at teardown, on SIGTERM
+  and at exit; run directories of dead sessions are reaped and removed at start.
+- `lab_vm` (session): one shared VM (2 vCPUs, 2 GiB, 2 NUMA nodes, guest port 8000
+  forwarded). Tests that change it say so and leave it usable.
+- `fresh_vm` (function): a pristine VM (reset to the base image) for tests that break things.
+
+Missing lab dependencies fail the session with the command to run; they never skip.
+After the session, any qemu left behind by this run fails it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import pytest
+
+from gpunode.lab import deps, qemu
+from gpunode.lab.core import VM, Lab, qemu_pids
+from gpunode.lab.errors import LabError
+
+REPO = Path(__file__).resolve().parents[2]
+RUNS = REPO / ".lab" / "pytest"
+SHARED_VM = "labvm"
+FRESH_VM = "fresh"
+
+_labs: list[Lab] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+def _reap_all() -> None:
+    for the_lab in _labs:
+        with contextlib.suppress(Exception):
+            the_lab.down_all()
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _reap_all()
+    raise SystemExit(128 + signum)
+
+
+def _pid_alive(pid: int) -> bool:
+    return qemu.qemu_cmdline(pid) is not None
+
+
+def _reap_dead_runs() -> None:
+    """Run directories of sessions that no longer exist: stop their qemu, delete them."""
+    if not RUNS.is_dir():
+        return
+    for d in RUNS.glob("run-*"):
+        pid = d.name.removeprefix("run-")
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(Exception):
+            Lab(d).down_all()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    try:
+        deps.ensure(install=False)
+    except LabError as exc:
+        pytest.fail(f"lab dependencies missing: {exc}", pytrace=False)
+    fixed = os.environ.get("GPUNODE_TEST_LAB_DIR")
+    _reap_dead_runs()
+    run_dir = Path(fixed) if fixed else RUNS / f"run-{os.getpid()}"
+    the_lab = Lab(run_dir, tie_to_parent=True)
+    the_lab.down_all()  # leftovers of an interrupted run in a fixed directory
+    _labs.append(the_lab)
+    atexit.register(_reap_all)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
+        yield the_lab
+    finally:
+        the_lab.down_all()
+        if not fixed:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lab_vm(lab: Lab) -> VM:
+    try:
+        return lab.up(SHARED_VM, cpus=2, memory_mib=2048, numa=2, forward=[8000])
+    except LabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def fresh_vm(lab: Lab) -> Iterator[VM]:
+    try:
+        if FRESH_VM in lab.names():
+            lab.down(FRESH_VM)
+            lab.reset(FRESH_VM)
+        vm = lab.up(FRESH_VM, cpus=2, memory_mib=2048, numa=2)
+    except LabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield vm
+    lab.down(FRESH_VM)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No qemu of this run may outlive the session: report and kill any, fail the run."""
+    for the_lab in _labs:
+        the_lab.down_all()
+        left = qemu_pids(the_lab.dir)
+        if left:
+            for pid in left:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            print(f"\nERROR: qemu processes {left} of lab {the_lab.dir} outlived the test "
+                  "session (killed now)")
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
