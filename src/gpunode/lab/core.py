@@ -379,9 +379,9 @@ class Lab:
         cfg.forwards = forwards
         cfg.save(d / "vm.json")
 
-        self.sock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         vm = self._vm_from(cfg, None)
         self._cleanup_runtime(cfg.name)
+        self.sock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         spec = qemu.MachineSpec(
             name=cfg.name, cpus=cfg.cpus, memory_mib=cfg.memory_mib, numa=cfg.numa,
             disk=d / "disk.qcow2", seed=d / "seed.iso", vars=d / "OVMF_VARS.fd",
@@ -466,6 +466,8 @@ class Lab:
             cp.unlink(missing_ok=True)
         for suffix in ("qmp", "qga"):
             (self.sock_dir / f"{name}.{suffix}").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.sock_dir.rmdir()  # only when no other VM of this lab has sockets there
 
     def down(self, name: str) -> None:
         """Stop the VM's qemu (its disk stays). Stopping a stopped VM is fine."""

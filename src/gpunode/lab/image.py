@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -83,6 +84,13 @@ FILES: dict[str, str] = {
     "etc/modules-load.d/gpunode-lab-nouveau.conf": (
         "# gpunode lab: load nouveau like on a fresh host with an NVIDIA GPU.\nnouveau\n"
     ),
+    # Modules a VM guest never needs that udev would load from CPU features under TCG,
+    # each costing boot time.
+    "etc/modprobe.d/gpunode-lab-vm.conf": (
+        "# gpunode lab: not needed in a lab VM, slow to load under TCG.\n"
+        "blacklist kvm_amd\nblacklist kvm_intel\nblacklist kvm\nblacklist cfg80211\n"
+        "blacklist powernow_k8\nblacklist pcspkr\n"
+    ),
     "etc/apt/sources.list": (
         "deb http://deb.debian.org/debian bookworm main\n"
         "deb http://deb.debian.org/debian bookworm-updates main\n"
@@ -107,10 +115,13 @@ RECIPE = {
 
 
 def recipe_hash() -> str:
-    """Hash of the recipe and of this module's source (how the image is made)."""
+    """Hash of the recipe and of the functions that build the image (not of error texts or
+    helpers elsewhere, so editing those does not force a rebuild)."""
     h = hashlib.sha256()
     h.update(json.dumps(RECIPE, sort_keys=True).encode())
-    h.update(Path(__file__).read_bytes())
+    for fn in (_build, _configure, _fstab, _install_grub, _write_grub_cfg):
+        h.update(inspect.getsource(fn).encode())
+    h.update(" ".join(GRUB_MODULES).encode())
     return h.hexdigest()[:16]
 
 
@@ -142,11 +153,11 @@ def host_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
                         return uri.rstrip("/")
         else:
             for ln in text.splitlines():
+                ln = re.sub(r"\[[^\]]*\]", " ", ln)  # drop [arch=... signed-by=...] options
                 parts = ln.split()
-                if len(parts) >= 3 and parts[0] == "deb" and parts[2] == SUITE:
-                    uri = next((p for p in parts[1:] if p.startswith("http")), "")
-                    if uri:
-                        return uri.rstrip("/")
+                if len(parts) >= 3 and parts[0] == "deb" and parts[1].startswith("http") \
+                        and parts[2] == SUITE:
+                    return parts[1].rstrip("/")
     return DEFAULT_MIRROR
 
 
@@ -254,6 +265,7 @@ def _build(target: Path, mirror: str) -> None:
     tmp = target.with_suffix(".qcow2.tmp")
     _run(["qemu-img", "convert", "-O", "qcow2", "-c", "-o", "compression_type=zstd",
           str(raw), str(tmp)], log)
+    tmp.chmod(0o444)  # VMs only ever read it (overlays); old images stay for their overlays
     tmp.rename(target)
     shutil.rmtree(work)
 

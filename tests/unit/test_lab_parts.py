@@ -1,0 +1,131 @@
+"""Lab pieces that need no VM: qemu command lines, NUMA split, image recipe, mirror
+detection, cloud-init seed content, host dependency checks, the CLI's error handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gpunode.lab import deps, image, qemu, seed
+from gpunode.lab.cli import app
+from gpunode.lab.errors import LabError, LabInputError
+
+
+def _spec(tmp_path: Path, **kw: object) -> qemu.MachineSpec:
+    base: dict[str, object] = dict(
+        name="n1", cpus=4, memory_mib=4096, numa=2, disk=tmp_path / "d.qcow2",
+        seed=tmp_path / "s.iso", vars=tmp_path / "v.fd", serial_log=tmp_path / "serial.log",
+        pidfile=tmp_path / "q.pid", qmp_socket=tmp_path / "q.qmp",
+        qga_socket=tmp_path / "q.qga", ssh_port=2222, forwards={8000: 18000})
+    base.update(kw)
+    return qemu.MachineSpec(**base)  # type: ignore[arg-type]
+
+
+def test_argv_binds_only_loopback_and_uses_memdev_numa(tmp_path: Path) -> None:
+    argv = qemu.build_argv(_spec(tmp_path), "tcg")
+    joined = " ".join(argv)
+    assert "-accel tcg,thread=multi -cpu max" in joined
+    assert "-enable-kvm" not in argv and "host" not in argv
+    net = argv[argv.index("-netdev") + 1]
+    assert net == ("user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,"
+                   "hostfwd=tcp:127.0.0.1:18000-:8000")
+    assert "memory-backend-ram,id=mem0,size=2048M" in argv
+    assert "node,nodeid=0,memdev=mem0,cpus=0-1" in argv
+    assert "node,nodeid=1,memdev=mem1,cpus=2-3" in argv
+    assert not any(",mem=" in a for a in argv)
+    assert "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0" in argv
+    assert f"file:{tmp_path / 'serial.log'}" in argv
+    assert "q35" in argv and str(qemu.OVMF_CODE) in joined
+
+
+def test_numa_layout_splits_cpus_and_memory() -> None:
+    assert qemu.numa_layout(2, 2048, 2) == [([0], 1024), ([1], 1024)]
+    assert qemu.numa_layout(3, 1000, 2) == [([0], 500), ([1, 2], 500)]
+    assert qemu.numa_layout(1, 1025, 2) == [([], 512), ([0], 513)]
+    with pytest.raises(LabInputError):
+        qemu.numa_layout(2, 2048, 0)
+
+
+def test_single_node_and_memory_only_node_argv(tmp_path: Path) -> None:
+    argv = qemu.build_argv(_spec(tmp_path, cpus=1, memory_mib=1024, numa=2), "kvm")
+    assert "node,nodeid=0,memdev=mem0" in argv  # no CPUs on node 0
+    assert "-accel" in argv and argv[argv.index("-accel") + 1] == "kvm"
+
+
+def test_recipe_hash_changes_with_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = image.recipe_hash()
+    assert h == image.recipe_hash() and len(h) == 16
+    monkeypatch.setitem(image.RECIPE, "packages", [*image.PACKAGES, "htop"])
+    assert image.recipe_hash() != h
+    assert image.image_path().name.endswith(".qcow2")
+
+
+def test_recipe_has_what_the_lab_promises() -> None:
+    for pkg in ("openssh-server", "python3", "sudo", "cloud-init", "qemu-guest-agent",
+                "linux-image-amd64", "grub-efi-amd64", "numactl", "ca-certificates"):
+        assert pkg in image.PACKAGES
+    assert image.FILES["etc/modules-load.d/gpunode-lab-nouveau.conf"].strip().endswith(
+        "nouveau")
+    assert "console=ttyS0" in image.FILES["etc/default/grub"]
+
+
+def test_host_mirror_from_deb822_and_list(tmp_path: Path) -> None:
+    d = tmp_path / "apt"
+    (d / "sources.list.d").mkdir(parents=True)
+    (d / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n"
+        "Suites: bookworm-security\nComponents: main\n")
+    assert image.host_mirror(d) == "http://mirror.example/debian"
+    (d / "sources.list").write_text("deb [arch=amd64] http://other.example/debian/ bookworm main\n")
+    assert image.host_mirror(d) == "http://other.example/debian"
+    assert image.host_mirror(tmp_path / "none") == image.DEFAULT_MIRROR
+
+
+def test_seed_user_data() -> None:
+    text = seed.user_data("gpu01", "ssh-ed25519 AAAA test\n")
+    assert text.startswith("#cloud-config\n")
+    doc = yaml.safe_load(text)
+    assert doc["hostname"] == "gpu01"
+    user = doc["users"][0]
+    assert user["name"] == "gpunode" and user["sudo"] == "ALL=(ALL) NOPASSWD:ALL"
+    assert user["ssh_authorized_keys"] == ["ssh-ed25519 AAAA test"]
+    assert yaml.safe_load(seed.meta_data("gpu01", "i-1")) == {
+        "instance-id": "i-1", "local-hostname": "gpu01"}
+
+
+def test_deps_missing_package_names_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deps, "NEEDS", [deps.Need("/nonexistent/qemu-thing", "qemu-utils"),
+                                        deps.Need("sh", "dash")])
+    assert deps.missing_packages() == ["qemu-utils"]
+    with pytest.raises(LabError, match="apt-get install -y --no-install-recommends qemu-utils"):
+        deps.ensure(install=False)
+    monkeypatch.setattr(deps.os, "geteuid", lambda: 1000)
+    with pytest.raises(LabError, match="needs root. Run: sudo apt-get install"):
+        deps.ensure(install=True)
+
+
+def test_deps_alternatives_satisfy() -> None:
+    assert deps.Need("/nonexistent/xorriso", "xorriso", ("sh",)).present()
+
+
+def test_cli_unknown_vm_exits_2_without_traceback(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for args in (["down", "ghost"], ["reset", "ghost"], ["ssh", "ghost"]):
+        res = runner.invoke(app, [*args, "--state-dir", str(tmp_path)])
+        assert res.exit_code == 2, res.output
+        assert "no lab VM named 'ghost'" in res.output
+        assert "Traceback" not in res.output
+
+
+def test_cli_bad_forward_and_status(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["up", "n1", "--forward", "x:1", "--state-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "GUEST_PORT" in res.output
+    res = runner.invoke(app, ["status", "--state-dir", str(tmp_path)])
+    assert res.exit_code == 0 and "no VMs" in res.output
+    res = runner.invoke(app, ["down", "--state-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "--all" in res.output
