@@ -26,7 +26,7 @@ from gpunode.model import NodeProfile
 _CACHE: dict[str, Snapshot] = {}
 _CHANGED: dict[str, set[str]] = defaultdict(set)
 APT_ENV = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a"
-APT_GET = (f"{APT_ENV} apt-get -q -y -o DPkg::Lock::Timeout=300 "
+APT_GET = (f"{APT_ENV} apt-get -q -y --no-install-recommends -o DPkg::Lock::Timeout=300 "
            "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold")
 STAMPS = "/var/lib/gpunode"
 

@@ -48,6 +48,21 @@ PACKAGES = [
     "ca-certificates", "curl", "gnupg", "iproute2", "iputils-ping", "numactl", "less",
 ]
 
+# Installed after debootstrap from bookworm, -updates and -security: the newest kernel (so a
+# deploy does not pull in a kernel upgrade) and what every GPU deploy installs first (DKMS,
+# its compiler and the kernel headers). A fresh real host downloads these during the deploy;
+# the lab carries them so that every CI run does not spend minutes on them under TCG.
+PRESEED_PACKAGES = ["dkms", "linux-headers-amd64", "python3-venv", "pciutils", "irqbalance"]
+
+# Written last (after every package install in the chroot, whose initramfs must keep all
+# modules): initramfs rebuilds inside a lab VM include only the modules it uses.
+LATE_FILES: dict[str, str] = {
+    "etc/initramfs-tools/conf.d/gpunode-lab.conf": (
+        "# gpunode lab: small initramfs images, quick to rebuild under TCG.\n"
+        "MODULES=dep\n"
+    ),
+}
+
 DISK_MIB = 3072
 ESP_MIB = 127
 ESP_START_MIB = 1
@@ -111,6 +126,8 @@ RECIPE = {
     "esp_mib": ESP_MIB,
     "files": FILES,
     "masked": MASKED_UNITS,
+    "preseed": PRESEED_PACKAGES,
+    "late_files": LATE_FILES,
 }
 
 
@@ -298,9 +315,16 @@ def _configure(mnt: Path, root_uuid: str, esp_uuid: str, log: Path) -> None:
         _run([*chroot, "systemctl", "enable", "systemd-networkd", "qemu-guest-agent"], log,
              env=env)
         _run([*chroot, "systemctl", "mask", *MASKED_UNITS], log, env=env)
+        apt = [*chroot, "apt-get", "-q", "-y", "--no-install-recommends"]
+        _run([*chroot, "apt-get", "-q", "update"], log, env=env)
+        _run([*apt, "dist-upgrade"], log, env=env)
+        _run([*apt, "install", *PRESEED_PACKAGES], log, env=env)
         _install_grub(mnt, root_uuid, log, env)
         _write_grub_cfg(mnt, root_uuid)
         _run([*chroot, "apt-get", "clean"], log, env=env)
+        for rel, text in LATE_FILES.items():
+            (mnt / rel).parent.mkdir(parents=True, exist_ok=True)
+            (mnt / rel).write_text(text)
     finally:
         for b in reversed(binds):
             subprocess.call(["umount", "-l", str(mnt / b)], stderr=subprocess.DEVNULL)
