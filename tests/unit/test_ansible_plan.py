@@ -1,0 +1,109 @@
+"""gpunode.ansible_plan: the decisions the Ansible roles act on, from a snapshot (the same
+data the pyinfra deploy reads), on a fresh host and on a converged one (both SIMULATED
+snapshots built here)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from gpunode import ansible_plan, desired
+from gpunode.inventory import load_site
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def profile():
+    return next(iter(load_site(REPO / "inventory" / "examples" / "lab.yaml").nodes.values()))
+
+
+def fresh_snapshot() -> dict:
+    return {"os": {"id": "debian", "version_id": "12"}, "kernel": "6.1.0-30-amd64",
+            "kernels": ["6.1.0-30-amd64"], "cmdline": "BOOT_IMAGE=/vmlinuz root=/dev/vda1",
+            "virt": "kvm", "cpufreq": False, "governors": [], "secure_boot": False,
+            "efi": True, "modules": ["nouveau"], "reboot_required": False,
+            "reboot_required_pkgs": [], "nvidia_proc_version": None,
+            "packages": {"python3": "3.11.2-1+b1"}, "holds": [], "apt_lists_mtime": 0,
+            "files": {}, "units": {}, "sysctl": {"vm.swappiness": "60"},
+            "thp": {"enabled": "always", "defrag": "madvise"}, "hugepages": {},
+            "memory_kib": 3000000, "nvidia_smi": {"present": False}, "venvs": {},
+            "users": ["root"], "globs": {}, "cmds": {}}
+
+
+def test_fresh_host_needs_everything(profile):
+    plan = ansible_plan.observed(profile, fresh_snapshot())
+    want = ansible_plan.desired(profile)
+    assert plan["os_ok"]
+    assert not any(plan["files_ok"].values())
+    assert plan["todo"]["base"] == [p for p in desired.base_packages(profile) if p != "python3"]
+    assert plan["todo"]["driver"] == desired.driver_packages(profile)
+    assert plan["todo"]["headers"] == ["linux-headers-amd64", "linux-headers-6.1.0-30-amd64"]
+    assert plan["sysctl_differs"] and plan["runtime_differs"] and plan["user_missing"]
+    assert all(s["needed"] for name, s in plan["stamps"].items() if name != "cdi")
+    assert plan["stamps"]["cdi"] == {"path": "/var/lib/gpunode/cdi.stamp", "needed": False,
+                                     "command": None}  # no GPUs visible yet
+    assert plan["placement_files"] == {"tuning": [], "vllm": []}
+    assert set(plan["parents_needed"]["vllm"]) >= {"/etc/vllm", "/usr/local/lib/gpunode"}
+    assert want["files"]["nvidia_driver"][0]["template"].startswith("nvidia_driver/")
+
+
+def test_wrong_os_is_refused_with_the_pyinfra_words(profile):
+    data = fresh_snapshot()
+    data["os"] = {"id": "ubuntu", "version_id": "24.04"}
+    plan = ansible_plan.observed(profile, data)
+    assert not plan["os_ok"]
+    assert plan["os_message"] == (f"{profile.name}: the profile says debian-12 but the host "
+                                  "runs ubuntu 24.04; nothing was changed")
+
+
+def test_files_already_right_are_reported_ok_unless_told_not_to(profile):
+    data = fresh_snapshot()
+    for jobs in ansible_plan.desired(profile)["files"].values():
+        for job in jobs:
+            data["files"][job["path"]] = {"sha256": job["sha256"], "mode": job["mode"],
+                                          "owner": job["owner"], "group": job["group"]}
+    first = next(iter(data["files"]))
+    data["files"][first] = {**data["files"][first], "mode": "0600"}
+    plan = ansible_plan.observed(profile, data)
+    assert [p for p, ok in plan["files_ok"].items() if not ok and not p.endswith(".key")] == [
+        first]
+    slow = ansible_plan.observed(profile, data, skip_unchanged=False)
+    assert not any(slow["files_ok"].values())
+
+
+def test_stamp_is_satisfied_by_the_content_its_command_writes(profile):
+    plan = ansible_plan.observed(profile, fresh_snapshot())
+    grub = plan["stamps"]["grub"]
+    key = next(j for j in ansible_plan.desired(profile)["files"]["tuning"]
+               if j["path"] == ansible_plan.GRUB_CFG)["sha256"]
+    assert f"printf '%s\\n' {key} > {grub['path']}" in grub["command"]
+    data = fresh_snapshot()
+    data["files"][grub["path"]] = {"sha256": hashlib.sha256(f"{key}\n".encode()).hexdigest(),
+                                   "mode": "0644", "owner": "root", "group": "root"}
+    assert not ansible_plan.observed(profile, data)["stamps"]["grub"]["needed"]
+
+
+def test_reboot_reasons_and_message_match_the_pyinfra_deploy(profile):
+    data = fresh_snapshot()
+    data["packages"].update({name: f"{profile.nvidia.version}-1"
+                             for name in desired.driver_packages(profile)})
+    plan = ansible_plan.observed(profile, data)
+    assert plan["reboot_reasons"] == [
+        "nouveau is loaded; the NVIDIA driver can load only after a reboot"]
+    assert plan["reboot_message"].startswith(f"{profile.name} needs a reboot (nouveau is loaded")
+    assert plan["reboot_message"].endswith(
+        "and its reboot policy is 'never': reboot it, then run the deploy again")
+
+
+def test_held_driver_packages_and_stale_versions(profile):
+    data = fresh_snapshot()
+    pinned = f"{profile.nvidia.version}-1"
+    data["packages"].update({"nvidia-driver-cuda": "580.1.2-1", "libcuda1": pinned,
+                             "nvidia-container-toolkit": "1.18.0-1"})
+    data["holds"] = ["libcuda1"]
+    plan = ansible_plan.observed(profile, data)
+    assert plan["stale_driver"] == ["nvidia-driver-cuda"]
+    assert plan["missing_holds"]["driver"] == ["nvidia-driver-cuda"]
