@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Benchmark: both engines on fresh lab VMs (SIMULATED NVIDIA stack): fresh deploy and
+no-op re-run with pyinfra (`gpunode deploy`) and with Ansible (`playbooks/gpu_node.yml`),
+their ratio, and the Ansible speed work before/after on the converged VM. Prints JSON.
+The VMs run one after the other (CPU is scarce). Not a test.
+
+    .venv/bin/python bench/converge_ansible.py [--keep] [--state DIR] [--skip-pyinfra]
+
+Ansible configurations compared on the converged VM (no-op runs):
+- before: no pipelining, and every template task runs and compares on the host
+  (gpunode_facts_skip_unchanged=false) -- what a plain role does;
+- pipelining only;
+- after (default config): pipelining, and template tasks skipped for files the one
+  snapshot shows identical to gpunode's rendering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from gpunode.lab import labsite  # noqa: E402
+from gpunode.lab.core import Lab  # noqa: E402
+
+RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
+                   r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)\s+"
+                   r"skipped=(?P<skipped>\d+)", re.M)
+
+
+def ansible_run(site: Path, *extra: str, env_extra: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, "GPUNODE_SITE": str(site), "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+           "ANSIBLE_NOCOLOR": "1", **(env_extra or {})}
+    cmd = [str(REPO / ".venv/bin/ansible-playbook"), "playbooks/gpu_node.yml", *extra]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - started
+    out = proc.stdout + proc.stderr
+    m = RECAP.search(out)
+    counts = {k: int(v) for k, v in m.groupdict().items() if k != "host"} if m else {}
+    return {"rc": proc.returncode, "seconds": round(seconds, 2),
+            "changed_tasks": counts.get("changed"), "ok_tasks": counts.get("ok"),
+            "skipped_tasks": counts.get("skipped"),
+            "tail": out.splitlines()[-8:] if proc.returncode else []}
+
+
+def pyinfra_run(site: Path) -> dict:
+    try:
+        from converge import pyinfra_run as run  # the lead's pyinfra benchmark, same shape
+    except ImportError:
+        env = {**os.environ, "GPUNODE_SITE": str(site)}
+        started = time.monotonic()
+        proc = subprocess.run([str(REPO / ".venv/bin/pyinfra"), "-y", "--no-wait",
+                               "inventory/pyinfra_inventory.py", "deploy/gpu_node.py"],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+        return {"rc": proc.returncode, "seconds": round(time.monotonic() - started, 2)}
+    return run(site)
+
+
+def vm_site(lab: Lab, facts: dict, name: str, state: Path) -> tuple[Path, float]:
+    started = time.monotonic()
+    vm = lab.up(name, cpus=2, memory_mib=3072, numa=2)
+    boot = time.monotonic() - started
+    labsite.prepare_guest(vm, models=("/var/lib/vllm/models/tiny-sim",))
+    return labsite.write_lab_site(lab, facts, state / f"site-{name}.yaml"), round(boot, 2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="leave the VMs running")
+    parser.add_argument("--state", help="lab state dir (default: a temporary one)")
+    parser.add_argument("--skip-pyinfra", action="store_true", help="Ansible figures only")
+    args = parser.parse_args()
+    state = Path(args.state) if args.state else Path(tempfile.mkdtemp(prefix="gpunode-bench-"))
+    lab = Lab(state)
+    result: dict = {"benchmark": "converge", "engines": {}}
+    try:
+        facts = labsite.prepare_lab(state)
+        if not args.skip_pyinfra:
+            site, boot = vm_site(lab, facts, "benchpy", state)
+            result["engines"]["pyinfra"] = {"engine": "pyinfra", "boot_s": boot,
+                                            "fresh": pyinfra_run(site),
+                                            "noop": pyinfra_run(site)}
+            lab.down("benchpy")
+        site, boot = vm_site(lab, facts, "benchansible", state)
+        fresh = ansible_run(site)
+        noop = ansible_run(site)
+        result["engines"]["ansible"] = {"engine": "ansible", "boot_s": boot, "fresh": fresh,
+                                        "noop": noop}
+        result["ansible_speed_work"] = {
+            "before": ansible_run(site, "-e", "gpunode_facts_skip_unchanged=false",
+                                  env_extra={"ANSIBLE_PIPELINING": "False"}),
+            "pipelining_only": ansible_run(site, "-e", "gpunode_facts_skip_unchanged=false"),
+            "after": ansible_run(site),
+            "check_diff": ansible_run(site, "--check", "--diff"),
+        }
+        py = result["engines"].get("pyinfra")
+        if py and py["fresh"].get("rc") == 0 and fresh["rc"] == 0:
+            result["ratio_ansible_over_pyinfra"] = {
+                run: round(result["engines"]["ansible"][run]["seconds"]
+                           / max(py[run]["seconds"], 0.01), 2) for run in ("fresh", "noop")}
+    finally:
+        if not args.keep:
+            lab.down_all()
+            if not args.state:
+                shutil.rmtree(state, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+    ok = result["engines"].get("ansible", {}).get("noop", {}).get("rc") == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
