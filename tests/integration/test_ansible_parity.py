@@ -9,6 +9,8 @@ fresh lab VMs (SIMULATED NVIDIA stack, real Debian 12, real systemd/apt/sysctl/G
 3. a second ansible-playbook run reports changed=0, and `--check --diff` reports no change.
 
 The VMs are converged one after the other (CPU is scarce). Figures are printed with -s.
+Two fresh deploys under TCG take long (tens of minutes on a loaded 2-core machine), so the
+test runs when GPUNODE_TEST_ANSIBLE_PARITY=1 and skips with that hint otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ from gpunode.facts import snapshot_command, snapshot_spec
 from gpunode.inventory import load_site
 from gpunode.model import NodeProfile
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.integration, pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("GPUNODE_TEST_ANSIBLE_PARITY") != "1",
+                       reason="two fresh lab deploys (pyinfra and Ansible): set "
+                              "GPUNODE_TEST_ANSIBLE_PARITY=1 to run"),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
