@@ -224,7 +224,11 @@ def test_write_site_merges_into_base(lab: Lab, tmp_path: Path) -> None:
 def test_interrupted_session_sigterm_leaves_no_qemu(tmp_path: Path, fake_qemu: Path) -> None:
     """A process holding a lab (tie_to_parent) that is killed takes its qemu with it."""
     script = (
-        "import sys, time; from gpunode.lab.core import Lab\n"
+        "import sys, time; from pathlib import Path; from gpunode.lab.core import Lab\n"
+        "def fake_disk(self, cfg):\n"
+        "    for f in ('disk.qcow2', 'seed.iso', 'OVMF_VARS.fd'):\n"
+        "        (self.vm_dir(cfg.name) / f).write_text('fake')\n"
+        "Lab._fresh_disk = fake_disk\n"
         f"lab = Lab({str(tmp_path / 's')!r}, qemu_binary={str(fake_qemu)!r}, "
         "tie_to_parent=True)\n"
         "vm = lab.up('node1', wait=False); print(vm.pid, flush=True); time.sleep(60)\n"
@@ -246,10 +250,10 @@ def test_interrupted_session_sigterm_leaves_no_qemu(tmp_path: Path, fake_qemu: P
 
 
 def _running_fakes(lab: Lab) -> list[int]:
-    found = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            argv = qemu.qemu_cmdline(int(p.name))
-            if argv and any(str(lab.dir) in a for a in argv) and "qemu-system" in " ".join(argv):
-                found.append(int(p.name))
-    return found
+    return core.qemu_pids(lab.dir)
+
+
+def test_missing_qemu_says_how_to_install(tmp_path: Path, fake_qemu: Path) -> None:
+    lab = Lab(tmp_path / "s", qemu_binary=str(tmp_path / "nope" / "qemu-system-x86_64"))
+    with pytest.raises(LabError, match="is not installed; run `gpunode lab deps --install`"):
+        lab.up("node1", wait=False)

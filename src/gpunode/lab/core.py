@@ -389,6 +389,9 @@ class Lab:
             qmp_socket=vm.qmp_socket, qga_socket=vm.qga_socket, ssh_port=cfg.ssh_port,
             forwards=cfg.forwards,
         )
+        if not shutil.which(self.qemu_binary):
+            raise LabError(f"{self.qemu_binary} is not installed; run `gpunode lab deps "
+                           "--install` (as root) or `apt-get install -y qemu-system-x86`")
         if self._accel is None:
             self._accel = qemu.probe_accel(self.qemu_binary)
         argv = qemu.build_argv(spec, self._accel, self.qemu_binary)
