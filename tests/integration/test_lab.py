@@ -25,9 +25,9 @@ TOKEN = f"gpunode_lab_probe={uuid.uuid4().hex[:10]}"
 
 
 def test_ssh_and_cloud_init_applied_hostname_and_key(lab: Lab, lab_vm: VM) -> None:
-    rc, out, err = lab_vm.run("hostname; id -un; sudo -n id -u; cloud-init status --wait",
-                              timeout=600)
-    assert rc == 0, err
+    rc, out, err = lab_vm.run("hostname; id -un; sudo -n id -u; cloud-init status --wait "
+                              "--long", timeout=600)
+    assert rc == 0, out + err
     hostname, user, root_uid, status = out.split("\n")[:4]
     assert hostname == lab_vm.name
     assert user == "gpunode" and root_uid == "0"

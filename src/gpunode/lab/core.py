@@ -425,10 +425,7 @@ class Lab:
                 raise LabError(
                     f"VM {name!r} stopped while waiting for SSH.\n{self._tails(name)}"
                 )
-            try:
-                rc, _, _ = vm.run("true", timeout=15)
-            except LabError:
-                rc = 255
+            rc, _ = _probe_ssh(vm)
             if rc == 0:
                 return self._vm_from(self._config(name), pid)
             if time.monotonic() > deadline:
@@ -526,10 +523,11 @@ class Lab:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             time.sleep(2)
-            vm = self.wait_ssh(name, max(1.0, deadline - time.monotonic()))
-            rc, out, _ = vm.run("cat /proc/sys/kernel/random/boot_id", timeout=15)
+            if self._live_pid(name) is None:
+                break
+            rc, out = _probe_ssh(vm, "cat /proc/sys/kernel/random/boot_id")
             if rc == 0 and out.strip() and out.strip() != boot_id:
-                return vm
+                return self.vm(name)
         raise LabError(f"VM {name!r} did not come back from reboot within {timeout:.0f} s.\n"
                        f"{self._tails(name)}")
 
@@ -633,6 +631,19 @@ class Lab:
         out.write_text("# Written by gpunode lab: connections to the running lab VMs.\n"
                        + yaml.safe_dump(self.site(base), sort_keys=False))
         return out
+
+
+def _probe_ssh(vm: VM, command: str = "true") -> tuple[int, str]:
+    """One SSH attempt outside the connection-sharing master (a master opened while a guest
+    goes down would hang on a dead connection)."""
+    argv = vm.ssh_argv(command)
+    i = argv.index(f"ControlPath={vm.control_path}")
+    argv[i - 3:i + 3] = ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return 255, ""
+    return res.returncode, res.stdout
 
 
 def qemu_pids(under: str | Path) -> list[int]:

@@ -32,6 +32,8 @@ def user_data(hostname: str, pubkey: str) -> str:
         "ssh_pwauth": False,
         "growpart": {"mode": "auto", "devices": ["/"]},
         "resize_rootfs": True,
+        # The image has no `locales` package; cloud-init's default (en_US.UTF-8) would fail.
+        "locale": False,
     }
     return "#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False)
 
