@@ -5,6 +5,8 @@ their ratio, and the Ansible speed work before/after on the converged VM. Prints
 The VMs run one after the other (CPU is scarce). Not a test.
 
     .venv/bin/python bench/converge_ansible.py [--keep] [--state DIR] [--skip-pyinfra]
+    .venv/bin/python bench/converge_ansible.py --converged SITE --limit NODE
+        (no-op figures only, on a node Ansible already converged)
 
 Ansible configurations compared on the converged VM (no-op runs):
 - before: no pipelining, and every template task runs and compares on the host
@@ -37,6 +39,17 @@ from gpunode.lab.core import Lab  # noqa: E402
 RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
                    r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)\s+"
                    r"skipped=(?P<skipped>\d+)", re.M)
+
+
+def speed_work(site: Path, *limit: str) -> dict:
+    """No-op runs on a converged node: before/after the Ansible speed work."""
+    return {
+        "before": ansible_run(site, *limit, "-e", "gpunode_facts_skip_unchanged=false",
+                              env_extra={"ANSIBLE_PIPELINING": "False"}),
+        "pipelining_only": ansible_run(site, *limit, "-e", "gpunode_facts_skip_unchanged=false"),
+        "after": ansible_run(site, *limit),
+        "check_diff": ansible_run(site, *limit, "--check", "--diff"),
+    }
 
 
 def ansible_run(site: Path, *extra: str, env_extra: dict[str, str] | None = None) -> dict:
@@ -81,7 +94,15 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="leave the VMs running")
     parser.add_argument("--state", help="lab state dir (default: a temporary one)")
     parser.add_argument("--skip-pyinfra", action="store_true", help="Ansible figures only")
+    parser.add_argument("--converged", help="site file of a node Ansible converged")
+    parser.add_argument("--limit", help="that node (with --converged)")
     args = parser.parse_args()
+    if args.converged:
+        limit = ("--limit", args.limit) if args.limit else ()
+        out = {"benchmark": "converge", "ansible_speed_work":
+               speed_work(Path(args.converged).resolve(), *limit)}
+        print(json.dumps(out, indent=2))
+        return 0 if out["ansible_speed_work"]["after"]["rc"] == 0 else 1
     state = Path(args.state) if args.state else Path(tempfile.mkdtemp(prefix="gpunode-bench-"))
     lab = Lab(state)
     result: dict = {"benchmark": "converge", "engines": {}}
@@ -98,13 +119,7 @@ def main() -> int:
         noop = ansible_run(site)
         result["engines"]["ansible"] = {"engine": "ansible", "boot_s": boot, "fresh": fresh,
                                         "noop": noop}
-        result["ansible_speed_work"] = {
-            "before": ansible_run(site, "-e", "gpunode_facts_skip_unchanged=false",
-                                  env_extra={"ANSIBLE_PIPELINING": "False"}),
-            "pipelining_only": ansible_run(site, "-e", "gpunode_facts_skip_unchanged=false"),
-            "after": ansible_run(site),
-            "check_diff": ansible_run(site, "--check", "--diff"),
-        }
+        result["ansible_speed_work"] = speed_work(site)
         py = result["engines"].get("pyinfra")
         if py and py["fresh"].get("rc") == 0 and fresh["rc"] == 0:
             result["ratio_ansible_over_pyinfra"] = {
