@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -179,3 +180,27 @@ def test_profile_from_ansible_inventory(tmp_path, write_site):
     for record in records.values():  # an unresolved profile would make both errors
         assert record["outcome"] in ("passed", "failed"), res.stdout
         assert record["host"] == "box1"
+
+
+@pytest.mark.skipif(not Path("/usr/bin/numactl").exists(), reason="numactl is not installed")
+def test_process_placement_is_read_from_proc():
+    """What systemd's CPUAffinity=/NUMAPolicy= do to a process, set here with numactl, is
+    what host_facts reads: Cpus_allowed_list and the numa_maps policy."""
+    from gpunode import expect
+    from gpunode.topology import Placement
+
+    hf = _host_facts()
+    proc = subprocess.Popen(["numactl", "--membind=0", "--physcpubind=0", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until numactl has exec'd sleep
+            if (hf.read(f"/proc/{proc.pid}/comm") or "").strip() == "sleep":
+                break
+            time.sleep(0.05)
+        assert hf.status_field(proc.pid, "Cpus_allowed_list") == "0"
+        policies = hf.policy_counts(proc.pid)
+        want = expect.expected_numa_policy(Placement(("GPU-0",), (0,), (0,)))
+        assert max(policies, key=policies.get) == want == "bind:0"
+    finally:
+        proc.kill()
+        proc.wait()
