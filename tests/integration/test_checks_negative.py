@@ -2,13 +2,10 @@
 and breaking one thing per concern makes the matching check fail with a message saying what
 differs. Each case repairs what it broke and proves the check passes again.
 
-Needs a converged lab VM, one of:
-- GPUNODE_CONVERGED_SITE=<site file> (and GPUNODE_CONVERGED_NODE=<node>, default: the only
-  node): a converged VM this test may break and repair;
-- a lab snapshot of a converged VM (GPUNODE_CONVERGED_SNAPSHOT, default "converged", in the
-  lab state dir $GPUNODE_LAB_STATE or the default): the test forks a VM from it and
-  destroys that VM at the end.
-Without either, the tests skip and say so."""
+The VM is the session's `converged_lab` (tests/integration/conftest.py: a lab VM deployed
+once by `gpunode deploy`), or, to reuse one that is already converged,
+GPUNODE_CONVERGED_SITE=<site file> (and GPUNODE_CONVERGED_NODE=<node>, default: the only
+node). Every case repairs what it broke."""
 
 from __future__ import annotations
 
@@ -25,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import testinfra
-import yaml
 
 from gpunode import desired
 from gpunode.checks_cli import ssh_config_text
@@ -42,8 +38,6 @@ from gpunode.topology import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-LAB_SITE = REPO / "inventory" / "examples" / "lab.yaml"
 #: What "well under 30 s" is held to here (the figure is printed with -s).
 CHECK_BUDGET_S = 30.0
 
@@ -68,42 +62,23 @@ def _host(site_path: Path, profile: NodeProfile, tmp: Path) -> object:
     return testinfra.get_host(f"paramiko://{profile.name}", ssh_config=str(cfg), sudo=sudo)
 
 
-def _fork_from_snapshot(tmp: Path) -> Iterator[tuple[Path, str]]:
-    lab_mod = pytest.importorskip("gpunode.lab.core")
-    snap = os.environ.get("GPUNODE_CONVERGED_SNAPSHOT", "converged")
-    lab = lab_mod.Lab(os.environ.get("GPUNODE_LAB_STATE"), tie_to_parent=True)
-    if snap not in lab.snapshots():
-        pytest.skip(f"no converged lab VM: set GPUNODE_CONVERGED_SITE, or make a lab snapshot "
-                    f"{snap!r} of a deployed VM (`gpunode lab snapshot VM {snap}`) in {lab.dir}")
-    name = f"chkneg{os.getpid() % 10000}"
-    lab.fork(snap, name)
-    try:
-        base = yaml.safe_load(LAB_SITE.read_text())
-        base["nodes"] = {}
-        site = lab.write_site(tmp / "site.yaml", base)
-        yield site, name
-    finally:
-        lab.destroy(name)
-
-
 @pytest.fixture(scope="module")
-def converged() -> Iterator[Converged]:
+def converged(request: pytest.FixtureRequest) -> Iterator[Converged]:
+    """A converged lab VM: $GPUNODE_CONVERGED_SITE (+ $GPUNODE_CONVERGED_NODE) when set,
+    else the session's `converged_lab` (tests/integration/conftest.py)."""
     with tempfile.TemporaryDirectory(prefix="gpunode-chkneg-") as tmpdir:
-        tmp = Path(tmpdir)
         env_site = os.environ.get("GPUNODE_CONVERGED_SITE")
         if env_site:
-            sources: Iterator[tuple[Path, str]] = iter(
-                [(Path(env_site), os.environ.get("GPUNODE_CONVERGED_NODE", ""))])
+            site_path, node = Path(env_site), os.environ.get("GPUNODE_CONVERGED_NODE", "")
         else:
-            sources = _fork_from_snapshot(tmp)
-        site_path, node = next(sources)
+            lab = request.getfixturevalue("converged_lab")
+            site_path, node = Path(lab.site), lab.name
         site = load_site(site_path)
         if not node:
             assert len(site.nodes) == 1, "name the node: GPUNODE_CONVERGED_NODE"
             node = next(iter(site.nodes))
         profile = site.nodes[node]
-        yield Converged(site_path, node, profile, _host(site_path, profile, tmp))
-        next(sources, None)  # lets a forked VM be destroyed
+        yield Converged(site_path, node, profile, _host(site_path, profile, Path(tmpdir)))
 
 
 def gpunode_check(c: Converged, *args: str) -> tuple[int, dict, float, str]:
