@@ -204,3 +204,34 @@ def test_process_placement_is_read_from_proc():
     finally:
         proc.kill()
         proc.wait()
+
+
+def _offline_security_supported() -> bool:
+    import shutil
+
+    if not shutil.which("systemd-analyze"):
+        return False
+    res = subprocess.run(["systemd-analyze", "security", "--help"], capture_output=True,
+                         text=True)
+    return "--offline" in res.stdout
+
+
+@pytest.mark.skipif(not _offline_security_supported(),
+                    reason="systemd-analyze security --offline is not available")
+def test_rendered_vllm_unit_meets_the_exposure_threshold(tmp_path):
+    """The unit the deploy writes scores at or below the suite's threshold (offline
+    analysis of the rendered file; the check runs the same analysis on the live unit)."""
+    from gpunode import expect
+    from gpunode.files import node_files
+    from gpunode.inventory import load_site
+
+    p = load_site(REPO / "inventory" / "examples" / "lab.yaml").nodes["labgpu1"]
+    unit = next(f for f in node_files(p, expect.placeholder_gpus(p))
+                if f.path == "/etc/systemd/system/vllm@.service")
+    path = tmp_path / f"vllm@{p.vllm.services[0].name}.service"
+    path.write_text(unit.content)
+    res = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
+                          str(path)], capture_output=True, text=True, timeout=120)
+    score = expect.parse_exposure(res.stdout)
+    assert score is not None, res.stdout + res.stderr
+    assert score <= expect.VLLM_EXPOSURE_MAX, f"exposure {score} > {expect.VLLM_EXPOSURE_MAX}"
