@@ -235,3 +235,21 @@ def test_rendered_vllm_unit_meets_the_exposure_threshold(tmp_path):
     score = expect.parse_exposure(res.stdout)
     assert score is not None, res.stdout + res.stderr
     assert score <= expect.VLLM_EXPOSURE_MAX, f"exposure {score} > {expect.VLLM_EXPOSURE_MAX}"
+
+
+@pytest.mark.skipif(not Path("/usr/bin/apt-config").exists(), reason="apt-config missing")
+def test_unattended_blacklist_read_back_through_apt_config(tmp_path):
+    """The rendered unattended-upgrades file, as apt itself reads it, lists every prefix
+    the driver check expects (the check parses the same `apt-config dump`)."""
+    from gpunode import desired, expect
+    from gpunode.files import base_files
+    from gpunode.inventory import load_site
+
+    p = load_site(REPO / "inventory" / "examples" / "lab.yaml").nodes["labgpu1"]
+    f = next(f for f in base_files(p) if "unattended-upgrades" in f.path)
+    conf = tmp_path / "uu.conf"
+    conf.write_text(f.content)
+    dump = subprocess.run(["apt-config", "-c", str(conf), "dump"], capture_output=True,
+                          text=True, check=True).stdout
+    listed = expect.apt_config_list(dump, "Unattended-Upgrade::Package-Blacklist")
+    assert listed == list(desired.UNATTENDED_BLACKLIST)
