@@ -128,6 +128,7 @@ def test_host_facts_probe_keeps_the_key_on_the_host(tmp_path, api):
     managed.write_text("a = 1\n")
     spec = {"contents": [str(managed), str(tmp_path / "absent")],
             "commands": {"echo": "echo hi"}, "mtimes": [str(tmp_path / "*.conf")],
+            "listeners": True,
             "services": [{"name": "tiny", "unit": "vllm@gpunode-test-absent.service",
                           "address": "127.0.0.1", "port": api, "served": ["tiny-sim"],
                           "key_path": str(key_file), "scan_paths": [str(leaky)]}]}
@@ -146,6 +147,10 @@ def test_host_facts_probe_keeps_the_key_on_the_host(tmp_path, api):
     assert probe["models_nokey"]["status"] == 401
     assert probe["models_key"]["status"] == 200 and "tiny-sim" in probe["models_key"]["body"]
     assert probe["completion"]["status"] == 200
+    from gpunode import expect
+
+    listening = [x for x in expect.parse_ss_listeners(out["listeners"]["out"]) if x.port == api]
+    assert listening and expect.bound_ok("127.0.0.1", listening[0].address)
 
 
 def test_host_facts_http_reports_refused_connections():
