@@ -129,3 +129,52 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             print(f"\nERROR: qemu processes {left} of lab {the_lab.dir} outlived the test "
                   "session (killed now)")
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- a lab VM converged by the pyinfra deploy (shared by deploy, checks and parity tests) ---
+
+CONVERGED_VM = "labgpu1"
+TINY_MODEL = "/var/lib/vllm/models/tiny-sim"
+
+
+class ConvergedLab:
+    """A lab VM with the simulated NVIDIA stack, converged once by `gpunode deploy`."""
+
+    def __init__(self, lab: Lab):
+        import copy
+
+        import yaml
+
+        from gpunode.deploy_cli import run_pyinfra
+        from gpunode.inventory import load_site
+        from gpunode.lab import labsite
+
+        self.lab = lab
+        self.name = CONVERGED_VM
+        self.facts = labsite.prepare_lab(lab.dir)
+        self.vm = lab.up(self.name, cpus=2, memory_mib=3072, numa=2, disk_gib=8)
+        labsite.prepare_guest(self.vm, models=(TINY_MODEL,))
+        self.site = labsite.write_lab_site(lab, self.facts, lab.dir / "site.yaml")
+        self.site_doc = yaml.safe_load(self.site.read_text())
+        self.profile = load_site(self.site).nodes[self.name]
+        boot_before = self.boot_id()
+        self.first_rc, self.first_results, self.first_seconds = run_pyinfra(self.site,
+                                                                            [self.name])
+        self.boot_ids = (boot_before, self.boot_id())
+        self._copy = copy
+
+    def boot_id(self) -> str:
+        return self.vm.check("cat /proc/sys/kernel/random/boot_id").strip()
+
+
+@pytest.fixture(scope="session")
+def converged_lab(lab: Lab) -> ConvergedLab:
+    try:
+        converged = ConvergedLab(lab)
+    except LabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    if converged.first_rc != 0:
+        pytest.fail(f"the first deploy of {CONVERGED_VM} failed: "
+                    f"{converged.first_results[CONVERGED_VM].errors}", pytrace=False)
+    print(f"\nfresh deploy of {CONVERGED_VM}: {converged.first_seconds:.0f} s")
+    return converged

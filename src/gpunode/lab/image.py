@@ -319,6 +319,11 @@ def _configure(mnt: Path, root_uuid: str, esp_uuid: str, log: Path) -> None:
         _run([*chroot, "apt-get", "-q", "update"], log, env=env)
         _run([*apt, "dist-upgrade"], log, env=env)
         _run([*apt, "install", *PRESEED_PACKAGES], log, env=env)
+        # Keep one kernel (the newest): every initramfs rebuild in a VM covers each kernel.
+        _run([*chroot, "sh", "-c", "newest=$(ls /lib/modules | sort -V | tail -1); "
+              "old=$(dpkg-query -W -f '${Package}\\n' 'linux-image-[0-9]*' | "
+              "grep -v -- \"$newest\" || true); "
+              "[ -z \"$old\" ] || apt-get -q -y purge $old"], log, env=env)
         _install_grub(mnt, root_uuid, log, env)
         _write_grub_cfg(mnt, root_uuid)
         _run([*chroot, "apt-get", "clean"], log, env=env)

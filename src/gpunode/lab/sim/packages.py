@@ -273,7 +273,10 @@ def _unit_postrm(unit: str) -> str:
 
 
 def _dkms_postinst(version: str, flavour: str) -> str:
-    """Real DKMS postinsts run `dkms add/build/install`; the simulation only reports it.
+    """Real DKMS postinsts run `dkms add/build/install` for every kernel with headers. The
+    simulation builds nothing but leaves the same DKMS tree (source with dkms.conf, built
+    and installed module per kernel, the kernel-<k>-<arch> link), so `dkms status` reports
+    `installed` exactly where a real build would have (kernels whose headers exist).
 
     The kmod state itself is the dpkg-owned file installed/kmod, so upgrades and removals
     keep it right without scripts.
@@ -281,9 +284,38 @@ def _dkms_postinst(version: str, flavour: str) -> str:
     return (
         _SH + 'if [ "$1" = configure ]; then\n'
         f'    echo "Loading new nvidia-{version} DKMS files..."\n'
-        f'    echo "SIMULATION: no kernel module is built; {flavour} module {version} '
-        'takes effect at the next boot (gpunode-sim-boot.service)."\n'
+        f"    v={version}\n"
+        "    src=/usr/src/nvidia-$v\n"
+        "    printf '%s\\n' 'PACKAGE_NAME=\"nvidia\"' \"PACKAGE_VERSION=\\\"$v\\\"\" \\\n"
+        "        'BUILT_MODULE_NAME[0]=\"nvidia\"' 'DEST_MODULE_LOCATION[0]=\"/updates/dkms\"' \\\n"
+        "        '# SIMULATION (gpunode lab): nothing to build' 'AUTOINSTALL=\"no\"' \\\n"
+        "        > $src/dkms.conf\n"
+        "    mkdir -p /var/lib/dkms/nvidia/$v\n"
+        "    ln -sfn $src /var/lib/dkms/nvidia/$v/source\n"
+        "    for dir in /lib/modules/*; do\n"
+        "        k=${dir##*/}\n"
+        "        [ -e $dir/build ] || continue\n"
+        "        built=/var/lib/dkms/nvidia/$v/$k/x86_64/module\n"
+        "        mkdir -p $built $dir/updates/dkms\n"
+        f"        printf 'SIMULATION: {flavour} nvidia.ko %s for %s\\n' $v $k > $built/nvidia.ko\n"
+        "        cp $built/nvidia.ko $dir/updates/dkms/nvidia.ko\n"
+        "        ln -sfn $v/$k/x86_64 /var/lib/dkms/nvidia/kernel-$k-x86_64\n"
+        f'        echo "SIMULATION: {flavour} module $v recorded for kernel $k"\n'
+        "    done\n"
         "fi\n"
+    )
+
+
+def _dkms_prerm(version: str) -> str:
+    """Like `dkms remove`: the module leaves every kernel (upgrades re-add the new one)."""
+    return (
+        _SH + f"v={version}\n"
+        "for link in /var/lib/dkms/nvidia/kernel-*; do\n"
+        '    [ "$(readlink $link 2>/dev/null | cut -d/ -f1)" = "$v" ] || continue\n'
+        "    k=${link#/var/lib/dkms/nvidia/kernel-}; k=${k%-x86_64}\n"
+        "    rm -f $link /lib/modules/$k/updates/dkms/nvidia.ko\n"
+        "done\n"
+        "rm -rf /var/lib/dkms/nvidia/$v /usr/src/nvidia-$v/dkms.conf\n"
     )
 
 
@@ -543,7 +575,7 @@ def debian_driver(v: str) -> list[Package]:
                 _text(f"/usr/src/nvidia-{v}/README.gpunode-sim",
                       f"SIMULATION: {flavour} kernel module source {v} (no real source).\n"),
             ),
-            scripts=(("postinst", _dkms_postinst(v, flavour)),),
+            scripts=(("postinst", _dkms_postinst(v, flavour)), ("prerm", _dkms_prerm(v))),
         )
 
     alt = f"nvidia-alternative {eq}"
@@ -683,7 +715,7 @@ def ubuntu_driver(distro: str, v: str) -> list[Package]:
             conflicts=("nvidia-dkms-kernel",),
             replaces=("nvidia-dkms-kernel",),
             files=(_installed("kmod", f"{v} {flavour}"),),
-            scripts=(("postinst", _dkms_postinst(v, flavour)),),
+            scripts=(("postinst", _dkms_postinst(v, flavour)), ("prerm", _dkms_prerm(v))),
         )
 
     def driver(flavour: str) -> Package:
