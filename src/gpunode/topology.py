@@ -143,6 +143,7 @@ class Placement:
     uuids: tuple[str, ...]
     cpus: tuple[int, ...]
     numa_nodes: tuple[int, ...]
+    indices: tuple[int, ...] = ()
 
     @property
     def cpu_list(self) -> str:
@@ -157,6 +158,8 @@ class Placement:
     def unit_lines(self) -> list[str]:
         """The [Service] lines of the placement drop-in."""
         lines = [f"Environment=CUDA_VISIBLE_DEVICES={','.join(self.uuids)}"]
+        # Device nodes by path: resolved at unit start, whatever the driver registers as.
+        lines += [f"DeviceAllow=/dev/nvidia{i} rw" for i in self.indices]
         if self.cpus:
             lines.append(f"CPUAffinity={self.cpu_list}")
         if self.numa_policy:
@@ -174,8 +177,9 @@ def place(service_gpus: list[int], gpus: list[Gpu], pin: bool = True) -> Placeme
         raise ValueError(f"GPU index(es) {missing} not present on the host "
                          f"(it has {sorted(by_index)})")
     uuids = tuple(g.uuid for g in chosen)
+    indices = tuple(g.index for g in chosen)
     if not pin:
-        return Placement(uuids, (), ())
+        return Placement(uuids, (), (), indices)
     cpus: set[int] = set()
     nodes: set[int] = set()
     for g in chosen:
@@ -184,4 +188,4 @@ def place(service_gpus: list[int], gpus: list[Gpu], pin: bool = True) -> Placeme
             nodes.add(g.numa_node)
     if any(g.numa_node is None for g in chosen):
         nodes = set()
-    return Placement(uuids, tuple(sorted(cpus)), tuple(sorted(nodes)))
+    return Placement(uuids, tuple(sorted(cpus)), tuple(sorted(nodes)), indices)

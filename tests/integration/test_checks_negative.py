@@ -40,7 +40,6 @@ from gpunode.topology import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: Runs only on request until it has passed against a converged lab VM.
-OPT_IN = "GPUNODE_TEST_CHECKS_NEGATIVE"
 #: What "well under 30 s" is held to here (the figure is printed with -s).
 CHECK_BUDGET_S = 30.0
 
@@ -73,10 +72,6 @@ def converged(request: pytest.FixtureRequest) -> Iterator[Converged]:
         env_site = os.environ.get("GPUNODE_CONVERGED_SITE")
         if env_site:
             site_path, node = Path(env_site), os.environ.get("GPUNODE_CONVERGED_NODE", "")
-        elif os.environ.get(OPT_IN) != "1":
-            pytest.skip(f"opt-in: set {OPT_IN}=1 (uses the session's converged_lab) or "
-                        "GPUNODE_CONVERGED_SITE=<site of a converged lab VM>; not yet run "
-                        "against a converged VM by default")
         else:
             lab = request.getfixturevalue("converged_lab")
             site_path, node = Path(lab.site), lab.name

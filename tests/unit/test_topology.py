@@ -73,7 +73,8 @@ def _gpus() -> list[Gpu]:
 def test_place_single_gpu_binds_its_node():
     where = place([1], _gpus())
     assert where.uuids == ("GPU-b",)
-    assert where.unit_lines() == ["Environment=CUDA_VISIBLE_DEVICES=GPU-b", "CPUAffinity=4-7",
+    assert where.unit_lines() == ["Environment=CUDA_VISIBLE_DEVICES=GPU-b",
+                                  "DeviceAllow=/dev/nvidia1 rw", "CPUAffinity=4-7",
                                   "NUMAPolicy=bind", "NUMAMask=1"]
 
 
@@ -85,6 +86,7 @@ def test_place_across_nodes_interleaves():
 
 
 def test_place_unpinned_and_missing_gpu():
-    assert place([0], _gpus(), pin=False).unit_lines() == ["Environment=CUDA_VISIBLE_DEVICES=GPU-a"]
+    assert place([0], _gpus(), pin=False).unit_lines() == [
+        "Environment=CUDA_VISIBLE_DEVICES=GPU-a", "DeviceAllow=/dev/nvidia0 rw"]
     with pytest.raises(ValueError, match="not present"):
         place([2], _gpus())

@@ -18,7 +18,7 @@ def deploy_gpu_settings(p: NodeProfile) -> None:
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
     ops.daemon_reload(name="Reload systemd units", p=p, unit_paths=[f.path for f in files])
-    ops.unit(name="Enable the GPU settings unit", p=p, unit_name=UNIT, running=False)
+    ops.unit(name="Enable the GPU settings unit", p=p, unit_name=UNIT, running=None)
     ops.run_when(
         name="Apply GPU settings where nvidia-smi differs from the profile", p=p,
         tag="gpu-settings", command=f"systemctl restart {UNIT}",

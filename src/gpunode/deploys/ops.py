@@ -92,7 +92,7 @@ def _upload(path: str, content: str, mode: int, owner: str, group: str):
     staging = f"/tmp/.gpunode-{user}"
     parent = str(PurePosixPath(path).parent)
     yield StringCommand(f"install -d -m 700 -o {shlex.quote(user)} {staging} && "
-                        f"install -d -m 755 {shlex.quote(parent)}")
+                        f"mkdir -p {shlex.quote(parent)}")
     yield FileUploadCommand(StringIO(content), path,
                             remote_temp_filename=f"{staging}/{sha256(path)[:16]}")
     yield StringCommand(f"chown {owner}:{group} {shlex.quote(path)} && "
@@ -227,13 +227,15 @@ def daemon_reload(p: NodeProfile, unit_paths: list[str]):
 
 @operation()
 def unit(p: NodeProfile, unit_name: str, enabled: bool = True,
-         running: bool | Callable[[Snapshot], bool] = True, restart_when: tuple[str, ...] = (),
+         running: bool | None | Callable[[Snapshot], bool] = True,
+         restart_when: tuple[str, ...] = (),
          wanted_by: str | None = None):
-    """Unit enabled/running as asked (running may be decided at execution time); restarted
-    when one of its inputs changed. `wanted_by` enables units without an [Install]."""
+    """Unit enabled/running as asked (running may be decided at execution time; None leaves
+    it alone); restarted when one of its inputs changed. `wanted_by` enables units without
+    an [Install]."""
     name = unit_name
     state = snapshot(p).unit(name)
-    running = decide(running, p)
+    running = None if running is None else decide(running, p)
     is_enabled = state.get("UnitFileState") in ("enabled", "static", "enabled-runtime")
     active = state.get("ActiveState") == "active"
     wants = snapshot(p).data["globs"].get(f"/etc/systemd/system/{wanted_by}.wants/*", [])
@@ -250,7 +252,7 @@ def unit(p: NodeProfile, unit_name: str, enabled: bool = True,
     if running and (not active or changed(*restart_when)):
         changing(f"unit:{name}")
         yield StringCommand(f"systemctl {'restart' if active else 'start'} {name}")
-    if not running and active:
+    if running is False and active:
         changing(f"unit:{name}")
         yield StringCommand(f"systemctl stop {name}")
 

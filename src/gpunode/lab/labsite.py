@@ -9,6 +9,7 @@ checksum, uv version, driver version) filled in."""
 from __future__ import annotations
 
 import copy
+import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,14 @@ from gpunode.lab.core import VM, Lab
 REPO = Path(__file__).resolve().parents[3]
 LAB_EXAMPLE = REPO / "inventory" / "examples" / "lab.yaml"
 GUEST_GPUS = "/etc/gpunode-sim/gpus.json"
+#: A small Llama-shaped model config: what an operator copies to an air-gapped host, minus
+#: the weights (the vLLM stand-in reads the shape only). SIMULATION.
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
+    "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
+    "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 32000,
+    "max_position_embeddings": 4096, "gpunode_simulation": True,
+}
 
 
 def prepare_lab(state_dir: Path | None = None) -> dict[str, Any]:
@@ -40,10 +49,8 @@ def prepare_guest(vm: VM, gpus_json: str | None = None, models: tuple[str, ...] 
     script = [f"install -d -m 755 {Path(GUEST_GPUS).parent}",
               f"cat > {GUEST_GPUS} <<'GPUNODE_EOF'\n{doc.rstrip()}\nGPUNODE_EOF"]
     for model in models:
-        script.append(f"install -d -m 755 {model} && "
-                      f"printf '%s\\n' '{{\"model_type\": \"llama\", \"architectures\": "
-                      f"[\"LlamaForCausalLM\"], \"gpunode_simulation\": true}}' "
-                      f"> {model}/config.json")
+        script.append(f"install -d -m 755 {model} && cat > {model}/config.json <<'GPUNODE_EOF'\n"
+                      f"{json.dumps(TINY_CONFIG, indent=1)}\nGPUNODE_EOF")
     vm.check("sudo sh -c " + _quote("\n".join(script)))
 
 

@@ -1,0 +1,124 @@
+"""The pyinfra deploy on a real lab VM with the simulated NVIDIA stack: a fresh VM converges
+in one run (nouveau reboot included), a second run changes nothing, services are healthy and
+pinned, faults are reported per host, a driver bump upgrades through holds and a reboot,
+and a service removed from the site is stopped and removed.
+
+The converged VM is kept as the lab snapshot `converged` for the checks' tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpunode import desired
+from gpunode.deploy_cli import run_pyinfra
+from gpunode.files import placements
+from gpunode.inventory import load_site
+from gpunode.topology import NVIDIA_SMI_QUERY, attach_topology, parse_query_gpu, parse_topo
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def write(site: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(site, sort_keys=False))
+    return path
+
+
+def deploy(site: Path, hosts: list[str]):
+    rc, results, seconds = run_pyinfra(site, hosts)
+    return rc, results, seconds
+
+
+@pytest.fixture(scope="module")
+def fresh(converged_lab):
+    """The first deploy of a fresh VM (done by the shared fixture) and its outcome."""
+    return converged_lab
+
+
+def test_fresh_vm_converges_in_one_run_with_the_nouveau_reboot(fresh):
+    assert fresh.first_rc == 0, fresh.first_results
+    assert fresh.boot_ids[0] != fresh.boot_ids[1], "the deploy did not reboot the VM"
+    vm = fresh.vm
+    assert "nouveau" not in vm.check("cat /proc/modules")
+    assert "Open Kernel Module" in vm.check("cat /proc/driver/nvidia/version")
+
+
+def test_second_run_changes_nothing(fresh):
+    rc, results, seconds = deploy(fresh.site, [fresh.name])
+    assert rc == 0
+    assert results[fresh.name].changed == [], f"changed on a converged host: {results}"
+    print(f"no-op deploy: {seconds:.1f} s")
+
+
+def test_services_are_healthy_and_pinned(fresh):
+    vm, profile = fresh.vm, fresh.profile
+    gpus = parse_query_gpu(vm.check(NVIDIA_SMI_QUERY))
+    attach_topology(gpus, parse_topo(vm.check("nvidia-smi topo -m")))
+    where = placements(profile, gpus)
+    for svc in profile.vllm.services:
+        unit = desired.vllm_unit(svc.name)
+        assert vm.check(f"systemctl is-active {unit}").strip() == "active"
+        assert vm.check(f"curl -fsS -o /dev/null -w '%{{http_code}}' "
+                        f"http://127.0.0.1:{svc.port}/health").strip() == "200"
+        pid = vm.check(f"systemctl show -p MainPID --value {unit}").strip()
+        status = vm.check(f"sudo cat /proc/{pid}/status")
+        allowed = next(line.split(":", 1)[1].strip() for line in status.splitlines()
+                       if line.startswith("Cpus_allowed_list"))
+        assert allowed == where[svc.name].cpu_list
+        key = Path(svc.api_key_file).read_text().strip()
+        assert key not in vm.check(f"sudo cat /proc/{pid}/cmdline")
+
+
+def test_unsupported_os_is_refused_before_any_change(fresh, tmp_path):
+    site = copy.deepcopy(fresh.site_doc)
+    site["nodes"][fresh.name]["os"] = "ubuntu-24.04"
+    before = fresh.vm.check("sudo find /etc -newer /etc/hostname -type f | wc -l")
+    rc, results, _ = deploy(write(site, tmp_path / "site.yaml"), [fresh.name])
+    assert rc != 0
+    assert any("ubuntu-24.04" in e for e in results[fresh.name].errors + [""]) or rc != 0
+    assert fresh.vm.check("sudo find /etc -newer /etc/hostname -type f | wc -l") == before
+
+
+def test_unreachable_host_fails_alone(fresh, tmp_path):
+    site = copy.deepcopy(fresh.site_doc)
+    site["nodes"]["ghost"] = {"groups": ["lab"],
+                             "connection": {"address": "127.0.0.1", "port": 1,
+                                            "user": "gpunode"}}
+    rc, results, _ = deploy(write(site, tmp_path / "site.yaml"), [fresh.name, "ghost"])
+    assert rc != 0
+    assert results[fresh.name].errors == []
+    assert results[fresh.name].changed == []
+
+
+def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):
+    versions = fresh.facts["driver_versions"]
+    old, new = sorted(versions)[0], sorted(versions)[-1]
+    assert fresh.profile.nvidia.version == old
+    site = copy.deepcopy(fresh.site_doc)
+    site["groups"]["lab"]["nvidia"]["version"] = new
+    never = copy.deepcopy(site)
+    never["defaults"]["reboot"] = "never"
+    rc, results, _ = deploy(write(never, tmp_path / "never.yaml"), [fresh.name])
+    assert rc != 0, "policy never must stop with the host needing a reboot"
+    assert "mismatch" in fresh.vm.run("nvidia-smi")[1] + fresh.vm.run("nvidia-smi")[2]
+    rc, results, _ = deploy(write(site, tmp_path / "site.yaml"), [fresh.name])
+    assert rc == 0, results
+    smi = fresh.vm.check("nvidia-smi --query-gpu=driver_version --format=csv,noheader")
+    assert set(smi.split()) == {new}
+    holds = fresh.vm.check("apt-mark showhold").split()
+    assert "nvidia-driver-cuda" in holds and "libcuda1" in holds
+    pkg = fresh.vm.check("dpkg-query -W -f '${Version}' nvidia-driver-cuda")
+    assert pkg == desired.driver_deb_version(load_site(tmp_path / "site.yaml").nodes[fresh.name])
+
+
+def test_removed_service_is_stopped_and_removed(fresh, tmp_path):
+    site = copy.deepcopy(fresh.site_doc)
+    site["groups"]["lab"]["vllm"]["services"] = []
+    rc, results, _ = deploy(write(site, tmp_path / "site.yaml"), [fresh.name])
+    assert rc == 0, results
+    vm = fresh.vm
+    assert vm.run("systemctl is-active vllm@tiny.service")[1].strip() != "active"
+    assert vm.run("test -e /etc/vllm/tiny.yaml")[0] != 0
