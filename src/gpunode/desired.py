@@ -168,7 +168,7 @@ def dcgm_packages(p: NodeProfile) -> list[Pkg]:
 def base_packages(p: NodeProfile) -> list[str]:
     """What the rest of the deploy needs, present on every supported OS."""
     pkgs = ["ca-certificates", "curl", "gnupg", "kmod", "pciutils", "numactl",
-            "initramfs-tools", "python3", "python3-venv", "irqbalance"]
+            "initramfs-tools", "python3", "python3-venv", "python3-apt", "irqbalance"]
     if p.nvidia.source == "cuda-repo":
         pkgs.append("dkms")
     return pkgs

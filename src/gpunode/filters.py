@@ -72,7 +72,7 @@ def node_ctk_repo_line(node: dict[str, Any]) -> str:
 def node_driver_preferences(node: dict[str, Any]) -> str:
     from gpunode import desired
 
-    return desired.driver_preferences(_profile(node)) or ""
+    return (desired.driver_preferences(_profile(node)) or "").rstrip("\n")
 
 
 def node_unattended_blacklist(node: dict[str, Any]) -> list[str]:

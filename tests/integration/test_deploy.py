@@ -93,6 +93,25 @@ def test_unreachable_host_fails_alone(fresh, tmp_path):
     assert results[fresh.name].changed == []
 
 
+def test_pins_and_holds_keep_the_driver_from_upgrading(fresh):
+    """Two driver versions are in the (simulated) NVIDIA repository; the node stays on its
+    pinned one: apt's candidate is the pin, and an upgrade leaves the held packages alone."""
+    vm, version = fresh.vm, fresh.profile.nvidia.version
+    policy = vm.check("apt-cache policy nvidia-driver-cuda")
+    assert f"Candidate: {version}-1" in policy, policy
+    assert all(v in policy for v in fresh.facts["driver_deb_versions"]), policy
+    plan = vm.check("sudo apt-get -s -o Debug::NoLocking=1 dist-upgrade")
+    assert not [line for line in plan.splitlines()
+                if line.startswith("Inst ") and "nvidia" in line], plan
+    assert "nvidia-driver-cuda" in vm.check("apt-mark showhold").split()
+
+
+def test_stand_in_rejects_a_removed_vllm_flag(fresh):
+    rc, out, err = fresh.vm.run("/opt/vllm/venv/bin/vllm serve /var/lib/vllm/models/tiny-sim "
+                                "--swap-space 4")
+    assert rc != 0 and "--swap-space" in out + err
+
+
 def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):
     versions = fresh.facts["driver_versions"]
     old, new = sorted(versions)[0], sorted(versions)[-1]

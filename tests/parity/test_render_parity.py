@@ -119,10 +119,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 #: newline (node_driver_preferences), Jinja keeps both newlines and Ansible only one.
 #: Fix (outside the Ansible roles): let gpunode.filters.node_driver_preferences return the
 #: text without its final newline; then both engines write one newline.
-KNOWN_DIFFS = {
-    "nvidia_driver/gpunode-nvidia-driver.pref.j2":
-        "filter output ends with a newline: Jinja keeps it plus the template's, Ansible one",
-}
+KNOWN_DIFFS: dict[str, str] = {}
 
 
 def test_ansible_renders_every_file_like_gpunode(rendered):
