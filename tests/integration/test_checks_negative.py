@@ -184,7 +184,8 @@ def _expected_cpus(c: Converged) -> list[int]:
 def _affinity_break(c: Converged) -> list[str]:
     want = _expected_cpus(c)
     wrong = 0 if want != [0] else 1
-    _dropin(c, f"[Service]\nCPUAffinity={wrong}")
+    # CPUAffinity= assignments merge; an empty one resets the mask first.
+    _dropin(c, f"[Service]\nCPUAffinity=\nCPUAffinity={wrong}")
     return ["CPU affinity differs", "processes have", f"'{wrong}'"]
 
 
