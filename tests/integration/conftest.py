@@ -91,6 +91,10 @@ def lab() -> Iterator[Lab]:
         yield the_lab
     finally:
         the_lab.down_all()
+        from gpunode.lab.sim import server
+
+        with contextlib.suppress(Exception):
+            server.stop(the_lab.dir)  # the simulated mirrors' server, if a test started it
         if not fixed:
             shutil.rmtree(run_dir, ignore_errors=True)
 
