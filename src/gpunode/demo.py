@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(table)
         if not args.keep:
             lab.down_all()
+            from gpunode.lab.sim import server
+
+            server.stop(Path(args.state))
         else:
             console.print(f"VM left running: gpunode lab ssh {NODE} (state {args.state})")
     return 0 if ok else 1
