@@ -51,6 +51,9 @@ def prepare_guest(vm: VM, gpus_json: str | None = None, models: tuple[str, ...] 
     for model in models:
         script.append(f"install -d -m 755 {model} && cat > {model}/config.json <<'GPUNODE_EOF'\n"
                       f"{json.dumps(TINY_CONFIG, indent=1)}\nGPUNODE_EOF")
+    # A first boot is done when cloud-init is: it restarts sshd late (host keys), which
+    # otherwise drops the next SSH connection a deploy opens.
+    vm.run("cloud-init status --wait >/dev/null 2>&1", timeout=900)
     vm.check("sudo sh -c " + _quote("\n".join(script)))
 
 
