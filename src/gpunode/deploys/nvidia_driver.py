@@ -5,6 +5,7 @@ persistence mode really on."""
 
 import shlex
 
+from pyinfra import host
 from pyinfra.api import deploy
 
 from gpunode import desired
@@ -26,8 +27,8 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
                      "or set nvidia.secure_boot: mok and enrol the DKMS key with "
                      "`mokutil --import /var/lib/dkms/mok.pub` at the next boot")
             return
-        host_log = "Secure Boot is on: enrol /var/lib/dkms/mok.pub with mokutil after install"
-        ops.run_when(name=host_log, p=p, command="true", needed=False, tag="sb")
+        host.noop("Secure Boot is on: enrol /var/lib/dkms/mok.pub with "
+                  "`mokutil --import` and reboot, or the DKMS modules will not load")
 
     headers = desired.header_packages(p, snap.data["kernel"], snap.data["kernels"])
     ops.apt_install(name="Install kernel headers for the running and newest kernel", p=p,

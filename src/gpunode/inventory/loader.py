@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from gpunode.model import NodeProfile, Problem, check_profile
+from gpunode.model import NodeProfile, check_profile
 from gpunode.model.site import GROUP_NAME, SITE_KEYS, SiteMeta
 
 DEFAULT_SITE = Path("inventory/site.yaml")
@@ -269,7 +270,7 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
     layers: list[tuple[list[Any], Any, frozenset[str]]] = [(["defaults"], defaults,
                                                           frozenset({"name", "groups"}))]
     for gname, gdata in groups.items():
-        if not isinstance(gname, str) or not _matches(GROUP_NAME, gname):
+        if not isinstance(gname, str) or not re.fullmatch(GROUP_NAME, gname):
             report(["groups", gname], f"groups.{gname}", "group names are lower-case letters, "
                    "digits and _ (they become Ansible group names)")
         if gdata is not None and not isinstance(gdata, dict):
@@ -383,13 +384,3 @@ def _keys_of(path: str) -> list[Any]:
         elif part:
             keys.append(part)
     return keys
-
-
-def _matches(pattern: str, value: str) -> bool:
-    import re
-
-    return re.fullmatch(pattern.strip("^$"), value) is not None
-
-
-def problems_of(profile: NodeProfile) -> list[Problem]:
-    return check_profile(profile)
