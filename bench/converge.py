@@ -30,7 +30,7 @@ TARGET_NOOP_S = 10.0
 
 def pyinfra_run(site: Path) -> dict:
     env = {**os.environ, "GPUNODE_SITE": str(site), "PYTHONUNBUFFERED": "1"}
-    cmd = [str(REPO / ".venv/bin/pyinfra"), "-y", "--no-wait", "-vv",
+    cmd = [str(REPO / ".venv/bin/pyinfra"), "-y", "-vv",
            "inventory/pyinfra_inventory.py", "deploy/gpu_node.py"]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -19,14 +20,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gpunode.deploys import STOP_PREFIX
 from gpunode.inventory import Site, SiteError
 
 REPO = Path(__file__).resolve().parents[2]
 console = Console(stderr=True)
 
 # pyinfra 3 prints, per operation, "--> Starting operation: NAME" and per host
-# "[host] Success", "[host] No changes" or "[host] Error..." lines.
+# "[host] Success", "[host] No changes" or "[host] Error..." lines; gpunode's own stops
+# come as "[host] gpunode stop: WHY" just before the host's error line.
 OP_START = re.compile(r"--> Starting operation: (.+)")
+HOST_STOP = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+" + re.escape(STOP_PREFIX) + r"(?P<why>.*)$")
 HOST_RESULT = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+(?P<what>Success|No changes|Error.*)$")
 
 
@@ -52,40 +56,50 @@ def run_pyinfra(site_path: Path, hosts: list[str], dry_run: bool = False,
                 verbose: bool = False) -> tuple[int, dict[str, HostResult], float]:
     env = {**os.environ, "GPUNODE_SITE": str(site_path.resolve()),
            "GPUNODE_LIMIT": ",".join(hosts), "PYTHONUNBUFFERED": "1"}
-    cmd = [str(Path(sys.executable).with_name("pyinfra")), "-y", "--no-wait"]
+    cmd = [str(Path(sys.executable).with_name("pyinfra")), "-y"]
     if dry_run:
         cmd.append("--dry")
     cmd += [str(REPO / "inventory" / "pyinfra_inventory.py"), str(REPO / "deploy" / "gpu_node.py")]
     results: dict[str, HostResult] = {h: HostResult() for h in hosts}
     started = time.monotonic()
-    op = ""
     with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            text = re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip("\n"))
-            if verbose:
-                console.print(text, markup=False, highlight=False)
-            match = OP_START.search(text)
-            if match:
-                op = match.group(1)
-                if not verbose:
-                    console.print(f"[dim]-> {op}[/dim]")
-                continue
-            match = HOST_RESULT.match(text)
-            if match and match.group("host") in results:
-                res = results[match.group("host")]
-                what = match.group("what")
-                if what == "Success":
-                    res.changed.append(op)
-                elif what == "No changes":
-                    res.unchanged += 1
-                else:
-                    res.errors.append(f"{op}: {what}")
-            elif ("Error" in text or "error" in text) and not verbose:
-                console.print(text, markup=False, highlight=False)
+        read_pyinfra_output(proc.stdout, results, verbose)
         rc = proc.wait()
     return rc, results, time.monotonic() - started
+
+
+def read_pyinfra_output(lines: Iterable[str], results: dict[str, HostResult],
+                        verbose: bool = False) -> None:
+    """Fill `results` from pyinfra's output (per host: changed operations, unchanged count,
+    errors with gpunode's stop messages), echoing progress and error lines."""
+    op = ""
+    for line in lines:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip("\n"))
+        if verbose:
+            console.print(text, markup=False, highlight=False)
+        match = OP_START.search(text)
+        if match:
+            op = match.group(1).strip()
+            if not verbose:
+                console.print(f"[dim]-> {op}[/dim]")
+            continue
+        match = HOST_STOP.match(text) or HOST_RESULT.match(text)
+        if not (match and match.group("host") in results):
+            if ("Error" in text or "error" in text) and not verbose:
+                console.print(text, markup=False, highlight=False)
+            continue
+        res = results[match.group("host")]
+        what = match.groupdict().get("what")
+        if what is None:
+            res.errors.append(f"{op}: {match.group('why')}")
+        elif what == "Success":
+            res.changed.append(op)
+        elif what == "No changes":
+            res.unchanged += 1
+        elif not (res.errors and res.errors[-1].startswith(f"{op}: ")):
+            res.errors.append(f"{op}: {what}")
 
 
 def deploy_command(

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from gpunode.model import NodeProfile
 
+# How a host-stopping message is logged (ops.fail, reboot policy 'never'); `gpunode deploy`
+# reads these lines back as the host's errors.
+STOP_PREFIX = "gpunode stop: "
+
 
 def deploy_node(p: NodeProfile) -> None:
     from gpunode.deploys import (
@@ -20,7 +24,8 @@ def deploy_node(p: NodeProfile) -> None:
         vllm,
     )
 
-    base.deploy_base(p)
+    if not base.deploy_base(p):
+        return
     tuning.deploy_tuning(p)
     nvidia_driver.deploy_nvidia_driver(p)
     reboot.deploy_reboot(p)

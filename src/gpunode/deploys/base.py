@@ -14,16 +14,19 @@ OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04
 
 
 @deploy("Base")
-def deploy_base(p: NodeProfile) -> None:
+def deploy_base(p: NodeProfile) -> bool:
+    """Queue the base operations; False (and a failing operation) when the host does not
+    run the profile's OS, so that nothing else is queued for it."""
     found = ops.snapshot(p).data["os"]
     want = OS_IDS[p.os]
     if (found["id"], found["version_id"]) != want:
         ops.fail(name="Refuse an unsupported or unexpected OS",
                  message=f"{p.name}: the profile says {p.os} but the host runs "
                  f"{found['id']} {found['version_id']}; nothing was changed")
-        return
+        return False
     for f in base_files(p):
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
     ops.apt_update(name="Refresh apt lists (at most hourly)", p=p, cache_time=APT_CACHE_TIME)
     ops.apt_install(name="Install base packages", p=p,
                     packages=[desired.Pkg(n) for n in desired.base_packages(p)])
+    return True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shlex
 from collections import defaultdict
 from collections.abc import Callable
@@ -15,10 +16,11 @@ from io import StringIO
 from pathlib import PurePosixPath
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, OperationError, StringCommand, operation
+from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
 from pyinfra.operations import server
 
 from gpunode import desired
+from gpunode.deploys import STOP_PREFIX
 from gpunode.facts import NodeSnapshot, Snapshot, reboot_reasons, snapshot_spec
 from gpunode.files import ManagedFile, credential_path
 from gpunode.model import NodeProfile
@@ -29,6 +31,7 @@ APT_ENV = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a"
 APT_GET = (f"{APT_ENV} apt-get -q -y --no-install-recommends -o DPkg::Lock::Timeout=300 "
            "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold")
 STAMPS = "/var/lib/gpunode"
+logger = logging.getLogger("pyinfra")
 
 
 def managed_paths(p: NodeProfile) -> list[str]:
@@ -257,11 +260,22 @@ def unit(p: NodeProfile, unit_name: str, enabled: bool = True,
         yield StringCommand(f"systemctl stop {name}")
 
 
+def _stop(message: str) -> FunctionCommand:
+    """A command that fails this operation with `message` logged against the host: pyinfra
+    then skips the host's remaining operations, other hosts continue (raising from the
+    command generator instead would print a traceback)."""
+
+    def report(state, host) -> bool:  # noqa: ARG001 - pyinfra passes both by name
+        host.log_styled(STOP_PREFIX + message, fg="red", log_func=logger.error)
+        return False
+
+    return FunctionCommand(report, (), {})
+
+
 @operation()
 def fail(message: str):
     """Stop this host with a message (other hosts continue)."""
-    raise OperationError(message)
-    yield  # pragma: no cover - makes this a generator
+    yield _stop(message)
 
 
 @operation()
@@ -272,8 +286,9 @@ def reboot_if_needed(p: NodeProfile):
     if not reasons:
         return
     if p.reboot == "never":
-        raise OperationError(f"{p.name} needs a reboot ({'; '.join(reasons)}) and its reboot "
-                             "policy is 'never': reboot it, then run the deploy again")
+        yield _stop(f"{p.name} needs a reboot ({'; '.join(reasons)}) and its reboot policy "
+                    "is 'never': reboot it, then run the deploy again")
+        return
     changing("reboot")
     host.log("rebooting: " + "; ".join(reasons))
     yield StringCommand("systemctl stop 'vllm@*.service' || true")

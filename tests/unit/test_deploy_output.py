@@ -1,0 +1,51 @@
+"""How `gpunode deploy` reads pyinfra: a host stopped by gpunode (unsupported OS, reboot
+policy 'never') gets its reason as an error, its later operations do not run, the run
+exits non-zero, and no traceback is printed. Runs real pyinfra against @local with
+gpunode's own `fail` operation (which changes nothing)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from gpunode.deploy_cli import HostResult, read_pyinfra_output
+
+DEPLOY = """\
+import sys
+sys.path.insert(0, {src!r})
+from pyinfra.operations import server
+from gpunode.deploys import ops
+ops.fail(name="Refuse an unsupported or unexpected OS",
+         message="n1: the profile says ubuntu-24.04 but the host runs debian 12")
+server.shell(name="Must not run", commands=["touch {marker}"])
+"""
+
+
+def test_a_stopped_host_reports_its_reason_and_runs_nothing_after(tmp_path: Path, repo: Path):
+    marker = tmp_path / "ran"
+    deploy = tmp_path / "deploy.py"
+    deploy.write_text(DEPLOY.format(src=str(repo / "src"), marker=marker))
+    pyinfra = Path(sys.executable).with_name("pyinfra")
+    proc = subprocess.run([str(pyinfra), "-y", "@local", str(deploy)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    assert not marker.exists()
+    results = {"@local": HostResult()}
+    read_pyinfra_output(out.splitlines(), results)
+    assert results["@local"].errors == [
+        "Refuse an unsupported or unexpected OS: n1: the profile says ubuntu-24.04 but the "
+        "host runs debian 12"]
+    assert results["@local"].changed == []
+
+
+def test_success_and_no_change_lines_are_counted_per_host():
+    lines = ["--> Starting operation: Write /etc/a", "    [n1] Success", "    [n2] No changes",
+             "--> Starting operation: Install x", "    [n1] No changes",
+             "    [n2] Error: executed 1 commands"]
+    results = {"n1": HostResult(), "n2": HostResult()}
+    read_pyinfra_output(lines, results)
+    assert results["n1"].changed == ["Write /etc/a"] and results["n1"].unchanged == 1
+    assert results["n2"].errors == ["Install x: Error: executed 1 commands"]
