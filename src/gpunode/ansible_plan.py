@@ -10,7 +10,6 @@ placement). Both are plain JSON data, so the roles stay thin YAML over standard 
 from __future__ import annotations
 
 import hashlib
-import shlex
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -18,27 +17,32 @@ from typing import Any
 from gpunode import desired as d
 from gpunode.facts import Snapshot, reboot_reasons, snapshot_command, snapshot_spec
 from gpunode.files import ManagedFile, banned_cpus, credential_path, node_files, placements
+from gpunode.hostcmd import (
+    OS_IDS,
+    STAMP_COMMANDS,
+    apt_mark,
+    ctk_key_install,
+    dpkg_configure_pending,
+    driver_to_version,
+    keyring_install,
+    managed_paths,
+    runtime_configure,
+    stamp_path,
+    stamped_command,
+    unit_names,
+)
 from gpunode.model import NodeProfile
 from gpunode.render import MANAGED_HEADER, TEMPLATES
 from gpunode.topology import Gpu
 
 #: Templates rendered once per vLLM service (their scope holds `service`).
 SERVICE_TEMPLATES = ("vllm/service.yaml.j2", "vllm/service.env.j2", "vllm/instance.conf.j2")
-STAMPS = "/var/lib/gpunode"
 GRUB_CFG = "/etc/default/grub.d/60-gpunode.cfg"
 IRQ_DROPIN = "/etc/systemd/system/irqbalance.service.d/gpunode.conf"
 TEMPLATE_UNITS = ("/etc/systemd/system/vllm@.service",
                   "/etc/systemd/system/vllm-prefetch@.service")
 CONCERNS = ("base", "tuning", "nvidia_driver", "gpu_settings", "container_toolkit", "vllm")
-STAMP_COMMANDS = {
-    "grub": "if command -v update-grub >/dev/null; then update-grub; "
-            "else grub-mkconfig -o /boot/grub/grub.cfg; fi",
-    "initramfs": "update-initramfs -u -k all",
-    "cdi": "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml",
-}
 SCRIPTS = ("/usr/local/lib/gpunode/vllm-start", "/usr/local/lib/gpunode/vllm-wait-ready")
-OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04"),
-          "debian-12": ("debian", "12")}
 
 
 def sha256(text: str) -> str:
@@ -82,10 +86,7 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
     cuda = d.cuda_packages(p) + d.nccl_packages(p) + d.cudnn_packages(p)
     ctk = d.container_toolkit_packages(p)
     dcgm = d.dcgm_packages(p)
-    keyring_deb = f"/tmp/{d.KEYRING_DEB}"
     url, sha = d.keyring_url(p), d.keyring_sha256(p)
-    ctk_base = p.container_toolkit.repo_url.rstrip("/")
-    ctk_key = ctk_base.removesuffix("/stable/deb").removesuffix("/deb") + "/gpgkey"
     return {
         "managed_header": MANAGED_HEADER,
         "templates_dir": str(TEMPLATES),
@@ -94,9 +95,7 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
                        "ban" if p.tuning.irqbalance == "ban-service-cpus" and p.vllm.services
                        else "leave"),
         "dkms": p.nvidia.source == "cuda-repo",
-        "keyring_command": (f"curl -fsSL --retry 3 -o {keyring_deb} {shlex.quote(url)} && "
-                            f"echo {sha}' '{keyring_deb} | sha256sum -c --quiet - && "
-                            f"dpkg --force-confold -i {keyring_deb} && rm -f {keyring_deb}"),
+        "keyring_command": keyring_install(p),
         "secure_boot_stop": (
             f"{p.name}: Secure Boot is on and the CUDA repository builds unsigned DKMS modules "
             "that will not load. Either disable Secure Boot, use nvidia.source: "
@@ -107,6 +106,8 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
                                "nvidia.keyring_sha256",
         "os": dict(zip(("id", "version_id"), OS_IDS[p.os], strict=True)),
         "apt_env": {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"},
+        "apt_mark_hold": apt_mark(p, "hold", []).rstrip(),
+        "dpkg_configure_pending": dpkg_configure_pending(p),
         "packages": {
             "base": d.base_packages(p),
             "pin": d.pinning_package(p),
@@ -120,13 +121,9 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
             "container_toolkit": [x.name for x in ctk] if p.nvidia.hold else [],
             "dcgm": [x.name for x in dcgm if x.version] if p.nvidia.hold else [],
         },
-        "keyring": {"url": url, "sha256": sha, "deb": keyring_deb, "path": d.CUDA_KEYRING},
-        "ctk_key_command": (
-            f"curl -fsSL --retry 3 {shlex.quote(ctk_key)} | gpg --batch --yes --dearmor "
-            f"-o {d.CTK_KEYRING} && chmod 644 {d.CTK_KEYRING}"),
-        "runtimes": [{"name": r, "config": d.RUNTIME_CONFIG[r],
-                      "command": f"nvidia-ctk runtime configure --runtime={r} && "
-                                 f"(systemctl try-restart {r}.service || true)"}
+        "keyring": {"url": url, "sha256": sha, "path": d.CUDA_KEYRING},
+        "ctk_key_command": ctk_key_install(p),
+        "runtimes": [{"name": r, "config": d.RUNTIME_CONFIG[r], "command": runtime_configure(r)}
                      for r in p.container_toolkit.runtimes if r != "podman"],
         "grub_cfg": GRUB_CFG,
         "irq_dropin": IRQ_DROPIN,
@@ -163,7 +160,6 @@ def _venv_command(p: NodeProfile) -> str:
 
 def spec(p: NodeProfile) -> dict[str, Any]:
     """The snapshot spec: exactly what the pyinfra deploy asks the host for."""
-    from gpunode.deploys.ops import managed_paths, unit_names
 
     s = snapshot_spec(p, managed_paths(p), unit_names(p))
     s["globs"] = ["/etc/vllm/*.yaml", "/etc/systemd/system/multi-user.target.wants/*"]
@@ -244,12 +240,11 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
     cdi_key = (gpus[0].driver_version + " " + ",".join(g.uuid for g in gpus)) if gpus else None
     for name, key in (("grub", grub["sha256"]), ("initramfs", blacklist["sha256"]),
                       ("cdi", cdi_key)):
-        stamp = f"{STAMPS}/{name}.stamp"
+        stamp = stamp_path(name)
         needed = key is not None and not _file_ok(snap, stamp, sha256(key + "\n"), "0644",
                                                   "root", "root")
-        stamps[name] = {"path": stamp, "needed": needed, "command": (
-            f"{STAMP_COMMANDS[name]} && install -d {STAMPS} && printf '%s\\n' "
-            f"{shlex.quote(key)} > {stamp} && chmod 644 {stamp}") if key else None}
+        stamps[name] = {"path": stamp, "needed": needed, "command":
+                        stamped_command(STAMP_COMMANDS[name], name, key) if key else None}
     sysctls = d.sysctls(p)
     thp = data["thp"]
     govs = data["governors"]
@@ -261,7 +256,7 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         n for n, v in snap.packages.items() if version and d.is_driver_package(n)
         and v.split(":")[-1].startswith(f"{p.nvidia.branch}.")
         and not v.split(":")[-1].startswith(f"{version}-"))
-    units = {u: _unit(snap, u) for u in _unit_names(p)}
+    units = {u: _unit(snap, u) for u in unit_names(p)}
     wants = data["globs"].get("/etc/systemd/system/multi-user.target.wants/*", [])
     units["nvidia-persistenced.service"]["wanted"] = (
         "/etc/systemd/system/multi-user.target.wants/nvidia-persistenced.service" in wants)
@@ -299,6 +294,8 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
             **{k: _missing(snap, v) for k, v in want["holds"].items()},
         },
         "stale_driver": stale_driver,
+        "driver_to_version": driver_to_version(p, stale_driver) if stale_driver else None,
+        "dpkg_unfinished": data.get("dpkg_unfinished", []),
         "keyring_needed": ("cuda-keyring" not in snap.packages
                            or not snap.file(d.CUDA_KEYRING)),
         "ctk_key_needed": not snap.file(d.CTK_KEYRING),
@@ -308,7 +305,7 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "stamps": stamps,
         "units": units,
         "stale_daemon": any(snap.unit(u).get("NeedDaemonReload") == "yes"
-                            for u in _unit_names(p)),
+                            for u in unit_names(p)),
         "gpu_drift": d.gpu_settings_drift(p, gpus) if snap.smi_ok else [],
         "runtime_lacks": {r: (data["cmds"].get(f"grep:{d.RUNTIME_CONFIG[r]}") or {"rc": 1})
                           ["rc"] != 0 for r in p.container_toolkit.runtimes if r != "podman"},
@@ -332,12 +329,6 @@ def _dir_ok(snap: Snapshot, x: dict[str, str]) -> bool:
     cur = snap.file(x["path"])
     return bool(cur and cur.get("dir") and cur["mode"] == x["mode"]
                 and cur["owner"] == x["owner"] and cur["group"] == x["group"])
-
-
-def _unit_names(p: NodeProfile) -> list[str]:
-    from gpunode.deploys.ops import unit_names
-
-    return unit_names(p)
 
 
 def reboot_message(p: NodeProfile, reasons: list[str]) -> str:

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from gpunode.deploys.ops import managed_paths, unit_names
 from gpunode.facts import snapshot_command, snapshot_spec
+from gpunode.hostcmd import managed_paths, unit_names
 from gpunode.inventory import load_site
 from gpunode.model import NodeProfile
 

@@ -6,11 +6,10 @@ from pyinfra.api import deploy
 from gpunode import desired
 from gpunode.deploys import ops
 from gpunode.files import base_files
+from gpunode.hostcmd import OS_IDS, dpkg_configure_pending
 from gpunode.model import NodeProfile
 
 APT_CACHE_TIME = 3600
-OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04"),
-          "debian-12": ("debian", "12")}
 
 
 @deploy("Base")
@@ -24,6 +23,9 @@ def deploy_base(p: NodeProfile) -> bool:
                  message=f"{p.name}: the profile says {p.os} but the host runs "
                  f"{found['id']} {found['version_id']}; nothing was changed")
         return False
+    ops.run_when(name="Finish an interrupted dpkg run", p=p, tag="dpkg-configure",
+                 needed=lambda snap: bool(snap.data.get("dpkg_unfinished")),
+                 command=dpkg_configure_pending(p))
     for f in base_files(p):
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
     ops.apt_update(name="Refresh apt lists (at most hourly)", p=p, cache_time=APT_CACHE_TIME)

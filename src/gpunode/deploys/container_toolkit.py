@@ -2,19 +2,14 @@
 runtimes configured by nvidia-ctk (which merges into existing configs), and the CDI spec,
 regenerated when the driver version changes."""
 
-import shlex
 
 from pyinfra.api import deploy
 
 from gpunode import desired
 from gpunode.deploys import ops
 from gpunode.files import container_toolkit_files
+from gpunode.hostcmd import ctk_key_install, runtime_configure
 from gpunode.model import NodeProfile
-
-
-def key_url(p: NodeProfile) -> str:
-    base = p.container_toolkit.repo_url.rstrip("/")
-    return base.removesuffix("/stable/deb").removesuffix("/deb") + "/gpgkey"
 
 
 @deploy("NVIDIA Container Toolkit")
@@ -24,9 +19,7 @@ def deploy_container_toolkit(p: NodeProfile) -> None:
     ops.run_when(
         name="Install the container toolkit repository key", p=p, tag="ctk-key",
         needed=lambda snap: not snap.file(desired.CTK_KEYRING),
-        command=(f"curl -fsSL --retry 3 {shlex.quote(key_url(p))} | "
-                 f"gpg --batch --yes --dearmor -o {desired.CTK_KEYRING} && "
-                 f"chmod 644 {desired.CTK_KEYRING}"))
+        command=ctk_key_install(p))
     files = container_toolkit_files(p)
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
@@ -43,13 +36,11 @@ def deploy_container_toolkit(p: NodeProfile) -> None:
         ops.run_when(
             name=f"Configure the {runtime} runtime for NVIDIA", p=p, tag=f"runtime:{runtime}",
             needed=lambda snap, path=path: _lacks_nvidia(snap, path),
-            command=(f"nvidia-ctk runtime configure --runtime={runtime} && "
-                     f"(systemctl try-restart {runtime}.service || true)"))
+            command=runtime_configure(runtime))
     if p.container_toolkit.cdi:
         ops.stamped(name="Generate the CDI spec for this driver", p=p, stamp_name="cdi",
                     key=lambda snap: (snap.gpus[0].driver_version + " " + ",".join(
-                        g.uuid for g in snap.gpus)) if snap.gpus else None,
-                    command="nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml")
+                        g.uuid for g in snap.gpus)) if snap.gpus else None)
 
 
 def _lacks_nvidia(snap, path: str) -> bool:

@@ -3,7 +3,6 @@ keyring, or Ubuntu's archive), branch pinning and exact version, holds, open ker
 modules, nouveau blacklisted in the initramfs, Secure Boot, nvidia-persistenced with
 persistence mode really on."""
 
-import shlex
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -11,6 +10,7 @@ from pyinfra.api import deploy
 from gpunode import desired
 from gpunode.deploys import ops
 from gpunode.files import driver_files
+from gpunode.hostcmd import keyring_install
 from gpunode.model import NodeProfile
 
 
@@ -36,19 +36,16 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
 
     files = driver_files(p)
     if dkms:
-        url, sha = desired.keyring_url(p), desired.keyring_sha256(p)
-        if sha is None:
+        install = keyring_install(p)
+        if install is None:
             ops.fail(name="Stop: no keyring checksum",
-                     message=f"{p.name}: no published checksum for {url}; set "
-                     "nvidia.keyring_sha256")
+                     message=f"{p.name}: no published checksum for {desired.keyring_url(p)}; "
+                     "set nvidia.keyring_sha256")
             return
-        deb = f"/tmp/{desired.KEYRING_DEB}"
         ops.run_when(
             name="Install cuda-keyring (checksum-verified)", p=p, tag="keyring",
             needed="cuda-keyring" not in snap.packages or not snap.file(desired.CUDA_KEYRING),
-            command=(f"curl -fsSL --retry 3 -o {deb} {shlex.quote(url)} && "
-                     f"echo {sha}' '{deb} | sha256sum -c --quiet - && "
-                     f"{ops.APT_ENV} dpkg --force-confold -i {deb} && rm -f {deb}"))
+            command=install)
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
     sources = tuple(f.path for f in files if "sources.list.d" in f.path or "preferences" in f.path)
@@ -65,7 +62,7 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
         ops.hold_driver(name="Hold the driver packages", p=p)
     blacklist = next(f for f in files if f.path.endswith("blacklist-nouveau.conf"))
     ops.stamped(name="Rebuild the initramfs without nouveau", p=p, stamp_name="initramfs",
-                key=ops.sha256(blacklist.content), command="update-initramfs -u -k all")
+                key=ops.sha256(blacklist.content))
     ops.daemon_reload(name="Reload systemd units", p=p, unit_paths=[f.path for f in files])
     ops.unit(name="Run nvidia-persistenced with persistence mode", p=p,
              unit_name="nvidia-persistenced.service", wanted_by="multi-user.target",

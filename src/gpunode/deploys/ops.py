@@ -19,40 +19,24 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
 from pyinfra.operations import server
 
-from gpunode import desired
+from gpunode import desired, hostcmd
 from gpunode.deploys import STOP_PREFIX
 from gpunode.facts import NodeSnapshot, Snapshot, reboot_reasons, snapshot_spec
 from gpunode.files import ManagedFile, credential_path
+from gpunode.hostcmd import (
+    STAMP_COMMANDS,
+    apt_get,
+    apt_mark,
+    managed_paths,
+    stamp_path,
+    stamped_command,
+    unit_names,
+)
 from gpunode.model import NodeProfile
 
 _CACHE: dict[str, Snapshot] = {}
 _CHANGED: dict[str, set[str]] = defaultdict(set)
-APT_ENV = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a"
-APT_GET = (f"{APT_ENV} apt-get -q -y --no-install-recommends -o DPkg::Lock::Timeout=300 "
-           "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold")
-STAMPS = "/var/lib/gpunode"
 logger = logging.getLogger("pyinfra")
-
-
-def managed_paths(p: NodeProfile) -> list[str]:
-    """Every path the snapshot reports on (files, drop-ins, credentials, stamps)."""
-    from gpunode.files import node_files
-
-    paths = [f.path for f in node_files(p)]
-    paths += [f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf" for s in p.vllm.services]
-    paths += [credential_path(s.name) for s in p.vllm.services if s.api_key_file]
-    paths += ["/etc/systemd/system/irqbalance.service.d/gpunode.conf", desired.CUDA_KEYRING,
-              desired.CTK_KEYRING, "/etc/cdi/nvidia.yaml", "/etc/docker/daemon.json",
-              "/etc/containerd/config.toml", "/etc/crio/crio.conf.d/99-nvidia.toml"]
-    paths += ["/etc/vllm", "/etc/vllm/credentials", "/var/lib/vllm", p.vllm.model_cache]
-    paths += [f"{STAMPS}/{name}.stamp" for name in ("initramfs", "grub", "cdi", "vllm-venv")]
-    return paths
-
-
-def unit_names(p: NodeProfile) -> list[str]:
-    units = ["nvidia-persistenced.service", "gpunode-gpu-settings.service", "irqbalance.service",
-             "nvidia-dcgm.service", "docker.service", "containerd.service"]
-    return units + desired.vllm_units(p)
 
 
 def snapshot(p: NodeProfile) -> Snapshot:
@@ -134,7 +118,7 @@ def apt_update(p: NodeProfile, cache_time: int, when_changed: tuple[str, ...] = 
     age = time.time() - snapshot(p).data["apt_lists_mtime"]
     if age > cache_time or changed(*when_changed):
         changing("apt-update")
-        yield StringCommand(f"{APT_GET} update")
+        yield StringCommand(apt_get(p, "update"))
 
 
 @operation()
@@ -150,10 +134,10 @@ def apt_install(p: NodeProfile, packages: list[desired.Pkg], unhold: bool = Fals
     held = [pkg.name for pkg in todo if pkg.name in snap.holds]
     specs = " ".join(shlex.quote(pkg.spec) for pkg in todo)
     if held:
-        yield StringCommand(f"apt-mark unhold {' '.join(held)}")
-    yield StringCommand(f"{APT_GET} install --allow-change-held-packages {specs}")
+        yield StringCommand(apt_mark(p, "unhold", held))
+    yield StringCommand(apt_get(p, f"install --allow-change-held-packages {specs}"))
     if held:
-        yield StringCommand(f"apt-mark hold {' '.join(held)}")
+        yield StringCommand(apt_mark(p, "hold", held))
 
 
 @operation()
@@ -161,7 +145,7 @@ def apt_hold(p: NodeProfile, names: list[str]):
     missing = [n for n in names if n not in snapshot(p).holds]
     if missing:
         changing("hold")
-        yield StringCommand(f"apt-mark hold {' '.join(sorted(missing))}")
+        yield StringCommand(apt_mark(p, "hold", sorted(missing)))
 
 
 @operation()
@@ -171,7 +155,7 @@ def hold_driver(p: NodeProfile):
     missing = [n for n in desired.driver_hold_set(p, snap.packages) if n not in snap.holds]
     if missing:
         changing("hold")
-        yield StringCommand(f"apt-mark hold {' '.join(missing)}")
+        yield StringCommand(apt_mark(p, "hold", missing))
 
 
 @operation()
@@ -188,9 +172,7 @@ def driver_to_version(p: NodeProfile):
     if not stale:
         return
     changing("driver-version")
-    yield StringCommand(f"apt-mark unhold {' '.join(stale)}")
-    yield StringCommand(f"{APT_GET} install --allow-change-held-packages --allow-downgrades "
-                        f"{' '.join(stale)}")
+    yield StringCommand(hostcmd.driver_to_version(p, stale))
 
 
 def decide(value: bool | Callable[[Snapshot], bool], p: NodeProfile) -> bool:
@@ -199,16 +181,15 @@ def decide(value: bool | Callable[[Snapshot], bool], p: NodeProfile) -> bool:
 
 
 @operation()
-def stamped(p: NodeProfile, stamp_name: str, key: str | Callable[[Snapshot], str | None],
-            command: str):
-    """Run `command` once per value of `key` (a stamp file records the last success), so
-    an interrupted run repeats it next time. A key of None means: not now."""
+def stamped(p: NodeProfile, stamp_name: str, key: str | Callable[[Snapshot], str | None]):
+    """Run the stamp's command (hostcmd.STAMP_COMMANDS) once per value of `key` (a stamp
+    file records the last success), so an interrupted run repeats it next time. A key of
+    None means: not now."""
     key = key(snapshot(p)) if callable(key) else key
-    stamp = f"{STAMPS}/{stamp_name}.stamp"
+    stamp = stamp_path(stamp_name)
     if key is not None and file_differs(snapshot(p), stamp, key + "\n", 0o644, "root", "root"):
         changing(f"stamp:{stamp_name}")
-        yield StringCommand(f"{command} && install -d {STAMPS} && "
-                            f"printf '%s\\n' {shlex.quote(key)} > {stamp} && chmod 644 {stamp}")
+        yield StringCommand(stamped_command(STAMP_COMMANDS[stamp_name], stamp_name, key))
 
 
 @operation()

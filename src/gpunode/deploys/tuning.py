@@ -33,9 +33,7 @@ def deploy_tuning(p: NodeProfile) -> None:
                   f"({snap.data['virt']})")
     grub = next(f for f in files if f.path == GRUB_CFG)
     ops.stamped(name="Update the GRUB configuration", p=p, stamp_name="grub",
-                key=ops.sha256(grub.content),
-                command="if command -v update-grub >/dev/null; then update-grub; "
-                        "else grub-mkconfig -o /boot/grub/grub.cfg; fi")
+                key=ops.sha256(grub.content))
 
 
 def _runtime_differs(p: NodeProfile, snap) -> bool:

@@ -82,7 +82,7 @@ def main():
     out["reboot_required_pkgs"] = (read("/run/reboot-required.pkgs", "") or "").split()
     out["nvidia_proc_version"] = read("/proc/driver/nvidia/version")
     rc, dpkg, _ = run(["dpkg-query", "-W", "-f", "${Package}\t${Version}\t${Status}\n"])
-    pkgs, holds = {}, []
+    pkgs, holds, unfinished = {}, [], []
     for line in dpkg.splitlines():
         parts = line.split("\t")
         if len(parts) != 3:
@@ -93,7 +93,14 @@ def main():
             pkgs[name] = version
         if words and words[0] == "hold":
             holds.append(name)
+        if len(words) == 3 and words[2] in ("half-installed", "half-configured", "unpacked",
+                                            "triggers-awaited", "triggers-pending"):
+            unfinished.append(name)
     out["packages"] = pkgs
+    # An interrupted dpkg run (killed apt, lost power) leaves its journal or packages
+    # that are unpacked but not configured; apt refuses to work until it is finished.
+    journal = glob.glob("/var/lib/dpkg/updates/*")
+    out["dpkg_unfinished"] = sorted(unfinished) + (["(dpkg journal)"] if journal else [])
     out["holds"] = sorted(holds)
     lists = glob.glob("/var/lib/apt/lists/*_Packages") + glob.glob("/var/lib/apt/lists/*Release")
     out["apt_lists_mtime"] = max((os.path.getmtime(p) for p in lists), default=0)

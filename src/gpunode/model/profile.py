@@ -42,6 +42,9 @@ class NodeProfile(Strict):
         "auto", description="auto: reboot when needed during a deploy (vLLM units stopped "
         "first); never: finish what is safe and report the host as needing a reboot.")
     reboot_timeout_s: int = Field(900, ge=60, description="How long to wait for a reboot.")
+    apt_lock_timeout_s: int = Field(
+        300, ge=0, le=3600, description="How long apt and dpkg steps wait for the dpkg lock "
+        "held by another process (unattended-upgrades, a person) before the host fails.")
     memory_mib: int | None = Field(None, ge=1024, description="Host RAM (for hugepage checks).")
     gpus: GpuExpect = Field(default_factory=GpuExpect, description="GPUs the host must have.")
     nvidia: Nvidia = Field(default_factory=Nvidia, description="NVIDIA driver.")

@@ -1,0 +1,108 @@
+"""The shell commands and host paths both engines use (pyinfra operations and the Ansible
+roles through gpunode.ansible_plan), so the two run the same thing on a host. No pyinfra
+imports here."""
+
+from __future__ import annotations
+
+import shlex
+
+from gpunode import desired
+from gpunode.files import credential_path, node_files
+from gpunode.model import NodeProfile
+
+OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04"),
+          "debian-12": ("debian", "12")}
+APT_ENV = "DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a"
+STAMPS = "/var/lib/gpunode"
+#: Commands run once per value of a key; a stamp file under STAMPS records the last success.
+STAMP_COMMANDS = {
+    "grub": "if command -v update-grub >/dev/null; then update-grub; "
+            "else grub-mkconfig -o /boot/grub/grub.cfg; fi",
+    "initramfs": "update-initramfs -u -k all",
+    "cdi": "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml",
+}
+
+
+def stamp_path(name: str) -> str:
+    return f"{STAMPS}/{name}.stamp"
+
+
+def stamped_command(command: str, name: str, key: str) -> str:
+    """`command`, then record `key` in the stamp (only when the command succeeded)."""
+    stamp = stamp_path(name)
+    return (f"{command} && install -d {STAMPS} && printf '%s\\n' {shlex.quote(key)} > {stamp} "
+            f"&& chmod 644 {stamp}")
+
+
+def apt_get(p: NodeProfile, args: str) -> str:
+    """An apt-get command that waits (bounded) for a dpkg lock held by another process and
+    keeps existing configuration files."""
+    return (f"{APT_ENV} apt-get -q -y --no-install-recommends "
+            f"-o DPkg::Lock::Timeout={p.apt_lock_timeout_s} -o Dpkg::Options::=--force-confdef "
+            f"-o Dpkg::Options::=--force-confold {args}")
+
+
+def apt_mark(p: NodeProfile, action: str, names: list[str]) -> str:
+    """apt-mark hold/unhold, waiting for the dpkg lock like apt-get does."""
+    return f"apt-mark -o DPkg::Lock::Timeout={p.apt_lock_timeout_s} {action} {' '.join(names)}"
+
+
+def keyring_install(p: NodeProfile) -> str | None:
+    """Download cuda-keyring, check its published SHA-256, install it (None: no checksum
+    is known for the URL, and the deploy must stop)."""
+    url, sha = desired.keyring_url(p), desired.keyring_sha256(p)
+    if sha is None:
+        return None
+    deb = f"/tmp/{desired.KEYRING_DEB}"
+    return (f"curl -fsSL --retry 3 -o {deb} {shlex.quote(url)} && "
+            f"echo {sha}' '{deb} | sha256sum -c --quiet - && "
+            f"{apt_get(p, f'install --reinstall {deb}')} && rm -f {deb}")
+
+
+def ctk_key_install(p: NodeProfile) -> str:
+    """Fetch the container toolkit repository's signing key into its keyring file."""
+    base = p.container_toolkit.repo_url.rstrip("/")
+    url = base.removesuffix("/stable/deb").removesuffix("/deb") + "/gpgkey"
+    return (f"curl -fsSL --retry 3 {shlex.quote(url)} | gpg --batch --yes --dearmor "
+            f"-o {desired.CTK_KEYRING} && chmod 644 {desired.CTK_KEYRING}")
+
+
+def runtime_configure(runtime: str) -> str:
+    """Add the NVIDIA runtime to a container engine's configuration, keeping the rest."""
+    return (f"nvidia-ctk runtime configure --runtime={runtime} && "
+            f"(systemctl try-restart {runtime}.service || true)")
+
+
+def driver_to_version(p: NodeProfile, stale: list[str]) -> str:
+    """Move the installed driver packages `stale` to the pinned version (the preferences'
+    candidate), up or down, through their holds (held again by a later step)."""
+    return (f"{apt_mark(p, 'unhold', stale)} && "
+            + apt_get(p, "install --allow-change-held-packages --allow-downgrades "
+                      + " ".join(stale)))
+
+
+def dpkg_configure_pending(p: NodeProfile) -> str:
+    """Finish what an interrupted dpkg run left (dpkg itself does not wait for its lock,
+    so retry for as long as apt would wait)."""
+    return (f"n=0; until {APT_ENV} dpkg --force-confdef --force-confold --configure -a; do "
+            f"n=$((n+5)); [ $n -gt {p.apt_lock_timeout_s} ] && exit 1; sleep 5; done")
+
+
+def managed_paths(p: NodeProfile) -> list[str]:
+    """Every path the snapshot reports on (files, drop-ins, credentials, stamps)."""
+    paths = [f.path for f in node_files(p)]
+    paths += [f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf" for s in p.vllm.services]
+    paths += [credential_path(s.name) for s in p.vllm.services if s.api_key_file]
+    paths += ["/etc/systemd/system/irqbalance.service.d/gpunode.conf", desired.CUDA_KEYRING,
+              desired.CTK_KEYRING, "/etc/cdi/nvidia.yaml", "/etc/docker/daemon.json",
+              "/etc/containerd/config.toml", "/etc/crio/crio.conf.d/99-nvidia.toml"]
+    paths += ["/etc/vllm", "/etc/vllm/credentials", "/var/lib/vllm", p.vllm.model_cache]
+    paths += [stamp_path(name) for name in ("initramfs", "grub", "cdi", "vllm-venv")]
+    return paths
+
+
+def unit_names(p: NodeProfile) -> list[str]:
+    """Every unit the snapshot reports on."""
+    units = ["nvidia-persistenced.service", "gpunode-gpu-settings.service", "irqbalance.service",
+             "nvidia-dcgm.service", "docker.service", "containerd.service"]
+    return units + desired.vllm_units(p)
