@@ -76,7 +76,7 @@ FILES: dict[str, str] = {
         "GRUB_DEFAULT=0\n"
         "GRUB_TIMEOUT=0\n"
         "GRUB_DISTRIBUTOR=`( . /etc/os-release; echo ${NAME:-Debian} ) 2>/dev/null || echo Debian`\n"
-        'GRUB_CMDLINE_LINUX_DEFAULT=""\n'
+        'GRUB_CMDLINE_LINUX_DEFAULT="quiet"\n'
         'GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8"\n'
         'GRUB_TERMINAL="serial console"\n'
         'GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"\n'
@@ -93,6 +93,17 @@ FILES: dict[str, str] = {
         "network: {config: disabled}\n"
         "# RSA host key generation is slow under TCG; clients all speak ed25519/ecdsa.\n"
         "ssh_genkeytypes: [ed25519, ecdsa]\n"
+        "# Only the modules the lab's seeds use: every module costs seconds under TCG, and\n"
+        "# set-passwords would restart sshd after the VM already answered SSH.\n"
+        "cloud_init_modules: [seed_random, growpart, resizefs, set_hostname, update_hostname,\n"
+        "  update_etc_hosts, users-groups, ssh]\n"
+        "cloud_config_modules: []\n"
+        "cloud_final_modules: [final-message]\n"
+    ),
+    # Password logins off in the image (users are created with locked passwords anyway),
+    # so the seed need not ask cloud-init to change sshd's configuration.
+    "etc/ssh/sshd_config.d/gpunode-lab.conf": (
+        "# gpunode lab: keys only.\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
     ),
     # Debian does not blacklist nouveau, but without an NVIDIA device udev never loads it.
     # A fresh GPU host has nouveau loaded; the lab reproduces that state on purpose.
@@ -378,8 +389,9 @@ def _write_grub_cfg(mnt: Path, root_uuid: str) -> None:
     if not kernels:
         raise LabError("lab image build: no kernel in /boot")
     version = kernels[-1].name.removeprefix("vmlinuz-")
-    cmdline = re.search(r'^GRUB_CMDLINE_LINUX="([^"]*)"', FILES["etc/default/grub"], re.M)
-    args = cmdline.group(1) if cmdline else ""
+    grub = FILES["etc/default/grub"]
+    args = " ".join(m.group(1) for m in re.finditer(
+        r'^GRUB_CMDLINE_LINUX(?:_DEFAULT)?="([^"]*)"', grub, re.M) if m.group(1))
     (mnt / "boot/grub/grub.cfg").write_text(
         "# Written by the gpunode lab image build; `update-grub` in the guest replaces it.\n"
         "serial --unit=0 --speed=115200\n"

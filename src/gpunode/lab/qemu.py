@@ -72,7 +72,8 @@ def build_argv(spec: MachineSpec, accel: str, qemu: str = QEMU) -> list[str]:
         "-nodefaults", "-display", "none", "-vga", "none",
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,unit=1,file={spec.vars}",
-        "-drive", f"file={spec.disk},format=qcow2,if=virtio,discard=unmap,detect-zeroes=unmap",
+        "-drive", f"file={spec.disk},format=qcow2,if=virtio,cache=unsafe,discard=unmap,"
+        "detect-zeroes=unmap",
         "-drive", f"file={spec.seed},format=raw,if=virtio,readonly=on",
         "-device", "virtio-rng-pci",
     ]

@@ -29,7 +29,6 @@ def user_data(hostname: str, pubkey: str) -> str:
             "ssh_authorized_keys": [pubkey.strip()],
         }],
         "disable_root": True,
-        "ssh_pwauth": False,
         "growpart": {"mode": "auto", "devices": ["/"]},
         "resize_rootfs": True,
         # The image has no `locales` package; cloud-init's default (en_US.UTF-8) would fail.
