@@ -87,3 +87,26 @@ def test_cli_refuses_wildcard_bind(tmp_path: Path) -> None:
          "0", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "refusing to bind 0.0.0.0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_server_left_by_a_removed_lab_is_replaced_but_a_live_labs_is_not(tmp_path: Path):
+    """A killed test session leaves its server on the port and its lab directory is
+    removed later: the next lab takes the port over. A live lab's server is never taken."""
+    import shutil
+
+    www = tmp_path / "www"
+    www.mkdir()
+    port = free_port()
+    old_state, new_state = tmp_path / "old", tmp_path / "new"
+    old = server.start(www, port, old_state)
+    try:
+        with pytest.raises(LabError, match="already in use"):
+            server.start(www, port, new_state)  # the old lab is alive: its server stays
+        assert server.status(old_state)["pid"] == old["pid"]
+        shutil.rmtree(old_state)  # what reaping a dead session's run directory does
+        new = server.start(www, port, new_state)
+        assert new["pid"] != old["pid"]
+        assert not Path(f"/proc/{old['pid']}").exists() or not server._is_our_process(old["pid"])
+    finally:
+        server.stop(new_state)
+        server.stop(old_state)

@@ -127,6 +127,38 @@ def _answers(host: str, port: int) -> bool:
     return False
 
 
+def _reap_orphans(port: int) -> list[int]:
+    """Stop mirror servers on `port` whose lab is gone (its state dir was removed, or its
+    state file names another process): what a killed test session leaves behind. Returns
+    their pids."""
+    reaped = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        pid = int(proc_dir.name)
+        try:
+            argv = [a.decode(errors="replace") for a in
+                    (proc_dir / "cmdline").read_bytes().split(b"\0")]
+        except OSError:
+            continue
+        if "gpunode.lab.sim.server" not in argv or "--port" not in argv or "--log" not in argv:
+            continue
+        if argv[argv.index("--port") + 1] != str(port):
+            continue
+        sdir = Path(argv[argv.index("--log") + 1]).parent
+        try:
+            owner = json.loads(_state_file(sdir).read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        if owner == pid:
+            continue  # a live lab's server: leave it to that lab
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+        reaped.append(pid)
+    deadline = time.monotonic() + 5
+    while any(_is_our_process(pid) for pid in reaped) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return reaped
+
+
 def status(state_dir: Path | None = None) -> dict[str, Any] | None:
     """The running background server's record (pid, port, root, url, log), or None."""
     path = _state_file(state_dir or default_state_dir())
@@ -161,7 +193,7 @@ def start(
     if not www.is_dir():
         raise LabError(f"sim HTTP server: www root {www} does not exist; build it first "
                        "(gpunode.lab.sim.prepare()).")
-    if _answers(host, port):
+    if _answers(host, port) and (not _reap_orphans(port) or _answers(host, port)):
         raise LabError(f"sim HTTP server: {host}:{port} is already in use by another program; "
                        "set GPUNODE_LAB_HTTP_PORT to a free port.")
     sdir.mkdir(parents=True, exist_ok=True)
