@@ -106,7 +106,6 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
                                "nvidia.keyring_sha256",
         "os": dict(zip(("id", "version_id"), OS_IDS[p.os], strict=True)),
         "apt_env": {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"},
-        "apt_mark_hold": apt_mark(p, "hold", []).rstrip(),
         "dpkg_configure_pending": dpkg_configure_pending(p),
         "packages": {
             "base": d.base_packages(p),
@@ -264,6 +263,10 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
     keep = {s.name for s in p.vllm.services}
     venv = want["vllm"]["venv"]
     pk = want["packages"]
+    missing_holds = {
+        "driver": _missing(snap, d.driver_hold_set(p, snap.packages)) if p.nvidia.hold else [],
+        **{k: _missing(snap, v) for k, v in want["holds"].items()},
+    }
     return {
         "os": data["os"],
         "os_ok": (data["os"]["id"], data["os"]["version_id"]) == OS_IDS[p.os],
@@ -288,11 +291,9 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
             "dcgm": _todo(snap, pk["dcgm"]),
         },
         "held": sorted(snap.holds),
-        "missing_holds": {
-            "driver": _missing(snap, d.driver_hold_set(p, snap.packages))
-            if p.nvidia.hold else [],
-            **{k: _missing(snap, v) for k, v in want["holds"].items()},
-        },
+        "missing_holds": missing_holds,
+        "hold_command": {k: apt_mark(p, "hold", v) if v else None
+                         for k, v in missing_holds.items()},
         "stale_driver": stale_driver,
         "driver_to_version": driver_to_version(p, stale_driver) if stale_driver else None,
         "dpkg_unfinished": data.get("dpkg_unfinished", []),

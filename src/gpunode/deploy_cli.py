@@ -31,6 +31,7 @@ console = Console(stderr=True)
 # come as "[host] gpunode stop: WHY" just before the host's error line.
 OP_START = re.compile(r"--> Starting operation: (.+)")
 HOST_STOP = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+" + re.escape(STOP_PREFIX) + r"(?P<why>.*)$")
+HOST_LINE = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+(?P<text>.*)$")
 HOST_RESULT = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+(?P<what>Success|No changes|Error.*)$")
 
 
@@ -52,14 +53,21 @@ def preflight(site: Site, names: list[str]) -> list[str]:
     return problems
 
 
-def run_pyinfra(site_path: Path, hosts: list[str], dry_run: bool = False,
-                verbose: bool = False) -> tuple[int, dict[str, HostResult], float]:
+def pyinfra_command(site_path: Path, hosts: list[str], dry_run: bool = False
+                    ) -> tuple[list[str], dict[str, str]]:
+    """The pyinfra command line and environment that deploy `hosts` of the site."""
     env = {**os.environ, "GPUNODE_SITE": str(site_path.resolve()),
            "GPUNODE_LIMIT": ",".join(hosts), "PYTHONUNBUFFERED": "1"}
     cmd = [str(Path(sys.executable).with_name("pyinfra")), "-y"]
     if dry_run:
         cmd.append("--dry")
     cmd += [str(REPO / "inventory" / "pyinfra_inventory.py"), str(REPO / "deploy" / "gpu_node.py")]
+    return cmd, env
+
+
+def run_pyinfra(site_path: Path, hosts: list[str], dry_run: bool = False,
+                verbose: bool = False) -> tuple[int, dict[str, HostResult], float]:
+    cmd, env = pyinfra_command(site_path, hosts, dry_run)
     results: dict[str, HostResult] = {h: HostResult() for h in hosts}
     started = time.monotonic()
     with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -73,8 +81,10 @@ def run_pyinfra(site_path: Path, hosts: list[str], dry_run: bool = False,
 def read_pyinfra_output(lines: Iterable[str], results: dict[str, HostResult],
                         verbose: bool = False) -> None:
     """Fill `results` from pyinfra's output (per host: changed operations, unchanged count,
-    errors with gpunode's stop messages), echoing progress and error lines."""
+    errors with gpunode's stop message or the failed command's last output lines), echoing
+    progress and error lines."""
     op = ""
+    said: dict[str, list[str]] = {h: [] for h in results}  # host lines since its last result
     for line in lines:
         text = re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip("\n"))
         if verbose:
@@ -85,21 +95,29 @@ def read_pyinfra_output(lines: Iterable[str], results: dict[str, HostResult],
             if not verbose:
                 console.print(f"[dim]-> {op}[/dim]")
             continue
-        match = HOST_STOP.match(text) or HOST_RESULT.match(text)
+        match = HOST_STOP.match(text) or HOST_RESULT.match(text) or HOST_LINE.match(text)
         if not (match and match.group("host") in results):
             if ("Error" in text or "error" in text) and not verbose:
                 console.print(text, markup=False, highlight=False)
             continue
-        res = results[match.group("host")]
-        what = match.groupdict().get("what")
-        if what is None:
-            res.errors.append(f"{op}: {match.group('why')}")
-        elif what == "Success":
+        host = match.group("host")
+        res, groups = results[host], match.groupdict()
+        if groups.get("why") is not None:
+            res.errors.append(f"{op}: {groups['why']}")
+            said[host] = []
+        elif groups.get("what") is None:
+            said[host].append(groups["text"].strip())
+        elif groups["what"] == "Success":
             res.changed.append(op)
-        elif what == "No changes":
+            said[host] = []
+        elif groups["what"] == "No changes":
             res.unchanged += 1
-        elif not (res.errors and res.errors[-1].startswith(f"{op}: ")):
-            res.errors.append(f"{op}: {what}")
+            said[host] = []
+        else:
+            if not (res.errors and res.errors[-1].startswith(f"{op}: ")):
+                detail = " | ".join(x for x in said[host][-3:] if x)
+                res.errors.append(f"{op}: {groups['what']}" + (f": {detail}" if detail else ""))
+            said[host] = []
 
 
 def deploy_command(

@@ -42,9 +42,23 @@ def apt_get(p: NodeProfile, args: str) -> str:
             f"-o Dpkg::Options::=--force-confold {args}")
 
 
+#: Exits 0 when nobody holds dpkg's frontend lock (the fcntl lock apt and dpkg take).
+DPKG_LOCK_FREE = ("python3 -c 'import fcntl; fcntl.lockf(open(\"/var/lib/dpkg/lock-frontend\", "
+                  "\"a\"), fcntl.LOCK_EX | fcntl.LOCK_NB)' 2>/dev/null")
+
+
+def dpkg_lock_retry(p: NodeProfile, command: str) -> str:
+    """`command` (one that fails at once when dpkg's lock is held: apt-mark, dpkg), retried
+    every 5 s while another process holds the lock, for at most apt_lock_timeout_s; any
+    other failure ends it at once. Runs in a subshell, so it chains with && and ||."""
+    return (f"(n=0; until {command}; do {DPKG_LOCK_FREE} && exit 1; n=$((n+5)); "
+            f"[ $n -gt {p.apt_lock_timeout_s} ] && exit 1; sleep 5; done)")
+
+
 def apt_mark(p: NodeProfile, action: str, names: list[str]) -> str:
-    """apt-mark hold/unhold, waiting for the dpkg lock like apt-get does."""
-    return f"apt-mark -o DPkg::Lock::Timeout={p.apt_lock_timeout_s} {action} {' '.join(names)}"
+    """apt-mark hold/unhold (dpkg --set-selections underneath, which does not wait for the
+    lock), retried while the dpkg lock is held."""
+    return dpkg_lock_retry(p, f"apt-mark {action} {' '.join(names)}")
 
 
 def keyring_install(p: NodeProfile) -> str | None:
@@ -82,10 +96,8 @@ def driver_to_version(p: NodeProfile, stale: list[str]) -> str:
 
 
 def dpkg_configure_pending(p: NodeProfile) -> str:
-    """Finish what an interrupted dpkg run left (dpkg itself does not wait for its lock,
-    so retry for as long as apt would wait)."""
-    return (f"n=0; until {APT_ENV} dpkg --force-confdef --force-confold --configure -a; do "
-            f"n=$((n+5)); [ $n -gt {p.apt_lock_timeout_s} ] && exit 1; sleep 5; done")
+    """Finish what an interrupted dpkg run left, waiting for the lock like apt does."""
+    return dpkg_lock_retry(p, f"{APT_ENV} dpkg --force-confdef --force-confold --configure -a")
 
 
 def managed_paths(p: NodeProfile) -> list[str]:

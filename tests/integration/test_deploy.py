@@ -8,6 +8,7 @@ The converged VM is kept as the lab snapshot `converged` for the checks' tests."
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,94 @@ def test_stand_in_rejects_a_removed_vllm_flag(fresh):
     rc, out, err = fresh.vm.run("/opt/vllm/venv/bin/vllm serve /var/lib/vllm/models/tiny-sim "
                                 "--swap-space 4")
     assert rc != 0 and "--swap-space" in out + err
+
+
+CTK = "nvidia-container-toolkit"
+LOCK_HELD = "/run/gpunode-test-lock-held"
+
+
+def remove_toolkit(vm) -> None:
+    """Give the deploy apt work to do: the container toolkit is missing again."""
+    vm.check(f"sudo apt-mark unhold {CTK} && sudo DEBIAN_FRONTEND=noninteractive "
+             f"apt-get remove -y -q {CTK}")
+
+
+def hold_dpkg_lock(vm, seconds: int) -> None:
+    """Another process holds dpkg's frontend lock (as unattended-upgrades would), with the
+    same fcntl lock apt takes; returns once it is held."""
+    vm.check(f"sudo rm -f {LOCK_HELD} && sudo systemd-run --unit=gpunode-test-lock --collect "
+             "python3 -c \"import fcntl, pathlib, time; f = open('/var/lib/dpkg/lock-frontend', "
+             f"'w'); fcntl.lockf(f, fcntl.LOCK_EX); pathlib.Path('{LOCK_HELD}').touch(); "
+             f"time.sleep({seconds})\" && for i in $(seq 100); do test -e {LOCK_HELD} && "
+             "exit 0; sleep 0.2; done; exit 1")
+
+
+def test_a_held_dpkg_lock_is_waited_for(fresh):
+    vm = fresh.vm
+    remove_toolkit(vm)
+    hold_dpkg_lock(vm, 25)
+    rc, results, seconds = deploy(fresh.site, [fresh.name])
+    assert rc == 0, results[fresh.name].errors
+    assert vm.run("systemctl is-active gpunode-test-lock")[1].strip() != "active"
+    assert any("container toolkit" in op for op in results[fresh.name].changed), results
+    assert vm.check(f"dpkg-query -W -f '${{Status}}' {CTK}") == "install ok installed"
+    print(f"deploy waited for the lock: {seconds:.0f} s")
+
+
+def test_a_dpkg_lock_held_too_long_fails_the_host_clearly(fresh, tmp_path):
+    site = copy.deepcopy(fresh.site_doc)
+    site["defaults"]["apt_lock_timeout_s"] = 5
+    vm = fresh.vm
+    remove_toolkit(vm)
+    hold_dpkg_lock(vm, 120)
+    try:
+        rc, results, _ = deploy(write(site, tmp_path / "site.yaml"), [fresh.name])
+    finally:
+        vm.check("sudo systemctl stop gpunode-test-lock || true")
+    assert rc == 1
+    errors = " ".join(results[fresh.name].errors)
+    assert "/var/lib/dpkg/lock-frontend" in errors, errors  # apt's own words, with the path
+    rc, results, _ = deploy(fresh.site, [fresh.name])
+    assert rc == 0, results[fresh.name].errors
+
+
+def test_an_interrupted_deploy_converges_on_the_next_run(fresh):
+    """Two interruptions: dpkg stopped between unpacking and configuring a package (what a
+    crash mid-install leaves), and the deploy itself killed while it works on the host.
+    The next run finishes the job; the one after it changes nothing."""
+    import signal
+    import subprocess
+    import time
+
+    from gpunode.deploy_cli import pyinfra_command
+
+    vm = fresh.vm
+    remove_toolkit(vm)
+    version = next(x.version for x in desired.container_toolkit_packages(fresh.profile)
+                   if x.name == CTK)
+    vm.check(f"cd /tmp && apt-get download -q {CTK}={version} && "
+             f"sudo dpkg --unpack /tmp/{CTK}_{version}_*.deb && rm -f /tmp/{CTK}_*.deb")
+    assert vm.check(f"dpkg-query -W -f '${{Status}}' {CTK}") == "install ok unpacked"
+    vm.check("sudo systemctl stop vllm@tiny.service")  # the deploy must start it again
+    cmd, env = pyinfra_command(fresh.site, [fresh.name])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    killed_at = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Starting operation: NVIDIA driver" in line:  # past base, mid-deploy
+            killed_at = line.strip()
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert killed_at, "the deploy finished before it could be interrupted"
+    time.sleep(2)
+    rc, results, _ = deploy(fresh.site, [fresh.name])
+    assert rc == 0, results[fresh.name].errors
+    assert vm.check(f"dpkg-query -W -f '${{Status}}' {CTK}") == "install ok installed"
+    assert vm.check("systemctl is-active vllm@tiny.service").strip() == "active"
+    rc, results, _ = deploy(fresh.site, [fresh.name])
+    assert rc == 0 and results[fresh.name].changed == [], results
 
 
 def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):

@@ -44,8 +44,11 @@ def test_a_stopped_host_reports_its_reason_and_runs_nothing_after(tmp_path: Path
 def test_success_and_no_change_lines_are_counted_per_host():
     lines = ["--> Starting operation: Write /etc/a", "    [n1] Success", "    [n2] No changes",
              "--> Starting operation: Install x", "    [n1] No changes",
-             "    [n2] Error: executed 1 commands"]
+             "    [n2] E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by "
+             "process 812 (python3)", "    [n2] Error: executed 0 commands"]
     results = {"n1": HostResult(), "n2": HostResult()}
     read_pyinfra_output(lines, results)
     assert results["n1"].changed == ["Write /etc/a"] and results["n1"].unchanged == 1
-    assert results["n2"].errors == ["Install x: Error: executed 1 commands"]
+    assert results["n2"].errors == [
+        "Install x: Error: executed 0 commands: E: Could not get lock "
+        "/var/lib/dpkg/lock-frontend. It is held by process 812 (python3)"]

@@ -18,11 +18,11 @@ def profile(**over) -> NodeProfile:
 def test_every_apt_and_apt_mark_command_waits_for_the_lock_as_long_as_the_profile_says():
     p = profile(apt_lock_timeout_s=42)
     assert "-o DPkg::Lock::Timeout=42 " in hostcmd.apt_get(p, "update")
-    assert hostcmd.apt_mark(p, "hold", ["a", "b"]) == (
-        "apt-mark -o DPkg::Lock::Timeout=42 hold a b")
+    hold = hostcmd.apt_mark(p, "hold", ["a", "b"])
+    assert "until apt-mark hold a b; do" in hold and "[ $n -gt 42 ]" in hold
     move = hostcmd.driver_to_version(p, ["libcuda1", "nvidia-driver-cuda"])
-    assert move.count("DPkg::Lock::Timeout=42") == 2
-    assert "--allow-downgrades libcuda1 nvidia-driver-cuda" in move
+    assert "until apt-mark unhold libcuda1 nvidia-driver-cuda;" in move
+    assert "DPkg::Lock::Timeout=42" in move and "--allow-downgrades libcuda1 nvidia-driver-cuda" in move
     keyring = hostcmd.keyring_install(p)
     assert keyring is not None and "sha256sum -c" in keyring
     assert "DPkg::Lock::Timeout=42" in keyring and "dpkg -i" not in keyring
@@ -51,18 +51,39 @@ def test_stamp_is_written_only_when_the_command_succeeds(tmp_path, monkeypatch):
     assert failed.returncode != 0 and not (tmp_path / "stamps" / "cdi.stamp").exists()
 
 
-def test_dpkg_recovery_retries_while_dpkg_fails_and_gives_up_after_the_bound(tmp_path):
-    """A fake dpkg that fails twice (lock held), then succeeds; and one that always fails."""
-    counter = tmp_path / "calls"
-    fake = tmp_path / "dpkg"
-    fake.write_text(f"#!/bin/sh\necho x >> {counter}\n"
-                    f"[ $(wc -l < {counter}) -ge 3 ]\n")
-    fake.chmod(0o755)
-    script = hostcmd.dpkg_configure_pending(profile(apt_lock_timeout_s=30)).replace(
-        "sleep 5", "sleep 0")
-    assert run_sh(script, tmp_path).returncode == 0
-    assert counter.read_text().count("x") == 3
-    fake.write_text("#!/bin/sh\nexit 2\n")
-    script = hostcmd.dpkg_configure_pending(profile(apt_lock_timeout_s=10)).replace(
-        "sleep 5", "sleep 0")
-    assert run_sh(script, tmp_path).returncode == 1
+def fake(path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+
+
+def locked_script(tmp_path, command: str, timeout: int) -> str:
+    """The retry wrapper around `command`, probing a lock file under tmp_path instead of
+    dpkg's, and not sleeping."""
+    script = hostcmd.dpkg_lock_retry(profile(apt_lock_timeout_s=timeout), command)
+    return (script.replace("/var/lib/dpkg/lock-frontend", str(tmp_path / "lock"))
+            .replace("sleep 5", "sleep 0"))
+
+
+def test_lock_retry_waits_while_the_lock_is_held_and_stops_at_the_bound(tmp_path):
+    import fcntl
+
+    calls = tmp_path / "calls"
+    fake(tmp_path / "dpkg", f"echo x >> {calls}\n[ $(wc -l < {calls}) -ge 3 ]")
+    with open(tmp_path / "lock", "a") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)  # held by "another process" (this one)
+        # fails twice while the lock is held, then succeeds
+        assert run_sh(locked_script(tmp_path, "dpkg", 30), tmp_path).returncode == 0
+        assert calls.read_text().count("x") == 3
+        calls.unlink()
+        fake(tmp_path / "dpkg", f"echo x >> {calls}; exit 2")
+        # the lock stays held: gives up after the bound (30 s / 5 s steps = 7 tries)
+        assert run_sh(locked_script(tmp_path, "dpkg", 30), tmp_path).returncode == 1
+        assert calls.read_text().count("x") == 7
+
+
+def test_lock_retry_fails_at_once_when_the_lock_is_free(tmp_path):
+    calls = tmp_path / "calls"
+    fake(tmp_path / "dpkg", f"echo x >> {calls}; exit 2")
+    result = run_sh(locked_script(tmp_path, "dpkg", 300) + " && echo chained", tmp_path)
+    assert result.returncode == 1 and "chained" not in result.stdout
+    assert calls.read_text().count("x") == 1
