@@ -10,27 +10,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import GUEST, NODE
 from typer.testing import CliRunner, Result
 
 from gpunode.cli import app
 from gpunode.inventory import load_site
 
-NODE = """
-nodes:
-  gpu01:
-    connection: {address: gpu01.example}
-    gpus: {count: 2}
-"""
-GUEST = """
-nodes:
-  vm1:
-    kind: pve-guest
-    connection: {address: vm1.example}
-    vm:
-      pve_node: pve1
-      vmid: 201
-      template_vmid: 9000
-"""
 SVC = "    vllm:\n      services:\n"
 
 # (id, site text, fragments the error output must contain)

@@ -6,27 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import GUEST, NODE
 
 from gpunode.inventory import SiteError, load_site, merge, resolve_site_path
 from gpunode.inventory.loader import DEFAULT_SITE
-
-NODE = """
-nodes:
-  gpu01:
-    connection: {address: gpu01.example}
-    gpus: {count: 2}
-"""
-
-GUEST = """
-nodes:
-  vm1:
-    kind: pve-guest
-    connection: {address: vm1.example}
-    vm:
-      pve_node: pve1
-      vmid: 201
-      template_vmid: 9000
-"""
 
 Errors = Callable[[str], list[str]]
 
