@@ -3,7 +3,7 @@ in one run (nouveau reboot included), a second run changes nothing, services are
 pinned, faults are reported per host, a driver bump upgrades through holds and a reboot,
 and a service removed from the site is stopped and removed.
 
-The converged VM is kept as the lab snapshot `converged` for the checks' tests."""
+The driver bump runs last: it leaves the VM on the newer driver."""
 
 from __future__ import annotations
 
@@ -207,6 +207,16 @@ def test_an_interrupted_deploy_converges_on_the_next_run(fresh):
     assert rc == 0 and results[fresh.name].changed == [], results
 
 
+def test_removed_service_is_stopped_and_removed(fresh, tmp_path):
+    site = copy.deepcopy(fresh.site_doc)
+    site["groups"]["lab"]["vllm"]["services"] = []
+    rc, results, _ = deploy(write(site, tmp_path / "site.yaml"), [fresh.name])
+    assert rc == 0, results
+    vm = fresh.vm
+    assert vm.run("systemctl is-active vllm@tiny.service")[1].strip() != "active"
+    assert vm.run("test -e /etc/vllm/tiny.yaml")[0] != 0
+
+
 def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):
     versions = fresh.facts["driver_versions"]
     old, new = sorted(versions)[0], sorted(versions)[-1]
@@ -226,13 +236,3 @@ def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):
     assert "nvidia-driver-cuda" in holds and "libcuda1" in holds
     pkg = fresh.vm.check("dpkg-query -W -f '${Version}' nvidia-driver-cuda")
     assert pkg == desired.driver_deb_version(load_site(tmp_path / "site.yaml").nodes[fresh.name])
-
-
-def test_removed_service_is_stopped_and_removed(fresh, tmp_path):
-    site = copy.deepcopy(fresh.site_doc)
-    site["groups"]["lab"]["vllm"]["services"] = []
-    rc, results, _ = deploy(write(site, tmp_path / "site.yaml"), [fresh.name])
-    assert rc == 0, results
-    vm = fresh.vm
-    assert vm.run("systemctl is-active vllm@tiny.service")[1].strip() != "active"
-    assert vm.run("test -e /etc/vllm/tiny.yaml")[0] != 0

@@ -4,6 +4,8 @@ container_toolkit, dcgm, vllm."""
 
 from __future__ import annotations
 
+import logging
+
 from gpunode.model import NodeProfile
 
 # How a host-stopping message is logged (ops.fail, reboot policy 'never'); `gpunode deploy`
@@ -12,6 +14,9 @@ STOP_PREFIX = "gpunode stop: "
 
 
 def deploy_node(p: NodeProfile) -> None:
+    # While a host reboots, each refused SSH attempt makes paramiko log a traceback; the
+    # reboot operation reports the outcome itself.
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     from gpunode.deploys import (
         base,
         container_toolkit,
