@@ -21,6 +21,7 @@ from gpunode.deploy_cli import run_pyinfra
 from gpunode.inventory import load_site
 from gpunode.lab import labsite
 from gpunode.lab.core import Lab
+from gpunode.lab.errors import LabError
 
 REPO = Path(__file__).resolve().parents[2]
 console = Console()
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t = step("Lab: image, simulated NVIDIA mirrors, VM")
         facts = labsite.prepare_lab(Path(args.state))
+        if NODE in lab.names():
+            lab.destroy(NODE)  # a VM kept by an earlier demo: start from a fresh one
         vm = lab.up(NODE, cpus=2, memory_mib=3072, numa=2)
         labsite.prepare_guest(vm, models=("/var/lib/vllm/models/tiny-sim",))
         site_path = labsite.write_lab_site(lab, facts, Path(args.state) / "site.yaml")
@@ -87,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"model {answer.get('model')}: "
                       f"{answer['choices'][0]['message']['content']!r}")
         ok = True
+    except (LabError, RuntimeError, OSError) as exc:
+        console.print(f"[red]demo failed[/red]: {exc}")
     finally:
         timings["total"] = time.monotonic() - started
         table = Table(title="gpunode demo" + (" (ok)" if ok else " (FAILED)"))
