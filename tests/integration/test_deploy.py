@@ -119,6 +119,29 @@ def test_stand_in_rejects_a_removed_vllm_flag(fresh):
     assert rc != 0 and "--swap-space" in out + err
 
 
+def test_stand_in_started_by_hand_enforces_its_api_key(fresh):
+    """The vLLM stand-in as a person would start it: key in VLLM_API_KEY (read from a file,
+    never on the command line), /health open, /v1/* answering 401 without the key."""
+    vm = fresh.vm
+    vm.run("umask 077 && cat > /tmp/byhand.key", input="by-hand-throwaway-key\n")
+    vm.check("cd /tmp && VLLM_API_KEY=$(cat /tmp/byhand.key) setsid nohup "
+             "/opt/vllm/venv/bin/vllm serve /var/lib/vllm/models/tiny-sim --host 127.0.0.1 "
+             "--port 8100 --served-model-name by-hand > /tmp/byhand.log 2>&1 < /dev/null &")
+    try:
+        code = vm.check("for i in $(seq 120); do c=$(curl -s -o /dev/null -w '%{http_code}' "
+                        "http://127.0.0.1:8100/health) && [ \"$c\" = 200 ] && break; sleep 0.5; "
+                        "done; echo $c").strip()
+        assert code == "200", vm.run("cat /tmp/byhand.log")[1]
+        status = "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8100/v1/models"
+        assert vm.check(status).strip() == "401"
+        _, out, _ = vm.run(status.replace("curl -s", "curl -s -H @-"),
+                            input="Authorization: Bearer by-hand-throwaway-key\n")
+        assert out.strip() == "200"
+        assert "by-hand-throwaway-key" not in vm.check("ps -eo args")
+    finally:
+        vm.run("pkill -f 'port 8100'; rm -f /tmp/byhand.key")
+
+
 CTK = "nvidia-container-toolkit"
 LOCK_HELD = "/run/gpunode-test-lock-held"
 
