@@ -48,6 +48,9 @@ NEEDS = [
     Need("losetup", "mount"),
     Need("blkid", "util-linux"),
     Need("fstrim", "util-linux"),
+    # the simulated repositories' tests index packages the way a Debian archive does
+    Need("apt-ftparchive", "apt-utils"),
+    Need("gpgv", "gpgv"),
 ]
 
 
