@@ -30,14 +30,7 @@ from gpunode.hostcmd import managed_paths, unit_names
 from gpunode.inventory import load_site
 from gpunode.model import NodeProfile
 
-pytestmark = [
-    pytest.mark.integration, pytest.mark.slow,
-    # Opt-in until the Ansible fresh deploy is fast and reliable on lab VMs: in this
-    # session's run `ansible.builtin.reboot` sat idle for >7 min after the guest was back.
-    pytest.mark.skipif(os.environ.get("GPUNODE_TEST_ANSIBLE_PARITY") != "1",
-                       reason="Ansible state parity on lab VMs is opt-in "
-                              "(GPUNODE_TEST_ANSIBLE_PARITY=1); see the module docstring"),
-]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
