@@ -128,6 +128,9 @@ def main() -> int:
     finally:
         if not args.keep:
             lab.down_all()
+            from gpunode.lab.sim import server
+
+            server.stop(state)
             if not args.state:
                 shutil.rmtree(state, ignore_errors=True)
     print(json.dumps(result, indent=2))
