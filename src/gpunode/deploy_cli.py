@@ -93,12 +93,13 @@ def read_pyinfra_output(lines: Iterable[str], results: dict[str, HostResult],
         if match:
             op = match.group(1).strip()
             if not verbose:
-                console.print(f"[dim]-> {op}[/dim]")
+                console.print(f"[dim]-> {op}[/dim]", soft_wrap=True)
             continue
         match = HOST_STOP.match(text) or HOST_RESULT.match(text) or HOST_LINE.match(text)
         if not (match and match.group("host") in results):
-            if ("Error" in text or "error" in text) and not verbose:
-                console.print(text, markup=False, highlight=False)
+            # errors pyinfra reports outside a host's lines (not its results table header)
+            if ("Error" in text or "error" in text) and "No Change" not in text and not verbose:
+                console.print(text, markup=False, highlight=False, soft_wrap=True)
             continue
         host = match.group("host")
         res, groups = results[host], match.groupdict()
