@@ -147,7 +147,10 @@ class Lab:
 
     def __init__(self, state_dir: str | Path | None = None, *, qemu_binary: str = qemu.QEMU,
                  tie_to_parent: bool = False) -> None:
-        """`tie_to_parent=True` makes every qemu this object starts die with this process
+        """`tie_to_parent=True` makes every qemu this object starts die with the thread that
+        started it (the kernel's parent-death signal follows the thread, so start VMs from a
+        thread that outlives them, e.g. `up(..., wait=False)` from the main thread and
+        `wait_ssh` in workers) -- and so with this process
         (what test sessions want); the CLI leaves VMs running after it exits."""
         self.dir = Path(state_dir) if state_dir else paths.default_state_dir()
         self.dir = self.dir.absolute()
@@ -248,22 +251,39 @@ class Lab:
         """
         _check_name(name)
         _check_sizes(cpus, memory_mib, numa, disk_gib)
-        if (self.vm_dir(name) / "vm.json").is_file():
-            cfg = self._config(name)
-            pid = self._live_pid(name)
-            if pid:
-                vm = self._vm_from(cfg, pid)
-                if wait:
-                    self.wait_ssh(name, timeout)
-                return vm
-            cfg.cpus, cfg.memory_mib, cfg.numa = cpus, memory_mib, numa
-            if disk_gib > cfg.disk_gib:
-                subprocess.run(["qemu-img", "resize", str(self.vm_dir(name) / "disk.qcow2"),
-                                f"{disk_gib}G"], check=True, capture_output=True)
-                cfg.disk_gib = disk_gib
-        else:
-            cfg = self._create(name, cpus, memory_mib, numa, disk_gib, {"kind": "base"})
-        return self._start(cfg, forward, ssh_port, wait, timeout)
+        # Creating disks, keys and seeds and picking ports is serialized per lab (VMs started
+        # at once from threads or processes would pick the same port or race on the key);
+        # waiting for SSH is not.
+        with self._lock():
+            if (self.vm_dir(name) / "vm.json").is_file():
+                cfg = self._config(name)
+                pid = self._live_pid(name)
+                if pid:
+                    vm = self._vm_from(cfg, pid)
+                    return self.wait_ssh(name, timeout) if wait else vm
+                cfg.cpus, cfg.memory_mib, cfg.numa = cpus, memory_mib, numa
+                if disk_gib > cfg.disk_gib:
+                    subprocess.run(["qemu-img", "resize", str(self.vm_dir(name) / "disk.qcow2"),
+                                    f"{disk_gib}G"], check=True, capture_output=True)
+                    cfg.disk_gib = disk_gib
+            else:
+                cfg = self._create(name, cpus, memory_mib, numa, disk_gib, {"kind": "base"})
+            vm = self._start(cfg, forward, ssh_port, False, timeout)
+        if wait:
+            return self.wait_ssh(name, timeout)
+        return vm
+
+    @contextlib.contextmanager
+    def _lock(self):
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _create(self, name: str, cpus: int, memory_mib: int, numa: int, disk_gib: int,
                 origin: dict[str, str]) -> VMConfig:
