@@ -51,6 +51,8 @@ NEEDS = [
     # the simulated repositories' tests index packages the way a Debian archive does
     Need("apt-ftparchive", "apt-utils"),
     Need("gpgv", "gpgv"),
+    # the checks' NUMA parsing is also tested against this machine's own numactl
+    Need("numactl", "numactl"),
 ]
 
 
