@@ -11,24 +11,6 @@ import pytest
 from gpunode.inventory import SiteError, load_site
 
 REPO = Path(__file__).resolve().parent.parent
-
-#: Small site documents the unit tests build on.
-NODE = """
-nodes:
-  gpu01:
-    connection: {address: gpu01.example}
-    gpus: {count: 2}
-"""
-GUEST = """
-nodes:
-  vm1:
-    kind: pve-guest
-    connection: {address: vm1.example}
-    vm:
-      pve_node: pve1
-      vmid: 201
-      template_vmid: 9000
-"""
 EXAMPLES = sorted((REPO / "inventory" / "examples").glob("*.yaml"))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import GUEST, NODE
+from site_docs import GUEST, NODE
 from typer.testing import CliRunner, Result
 
 from gpunode.cli import app

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import GUEST, NODE
+from site_docs import GUEST, NODE
 
 from gpunode.inventory import SiteError, load_site, merge, resolve_site_path
 from gpunode.inventory.loader import DEFAULT_SITE
