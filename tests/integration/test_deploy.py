@@ -121,12 +121,15 @@ def test_stand_in_rejects_a_removed_vllm_flag(fresh):
 
 def test_stand_in_started_by_hand_enforces_its_api_key(fresh):
     """The vLLM stand-in as a person would start it: key in VLLM_API_KEY (read from a file,
-    never on the command line), /health open, /v1/* answering 401 without the key."""
+    never on the command line), /health open, /v1/* answering 401 without the key. vllm@tiny
+    holds 92% of each GPU's memory, so this second instance asks for 5% (the stand-in, like
+    vLLM, refuses to start when less memory is free than it asks for)."""
     vm = fresh.vm
     vm.run("umask 077 && cat > /tmp/byhand.key", input="by-hand-throwaway-key\n")
     vm.check("cd /tmp && VLLM_API_KEY=$(cat /tmp/byhand.key) setsid nohup "
              "/opt/vllm/venv/bin/vllm serve /var/lib/vllm/models/tiny-sim --host 127.0.0.1 "
-             "--port 8100 --served-model-name by-hand > /tmp/byhand.log 2>&1 < /dev/null &")
+             "--port 8100 --served-model-name by-hand --gpu-memory-utilization 0.05 "
+             "> /tmp/byhand.log 2>&1 < /dev/null &")
     try:
         code = vm.check("for i in $(seq 120); do c=$(curl -s -o /dev/null -w '%{http_code}' "
                         "http://127.0.0.1:8100/health) && [ \"$c\" = 200 ] && break; sleep 0.5; "
