@@ -18,6 +18,7 @@ from gpunode import desired as d
 from gpunode.facts import Snapshot, reboot_reasons, snapshot_command, snapshot_spec
 from gpunode.files import ManagedFile, banned_cpus, credential_path, node_files, placements
 from gpunode.hostcmd import (
+    APT_ENV_VARS,
     OS_IDS,
     STAMP_COMMANDS,
     apt_mark,
@@ -105,7 +106,7 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
         "no_keyring_checksum": f"{p.name}: no published checksum for {url}; set "
                                "nvidia.keyring_sha256",
         "os": dict(zip(("id", "version_id"), OS_IDS[p.os], strict=True)),
-        "apt_env": {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"},
+        "apt_env": APT_ENV_VARS,
         "dpkg_configure_pending": dpkg_configure_pending(p),
         "packages": {
             "base": d.base_packages(p),
