@@ -21,6 +21,7 @@ from gpunode.hostcmd import (
     APT_ENV_VARS,
     OS_IDS,
     STAMP_COMMANDS,
+    apt_get,
     apt_mark,
     ctk_key_install,
     dpkg_configure_pending,
@@ -108,6 +109,10 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
         "os": dict(zip(("id", "version_id"), OS_IDS[p.os], strict=True)),
         "apt_env": APT_ENV_VARS,
         "dpkg_configure_pending": dpkg_configure_pending(p),
+        # apt-get itself, not the apt module: the module installs its own python3-apt
+        # WITH recommends when missing (iso-codes, ...), which pyinfra's host never gets.
+        "apt_update": apt_get(p, "update"),
+        "python_apt_install": apt_get(p, "install python3-apt"),
         "packages": {
             "base": d.base_packages(p),
             "pin": d.pinning_package(p),

@@ -8,10 +8,6 @@ fresh lab VMs (SIMULATED NVIDIA stack, real Debian 12, real systemd/apt/sysctl/G
    differs only in host-specific values;
 3. a second ansible-playbook run reports changed=0, and `--check --diff` reports no change.
 
-KNOWN ISSUE: in its first complete run (session 2) the state dumps of step 2 differed;
-until that is diagnosed the test reports the differences as an expected failure, while
-steps 1 and 3 are enforced.
-
 VM A is the session's `converged_lab` (shared with the deploy and checks tests, so the suite
 pays for one pyinfra deploy); VM B is converged here by Ansible. Figures are printed with -s.
 """
@@ -175,10 +171,5 @@ def test_ansible_converges_like_pyinfra_and_is_idempotent(lab: Any, lab_facts: d
 
     lab.down("paransible")
     differences = diff(dump_a, dump_b)
-    if differences:
-        # KNOWN ISSUE (session 2): the first complete run of this comparison found
-        # differences that are not diagnosed yet. Everything above is enforced; the state
-        # diff is reported here, in full, until it is fixed.
-        print("\npyinfra- and Ansible-converged VMs differ:\n" + "\n".join(differences))
-        pytest.xfail(f"KNOWN ISSUE: {len(differences)} state differences, first: "
-                     + "; ".join(differences[:5]))
+    assert not differences, ("pyinfra- and Ansible-converged VMs differ:\n"
+                             + "\n".join(differences))

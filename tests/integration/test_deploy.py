@@ -126,7 +126,7 @@ def test_stand_in_started_by_hand_enforces_its_api_key(fresh):
     vLLM, refuses to start when less memory is free than it asks for)."""
     vm = fresh.vm
     vm.run("umask 077 && cat > /tmp/byhand.key", input="by-hand-throwaway-key\n")
-    vm.check("cd /tmp && VLLM_API_KEY=$(cat /tmp/byhand.key) setsid nohup "
+    vm.check("cd /tmp; VLLM_API_KEY=$(cat /tmp/byhand.key) setsid nohup "
              "/opt/vllm/venv/bin/vllm serve /var/lib/vllm/models/tiny-sim --host 127.0.0.1 "
              "--port 8100 --served-model-name by-hand --gpu-memory-utilization 0.05 "
              "> /tmp/byhand.log 2>&1 < /dev/null &")
