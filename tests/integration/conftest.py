@@ -7,6 +7,8 @@
 - `lab_vm` (session): one shared VM (2 vCPUs, 2 GiB, 2 NUMA nodes, guest port 8000
   forwarded). Tests that change it say so and leave it usable.
 - `fresh_vm` (function): a pristine VM (reset to the base image) for tests that break things.
+- `converged_lab` (session): `labgpu1` converged by the pyinfra deploy, and `paransible`
+  converged by the Ansible one in the background meanwhile (see ConvergedLab).
 
 Missing lab dependencies fail the session with the command to run; they never skip.
 After the session, any qemu left behind by this run fails it.
@@ -19,7 +21,12 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 
@@ -42,6 +49,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.integration)
+    # The parity test goes last: the Ansible deploy it compares runs in the background
+    # while the other tests use the pyinfra-converged VM.
+    items.sort(key=lambda item: Path(str(item.fspath)).name == "test_ansible_parity.py")
 
 
 def _reap_all() -> None:
@@ -135,19 +145,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-# --- a lab VM converged by the pyinfra deploy (shared by deploy, checks and parity tests) ---
+# --- two identical lab VMs converged at the same time: one by pyinfra, one by Ansible ---
 
 CONVERGED_VM = "labgpu1"
+ANSIBLE_VM = "paransible"
+CONVERGED_SHAPE = {"cpus": 2, "memory_mib": 3072, "numa": 2, "disk_gib": 8}
 TINY_MODEL = "/var/lib/vllm/models/tiny-sim"
 
 
 class ConvergedLab:
-    """A lab VM with the simulated NVIDIA stack, converged once by `gpunode deploy`."""
+    """Two fresh, identical lab VMs with the simulated NVIDIA stack. `labgpu1` is converged
+    here by `gpunode deploy` (pyinfra); `paransible` by `gpunode deploy --engine ansible`,
+    started at the same moment and left running in the background, so the suite pays for the
+    two fresh deploys once. The deploy and checks tests use `labgpu1`; the Ansible parity test
+    (ordered last) waits for `paransible` and compares it with the dump of `labgpu1` taken
+    here, before any test changed it."""
 
     def __init__(self, lab: Lab):
-        import copy
-
         import yaml
+        from convergence import gpunode_cli, state_dump
 
         from gpunode.deploy_cli import run_pyinfra
         from gpunode.inventory import load_site
@@ -156,29 +172,76 @@ class ConvergedLab:
         self.lab = lab
         self.name = CONVERGED_VM
         self.facts = labsite.prepare_lab(lab.dir)
-        self.vm = lab.up(self.name, cpus=2, memory_mib=3072, numa=2, disk_gib=8)
-        labsite.prepare_guest(self.vm, models=(TINY_MODEL,))
+        # Started from this (the main) thread: a qemu dies with the thread that started it.
+        for name in (CONVERGED_VM, ANSIBLE_VM):
+            lab.up(name, wait=False, **CONVERGED_SHAPE)
+        with ThreadPoolExecutor(2) as pool:
+            self.vm, self.ansible_vm = pool.map(self._ready, (CONVERGED_VM, ANSIBLE_VM))
         self.site = labsite.write_lab_site(lab, self.facts, lab.dir / "site.yaml")
         self.site_doc = yaml.safe_load(self.site.read_text())
-        self.profile = load_site(self.site).nodes[self.name]
-        boot_before = self.boot_id()
-        self.first_rc, self.first_results, self.first_seconds = run_pyinfra(self.site,
-                                                                            [self.name])
-        self.boot_ids = (boot_before, self.boot_id())
-        self._copy = copy
+        site = load_site(self.site)
+        self.profile, self.ansible_profile = site.nodes[self.name], site.nodes[ANSIBLE_VM]
+        self._ansible_log = lab.dir / "ansible-deploy.log"
+        self._ansible_started = time.monotonic()
+        with self._ansible_log.open("w") as log:
+            self._ansible = subprocess.Popen(
+                [sys.executable, "-m", "gpunode.cli", "deploy", ANSIBLE_VM, "--site",
+                 str(self.site), "--engine", "ansible"], cwd=REPO, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._ansible_seconds: float | None = None
+        threading.Thread(target=self._time_ansible, daemon=True).start()
+        try:
+            boot_before = self.boot_id()
+            self.first_rc, self.first_results, self.first_seconds = run_pyinfra(self.site,
+                                                                                [self.name])
+            self.boot_ids = (boot_before, self.boot_id())
+            self.pyinfra_check = gpunode_cli("check", self.name, "--site", str(self.site))
+            self.pyinfra_dump = (state_dump(self.vm, self.profile) if self.first_rc == 0
+                                 else None)
+        except BaseException:
+            self.stop_ansible()
+            raise
+
+    def _ready(self, name: str) -> VM:
+        from gpunode.lab import labsite
+
+        vm = self.lab.wait_ssh(name)
+        labsite.prepare_guest(vm, models=(TINY_MODEL,))
+        return vm
+
+    def _time_ansible(self) -> None:
+        self._ansible.wait()
+        self._ansible_seconds = time.monotonic() - self._ansible_started
+
+    def ansible_deploy(self, timeout: float = 2400) -> tuple[int, str, float]:
+        """Wait for the background Ansible deploy: (exit code, output, seconds it took)."""
+        rc = self._ansible.wait(timeout=max(1.0, timeout - (time.monotonic()
+                                                            - self._ansible_started)))
+        while self._ansible_seconds is None:
+            time.sleep(0.1)
+        return rc, self._ansible_log.read_text(), self._ansible_seconds
+
+    def stop_ansible(self) -> None:
+        if self._ansible.poll() is None:
+            self._ansible.kill()
+            self._ansible.wait()
 
     def boot_id(self) -> str:
         return self.vm.check("cat /proc/sys/kernel/random/boot_id").strip()
 
 
 @pytest.fixture(scope="session")
-def converged_lab(lab: Lab) -> ConvergedLab:
+def converged_lab(lab: Lab) -> Iterator[ConvergedLab]:
     try:
         converged = ConvergedLab(lab)
     except LabError as exc:
         pytest.fail(str(exc), pytrace=False)
-    if converged.first_rc != 0:
-        pytest.fail(f"the first deploy of {CONVERGED_VM} failed: "
-                    f"{converged.first_results[CONVERGED_VM].errors}", pytrace=False)
-    print(f"\nfresh deploy of {CONVERGED_VM}: {converged.first_seconds:.0f} s")
-    return converged
+    try:
+        if converged.first_rc != 0:
+            pytest.fail(f"the first deploy of {CONVERGED_VM} failed: "
+                        f"{converged.first_results[CONVERGED_VM].errors}", pytrace=False)
+        print(f"\nfresh deploy of {CONVERGED_VM}: {converged.first_seconds:.0f} s "
+              f"(while {ANSIBLE_VM} was converged by Ansible)")
+        yield converged
+    finally:
+        converged.stop_ansible()

@@ -131,7 +131,7 @@ def test_stand_in_started_by_hand_enforces_its_api_key(fresh):
              "--port 8100 --served-model-name by-hand --gpu-memory-utilization 0.05 "
              "> /tmp/byhand.log 2>&1 < /dev/null &")
     try:
-        code = vm.check("for i in $(seq 120); do c=$(curl -s -o /dev/null -w '%{http_code}' "
+        code = vm.check("for i in $(seq 240); do c=$(curl -s -o /dev/null -w '%{http_code}' "
                         "http://127.0.0.1:8100/health) && [ \"$c\" = 200 ] && break; sleep 0.5; "
                         "done; echo $c").strip()
         assert code == "200", vm.run("cat /tmp/byhand.log")[1]

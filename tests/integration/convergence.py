@@ -1,0 +1,75 @@
+"""Helpers for converged lab nodes: the gpunode CLI as a subprocess, and what a converged
+node IS as one comparable document (for the engine parity test): one snapshot command (the
+deploy's own fact) plus two systemctl listings: managed files with content hash and mode,
+installed package versions and holds, unit states, sysctl values, kernel command line, THP,
+modules, users, venvs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gpunode.facts import snapshot_command, snapshot_spec
+from gpunode.hostcmd import managed_paths, unit_names
+from gpunode.model import NodeProfile
+
+REPO = Path(__file__).resolve().parents[2]
+#: Units whose state belongs to the comparison (besides the profile's own).
+UNIT_PATTERNS = ("nvidia", "vllm", "gpunode", "irqbalance", "docker", "containerd", "dcgm")
+#: Values that differ per VM by nature.
+HOST_SPECIFIC = ("MainPID",)
+
+
+def gpunode_cli(*args: str, timeout: float = 1800) -> tuple[int, str, float]:
+    """`gpunode ARGS...` in the repository: (exit code, output, seconds)."""
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "gpunode.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr, round(time.monotonic() - started, 1)
+
+
+def state_dump(vm: Any, p: NodeProfile) -> dict[str, Any]:
+    spec = snapshot_spec(p, managed_paths(p), unit_names(p))
+    data = json.loads(vm.check("sudo " + snapshot_command(spec), timeout=300))
+    listing = vm.check("systemctl list-unit-files --no-legend --no-pager --state=enabled; "
+                       "echo ==; systemctl list-units --no-legend --no-pager --plain "
+                       "--state=active", timeout=120)
+    enabled, active = listing.split("==\n")
+    keep = lambda name: any(pat in name for pat in UNIT_PATTERNS)  # noqa: E731
+    return {
+        "files": data["files"],
+        "packages": data["packages"],
+        "holds": data["holds"],
+        "units": {u: {k: v for k, v in props.items() if k not in HOST_SPECIFIC}
+                  for u, props in data["units"].items()},
+        "enabled": sorted(line.split()[0] for line in enabled.splitlines()
+                          if line and keep(line.split()[0])),
+        "active": sorted(line.split()[0] for line in active.splitlines()
+                         if line and keep(line.split()[0])),
+        "sysctl": data["sysctl"],
+        "cmdline": [t for t in data["cmdline"].split()
+                    if not t.startswith(("BOOT_IMAGE=", "root="))],
+        "thp": data["thp"],
+        "modules": data["modules"],
+        "users": data["users"],
+        "venvs": data["venvs"],
+    }
+
+
+def diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """Every difference between two dumps (a: pyinfra's node, b: Ansible's), one per line."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            if key not in a or key not in b:
+                out.append(f"{path}/{key}: {'pyinfra only' if key in a else 'ansible only'}"
+                           f" ({a.get(key, b.get(key))!r})")
+            else:
+                out += diff(a[key], b[key], f"{path}/{key}")
+        return out
+    return [] if a == b else [f"{path}: pyinfra {a!r} != ansible {b!r}"]
