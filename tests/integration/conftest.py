@@ -61,8 +61,10 @@ def _reap_all() -> None:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """Stop the VMs and end the session (SystemExit inside a test would only fail that
+    test, and the session would go on starting VMs)."""
     _reap_all()
-    raise SystemExit(128 + signum)
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _pid_alive(pid: int) -> bool:
