@@ -16,6 +16,8 @@ UPSTREAM_KEYRING_SHA256 = {
     "ubuntu2404": "d2a6b11c096396d868758b86dab1823b25e14d70333f1dfa74da5ddaf6a06dba",
 }
 CUDA_KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
+#: gpunode's nouveau blacklist (copied into the initramfs by update-initramfs).
+NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
 CTK_KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"
 #: Name patterns of driver packages (holds, unattended-upgrades blacklist, checks).
 DRIVER_PATTERNS = ("nvidia-*", "libnvidia-*", "libcuda1", "libcudadebugger1",

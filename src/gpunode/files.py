@@ -53,7 +53,7 @@ def base_files(p: NodeProfile) -> list[ManagedFile]:
 
 def driver_files(p: NodeProfile) -> list[ManagedFile]:
     files = [
-        _file("nvidia_driver", "/etc/modprobe.d/blacklist-nouveau.conf",
+        _file("nvidia_driver", desired.NOUVEAU_BLACKLIST,
               "nvidia_driver/blacklist-nouveau.conf.j2", p),
         _file("nvidia_driver", "/etc/systemd/system/nvidia-persistenced.service.d/gpunode.conf",
               "nvidia_driver/nvidia-persistenced.conf.j2", p),

@@ -16,11 +16,22 @@ OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04
 APT_ENV_VARS = {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"}
 APT_ENV = " ".join(f"{k}={v}" for k, v in APT_ENV_VARS.items())
 STAMPS = "/var/lib/gpunode"
+
+
+def initramfs_current(boot: str = "/boot", blacklist: str = desired.NOUVEAU_BLACKLIST) -> str:
+    """Exits 0 when every initramfs image in `boot` was built after `blacklist` was
+    last written (so it carries the current blacklist); 1 otherwise, or without images."""
+    return (f"(for f in {boot}/initrd.img-*; do [ \"$f\" -nt {shlex.quote(blacklist)} ] "
+            "|| exit 1; done)")
+
+
 #: Commands run once per value of a key; a stamp file under STAMPS records the last success.
 STAMP_COMMANDS = {
     "grub": "if command -v update-grub >/dev/null; then update-grub; "
             "else grub-mkconfig -o /boot/grub/grub.cfg; fi",
-    "initramfs": "update-initramfs -u -k all",
+    # The driver packages' dpkg trigger usually rebuilt the newest kernel's image a moment
+    # ago (with the blacklist already in place): rebuild only when an image predates it.
+    "initramfs": f"{initramfs_current()} || update-initramfs -u -k all",
     "cdi": "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml",
 }
 

@@ -1,12 +1,12 @@
-"""`gpunode check` on a lab VM converged by the deploy: it passes (and how long it takes),
-and breaking one thing per concern makes the matching check fail with a message saying what
-differs. Each case repairs what it broke and proves the check passes again.
+"""`gpunode check` on a lab VM converged by the deploy: it passes, and breaking one thing per
+concern makes the matching check fail with a message saying what differs. Each case repairs
+what it broke; the last test proves the whole suite passes again.
 
-Opt-in (they have not yet run against a converged VM): GPUNODE_TEST_CHECKS_NEGATIVE=1 uses
-the session's `converged_lab` (tests/integration/conftest.py: a lab VM deployed once by
-`gpunode deploy`); GPUNODE_CONVERGED_SITE=<site file> (and GPUNODE_CONVERGED_NODE=<node>,
-default: the only node) reuses a VM that is already converged. Every case repairs what it
-broke."""
+The VM is the session's `converged_lab` (tests/integration/conftest.py: a lab VM deployed
+once by `gpunode deploy`); GPUNODE_CONVERGED_SITE=<site file> (and
+GPUNODE_CONVERGED_NODE=<node>, default: the only node) reuses a VM that is already converged.
+How long a check takes is printed here (with -s) and measured by bench/, never asserted.
+"""
 
 from __future__ import annotations
 
@@ -38,11 +38,6 @@ from gpunode.topology import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-#: Runs only on request until it has passed against a converged lab VM.
-#: What "well under 30 s" is held to here (the figure is printed with -s).
-CHECK_BUDGET_S = 30.0
-
 
 @dataclass
 class Converged:
@@ -107,7 +102,6 @@ def test_converged_node_passes(converged):
     assert rc == 0, output
     counts = doc["hosts"][converged.node]["counts"]
     assert counts["passed"] > 30 and counts["failed"] == counts["error"] == 0, counts
-    assert elapsed < CHECK_BUDGET_S, f"gpunode check took {elapsed:.1f} s"
 
 
 # --- one break per concern ------------------------------------------------------------------
@@ -225,5 +219,9 @@ def test_break_is_detected(converged, case):
             f"no failure mentions {fragments}: {found}")
     finally:
         case.repair(converged)
-    rc, doc, _, output = gpunode_check(converged, "-k", case.keyword)
-    assert rc == 0, f"after the repair: {messages(doc, converged.node)}\n{output[-2000:]}"
+
+
+def test_repaired_node_passes_again(converged):
+    """After every break above was repaired (one full run instead of one per case)."""
+    rc, doc, _, output = gpunode_check(converged)
+    assert rc == 0, f"after the repairs: {messages(doc, converged.node)}\n{output[-2000:]}"

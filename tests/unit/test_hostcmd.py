@@ -87,3 +87,28 @@ def test_lock_retry_fails_at_once_when_the_lock_is_free(tmp_path):
     result = run_sh(locked_script(tmp_path, "dpkg", 300) + " && echo chained", tmp_path)
     assert result.returncode == 1 and "chained" not in result.stdout
     assert calls.read_text().count("x") == 1
+
+
+def test_initramfs_rebuild_only_when_an_image_predates_the_blacklist(tmp_path):
+    """The dpkg trigger of the driver packages rebuilt the image after the blacklist was
+    written: no second rebuild. An older image, or none at all, means rebuild."""
+    import os
+
+    boot, blacklist = tmp_path / "boot", tmp_path / "blacklist-nouveau.conf"
+    boot.mkdir()
+    blacklist.write_text("blacklist nouveau\n")
+    os.utime(blacklist, (1000, 1000))
+
+    def current() -> int:
+        return subprocess.run(["sh", "-c", hostcmd.initramfs_current(str(boot), str(blacklist))],
+                              check=False).returncode
+
+    assert current() == 1  # no image yet
+    for name, mtime in (("initrd.img-6.1.0-56-amd64", 2000), ("initrd.img-6.1.0-55-amd64", 3000)):
+        (boot / name).write_bytes(b"x")
+        os.utime(boot / name, (mtime, mtime))
+    assert current() == 0
+    os.utime(boot / "initrd.img-6.1.0-55-amd64", (500, 500))  # one image predates it
+    assert current() == 1
+    assert hostcmd.STAMP_COMMANDS["initramfs"].startswith(hostcmd.initramfs_current())
+    assert hostcmd.STAMP_COMMANDS["initramfs"].endswith("|| update-initramfs -u -k all")

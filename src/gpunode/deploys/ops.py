@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from io import StringIO
 from pathlib import PurePosixPath
+from typing import Any
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
@@ -51,11 +52,24 @@ def snapshot(p: NodeProfile) -> Snapshot:
     return snap
 
 
-def changing(tag: str) -> None:
-    """Record a change about to execute; later operations re-read the host."""
+def changing(tag: str, wrote: dict[str, Any] | None = None) -> None:
+    """Record a change about to execute; later operations re-read the host. A change that
+    only writes one file or directory (`wrote`: its snapshot entry as it will be) patches
+    the cached snapshot instead: a re-read costs seconds on a slow host, and a fresh deploy
+    writes dozens of files. Whatever a write implies elsewhere (a unit needing a reload, apt
+    lists to refresh) is decided from the recorded tags (`changed`), not from the snapshot."""
     if host.state.is_executing:
-        _CACHE.pop(host.name, None)
         _CHANGED[host.name].add(tag)
+        snap = _CACHE.get(host.name)
+        if wrote is not None and snap is not None:
+            snap.data["files"].update(wrote)
+        else:
+            _CACHE.pop(host.name, None)
+
+
+def _wrote(path: str, content: str, mode: int, owner: str, group: str) -> dict[str, Any]:
+    return {path: {"mode": f"{mode:04o}", "owner": owner, "group": group,
+                   "sha256": sha256(content)}}
 
 
 def changed(*tags: str) -> bool:
@@ -90,7 +104,7 @@ def _upload(path: str, content: str, mode: int, owner: str, group: str):
 def managed_file(p: NodeProfile, f: ManagedFile):
     """Make one gpunode-rendered file exactly as rendered (content, mode, owner)."""
     if file_differs(snapshot(p), f.path, f.content, f.mode, f.owner, f.group):
-        changing(f.path)
+        changing(f.path, _wrote(f.path, f.content, f.mode, f.owner, f.group))
         yield from _upload(f.path, f.content, f.mode, f.owner, f.group)
 
 
@@ -98,7 +112,7 @@ def managed_file(p: NodeProfile, f: ManagedFile):
 def secret_file(p: NodeProfile, path: str, content: str, group: str = "root"):
     """A 0600 secret (API key): content is never printed, diffed or put on a command line."""
     if file_differs(snapshot(p), path, content, 0o600, "root", group):
-        changing(path)
+        changing(path, _wrote(path, content, 0o600, "root", group))
         yield from _upload(path, content, 0o600, "root", group)
 
 
@@ -284,7 +298,7 @@ def placement_file(p: NodeProfile, path: str,
     GPU-local CPUs); `build` returns None when the facts are not available yet."""
     f = build(snapshot(p))
     if f is not None and file_differs(snapshot(p), f.path, f.content, f.mode, f.owner, f.group):
-        changing(f.path)
+        changing(f.path, _wrote(f.path, f.content, f.mode, f.owner, f.group))
         yield from _upload(f.path, f.content, f.mode, f.owner, f.group)
 
 
@@ -293,7 +307,8 @@ def directory(p: NodeProfile, path: str, mode: int, owner: str, group: str):
     cur = snapshot(p).file(path)
     if not (cur and cur.get("dir") and cur["mode"] == f"{mode:04o}" and cur["owner"] == owner
             and cur["group"] == group):
-        changing(path)
+        changing(path, {path: {"mode": f"{mode:04o}", "owner": owner, "group": group,
+                               "dir": True}})
         yield StringCommand(f"install -d -m {mode:o} -o {owner} -g {group} {shlex.quote(path)}")
 
 
