@@ -1,7 +1,8 @@
 """The pyinfra deploy on a real lab VM with the simulated NVIDIA stack: a fresh VM converges
 in one run (nouveau reboot included), a second run changes nothing, services are healthy and
-pinned, faults are reported per host, a driver bump upgrades through holds and a reboot,
-and a service removed from the site is stopped and removed.
+pinned, faults are reported per host, a driver bump upgrades through holds and a reboot
+(after which the GPU settings are back and the whole checks suite passes), and a service
+removed from the site is stopped and removed.
 
 The driver bump runs last: it leaves the VM on the newer driver."""
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from convergence import gpunode_cli
 
 from gpunode import desired
 from gpunode.deploy_cli import run_pyinfra
@@ -262,3 +264,7 @@ def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):
     assert "nvidia-driver-cuda" in holds and "libcuda1" in holds
     pkg = fresh.vm.check("dpkg-query -W -f '${Version}' nvidia-driver-cuda")
     assert pkg == desired.driver_deb_version(load_site(tmp_path / "site.yaml").nodes[fresh.name])
+    # The reboot reset the (simulated) GPUs' volatile settings; the settings unit puts the
+    # profile's back at boot, and the node proves out on the new driver as a whole.
+    rc, out, _ = gpunode_cli("check", fresh.name, "--site", str(tmp_path / "site.yaml"))
+    assert rc == 0, f"gpunode check after the driver bump failed:\n{out[-6000:]}"
