@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "src/gpunode/lab/sim/vllm_standin"
 SMI = REPO / "src/gpunode/lab/sim/guest/nvidia-smi"
 BOOT = REPO / "src/gpunode/lab/sim/guest/gpunode-sim-boot"
-FLAGS_FILE = REPO.parent / "shared/vllm/serve_flags-0.33.0.txt"
+#: The project's copy of vLLM 0.33.0's `serve` flag list (source: tests/fixtures/vllm/README.md).
+FLAGS_FILE = REPO / "tests/fixtures/vllm/serve_flags-0.33.0.txt"
 KEY = "test-key-0123456789abcdef"
 
 
@@ -87,7 +88,6 @@ def _free_port() -> int:
 # ----------------------------------------------------------------- flags
 
 
-@pytest.mark.skipif(not FLAGS_FILE.exists(), reason="needs ../shared/vllm")
 def test_flag_table_matches_the_vllm_flag_list(standin) -> None:
     want = [ln.strip() for ln in FLAGS_FILE.read_text().splitlines() if ln.strip()]
     assert list(standin.serve_flags.SERVE_FLAGS) == want
