@@ -20,8 +20,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from gpunode import output
 from gpunode.inventory import Site, SiteError, load_site
 from gpunode.model import NodeProfile
 
@@ -168,30 +168,31 @@ def group_by_message(drifted: list[dict[str, Any]]) -> dict[str, list[str]]:
 
 
 def print_table(console: Console, hosts: dict[str, Any]) -> None:
-    table = Table(title="gpunode check")
-    for col in ("host", "concern", "passed", "failed", "skipped", "result"):
-        table.add_column(col, justify="right" if col in ("passed", "failed", "skipped") else "left")
+    columns = [output.Column("host"), output.Column("concern")]
+    columns += [output.Column(c, "right") for c in ("passed", "failed", "skipped")]
+    columns.append(output.Column("result"))
+    rows: list[list[str] | None] = []
     for host, data in hosts.items():
         if not data["concerns"]:
-            table.add_row(host, "-", "0", "0", "0", f"[red]{data['status']}[/red]")
+            rows.append([host, "-", "0", "0", "0", f"[red]{data['status']}[/red]"])
         for concern, c in data["concerns"].items():
             bad = c["failed"] + c["error"]
             result = "[red]FAIL[/red]" if bad else ("[green]ok[/green]" if c["passed"]
                                                     else "[dim]skipped[/dim]")
-            table.add_row(host, concern, str(c["passed"]), str(bad), str(c["skipped"]), result)
-        table.add_section()
-    console.print(table)
+            rows.append([host, concern, str(c["passed"]), str(bad), str(c["skipped"]), result])
+        rows.append(None)
+    output.print_table(console, "gpunode check", columns, rows)
     for host, data in hosts.items():
         for message, checks in group_by_message(data["drifted"]).items():
             where = checks[0] if len(checks) == 1 else f"{len(checks)} checks ({checks[0]}, ...)"
-            console.print(f"[red]{host}[/red] {where}:", highlight=False)
-            console.print("    " + message.replace("\n", "\n    "), highlight=False,
-                          markup=False)
+            output.echo(console, f"{host} {where}:")
+            for line in message.splitlines() or [""]:
+                output.echo(console, line, indent="    ")
     for host, data in hosts.items():
         c = data["counts"]
-        console.print(f"{host}: {data['status']} — {c['passed']} passed, "
-                      f"{c['failed'] + c['error']} failed, {c['skipped']} skipped "
-                      f"in {data['duration_s']:.1f} s", highlight=False)
+        output.echo(console, f"{host}: {data['status']} — {c['passed']} passed, "
+                    f"{c['failed'] + c['error']} failed, {c['skipped']} skipped "
+                    f"in {data['duration_s']:.1f} s")
 
 
 # --- running ------------------------------------------------------------------------------
@@ -256,7 +257,9 @@ def command(
     site: Annotated[str | None, typer.Option("--site", help="Site file (else $GPUNODE_SITE, "
                                               "else inventory/site.yaml).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON "
-                                                  "(per host and concern, with messages).")] = None,
+                                                  "(per host and concern, with messages) to "
+                                                  "this file; '-' prints them instead of the "
+                                                  "table.")] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML.")] = None,
     markers: Annotated[str | None, typer.Option("-m", "--markers", help="pytest marker "
                                                 "expression (default: 'not slow', or all "
@@ -272,8 +275,9 @@ def command(
     """Prove nodes match their profiles: run the testinfra checks over SSH."""
     if markers is None and not full:
         markers = DEFAULT_MARKERS
-    console = Console()
-    status = Console(stderr=True) if drift else console
+    to_stdout = drift or (json_out is not None and str(json_out) == "-")
+    console = output.console()
+    status = output.console(stderr=True) if to_stdout else console
     started = time.monotonic()
     try:
         loaded = load_site(site)
@@ -289,10 +293,10 @@ def command(
         raise typer.Exit(2) from None
     hosts = collate(records, [p.name for p in profiles])
     doc = report(loaded, hosts, started, markers)
-    if json_out:
+    if json_out and str(json_out) != "-":
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(doc, indent=2) + "\n")
-    if drift:
+    if to_stdout:
         print(json.dumps(doc, indent=2))
     else:
         print_table(console, hosts)

@@ -12,8 +12,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
+from gpunode import output
 from gpunode.sizing.gpus import parse_gpus
 from gpunode.sizing.planner import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -107,37 +108,24 @@ def sizing_command(
         typer.echo(json.dumps(doc, indent=2))
         raise typer.Exit(0 if rec.ok else 1)
 
-    out = Console()
+    out = output.console()
     quant = plans[0].quantization or shape.torch_dtype
-    table = Table(
-        title=f"{shape.name} ({quant}) on {n_gpus}× {gpu.name}, "
-        f"max_model_len {target:,}, kv {kv_cache_dtype}, "
-        f"util {gpu_memory_utilization}"
-    )
-    for col in (
-        "TP",
-        "replicas",
-        "weights/GPU",
-        "KV/GPU",
-        "KV tokens",
-        f"conc. @{target:,}",
-        "verdict",
-        "why",
-    ):
-        table.add_column(col, justify="right" if col not in ("verdict", "why") else "left")
-    for p in plans:
-        why = "; ".join(f.message for f in p.findings[:2])
-        table.add_row(
-            str(p.tp),
-            str(p.replicas),
-            f"{p.weight_bytes_per_gpu / GIB:.1f} GiB",
-            f"{max(p.kv_bytes_per_gpu, 0) / GIB:.1f} GiB",
-            f"{p.capacity_tokens:,}",
-            f"{p.concurrency:.1f}×",
-            f"[{_VERDICT_STYLE[p.verdict]}]{p.verdict}[/]",
-            why,
-        )
-    out.print(table)
+    title = (f"{shape.name} ({quant}) on {n_gpus}× {gpu.name}, max_model_len {target:,}, "
+             f"kv {kv_cache_dtype}, util {gpu_memory_utilization}")
+    columns = [output.Column(name, "right") for name in
+               ("TP", "replicas", "weights/GPU", "KV/GPU", "KV tokens", f"conc. @{target:,}")]
+    columns += [output.Column("verdict"), output.Column("why", wrap=True)]
+    rows = [[
+        str(p.tp),
+        str(p.replicas),
+        f"{p.weight_bytes_per_gpu / GIB:.1f} GiB",
+        f"{max(p.kv_bytes_per_gpu, 0) / GIB:.1f} GiB",
+        f"{p.capacity_tokens:,}",
+        f"{p.concurrency:.1f}×",
+        f"[{_VERDICT_STYLE[p.verdict]}]{p.verdict}[/]",
+        escape("; ".join(f.message for f in p.findings[:2])),
+    ] for p in plans]
+    output.print_table(out, title, columns, rows)
     if rec.ok and rec.plan is not None:
         out.print(
             "[bold]Recommended service settings[/bold]"
@@ -148,7 +136,7 @@ def sizing_command(
     else:
         out.print("[red]No configuration fits.[/red]")
     for note in rec.notes + (rec.plan.notes if rec.plan else ()):
-        out.print(f"  note: {note}", highlight=False)
+        output.echo(out, note, indent="  note: ", subsequent="        ")
     raise typer.Exit(0 if rec.ok else 1)
 
 
