@@ -7,14 +7,17 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
+from gpunode import output
 from gpunode.inventory import Site, SiteError, load_site, to_ansible, to_pyinfra
+from gpunode.model import NodeProfile
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Infrastructure as code for LLM-serving NVIDIA GPU hosts.")
@@ -29,6 +32,94 @@ def fail_input(lines: list[str]) -> typer.Exit:
     for line in lines:
         print(line, file=sys.stderr)
     return typer.Exit(2)
+
+
+@dataclass
+class ServiceSizing:
+    """What the sizing planner said about one vLLM service, or why it could not run."""
+
+    node: str
+    service: str
+    model: str
+    where: str
+    ran: bool
+    reason: str = ""  # why sizing did not run
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        if not self.ran:
+            return "not run"
+        return "fails" if self.errors else ("warnings" if self.warnings else "fits")
+
+    def detail(self) -> str:
+        return self.reason if not self.ran else "; ".join(self.errors + self.warnings)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"node": self.node, "service": self.service, "model": self.model,
+                "ran": self.ran, "verdict": self.verdict, "reason": self.reason,
+                "errors": self.errors, "warnings": self.warnings}
+
+
+def size_services(site: Site) -> list[ServiceSizing]:
+    """Run the vLLM sizing planner on every service; say per service why when it cannot."""
+    try:
+        from gpunode.sizing import check_model_service
+        from gpunode.sizing.shape import SizingError, hf_hub_cache_dir
+    except ImportError:
+        return []
+    out: list[ServiceSizing] = []
+    for p in site.nodes.values():
+        for i, svc in enumerate(p.vllm.services):
+            rec = ServiceSizing(p.name, svc.name, svc.model,
+                                f"{site.path}: nodes.{p.name}.vllm.services[{i}] ({svc.name})",
+                                ran=True)
+            out.append(rec)
+            try:
+                findings = check_model_service(
+                    svc.model, p.gpus.model, svc.tensor_parallel_size, svc.max_model_len,
+                    svc.gpu_memory_utilization, svc.kv_cache_dtype, svc.quantization,
+                    len(svc.gpus), svc.max_num_seqs, revision=svc.revision,
+                    ecc=p.nvidia.settings.ecc)
+            except SizingError as exc:
+                rec.ran, rec.reason = False, str(exc)
+                continue
+            if findings is None:
+                rec.ran, rec.reason = False, _not_local(svc.model, svc.revision,
+                                                        f"{len(svc.gpus) or 1}x{p.gpus.model}",
+                                                        str(hf_hub_cache_dir()))
+                continue
+            for f in findings:
+                if f.code == "gpu-unknown":
+                    rec.ran, rec.reason = False, f.message
+                elif f.level == "error":
+                    rec.errors.append(f.message)
+                else:
+                    rec.warnings.append(f.message)
+    return out
+
+
+def _not_local(model: str, revision: str | None, gpus: str, hub: str) -> str:
+    """Why sizing could not run for a model whose config.json is not here, and what to do."""
+    local_copy = f"size a local copy with `gpunode sizing DIR --gpus '{gpus}'`"
+    if model.startswith(("/", ".", "~")):
+        return (f"config.json is not on this machine ({model} is a path on the node); "
+                f"{local_copy}")
+    rev = f" --revision {revision}" if revision else ""
+    return (f"config.json is not on this machine (not in the Hugging Face cache {hub}); "
+            f"`hf download {model} config.json{rev}` puts it there (HF_HOME picks the cache), "
+            f"or {local_copy}")
+
+
+def sizing_findings(site: Site) -> tuple[list[str], list[str]]:
+    """(errors, warnings), one line each, from the services whose sizing ran."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    for rec in size_services(site):
+        errors += [f"{rec.where}: {m}" for m in rec.errors]
+        warnings += [f"{rec.where}: {m}" for m in rec.warnings]
+    return errors, warnings
 
 
 def open_site(site: str | None, deep: bool = True) -> Site:
@@ -46,32 +137,65 @@ def open_site(site: str | None, deep: bool = True) -> Site:
     return loaded
 
 
-def sizing_findings(site: Site) -> tuple[list[str], list[str]]:
-    """Run the vLLM sizing planner on every service whose model config is available."""
-    try:
-        from gpunode.sizing.validate import check_site
-    except ImportError:
-        return [], []
-    return check_site(site)
-
-
 @app.command()
-def validate(site: SiteOpt = None) -> None:
-    """Validate the site file and print a per-node summary."""
-    loaded = open_site(site)
-    table = Table(title=f"{loaded.path} ({loaded.meta.name})")
-    for col in ("node", "kind", "os", "groups", "GPUs", "driver", "services"):
-        table.add_column(col)
-    for p in loaded.nodes.values():
-        services = ", ".join(f"{s.name} (tp={s.tensor_parallel_size}, :{s.port})"
-                             for s in p.vllm.services) or "-"
-        driver = f"{p.nvidia.branch}" + (f" ={p.nvidia.version}" if p.nvidia.version else "")
-        driver += " open" if p.nvidia.open_kernel_modules else " proprietary"
-        table.add_row(p.name, p.kind, p.os, ",".join(p.groups) or "-",
-                      f"{p.gpus.count}x {p.gpus.model}" if p.gpus.count else "-", driver,
-                      services)
-    console.print(table)
-    console.print(f"[green]valid[/green]: {len(loaded.nodes)} node(s)")
+def validate(
+    site: SiteOpt = None,
+    require_sizing: Annotated[bool, typer.Option(
+        "--require-sizing", help="Exit 2 when sizing could not run for a service (its "
+        "model's config.json is not on this machine), e.g. in CI.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")]
+    = False,
+) -> None:
+    """Validate the site file, size every vLLM service, and print a per-node summary."""
+    try:
+        loaded = load_site(site)
+    except SiteError as exc:
+        raise fail_input(exc.lines) from None
+    sized = size_services(loaded)
+    errors = [f"{r.where}: {m}" for r in sized for m in r.errors]
+    for r in sized:
+        for m in r.warnings:
+            print(f"warning: {r.where}: {m}", file=sys.stderr)
+    if errors:
+        raise fail_input(errors)
+    not_run = [r for r in sized if not r.ran]
+    if as_json:
+        doc = {"site": str(loaded.path), "name": loaded.meta.name, "valid": True,
+               "nodes": {n: _node_summary(p) for n, p in loaded.nodes.items()},
+               "sizing": [r.to_dict() for r in sized]}
+        print(json.dumps(doc, indent=2))
+    else:
+        out = output.console()
+        columns = [output.Column(c) for c in ("node", "kind", "os", "groups", "GPUs", "driver")]
+        columns.append(output.Column("services", wrap=True))
+        rows: list[list[str] | None] = []
+        for p in loaded.nodes.values():
+            d = _node_summary(p)
+            rows.append([p.name, d["kind"], d["os"], ",".join(d["groups"]) or "-",
+                         d["gpus"] or "-", d["driver"], ", ".join(d["services"]) or "-"])
+        output.print_table(out, escape(f"{loaded.path} ({loaded.meta.name})"), columns, rows)
+        if sized:
+            style = {"fits": "green", "warnings": "yellow", "not run": "yellow"}
+            columns = [output.Column(c) for c in ("node", "service", "sizing")]
+            columns.append(output.Column("detail", wrap=True))
+            rows = [[r.node, r.service, f"[{style[r.verdict]}]{r.verdict}[/]",
+                     escape(r.detail() or "-")] for r in sized]
+            output.print_table(out, "vLLM sizing", columns, rows)
+        out.print(f"[green]valid[/green]: {len(loaded.nodes)} node(s); sizing ran for "
+                  f"{len(sized) - len(not_run)} of {len(sized)} service(s)", highlight=False)
+    if require_sizing and not_run:
+        raise fail_input([f"{r.where}: sizing did not run (--require-sizing): {r.reason}"
+                          for r in not_run])
+
+
+def _node_summary(p: NodeProfile) -> dict[str, Any]:
+    driver = f"{p.nvidia.branch}" + (f" ={p.nvidia.version}" if p.nvidia.version else "")
+    driver += " open" if p.nvidia.open_kernel_modules else " proprietary"
+    return {"kind": p.kind, "os": p.os, "groups": list(p.groups),
+            "gpus": f"{p.gpus.count}x {p.gpus.model}" if p.gpus.count else "",
+            "driver": driver,
+            "services": [f"{s.name} (tp={s.tensor_parallel_size}, :{s.port})"
+                         for s in p.vllm.services]}
 
 
 @app.command()
