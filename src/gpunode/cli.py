@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.markup import escape
 
@@ -264,8 +266,44 @@ _mount("gpunode.deploy_cli", "deploy", "Converge nodes (pyinfra or Ansible).")
 _mount("gpunode.checks_cli", "check", "Prove nodes match their profiles (testinfra).")
 
 
+def _no_value(ctx: object = None) -> None:
+    return None
+
+
+def label_types(command: Any) -> None:
+    """Correct the value labels of `--help` for COMMAND and its subcommands: a flag takes no
+    value (typer labels it `<bool>`), and a repeatable option or a variadic argument takes
+    one value per occurrence (`<str>`, not `<list[str]>`)."""
+    for param in command.params:
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.display_type_rich = _no_value
+        elif getattr(param, "multiple", False) or param.nargs == -1:
+            show = getattr(param, "display_type_rich", None)
+            if show is not None:
+                label = re.sub(r"^<list\[(.*)\]>(\.\.\.)?$", r"<\1>", str(show(ctx=None)))
+                param.display_type_rich = lambda ctx=None, label=label: label
+    help_option = command.get_help_option
+
+    def get_help_option(ctx: Any) -> Any:
+        option = help_option(ctx)
+        if option is not None:
+            option.display_type_rich = _no_value
+        return option
+
+    command.get_help_option = get_help_option
+    for sub in getattr(command, "commands", {}).values():
+        label_types(sub)
+
+
+def cli_command() -> Any:
+    """The click command behind `gpunode`, with corrected `--help` labels."""
+    command = typer.main.get_command(app)
+    label_types(command)
+    return command
+
+
 def main() -> None:
-    app()
+    cli_command()(prog_name="gpunode")
 
 
 if __name__ == "__main__":
