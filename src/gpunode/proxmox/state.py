@@ -1,0 +1,92 @@
+"""Reading a PVE cluster: facts only, no changes. Each function is a few GET calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpunode.proxmox.errors import PveApiError
+
+
+@dataclass
+class VmState:
+    """A VM as PVE reports it (``config`` is the pending view, as ``GET config`` gives)."""
+
+    vmid: int
+    pve_node: str
+    status: str                            # running | stopped
+    config: dict[str, Any]
+    pending: dict[str, Any] = field(default_factory=dict)   # key -> pending value / None=delete
+    lock: str | None = None
+
+    @property
+    def name(self) -> str | None:
+        return self.config.get("name")
+
+    @property
+    def is_template(self) -> bool:
+        return str(self.config.get("template", "0")) == "1"
+
+
+def vm_ids(pve: Any, pve_node: str) -> dict[int, dict[str, Any]]:
+    """The VMs on one node: vmid -> the row of ``GET /nodes/{node}/qemu``."""
+    return {int(row["vmid"]): row for row in pve.get(f"nodes/{pve_node}/qemu")}
+
+
+def cluster_vm(pve: Any, vmid: int) -> dict[str, Any] | None:
+    """Where a VM id is in use anywhere in the cluster (qemu or lxc), or None."""
+    for row in pve.get("cluster/resources", type="vm"):
+        if int(row.get("vmid", -1)) == vmid:
+            return row
+    return None
+
+
+def read_vm(pve: Any, pve_node: str, vmid: int) -> VmState | None:
+    """The VM's config, pending changes and power state; None if the node has no such VM."""
+    if vmid not in vm_ids(pve, pve_node):
+        return None
+    base = f"nodes/{pve_node}/qemu/{vmid}"
+    try:
+        config = pve.get(f"{base}/config")
+        status = pve.get(f"{base}/status/current")
+        pending_rows = pve.get(f"{base}/pending")
+    except PveApiError as exc:
+        if "does not exist" in exc.pve_message:
+            return None
+        raise
+    pending: dict[str, Any] = {}
+    for row in pending_rows or []:
+        if "pending" in row:
+            pending[row["key"]] = row["pending"]
+        elif row.get("delete"):
+            pending[row["key"]] = None
+    return VmState(vmid=vmid, pve_node=pve_node, status=str(status.get("status", "unknown")),
+                   config=dict(config), pending=pending, lock=config.get("lock"))
+
+
+def read_pci(pve: Any, pve_node: str) -> list[dict[str, Any]]:
+    """Every PCI function of the node (the default class blacklist hides bridges only)."""
+    return list(pve.get(f"nodes/{pve_node}/hardware/pci", **{"pci-class-blacklist": ""}))
+
+
+def read_mappings(pve: Any) -> dict[str, dict[str, Any]]:
+    """Cluster PCI resource mappings by id."""
+    return {row["id"]: row for row in pve.get("cluster/mapping/pci")}
+
+
+def guest_addresses(agent_result: Any) -> list[tuple[str, str, str]]:
+    """(interface, MAC, IPv4) from ``agent/network-get-interfaces``, loopback and
+    link-local left out."""
+    rows = agent_result.get("result", agent_result) if isinstance(agent_result, dict) \
+        else agent_result
+    out = []
+    for iface in rows or []:
+        mac = str(iface.get("hardware-address", "")).lower()
+        for addr in iface.get("ip-addresses", []) or []:
+            ip = addr.get("ip-address", "")
+            if addr.get("ip-address-type") != "ipv4":
+                continue
+            if ip.startswith("127.") or ip.startswith("169.254."):
+                continue
+            out.append((str(iface.get("name", "")), mac, ip))
+    return out
