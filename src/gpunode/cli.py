@@ -264,6 +264,9 @@ _mount("gpunode.lab.cli", "lab", "Local test VMs (qemu) and the simulated NVIDIA
 _mount("gpunode.sizing.cli", "sizing", "Will a model fit? vLLM memory and KV-cache planner.")
 _mount("gpunode.deploy_cli", "deploy", "Converge nodes (pyinfra or Ansible).")
 _mount("gpunode.checks_cli", "check", "Prove nodes match their profiles (testinfra).")
+_mount("gpunode.proxmox.cli", "provision", "Create or converge Proxmox GPU VMs.")
+_mount("gpunode.proxmox.cli", "destroy", "Remove Proxmox VMs of pve-guest nodes.")
+_mount("gpunode.proxmox.cli", "rebuild", "Destroy, provision, deploy and check one VM.")
 
 
 def _no_value(ctx: object = None) -> None:
