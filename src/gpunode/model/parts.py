@@ -336,6 +336,14 @@ class VmSpec(Strict):
     bridge: str = Field("vmbr0", description="Network bridge.")
     hostpci: list[Hostpci] = Field(default_factory=list, description="Passed-through devices.")
     cloud_init: CloudInit = Field(default_factory=CloudInit, description="Cloud-init settings.")
+    full_clone: bool = Field(True, description="Clone the template with independent disks "
+                             "(false: a linked clone, which needs storage that supports it).")
+    on_start_failure: Literal["destroy", "stop"] = Field(
+        "destroy", description="When a VM that provision just created fails to start (GPU "
+        "in use, IOMMU, huge pages): destroy it, or leave it stopped for inspection. An "
+        "existing VM is never destroyed.")
+    agent_timeout_s: int = Field(600, ge=30, le=7200, description="How long provision waits "
+                                 "after a start for the guest agent to report an address.")
 
     @model_validator(mode="after")
     def _source(self) -> VmSpec:
