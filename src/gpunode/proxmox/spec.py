@@ -162,10 +162,10 @@ def desired_vm(profile: Any, host: Any | None) -> VmTarget:
         pve_node=vm.pve_node, vmid=vm.vmid,
         source="clone" if vm.template_vmid is not None else "import",
         template_vmid=vm.template_vmid, cloud_image=vm.cloud_image,
-        full_clone=getattr(vm, "full_clone", True), storage=vm.storage,
+        full_clone=vm.full_clone, storage=vm.storage,
         disk_gib=vm.disk_gib, config=cfg, may_restart=profile.reboot == "auto",
-        on_start_failure=getattr(vm, "on_start_failure", "destroy"),
-        start_timeout_s=start_timeout(cfg), agent_timeout_s=getattr(vm, "agent_timeout_s", 600),
+        on_start_failure=vm.on_start_failure,
+        start_timeout_s=start_timeout(cfg), agent_timeout_s=vm.agent_timeout_s,
         mappings=mappings)
 
 
