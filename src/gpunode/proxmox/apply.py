@@ -16,6 +16,7 @@ from typing import Any
 from gpunode.proxmox.errors import (
     AgentTimeout,
     PveApiError,
+    PveAuthError,
     PveError,
     TaskFailed,
     TaskTimeout,
@@ -40,6 +41,8 @@ SHUTDOWN_TIMEOUT_S = 120
 #: Polling starts fast (a simulated or small task ends in well under a second) and backs off.
 POLL_FIRST_S = 0.2
 POLL_MAX_S = 3.0
+#: Waited for a start beyond PVE's own start timeout (QEMU set-up, our polling).
+START_MARGIN_S = 60
 
 Progress = Callable[[str], None]
 
@@ -130,8 +133,9 @@ class Provisioner:
 
     def __init__(self, pve: Any, progress: Progress | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, wait_agent: bool = True):
         self.pve = pve
+        self.wait_agent = wait_agent
         self.progress = progress or (lambda _msg: None)
         self.clock = clock
         self.sleep = sleep
@@ -145,8 +149,21 @@ class Provisioner:
         if not wanted:
             return [], []
         existing = read_mappings(self.pve)
-        changes, problems = plan_mappings(pve_node, wanted, read_pci(self.pve, pve_node),
-                                          existing)
+        try:
+            pci = read_pci(self.pve, pve_node)
+        except PveAuthError as exc:
+            # A token for VMs often may use mappings but not read the host's hardware
+            # (Sys.Audit on /): existing mappings are then used as they are.
+            missing = [name for name, _ in wanted if name not in existing]
+            if missing:
+                return [], [f"mapping {name}: does not exist and cannot be created: {exc}; "
+                            "create it as an administrator, or grant the token Sys.Audit on "
+                            "/ and Mapping.Modify on /mapping/pci" for name in missing]
+            self.progress(f"mappings {', '.join(n for n, _ in wanted)} exist; not compared "
+                          f"with the hardware (this login may not read /nodes/{pve_node}/"
+                          "hardware/pci)")
+            return [], []
+        changes, problems = plan_mappings(pve_node, wanted, pci, existing)
         if dry_run or problems:
             return changes, problems
         for c in changes:
@@ -214,8 +231,8 @@ class Provisioner:
                 raise PveError("; ".join(plan.problems))
         try:
             self._converge(t, plan, result, base)
-        except (TaskFailed, TaskTimeout, AgentTimeout, PveApiError) as exc:
-            if result.created and isinstance(exc, TaskFailed) and "start" in exc.what:
+        except (TaskFailed, TaskTimeout) as exc:
+            if result.created and exc.what.startswith("start "):
                 raise PveError(self._start_failed(t, exc)) from None
             raise
 
@@ -248,7 +265,9 @@ class Provisioner:
             elif c.action == "start":
                 self._start(t, base, result)
                 result.done.append(c)
-        if result.created or any(c.action in ("start", "restart") for c in result.done):
+        if not self.wait_agent:
+            result.address = self.read_address(t)
+        elif result.created or any(c.action in ("start", "restart") for c in result.done):
             result.address = self.wait_address(t)
         else:
             result.address = self.read_address(t)
@@ -257,11 +276,21 @@ class Provisioner:
         self.progress(f"start vm {t.vmid} (timeout {t.start_timeout_s} s)")
         upid = self.pve.post(f"{base}/status/start", timeout=t.start_timeout_s)
         # PVE's own start timeout plus room for QEMU setup and our polling
-        _note(result, self._wait(upid, f"start vm {t.vmid}", t.start_timeout_s + 60), "start")
+        _note(result, self._wait(upid, f"start vm {t.vmid}", t.start_timeout_s + START_MARGIN_S),
+              "start")
 
-    def _start_failed(self, t: VmTarget, exc: TaskFailed) -> str:
+    def _start_failed(self, t: VmTarget, exc: TaskFailed | TaskTimeout) -> str:
+        """Clean up after the first start of a VM this run created failed or hung."""
         base = f"nodes/{t.pve_node}/qemu/{t.vmid}"
-        msg = f"start vm {t.vmid} failed: {exc.exitstatus}"
+        if isinstance(exc, TaskFailed):
+            msg = f"start vm {t.vmid} failed: {exc.exitstatus}"
+        else:
+            msg = str(exc)
+            try:   # stop the hung start task, as the GUI's "Stop" button does
+                self.pve.delete(f"nodes/{upid_node(exc.upid)}/tasks/{exc.upid}")
+                self._wait(exc.upid, f"stopping task {exc.upid}", 30)
+            except PveError:
+                pass   # a stopped task ends as an error: expected here
         try:
             if t.on_start_failure == "destroy":
                 self._destroy(t.pve_node, t.vmid)

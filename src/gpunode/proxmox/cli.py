@@ -113,11 +113,14 @@ def provision_command(nodes: NodesArg = None, site: SiteOpt = None,
                       dry_run: Annotated[bool, typer.Option(
                           "--dry-run", help="Read PVE and print the plan; change nothing.")
                       ] = False,
-                      json_out: JsonOpt = None) -> None:
+                      json_out: JsonOpt = None,
+                      no_wait: Annotated[bool, typer.Option(
+                          "--no-wait", help="Do not wait for the guest agent's address after "
+                          "a start (images without qemu-guest-agent).")] = False) -> None:
     """Create or converge the Proxmox VMs of pve-guest nodes (PCI mappings included)."""
     loaded, endpoints = _open(site, nodes)
     report = run.provision(endpoints, dry_run=dry_run,
-                           progress=None if dry_run else _progress)
+                           progress=None if dry_run else _progress, wait_agent=not no_wait)
     print_plan(report, "provision plan (dry run: nothing changed)" if dry_run
                else "provision plan")
     if not dry_run:

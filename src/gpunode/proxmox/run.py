@@ -122,8 +122,9 @@ def _failed(t: VmTarget, message: str) -> NodeReport:
 
 def provision(endpoints: list[Endpoint], dry_run: bool = False,
               progress: Callable[[str, str], None] | None = None,
-              connect: Callable[[Credentials], Any] = Pve) -> Report:
-    """Plan (dry run) or converge every VM of the endpoints."""
+              connect: Callable[[Credentials], Any] = Pve, wait_agent: bool = True) -> Report:
+    """Plan (dry run) or converge every VM of the endpoints. ``wait_agent=False``: do not
+    wait for the guest agent's address after a start (images without the agent)."""
     started = time.monotonic()
     report = Report()
     say = progress or (lambda _node, _msg: None)
@@ -152,7 +153,7 @@ def provision(endpoints: list[Endpoint], dry_run: bool = False,
             if broken:
                 report.nodes.append(_failed(t, "; ".join(broken)))
                 continue
-            prov = Provisioner(pve, lambda msg, n=t.node: say(n, msg))
+            prov = Provisioner(pve, lambda msg, n=t.node: say(n, msg), wait_agent=wait_agent)
             plan, result = prov.provision(t, dry_run=dry_run)
             report.nodes.append(NodeReport(t.node, t.vmid, plan, result))
     report.seconds = time.monotonic() - started
