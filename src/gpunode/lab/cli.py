@@ -16,6 +16,7 @@ from gpunode.lab import deps as lab_deps
 from gpunode.lab import image as lab_image
 from gpunode.lab.core import Lab
 from gpunode.lab.errors import LabError, LabInputError
+from gpunode.lab.pvesim import cli as pvesim_cli
 
 app = typer.Typer(
     name="lab",
@@ -23,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+app.add_typer(pvesim_cli.app, name="pvesim")
 
 T = TypeVar("T")
 

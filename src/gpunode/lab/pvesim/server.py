@@ -282,6 +282,12 @@ def build(lab_dir: Path, version: str = "9", gpus: int = 2, port: int = 0,
         from gpunode.lab.pvesim.backend import LabBackend
 
         sim.backend = LabBackend(Path(lab_dir), tie_to_parent=tie_vms)
+
+        def volume_path(volid: str) -> Path | None:
+            vol = sim.volumes.get(volid)
+            return vol.path if vol is not None and vol.path and vol.path.exists() else None
+
+        sim.backend.volume_path = volume_path
     sim.record()
     srv = _Server((HOST, port), sim, Api(sim), _secret_file(d / "control-secret", 24),
                   auth_fail_delay)
