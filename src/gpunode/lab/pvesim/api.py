@@ -58,6 +58,7 @@ HOTPLUG_OK = {"name", "description", "onboot", "protection", "tags", "ciuser", "
               "sshkeys", "ipconfig0", "nameserver", "searchdomain", "ciupgrade", "cicustom",
               "citype", "startup", "boot", "agent"}
 HUGEPAGE_MIB = {"2": 2, "1024": 1024}
+NO_TOKEN = {"/access/ticket"}  # allowtoken => 0 in the schema
 
 
 @dataclass
@@ -135,7 +136,9 @@ class Api:
     def handle(self, method: str, path: str, params: dict[str, Any], auth: Auth | None
                ) -> Any:
         template, fn, uri = self.route(method, path)
-        if auth is None and template != "/access/ticket":
+        if template in NO_TOKEN and auth is not None and not auth.ticket:
+            raise PveError(403, msg("perm_token", uri=path))
+        if auth is None and template not in NO_TOKEN:
             raise PveError(401, msg("no_ticket"))
         for k, v in uri.items():
             if k in params and params[k] != v:

@@ -72,14 +72,12 @@ CONFIG: dict[str, P] = {
     'cpuunits': P('integer', minimum=1, maximum=262144),
     'description': P('string', maxLength=8192),
     'efidisk0': P('string', format='@efidisk'),
-    'force': P('boolean', requires='delete'),
     'freeze': P('boolean'),
     'hookscript': P('string', format='pve-volume-id'),
     'hostpci[n]': P('string', format='pve-qm-hostpci'),
     'hotplug': P('string', format='pve-hotplug-features'),
     'hugepages': P('string', enum=['any', '2', '1024']),
     'ide[n]': P('string', format='@ide'),
-    'import-working-storage': P('string', format='pve-storage-id'),
     'intel-tdx': P('string', format='pve-qemu-tdx-fmt'),
     'ipconfig[n]': P('string', format='pve-qm-ipconfig'),
     'ivshmem': P('string', format='@ivshmem'),
@@ -537,6 +535,8 @@ ENDPOINTS: dict[tuple[str, str], dict[str, P | str]] = {
         'id': P('string', optional=False, format='pve-configid'),
     },
     ('POST', '/nodes/{node}/qemu'): {
+        'force': P('boolean', requires='archive'),
+        'import-working-storage': P('string', format='pve-storage-id'),
         'archive': P('string', maxLength=255),
         'bwlimit': P('integer', minimum=0),
         'ha-managed': P('boolean', default=0),
@@ -547,7 +547,7 @@ ENDPOINTS: dict[tuple[str, str], dict[str, P | str]] = {
         'storage': P('string', format='pve-storage-id'),
         'unique': P('boolean', requires='archive'),
         'vmid': P('integer', optional=False, minimum=100, maximum=999999999, format='pve-vmid'),
-        '*': 'config',
+        '*': 'config',  # plus every key of CONFIG
     },
     ('GET', '/nodes/{node}/qemu/{vmid}/config'): {
         'current': P('boolean', default=0),
@@ -556,6 +556,8 @@ ENDPOINTS: dict[tuple[str, str], dict[str, P | str]] = {
         'vmid': P('integer', optional=False, minimum=100, maximum=999999999, format='pve-vmid'),
     },
     ('POST', '/nodes/{node}/qemu/{vmid}/config'): {
+        'force': P('boolean', requires='delete'),
+        'import-working-storage': P('string', format='pve-storage-id'),
         'background_delay': P('integer', minimum=1, maximum=30),
         'delete': P('string', format='pve-configid-list'),
         'digest': P('string', maxLength=40),
@@ -563,16 +565,17 @@ ENDPOINTS: dict[tuple[str, str], dict[str, P | str]] = {
         'revert': P('string', format='pve-configid-list'),
         'skiplock': P('boolean'),
         'vmid': P('integer', optional=False, minimum=100, maximum=999999999, format='pve-vmid'),
-        '*': 'config',
+        '*': 'config',  # plus every key of CONFIG
     },
     ('PUT', '/nodes/{node}/qemu/{vmid}/config'): {
+        'force': P('boolean', requires='delete'),
         'delete': P('string', format='pve-configid-list'),
         'digest': P('string', maxLength=40),
         'node': P('string', optional=False, format='pve-node'),
         'revert': P('string', format='pve-configid-list'),
         'skiplock': P('boolean'),
         'vmid': P('integer', optional=False, minimum=100, maximum=999999999, format='pve-vmid'),
-        '*': 'config',
+        '*': 'config',  # plus every key of CONFIG
     },
     ('GET', '/nodes/{node}/qemu/{vmid}/pending'): {
         'node': P('string', optional=False, format='pve-node'),

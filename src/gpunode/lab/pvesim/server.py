@@ -169,7 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = sim.take_fault(("http-error",), self.command, api_path)
         try:
             if fault:
-                raise PveError(fault.status, fault.message)
+                raise PveError(fault.status, msg("sim_fault", detail=fault.message))
             try:
                 auth = self._auth()
             except PveError:

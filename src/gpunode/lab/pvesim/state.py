@@ -343,10 +343,10 @@ class Sim:
                 if fault and fault.kind == "task-hang":
                     time.sleep(fault.seconds or 3600)
                 if fault and fault.kind == "task-fail":
-                    raise TaskError(fault.message)
+                    raise TaskError(msg("sim_fault", detail=fault.message))
                 body(task)
                 if fault and fault.kind == "task-warn":
-                    task.warn(fault.message)
+                    task.warn(msg("sim_fault", detail=fault.message))
                 if self.node_gone():
                     raise TaskError(msg("sim_node_gone", node=self.node))
                 task.exitstatus = f"WARNINGS: {task.warnings}" if task.warnings else "OK"
