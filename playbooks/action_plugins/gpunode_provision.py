@@ -33,6 +33,7 @@ class ActionModule(ActionBase):
         host = args.get("node") or task_vars.get("inventory_hostname")
         state = args.get("state", "present")
         site_path = args.get("site") or task_vars.get("gpunode_site")
+        wait = str(args.get("wait", True)).lower() not in ("false", "0", "no", "off")
         if state not in ("present", "absent"):
             return {**result, "failed": True, "msg": f"state: {state!r} is not present or "
                     "absent"}
@@ -60,7 +61,7 @@ class ActionModule(ActionBase):
                                                             "absent")}
             report = prun.destroy(endpoints)
         else:
-            report = prun.provision(endpoints, dry_run=check)
+            report = prun.provision(endpoints, dry_run=check, wait_agent=wait)
             if not check:
                 prun.record_addresses(site.path, report)
         n = report.nodes[0]

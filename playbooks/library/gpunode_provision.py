@@ -27,6 +27,10 @@ options:
   site:
     description: Site file (default hostvar C(gpunode_site)).
     type: path
+  wait:
+    description: After a start, wait for the guest agent's address.
+    type: bool
+    default: true
 author: gpunode
 """
 

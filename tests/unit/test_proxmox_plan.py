@@ -167,6 +167,12 @@ def test_clone_sets_cloud_init_and_gpu_after_the_clone(site):
     assert "efidisk0" not in sets and "ide2" not in sets   # the template has both
     assert acts[-3:] == [("resize", "scsi0"), ("start", ""), ("wait-agent", "")]
     assert ("set", "agent") not in acts        # 'enabled=1' equals '1'
+    # what is written is the whole value, however long (the table shortens, not the plan)
+    ci = site.nodes["gpuvm2"].vm.cloud_init.model_copy(
+        update={"ssh_keys": ["ssh-ed25519 " + "A" * 300 + " x"]})
+    t = target(site, "gpuvm2", cloud_init=ci)
+    params = plan_vm(t, None, template=tpl).config_params()
+    assert params["sshkeys"] == t.config["sshkeys"] and len(params["sshkeys"]) > 300
 
 
 def test_clone_of_a_missing_or_non_template_is_a_problem(site):

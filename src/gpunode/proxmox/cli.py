@@ -52,8 +52,11 @@ def _progress(node: str, message: str) -> None:
     err.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {node}: {message}", highlight=False)
 
 
-def _cell(value: str | None) -> str:
-    return "-" if value is None else str(value)
+def _cell(value: str | None, limit: int = 60) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def print_plan(report: run.Report, title: str) -> None:

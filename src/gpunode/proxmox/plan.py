@@ -27,6 +27,7 @@ OWNED_OPTIONAL = ("hugepages", "nameserver", "sshkeys", *(f"hostpci{i}" for i in
 @dataclass(frozen=True)
 class Change:
     target: str                 # "vm 201 on pve1" / "mapping a6000-0"
+    # old/new are full PVE values (new is what gets written); shorten only for display
     action: str                 # create clone set delete resize start restart wait-agent
                                 # mapping-create mapping-update held
     key: str = ""
@@ -67,13 +68,6 @@ def _where(t: VmTarget) -> str:
     return f"vm {t.vmid} on {t.pve_node}"
 
 
-def _short(value: Any, limit: int = 60) -> str | None:
-    if value is None:
-        return None
-    s = str(value)
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
 def diff_config(t: VmTarget, config: dict[str, Any], running: bool) -> list[Change]:
     """set/delete changes that make ``config`` match the target's managed keys."""
     where = _where(t)
@@ -96,11 +90,12 @@ def diff_config(t: VmTarget, config: dict[str, Any], running: bool) -> list[Chan
             note = "needs a restart"
         elif key in CLOUDINIT_KEYS:
             note = "cloud-init: seen at the next boot"
-        out.append(Change(where, "set", key, _short(have), _short(new), note, restart))
+        out.append(Change(where, "set", key, None if have is None else str(have), new, note,
+                          restart))
     for key in OWNED_OPTIONAL:
         if key in config and key not in t.config:
             restart = running and key in RESTART_KEYS
-            out.append(Change(where, "delete", key, _short(config[key]), None,
+            out.append(Change(where, "delete", key, str(config[key]), None,
                               "needs a restart" if restart else "", restart))
     # disks the toolkit owns but that are not plain keys
     if t.config.get("bios") == "ovmf":
@@ -111,7 +106,7 @@ def diff_config(t: VmTarget, config: dict[str, Any], running: bool) -> list[Chan
                               "OVMF needs an EFI vars disk", running))
         elif parse_props(str(efi), "file").get("pre-enrolled-keys", "0") in ("1", "on", "yes",
                                                                             "true"):
-            out.append(Change(where, "held", "efidisk0", _short(efi), "pre-enrolled-keys=0",
+            out.append(Change(where, "held", "efidisk0", str(efi), "pre-enrolled-keys=0",
                               "Secure Boot keys are enrolled, so unsigned NVIDIA modules will "
                               "not load; PVE cannot change this in place: gpunode rebuild "
                               f"{t.node}", applied=False))
@@ -280,8 +275,7 @@ def plan_mappings(pve_node: str, wanted: list[tuple[str, list[str]]],
         mine = [m for m in maps if parse_props(m, "node").get("node") == pve_node]
         if mine and _entry_key(mine[0]) == _entry_key(entry):
             continue
-        changes.append(Change(where, "mapping-update", "map", _short(mine[0] if mine else None,
-                                                                      90), entry,
+        changes.append(Change(where, "mapping-update", "map", mine[0] if mine else None, entry,
                               "hardware or site changed" if mine else
                               f"add {pve_node} to the mapping"))
     return changes, problems
