@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ import yaml
 
 from gpunode.lab import deps as lab_deps
 from gpunode.lab import image as lab_image
+from gpunode.lab import paths as lab_paths
 from gpunode.lab.core import Lab
 from gpunode.lab.errors import LabError, LabInputError
 from gpunode.lab.pvesim import cli as pvesim_cli
@@ -77,6 +80,8 @@ def up(
 ) -> None:
     """Start VMs (creating them from the base image), wait for SSH."""
     lab = Lab(state_dir)
+    if state_dir is not None:
+        remember(lab.dir)
     fwd = _guard(lambda: _parse_forward(forward))
     for name in names:
         vm = _guard(lambda n=name: lab.up(n, cpus=cpus, memory_mib=memory, numa=numa,  # type: ignore[misc]
@@ -88,21 +93,46 @@ def up(
 @app.command()
 def down(
     names: Annotated[list[str] | None, typer.Argument(help="VM names")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Stop every VM of the lab")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Stop every VM of every lab (the "
+                                       "default lab, `make demo`'s, test runs' and labs "
+                                       "made with --state-dir), or of --state-dir's lab")]
+    = False,
+    purge: Annotated[bool, typer.Option("--purge", help="Also delete what the labs hold on "
+                                        "disk: VM disks, seeds, logs, snapshots, keys, the "
+                                        "simulated mirrors (the base image cache stays)")]
+    = False,
     state_dir: StateDir = None,
 ) -> None:
-    """Stop VMs (their disks stay)."""
-    lab = Lab(state_dir)
+    """Stop VMs (their disks stay unless --purge)."""
     if all_:
-        stopped = _guard(lab.down_all)
-        typer.echo(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        for lab_dir in known_labs(state_dir):
+            owner = _session_owner(lab_dir)
+            if owner:
+                typer.echo(f"{lab_dir}: left alone, in use by the test session pid {owner}")
+                continue
+            lab = Lab(lab_dir)
+            stopped = _guard(lab.down_all)
+            from gpunode.lab.sim import server
+
+            server.stop(lab.dir)
+            typer.echo(f"{lab.dir}: stopped {', '.join(stopped) or 'nothing (none running)'}")
+            if purge:
+                size = disk_usage(lab.dir)
+                shutil.rmtree(lab.dir, ignore_errors=True)
+                _forget(lab.dir)
+                typer.echo(f"{lab.dir}: purged ({_human(size)} freed)")
         return
     if not names:
         typer.echo("error: name the VMs to stop, or pass --all", err=True)
         raise typer.Exit(2)
     for name in names:
-        _guard(lambda n=name: lab.down(n))  # type: ignore[misc]
-        typer.echo(f"{name}: down")
+        lab = Lab(_lab_of(name, state_dir))
+        if purge:
+            _guard(lambda n=name, lab=lab: lab.destroy(n))  # type: ignore[misc]
+            typer.echo(f"{name}: down, disk deleted ({lab.dir})")
+        else:
+            _guard(lambda n=name, lab=lab: lab.down(n))  # type: ignore[misc]
+            typer.echo(f"{name}: down")
 
 
 @app.command()
@@ -119,21 +149,133 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     state_dir: StateDir = None,
 ) -> None:
-    """List the lab's VMs and snapshots."""
-    lab = Lab(state_dir)
-    vms = _guard(lab.status)
+    """List the VMs and snapshots of every lab (or of --state-dir's) and their disk use."""
+    labs = []
+    for lab_dir in known_labs(state_dir):
+        lab = Lab(lab_dir)
+        labs.append((lab, _guard(lab.status), lab.snapshots(), disk_usage(lab.dir)))
     if as_json:
-        typer.echo(json.dumps({"state_dir": str(lab.dir), "vms": [v.info() for v in vms],
-                               "snapshots": lab.snapshots()}, indent=2))
+        docs = [{"state_dir": str(lab.dir), "vms": [v.info() for v in vms],
+                 "snapshots": snaps, "disk_bytes": size} for lab, vms, snaps, size in labs]
+        # The first lab (--state-dir's, else the default one) also at the top level.
+        typer.echo(json.dumps({**docs[0], "labs": docs}, indent=2))
         return
-    if not vms:
-        typer.echo(f"no VMs in {lab.dir}")
-    for v in vms:
-        fwd = " ".join(f"{g}->{h}" for g, h in v.forwards.items())
-        typer.echo(f"{v.name:16} {v.state:8} ssh 127.0.0.1:{v.ssh_port:<6} cpus={v.cpus} "
-                   f"mem={v.memory_mib}M numa={v.numa} {fwd}".rstrip())
-    if lab.snapshots():
-        typer.echo("snapshots: " + ", ".join(lab.snapshots()))
+    for lab, vms, snaps, size in labs:
+        if not vms and not snaps:
+            typer.echo(f"no VMs in {lab.dir}" + (f" ({_human(size)} on disk)" if size else ""))
+            continue
+        typer.echo(f"{lab.dir} ({_human(size)} on disk)")
+        for v in vms:
+            fwd = " ".join(f"{g}->{h}" for g, h in v.forwards.items())
+            typer.echo(f"  {v.name:16} {v.state:8} ssh 127.0.0.1:{v.ssh_port:<6} cpus={v.cpus} "
+                       f"mem={v.memory_mib}M numa={v.numa} {fwd}".rstrip())
+        if snaps:
+            typer.echo("  snapshots: " + ", ".join(snaps))
+
+
+# --- which labs exist ---------------------------------------------------------------------
+
+#: The checkout this package runs from (`make demo` and the test sessions keep their labs
+#: in its `.lab/`), or None for an installed wheel.
+_CHECKOUT = Path(__file__).resolve().parents[3]
+_REGISTRY = "labs.txt"  # under the lab cache: labs made with an explicit --state-dir
+
+
+def _registry() -> Path:
+    return lab_paths.cache_root() / _REGISTRY
+
+
+def _registered() -> list[Path]:
+    try:
+        lines = _registry().read_text().splitlines()
+    except OSError:
+        return []
+    return [Path(line) for line in lines if line.strip()]
+
+
+def remember(lab_dir: Path) -> None:
+    """Record a lab made outside the usual places, so that status and down see it."""
+    lab_dir = lab_dir.absolute()
+    if lab_dir == lab_paths.default_state_dir().absolute():
+        return
+    keep = [p for p in _registered() if p != lab_dir and p.exists()] + [lab_dir]
+    with contextlib.suppress(OSError):
+        _registry().parent.mkdir(parents=True, exist_ok=True)
+        _registry().write_text("".join(f"{p}\n" for p in keep))
+
+
+def _forget(lab_dir: Path) -> None:
+    keep = [p for p in _registered() if p != lab_dir.absolute()]
+    with contextlib.suppress(OSError):
+        _registry().write_text("".join(f"{p}\n" for p in keep))
+
+
+def _is_lab(d: Path) -> bool:
+    return d.is_dir() and any((d / part).exists() for part in ("vms", "ssh", "snapshots"))
+
+
+def known_labs(state_dir: Path | None = None) -> list[Path]:
+    """`state_dir` alone when given; else the default lab, the labs under the checkout's
+    `.lab/` (`make demo`'s `.lab/demo`, test sessions' `.lab/pytest/run-*`) and the labs
+    recorded by `lab up --state-dir`. The default lab is listed even when empty."""
+    if state_dir is not None:
+        return [state_dir.absolute()]
+    found = [lab_paths.default_state_dir().absolute()]
+    root = _CHECKOUT / ".lab"
+    if (_CHECKOUT / "pyproject.toml").is_file() and root.is_dir():
+        for d in sorted(root.iterdir()):
+            found += [d] if _is_lab(d) else sorted(x for x in d.glob("*") if _is_lab(x))
+    found += [d for d in _registered() if _is_lab(d)]
+    out: list[Path] = []
+    for d in found:
+        if d.absolute() not in out:
+            out.append(d.absolute())
+    return out
+
+
+def _lab_of(name: str, state_dir: Path | None) -> Path:
+    """The lab holding VM `name`: --state-dir's, else the one known lab that has it."""
+    labs = known_labs(state_dir)
+    if state_dir is not None:
+        return labs[0]
+    holding = [d for d in labs if (d / "vms" / name / "vm.json").is_file()]
+    if len(holding) > 1:
+        raise typer.BadParameter(f"VM {name!r} exists in several labs "
+                                 f"({', '.join(map(str, holding))}); pick one with --state-dir")
+    return holding[0] if holding else labs[0]
+
+
+def _session_owner(lab_dir: Path) -> int | None:
+    """The pid of the live test session that owns a `.lab/pytest/run-<pid>` lab."""
+    pid = lab_dir.name.removeprefix("run-")
+    if lab_dir.parent.name != "pytest" or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return int(pid)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes allocated on disk under `path` (sparse disk images count what they use)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+    return total
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -190,6 +332,8 @@ def fork(
     state_dir: StateDir = None,
 ) -> None:
     """Start a new VM NAME from snapshot SNAP."""
+    if state_dir is not None:
+        remember(state_dir)
     vm = _guard(lambda: Lab(state_dir).fork(snap, name))
     typer.echo(f"{vm.name}: up from {snap}, ssh {vm.user}@{vm.address} -p {vm.ssh_port}")
 
