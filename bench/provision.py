@@ -5,7 +5,9 @@
 For each VM count: a site with that many GPU VMs on one PVE node, planned with
 `gpunode.proxmox.run.provision(dry_run=True)` (login, PCI mapping reads, per-VM config,
 status and pending reads, the pure plan) -- the same call `gpunode provision --dry-run`
-makes -- for VMs that do not exist yet (create plans). Also the wall time of the whole CLI command (Python
+makes -- for VMs that do not exist yet (create plans) and, after they were provisioned
+(created and started in pvesim, without lab VMs behind them), for VMs that exist and match
+(no-change plans: a config and a pending read each). Also the wall time of the whole CLI command (Python
 start-up included). Target (issue 18): 20 VMs planned in under 2 s. pvesim runs as its own
 process on 127.0.0.1 with TLS verified against its CA; figures depend on the host's load
 (the 1-minute load average is reported).
@@ -50,7 +52,7 @@ def write_site(d: Path, pve: Any, token: Any, count: int) -> Path:
             "kind": "pve-guest", "connection": {"address": "127.0.0.1", "user": "gpunode"},
             "vm": {"pve_node": pve.node, "vmid": 1000 + i, "cloud_image": "local:import/b.qcow2",
                    "cores": 2, "memory_mib": 2048, "disk_gib": 8, "storage": "local-lvm",
-                   "hostpci": [{"mapping": f"a6000-{i % 2}"}]}}
+                   "hostpci": [{"mapping": f"a6000-{i}"}] if i < 2 else []}}
     path = d / f"site-{count}.yaml"
     path.write_text(yaml.safe_dump({"site": {"name": f"bench-{count}"}, "nodes": nodes}))
     return path
@@ -93,17 +95,30 @@ def main() -> int:
                            TARGET_20_S, "plans": {}}
     with tempfile.TemporaryDirectory(prefix="gpunode-bench-prov-") as tmp, \
             PveSim(Path(tmp) / "lab", vms=False) as pve:
+        img = Path(tmp) / "b.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1G"], check=True)
+        pve.import_image(img, "b.qcow2")
         token = pve.create_token("bench@pve", "plan", privsep=False,
                                  acl=[("/", "Administrator")])
         for count in counts:
             site_path = write_site(Path(tmp), pve, token, count)
-            entry = {"absent": time_plan(site_path, args.runs),
-                     "cli_wall_s": time_cli(site_path)}
+            entry: dict[str, Any] = {"absent": time_plan(site_path, args.runs)}
+            t0 = time.perf_counter()
+            report = run.provision(run.endpoints_for(load_site(site_path), None, env={}),
+                                   wait_agent=False)
+            if not report.ok:
+                raise SystemExit(f"provision failed: {[n.result.error for n in report.nodes]}")
+            entry["provision_s"] = round(time.perf_counter() - t0, 3)
+            entry["existing"] = time_plan(site_path, args.runs)
+            entry["cli_wall_s"] = time_cli(site_path)
+            run.destroy(run.endpoints_for(load_site(site_path), None, env={}))
             out["plans"][str(count)] = entry
         out["pvesim_version"] = getattr(pve, "version", "9")
     out["load_avg_1m_end"] = os.getloadavg()[0]
     if "20" in out["plans"]:
-        out["target_met"] = out["plans"]["20"]["absent"]["median_s"] < TARGET_20_S
+        p20 = out["plans"]["20"]
+        out["target_met"] = max(p20["absent"]["median_s"], p20["existing"]["median_s"]) < \
+            TARGET_20_S
     print(json.dumps(out, indent=2))
     return 0
 

@@ -146,7 +146,8 @@ def fresh_pve(start_exit: str = "OK") -> tuple[ScriptedPve, dict]:
     pve.on("get", r"nodes/pve1/qemu/201/config", lambda **_: dict(vm))
     pve.on("get", r"nodes/pve1/qemu/201/status/current",
            lambda **_: {"status": vm.get("_status", "stopped")})
-    pve.on("get", r"nodes/pve1/qemu/201/pending", [])
+    pve.on("get", r"nodes/pve1/qemu/201/pending",
+           lambda **_: [{"key": k, "value": v} for k, v in vm.items() if not k.startswith("_")])
 
     def create(**params):
         vm.update({k: v for k, v in params.items() if k != "vmid"})
@@ -250,3 +251,21 @@ def test_converged_vm_makes_no_write_and_reads_the_address():
         site_target("gpuvm1"))
     assert result.ok and not plan.changed and not result.changed
     assert {m for m, _, _ in pve.calls} == {"get"}
+
+
+def test_read_vm_running_uses_pending_rows_stopped_uses_config():
+    from gpunode.proxmox.state import read_vm
+
+    pve = ScriptedPve()
+    pve.on("get", r"nodes/pve1/qemu/201/pending", [
+        {"key": "memory", "value": "32768", "pending": "65536"},
+        {"key": "hugepages", "value": "1024", "delete": 1},
+        {"key": "name", "value": "gpuvm1"}])
+    pve.on("get", r"nodes/pve1/qemu/201/config", {"name": "gpuvm1", "memory": "2048"})
+    vm = read_vm(pve, "pve1", 201, rows={201: {"vmid": 201, "status": "running"}})
+    assert vm.config == {"memory": "65536", "name": "gpuvm1"}
+    assert vm.pending == {"memory": "65536", "hugepages": None}
+    assert pve.paths("get") == ["nodes/pve1/qemu/201/pending"]
+    vm = read_vm(pve, "pve1", 201, rows={201: {"vmid": 201, "status": "stopped"}})
+    assert vm.config == {"name": "gpuvm1", "memory": "2048"} and vm.pending == {}
+    assert read_vm(pve, "pve1", 202, rows={201: {"vmid": 201}}) is None

@@ -29,6 +29,7 @@ from gpunode.proxmox.state import (
     read_mappings,
     read_pci,
     read_vm,
+    vm_ids,
 )
 
 UPID_RE = re.compile(r"^UPID:([a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?):([0-9A-Fa-f]{8}):"
@@ -113,12 +114,15 @@ class VmResult:
         return bool(self.done)
 
 
-def read_plan(pve: Any, t: VmTarget) -> VmPlan:
-    """Read the VM (and the template, for a clone not made yet) and plan."""
-    current = read_vm(pve, t.pve_node, t.vmid)
+def read_plan(pve: Any, t: VmTarget,
+              rows: dict[int, dict[str, Any]] | None = None) -> VmPlan:
+    """Read the VM (and the template, for a clone not made yet) and plan. ``rows``: the
+    node's VM list, when the caller read it once for many VMs."""
+    rows = vm_ids(pve, t.pve_node) if rows is None else rows
+    current = read_vm(pve, t.pve_node, t.vmid, rows)
     template = None
     if current is None and t.source == "clone" and t.template_vmid is not None:
-        template = read_vm(pve, t.pve_node, t.template_vmid)
+        template = read_vm(pve, t.pve_node, t.template_vmid, rows)
     return plan_vm(t, current, template)
 
 
@@ -179,13 +183,15 @@ class Provisioner:
         return changes, problems
 
     # --- one VM ----------------------------------------------------------------------
-    def provision(self, t: VmTarget, dry_run: bool = False) -> tuple[VmPlan, VmResult]:
-        """Plan (and unless dry_run apply) one VM. Never raises PveError: the result says."""
+    def provision(self, t: VmTarget, dry_run: bool = False,
+                  rows: dict[int, dict[str, Any]] | None = None) -> tuple[VmPlan, VmResult]:
+        """Plan (and unless dry_run apply) one VM. Never raises PveError: the result says.
+        ``rows``: the node's VM list read once for the whole run (first read only)."""
         started = self.clock()
         result = VmResult(t.node, t.vmid)
         plan = VmPlan(t.node, t)
         try:
-            plan = read_plan(self.pve, t)
+            plan = read_plan(self.pve, t, rows)
             if plan.problems:
                 result.ok, result.error = False, "; ".join(plan.problems)
                 return plan, result

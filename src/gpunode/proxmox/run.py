@@ -18,6 +18,7 @@ from gpunode.proxmox.client import Credentials, Pve, resolve_credentials
 from gpunode.proxmox.errors import PveError, PveInputError
 from gpunode.proxmox.plan import Change, VmPlan
 from gpunode.proxmox.spec import VmTarget, desired_vm, find_pve_host
+from gpunode.proxmox.state import vm_ids
 
 
 class InputProblems(PveInputError):
@@ -79,11 +80,16 @@ def endpoints_for(site: Any, names: list[str] | None,
     if not profiles:
         raise InputProblems([f"{site.path}: no pve-guest nodes to provision"])
     endpoints: dict[str, Endpoint] = {}
+    vmids: dict[tuple[str, int], str] = {}
     for p in profiles:
         where = f"{site.path}: nodes.{p.name}"
         if p.kind != "pve-guest" or p.vm is None:
             problems.append(f"{where}: kind is {p.kind}; provision and destroy work on "
                             "pve-guest nodes (with a vm section)")
+            continue
+        other = vmids.setdefault((p.vm.pve_node, p.vm.vmid), p.name)
+        if other != p.name:
+            problems.append(f"{where}.vm.vmid: {p.vm.vmid} is also node {other}'s VM id")
             continue
         host = find_pve_host(site.nodes, p.vm.pve_node)
         label = host.name if host is not None else "environment"
@@ -148,13 +154,23 @@ def provision(endpoints: list[Endpoint], dry_run: bool = False,
                         bad_maps[name] = line
                 if not line.startswith("mapping "):
                     bad_maps.update({name: line for name, _ in wanted})
+        listed: dict[str, Any] = {}    # each node's VM list, read once per run
         for t in ep.targets:
             broken = [bad_maps[m] for m in t.mappings if m in bad_maps]
             if broken:
                 report.nodes.append(_failed(t, "; ".join(broken)))
                 continue
+            if t.pve_node not in listed:
+                try:
+                    listed[t.pve_node] = vm_ids(pve, t.pve_node)
+                except PveError as exc:
+                    listed[t.pve_node] = exc
+            rows = listed[t.pve_node]
+            if isinstance(rows, PveError):
+                report.nodes.append(_failed(t, str(rows)))
+                continue
             prov = Provisioner(pve, lambda msg, n=t.node: say(n, msg), wait_agent=wait_agent)
-            plan, result = prov.provision(t, dry_run=dry_run)
+            plan, result = prov.provision(t, dry_run=dry_run, rows=rows)
             report.nodes.append(NodeReport(t.node, t.vmid, plan, result))
     report.seconds = time.monotonic() - started
     return report

@@ -41,27 +41,41 @@ def cluster_vm(pve: Any, vmid: int) -> dict[str, Any] | None:
     return None
 
 
-def read_vm(pve: Any, pve_node: str, vmid: int) -> VmState | None:
-    """The VM's config, pending changes and power state; None if the node has no such VM."""
-    if vmid not in vm_ids(pve, pve_node):
+def read_vm(pve: Any, pve_node: str, vmid: int,
+            rows: dict[int, dict[str, Any]] | None = None) -> VmState | None:
+    """The VM's config (the pending view, as ``GET config`` gives it), its pending changes
+    and its power state; None if the node has no such VM.
+
+    ``rows``: the node's VM list already read in this run (one ``GET /nodes/{node}/qemu``
+    for many VMs); its ``status`` is the node's own, not the lagging cluster view. One more
+    call per VM: ``GET pending`` for a running VM (it carries every key's current and
+    pending value), ``GET config`` for a stopped one (a start applies pending changes)."""
+    rows = vm_ids(pve, pve_node) if rows is None else rows
+    row = rows.get(vmid)
+    if row is None:
         return None
     base = f"nodes/{pve_node}/qemu/{vmid}"
     try:
-        config = pve.get(f"{base}/config")
-        status = pve.get(f"{base}/status/current")
-        pending_rows = pve.get(f"{base}/pending")
+        status = str(row.get("status") or pve.get(f"{base}/status/current").get("status"))
+        pending: dict[str, Any] = {}
+        if status == "running":
+            config: dict[str, Any] = {}
+            for prow in pve.get(f"{base}/pending") or []:
+                key = prow["key"]
+                if "pending" in prow:
+                    pending[key] = config[key] = prow["pending"]
+                elif prow.get("delete"):
+                    pending[key] = None
+                elif "value" in prow:
+                    config[key] = prow["value"]
+        else:
+            config = dict(pve.get(f"{base}/config"))
     except PveApiError as exc:
         if "does not exist" in exc.pve_message:
             return None
         raise
-    pending: dict[str, Any] = {}
-    for row in pending_rows or []:
-        if "pending" in row:
-            pending[row["key"]] = row["pending"]
-        elif row.get("delete"):
-            pending[row["key"]] = None
-    return VmState(vmid=vmid, pve_node=pve_node, status=str(status.get("status", "unknown")),
-                   config=dict(config), pending=pending, lock=config.get("lock"))
+    return VmState(vmid=vmid, pve_node=pve_node, status=status, config=config,
+                   pending=pending, lock=config.get("lock"))
 
 
 def read_pci(pve: Any, pve_node: str) -> list[dict[str, Any]]:

@@ -982,14 +982,14 @@ class Api:
                     vm.config.pop(k, None)
                 vm.pending.clear()
                 vm.pending_delete.clear()
-                devices = self._start_checks(vm)
-                vm.reserved = [d for d in devices]
+                devices, assigned = self._start_checks(vm)
+                vm.reserved = list(devices)
                 vm.status = "running"
                 vm.started_at = time.time()
                 vm.pid = 100000 + vm.vmid
             try:
                 if sim.backend is not None:
-                    sim.backend.start(vm, self._gpu_devices(devices), task)
+                    sim.backend.start(vm, self._guest_gpus(assigned), task)
             except Exception as exc:
                 with sim.lock:
                     self._stopped(vm)
@@ -999,8 +999,20 @@ class Api:
         return sim.start_task("qmstart", str(vm.vmid), auth.user, body,
                               hang_path="/status/start")
 
-    def _gpu_devices(self, ids: list[str]) -> list[Any]:
-        return [d for d in self.sim.pci if d.id in ids and d.cls.startswith("0x03")]
+    def _guest_gpus(self, assigned: list[tuple[int, list[str], bool]]) -> list[tuple[str, str]]:
+        """(guest PCI address, vendor:device) of each passed-through display function. As
+        qemu-server places them: hostpciN with pcie=1 behind root port N+1 (bus N+1),
+        otherwise on bus 0 from slot 0x10 (PCI.pm print_hostpci_devices / get_pci_addr)."""
+        out = []
+        for index, funcs, pcie in assigned:
+            for f in funcs:
+                d = next(d for d in self.sim.pci if d.id == f)
+                if not d.cls.startswith("0x03"):
+                    continue
+                fn = f.rsplit(".", 1)[1]
+                addr = f"0000:{index + 1:02x}:00.{fn}" if pcie else f"0000:00:{0x10 + index:02x}.0"
+                out.append((addr, f"{d.vendor[2:]}:{d.device[2:]}"))
+        return out
 
     def _mapping_entry_error(self, mid: str, f: dict[str, str]) -> str | None:
         paths = f.get("path", "").split(";")
@@ -1017,13 +1029,14 @@ class Api:
                            f"'{mid}' ({f['iommugroup']} != {d.iommugroup})")
         return None
 
-    def _start_checks(self, vm: Vm) -> list[str]:
+    def _start_checks(self, vm: Vm) -> tuple[list[str], list[tuple[int, list[str], bool]]]:
         """What qemu-server checks when it builds the command line (inside the task)."""
         sim = self.sim
         conf = vm.config
         machine = _split_ps_default(conf.get("machine", "pc"), "type").get("type", "pc")
         q35 = "q35" in machine
         used: list[str] = []
+        assigned: list[tuple[int, list[str], bool]] = []
         for opt in sorted((k for k in conf if re.fullmatch(r"hostpci\d+", k)),
                           key=lambda k: int(k[7:])):
             dev = _split_ps_default(conf[opt], "host")
@@ -1065,6 +1078,7 @@ class Api:
                 if f in used:
                     raise TaskError(f"device '{f}' assigned more than once")
             used += funcs
+            assigned.append((int(opt[7:]), funcs, dev.get("pcie") in ("1", "on", "yes", "true")))
         hp = conf.get("hugepages")
         if hp:
             if conf.get("numa") != "1":
@@ -1073,7 +1087,7 @@ class Api:
             size = HUGEPAGE_MIB.get(hp, 2)
             if mem % size:
                 raise TaskError(msg("hugepages_multiple", mem=mem, size=size))
-        return used
+        return used, assigned
 
     def _functions(self, path: str) -> list[str]:
         return [d.id for d in self.sim.pci if d.id == path or d.id.startswith(path + ".")]
@@ -1151,13 +1165,13 @@ class Api:
                     vm.config.pop(k, None)
                 vm.pending.clear()
                 vm.pending_delete.clear()
-                devices = self._start_checks(vm)
+                devices, assigned = self._start_checks(vm)
                 vm.reserved = devices
                 vm.status = "running"
                 vm.started_at = time.time()
                 vm.pid = 100000 + vm.vmid
             if sim.backend is not None:
-                sim.backend.start(vm, self._gpu_devices(devices), task)
+                sim.backend.start(vm, self._guest_gpus(assigned), task)
 
         return sim.start_task("qmreboot", str(vm.vmid), auth.user, body,
                               hang_path="/status/reboot")

@@ -266,7 +266,7 @@ class LabBackend:
                 time.sleep(2)
         else:
             return
-        devs = [simgpus.PciDevice(g.id, f"{g.vendor[2:]}:{g.device[2:]}", 0) for g in gpus]
+        devs = [simgpus.PciDevice(addr, vendor_device, 0) for addr, vendor_device in gpus]
         specs = simgpus.from_pci_devices(devs, seed=f"pvesim-{vmid}")
         with contextlib.suppress(TimeoutError, RuntimeError):
             if specs:
