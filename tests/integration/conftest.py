@@ -247,3 +247,24 @@ def converged_lab(lab: Lab) -> Iterator[ConvergedLab]:
         yield converged
     finally:
         converged.stop_ansible()
+
+
+# --- pvesim backed by lab VMs (gpunode.lab.pvesim; SIMULATION of the Proxmox VE API) ---
+
+@pytest.fixture(scope="session")
+def pvesim_vms(lab: Lab) -> Iterator[object]:
+    """A PVE 9 pvesim in its own process whose `start` boots lab VMs (named pve-<vmid>) in
+    the session's lab directory; the lab base image is importable as
+    `local:import/debian-12-lab.qcow2`. Unit-level fixtures: tests/pvesim_fixtures.py."""
+    from gpunode.lab import image
+    from gpunode.lab.pvesim.server import PveSim
+
+    pve = PveSim(lab.dir, version="9", vms=True)
+    try:
+        pve.start()
+        pve.import_image(image.ensure_image(), "debian-12-lab.qcow2")
+    except (RuntimeError, LabError) as exc:
+        pve.stop()
+        pytest.fail(f"pvesim did not start: {exc}", pytrace=False)
+    yield pve
+    pve.stop()
