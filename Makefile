@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install lab-deps test test-fast demo schema lint clean
+.PHONY: install lab-deps test test-fast demo schema lint clean clean-lab
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,8 +19,11 @@ install: $(STAMP)
 lab-deps: $(STAMP)
 	$(BIN)/python -m gpunode.lab.cli deps --install
 
+# -v: one line per test; lab_progress (tests/lab_progress.py): a line when a lab fixture
+# starts and is ready, and one a minute while a fixture or test is still running; -rs: the
+# reason of every skip at the end.
 test: install lab-deps
-	$(BIN)/pytest $(PYTEST_ARGS) tests
+	PYTHONPATH=tests $(BIN)/pytest -p lab_progress -v -rs --durations=10 $(PYTEST_ARGS) tests
 
 test-fast: install
 	$(BIN)/pytest $(PYTEST_ARGS) -m "not integration" tests/unit tests/parity
@@ -36,3 +39,9 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+# Every lab VM stopped and every lab deleted (gpunode lab down --all --purge), then the lab
+# cache: base images, debootstrap packages, the chroot of the apt tests, the default lab.
+clean-lab: install
+	$(BIN)/gpunode lab down --all --purge
+	rm -rf "$$($(BIN)/python -c 'from gpunode.lab.paths import cache_root; print(cache_root())')"
