@@ -218,3 +218,11 @@ def normalize(key: str, value: Any) -> Any:
     if key == "ipconfig0":
         return tuple(sorted(parse_props(v, "ip").items()))
     return v
+
+
+def guest_gpu_addresses(vm: Any) -> list[str]:
+    """Where the guest sees the VM's passed-through GPUs, in hostpci order: qemu-server puts
+    hostpciN with pcie=1 behind root port N+1 (bus N+1), otherwise on bus 0 from slot 0x10
+    (PCI.pm print_hostpci_devices). Function .0 (the GPU itself)."""
+    return [f"0000:{i + 1:02x}:00.0" if dev.pcie else f"0000:00:{0x10 + i:02x}.0"
+            for i, dev in enumerate(vm.hostpci)]

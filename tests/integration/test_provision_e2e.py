@@ -1,0 +1,167 @@
+"""End to end on pvesim backed by lab VMs: provision a GPU VM from the lab image ->
+it boots with cloud-init -> gpunode deploy -> gpunode check passes and the guest sees the
+mapped GPUs -> a second provision plans no change -> a memory change plans exactly that
+-> gpunode rebuild gives a node whose checks pass -> destroy removes it; then the same
+provisioning through ansible-playbook playbooks/provision.yml.
+
+The site is the lab example without vLLM services: a rebuilt VM comes from the cloud
+image alone, and the lab's stand-in model directory is put in place by hand (labsite
+prepare_guest), which a rebuild cannot do. vLLM on a deployed node is covered by
+test_deploy.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gpunode.lab import image, labsite
+from gpunode.proxmox.spec import guest_gpu_addresses
+
+REPO = Path(__file__).resolve().parents[2]
+VMID = 201
+NODE = "pvegpu1"
+
+
+def gpunode(*args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXMOX_")}
+    proc = subprocess.run([sys.executable, "-m", "gpunode.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=env | {"COLUMNS": "160"})
+    print(f"$ gpunode {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n"
+          f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def plan_of(site: Path) -> list[tuple[str, str]]:
+    proc = gpunode("provision", NODE, "--dry-run", "--site", str(site), "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    node = json.loads(proc.stdout[proc.stdout.index("{\n"):])["nodes"][0]
+    return [(c["action"], c["key"]) for c in node["plan"]]
+
+
+def vm_exists(pve: Any) -> bool:
+    return VMID in [int(r["vmid"]) for r in pve.api().nodes(pve.node).qemu.get()]
+
+
+@pytest.fixture
+def e2e_site(pvesim_vms: Any, lab: Any, tmp_path: Path) -> Any:
+    pve = pvesim_vms
+    facts = labsite.prepare_lab(lab.dir)
+    doc = labsite.lab_site(lab, facts)
+    doc["groups"]["lab"]["vllm"]["services"] = []
+    tok = pve.create_token("e2e@pve", "provision", privsep=True,
+                           acl=[("/vms", "PVEVMAdmin"), ("/mapping/pci", "PVEMappingAdmin"),
+                                ("/storage", "PVEDatastoreUser"), ("/", "PVEAuditor")])
+    secret = tmp_path / "pve.token"
+    secret.write_text(tok.secret + "\n")
+    secret.chmod(0o600)
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json",
+                           str(image.ensure_image())], capture_output=True, text=True,
+                          check=True).stdout
+    size_gib = -(-int(json.loads(info)["virtual-size"]) // (1 << 30))
+    vm = {"pve_node": pve.node, "vmid": VMID,
+          "cloud_image": "local:import/debian-12-lab.qcow2", "cores": 2,
+          "memory_mib": 2048, "disk_gib": max(8, size_gib),
+          "hostpci": [{"mapping": "a6000-0"}, {"mapping": "a6000-1"}],
+          "cloud_init": {"user": "gpunode", "ssh_keys": [lab._pubkey().strip()]},
+          "agent_timeout_s": 900}
+    from gpunode.model.parts import VmSpec
+    doc["nodes"] = {
+        "pve1": {"kind": "pve-host", "os": "debian-12",
+                 "connection": {"address": "127.0.0.1", "user": "root"},
+                 "vllm": {"services": []},
+                 "pve": {"api": {"url": f"https://{pve.host}:{pve.port}",
+                                 "token_id": tok.full_id, "token_secret_file": str(secret),
+                                 "verify_tls": str(pve.ca_path)},
+                         "pci_mappings": [{"name": "a6000-0", "addresses": ["0000:01:00"]},
+                                          {"name": "a6000-1", "addresses": ["0000:41:00"]}]}},
+        NODE: {"groups": ["lab"], "kind": "pve-guest",
+               "connection": {"address": "127.0.0.1", "port": 22, "user": "gpunode",
+                              "key": str(lab.key_path), "become": True},
+               "gpus": {"count": 2, "pci_addresses":
+                        guest_gpu_addresses(VmSpec.model_validate(vm))},
+               "vm": vm}}
+    site = tmp_path / "site.yaml"
+
+    def write(port: int | None = None, **vm_changes: Any) -> Path:
+        if port:
+            doc["nodes"][NODE]["connection"]["port"] = port
+        doc["nodes"][NODE]["vm"] |= vm_changes
+        site.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return site
+
+    write()
+    yield pve, write, tok
+    if vm_exists(pve):
+        gpunode("destroy", NODE, "--site", str(site))
+
+
+def test_provision_deploy_check_rebuild_destroy(e2e_site, lab):
+    pve, write, tok = e2e_site
+    site = write()
+    proc = gpunode("provision", NODE, "--site", str(site))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "10.0.2.15" in proc.stdout              # the guest agent's address
+    host, port = pve.ssh_endpoint(VMID)
+    site = write(port=port)
+    guest = lab.vm(f"pve-{VMID}")
+    # booted with cloud-init: the user and key came from the VM's cloud-init settings
+    guest.run("cloud-init status --wait >/dev/null 2>&1", timeout=900)
+    assert guest.check("id -un").strip() == "gpunode"
+
+    proc = gpunode("deploy", NODE, "--site", str(site))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = gpunode("check", NODE, "--site", str(site))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = guest.check("nvidia-smi --query-gpu=pci.bus_id --format=csv,noheader").split()
+    assert [s.lower().replace("00000000:", "0000:") for s in seen] == \
+        ["0000:01:00.0", "0000:02:00.0"]                  # hostpci0, hostpci1 (pcie=1)
+
+    assert plan_of(site) == []
+    assert plan_of(write(memory_mib=3072)) == [("set", "memory"), ("restart", "memory")]
+    site = write(memory_mib=2048)
+
+    proc = gpunode("rebuild", NODE, "--site", str(site))
+    assert pve.ssh_endpoint(VMID) == (host, port), \
+        "the lab gave the rebuilt VM another SSH port than the site names"
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    proc = gpunode("destroy", NODE, "--site", str(site))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not vm_exists(pve) and pve.ssh_endpoint(VMID) is None
+
+
+def test_provision_through_ansible_playbook(e2e_site):
+    pve, write, tok = e2e_site
+    site = write()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXMOX_")}
+    env |= {"GPUNODE_SITE": str(site), "ANSIBLE_NOCOLOR": "1",
+            "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"}
+
+    def play(*extra: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["ansible-playbook", "playbooks/provision.yml", "--limit", NODE,
+                               *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=1800)
+        print(proc.stdout[-4000:], proc.stderr[-2000:])
+        return proc
+
+    proc = play("--check")
+    assert proc.returncode == 0 and "changed=1" in proc.stdout and not vm_exists(pve)
+    # the play waits for the agent's address, then for SSH on the site's address: give the
+    # lab's forwarded port first (the VM is created on the first run of the play)
+    proc = play("-e", "gpunode_wait=false")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    write(port=pve.ssh_endpoint(VMID)[1])
+    proc = play()                                   # converged: no change, agent and SSH up
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "changed=0" in proc.stdout and "10.0.2.15" in proc.stdout
+    proc = play("-e", "gpunode_vm_state=absent")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not vm_exists(pve)
