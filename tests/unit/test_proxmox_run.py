@@ -36,6 +36,11 @@ def raw_site(tmp_path: Path) -> Path:
     path = tmp_path / "site.yaml"
     path.write_text(textwrap.dedent("""
         nodes:
+          pve9:
+            kind: pve-host
+            os: debian-12
+            connection: {address: 127.0.0.1}
+            pve: {}
           vmraw:
             kind: pve-guest
             connection: {address: 127.0.0.1}
@@ -107,3 +112,36 @@ def test_addresses_are_recorded_and_forgotten(tmp_path):
     gone = run.Report(nodes=[run.NodeReport("vm1", 201, None, VmResult("vm1", 201))])
     run.record_addresses(site_path, gone)
     assert run.recorded_address(site_path, "vm1") is None
+
+
+def test_auto_address_comes_from_the_last_provision(tmp_path):
+    site_path = tmp_path / "site.yaml"
+    site_path.write_text(textwrap.dedent("""
+        nodes:
+          pve1:
+            kind: pve-host
+            os: debian-12
+            connection: {address: 127.0.0.1}
+            pve: {}
+          vm1:
+            kind: pve-guest
+            connection: {address: auto, user: gpunode}
+            vm: {pve_node: pve1, vmid: 201, template_vmid: 9000}
+          vm2:
+            kind: pve-guest
+            connection: {address: auto}
+            vm: {pve_node: pve1, vmid: 202, template_vmid: 9000}
+          metal:
+            connection: {address: 192.0.2.9}
+    """))
+    from gpunode.proxmox.apply import VmResult
+    from gpunode.proxmox.plan import VmPlan
+    rep = run.Report(nodes=[run.NodeReport("vm1", 201, VmPlan("vm1", None),
+                                           VmResult("vm1", 201, address="192.0.2.41"))])
+    run.record_addresses(site_path, rep)
+    site = load_site(site_path)
+    missing = run.use_recorded_addresses(site)
+    assert site.nodes["vm1"].connection.address == "192.0.2.41"
+    assert site.nodes["vm1"].connection.user == "gpunode"
+    assert site.nodes["metal"].connection.address == "192.0.2.9"
+    assert len(missing) == 1 and "nodes.vm2.connection.address is auto" in missing[0]

@@ -224,3 +224,26 @@ def recorded_address(site_path: Path, node: str) -> str | None:
         return json.loads(path.read_text()).get(node, {}).get("address")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+#: ``connection.address`` of a pve-guest node whose address comes from provision.
+AUTO_ADDRESS = "auto"
+
+
+def use_recorded_addresses(site: Any) -> list[str]:
+    """Give pve-guest nodes whose ``connection.address`` is ``auto`` the address their guest
+    agent reported at the last ``gpunode provision`` (``.gpunode/addresses.json`` next to
+    the site file). Returns one line per node that has none recorded yet."""
+    missing = []
+    for name, p in site.nodes.items():
+        if p.kind != "pve-guest" or p.connection.address != AUTO_ADDRESS:
+            continue
+        address = recorded_address(site.path, name)
+        if address is None:
+            missing.append(f"{site.path}: nodes.{name}.connection.address is {AUTO_ADDRESS} "
+                           f"but no address is recorded for it in "
+                           f"{addresses_path(site.path)}: run gpunode provision {name}")
+            continue
+        site.nodes[name] = p.model_copy(update={
+            "connection": p.connection.model_copy(update={"address": address})})
+    return missing
