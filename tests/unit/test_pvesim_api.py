@@ -158,11 +158,15 @@ def test_locked_vm_refuses_config_changes(pvesim: PveSim, tapi: Any, tnode: Any)
     assert tnode.qemu(130).config.get()["lock"] == "create"  # written before the UPID returns
     err = _err(tnode.qemu(130).config.put, memory=2048)
     assert (err.status_code, err.content) == (500, "VM is locked (create)")
-    err = _err(tnode.qemu(130).config.post, name="other")
-    assert err.content == "VM is locked (create)"
-    err = _err(tnode.qemu(130).resize.put, disk="scsi0", size="+1G")  # sync pre-check
-    assert err.content == "VM is locked (create)"
+    # the async POST and resize check the lock in their worker: the task fails
+    st = wait_task(tapi, tnode.qemu(130).config.post(name="other"))
+    assert st["exitstatus"] == "VM is locked (create)"
+    err = _err(tnode.qemu(130).config.post, name="other", background_delay=5)
+    assert err.content == "failed to update VM 130: VM is locked (create)"
+    st = wait_task(tapi, tnode.qemu(130).resize.put(disk="scsi0", size="+1G"))
+    assert st["exitstatus"] == "VM is locked (create)"
     assert wait_task(tapi, upid)["exitstatus"] == "OK"
+    assert tnode.qemu(130).config.get()["name"] == "slow"
     assert tnode.qemu(130).config.put(memory=2048) is None  # unlocked now
     err = _err(tnode.qemu(130).config.put, memory=1024, skiplock=1)
     assert err.status_code == 400 and err.errors == {"skiplock": "Only root may use this option."}

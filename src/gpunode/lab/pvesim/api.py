@@ -689,13 +689,14 @@ class Api:
         self._config_perms(auth, vm.vmid, delete, p, deleting=True)
         self._check_sshkeys(p)
         self._check_drive_params(auth, p)
-        with sim.lock:
+        with sim.lock:  # early checks before forking (update_vm_api $load_and_check_config)
             if "digest" in p and p["digest"] != _digest(vm.config):
                 raise PveError(500, msg("digest"))
-            self._check_lock(vm, p)
 
         def apply(task: Task | None) -> None:
+            """$updatefn under lock_config: in the worker for POST, in the request for PUT."""
             with sim.lock:
+                self._check_lock(vm, p)
                 running = vm.status == "running"
                 for opt in revert:
                     vm.pending.pop(opt, None)
@@ -739,8 +740,11 @@ class Api:
         delay = float(p.get("background_delay", 0) or 0)
         if delay:
             task = self.sim.tasks[upid]
-            if task.done.wait(delay) and task.exitstatus == "OK":
-                return None
+            if task.done.wait(delay):
+                status = task.exitstatus or ""
+                if status == "OK" or status.startswith("WARNINGS"):
+                    return None
+                raise PveError(500, msg("update_failed", vmid=vm.vmid, status=status))
         return upid
 
     # ---- clone / template / resize ------------------------------------------------------
@@ -871,14 +875,14 @@ class Api:
         vm = self._vm(p)
         self._root_only(auth, p, "skiplock")
         self._perm(auth, f"/vms/{vm.vmid}", ["VM.Config.Disk"])
-        with sim.lock:
-            if "digest" in p and p["digest"] != _digest(vm.config):
-                raise PveError(500, msg("digest"))
-            self._check_lock(vm, p)
         disk = p["disk"]
 
-        def body(task: Task) -> None:
+        def body(task: Task) -> None:  # resize_vm: every check is in the worker's $updatefn
             with sim.lock:
+                if "digest" in p and p["digest"] != _digest(vm.config):
+                    raise TaskError(msg("digest"))
+                if vm.lock and p.get("skiplock") != "1":
+                    raise TaskError(msg("locked", lock=vm.lock))
                 if disk not in vm.config:
                     raise TaskError(msg("resize_nodisk", disk=disk))
                 fields = _split_ps(vm.config[disk])
@@ -1183,15 +1187,16 @@ class Api:
         self._perm(auth, f"/vms/{vm.vmid}", ["VM.Allocate"])
         with sim.lock:
             self._sync_status(vm)
-            self._check_lock(vm, p)
             if vm.config.get("protection") == "1":
                 raise PveError(500, msg("protection", vmid=vm.vmid))
             if vm.status == "running":
                 raise PveError(500, msg("running_destroy", vmid=vm.vmid))
-            vm.config["lock"] = "destroyed"
 
         def body(task: Task) -> None:
-            with sim.lock:
+            with sim.lock:  # destroy_vm checks the lock in the worker
+                if vm.lock and p.get("skiplock") != "1":
+                    raise TaskError(msg("locked", lock=vm.lock))
+                vm.config["lock"] = "destroyed"
                 self._drop_volumes(vm)
                 sim.vms.pop(vm.vmid, None)
             if sim.backend is not None:

@@ -78,6 +78,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "resize_nodisk": ("disk '{disk}' does not exist", "qemu-server API2/Qemu.pm resize_vm"),
     "running_destroy": ("VM {vmid} is running - destroy failed", "qemu-server API2/Qemu.pm destroy_vm"),
     "protection": ("can't remove VM {vmid} - protection mode enabled", "qemu-server API2/Qemu.pm destroy_vm"),
+    "update_failed": ("failed to update VM {vmid}: {status}", "qemu-server API2/Qemu.pm update_vm_api (background_delay)"),
     "delete_unknown": ("invalid parameter '{opt}' in delete", "qemu-server API2/Qemu.pm update_vm_api"),
     # --- start-time (inside the qmstart task): qemu-server QemuServer.pm / PCI.pm / Memory.pm
     "already_running": ("VM {vmid} already running", "qemu-server QemuServer.pm vm_start_nolock"),
