@@ -1,13 +1,16 @@
 """SIMULATION equipment test: install the simulated NVIDIA packages with real dpkg/apt.
 
-Opt-in: needs root and a Debian 12 root file system made with
-`debootstrap --variant=minbase --include=python3,adduser,init-system-helpers bookworm DIR`,
-named by GPUNODE_SIM_CHROOT (it is copied, never changed). The chroot shares the host's
-network namespace, so it reaches the server on 127.0.0.1 as a lab guest reaches 10.0.2.2.
+Runs in `make test` (as root, like the lab): the chroot is the root file system of the lab's
+base image (the Debian 12 debootstrap `gpunode lab image` builds and caches), copied out once
+into `~/.cache/gpunode/lab/chroot/<image>/` and used through an overlay, so every test starts
+from the same pristine tree. $GPUNODE_SIM_CHROOT names another Debian 12 root file system
+instead (never changed). The chroot shares the host's network namespace, so it reaches the
+server on 127.0.0.1 as a lab guest reaches 10.0.2.2.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -17,19 +20,63 @@ from pathlib import Path
 
 import pytest
 
+from gpunode.lab import image, paths
+from gpunode.lab.errors import LabError
 from gpunode.lab.sim import packages as cat
 from gpunode.lab.sim import repo
 from gpunode.lab.sim.server import serving
 
-BASE_ROOT = os.environ.get("GPUNODE_SIM_CHROOT", "")
-
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.integration,
-    pytest.mark.skipif(not BASE_ROOT or not Path(BASE_ROOT, "usr/bin/apt-get").exists()
-                       or os.geteuid() != 0,
-                       reason="set GPUNODE_SIM_CHROOT to a debootstrapped Debian 12 (as root)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, loop devices, mounts), "
+                       "as the lab does: run `make test` as root"),
 ]
+
+
+def _sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def extract_root(qcow2: Path, target: Path) -> Path:
+    """Copy the root partition of a lab image into `target` (once; later calls reuse it)."""
+    if (target / "usr/bin/apt-get").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "usr/bin/apt-get").exists():
+            return target
+        work = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=target.parent))
+        raw, mnt, loop = work / "disk.raw", work / "mnt", ""
+        mnt.mkdir()
+        try:
+            _sh("qemu-img", "convert", "-O", "raw", str(qcow2), str(raw))
+            loop = _sh("losetup", "-f", "--show", "-r", "-o", str(image.ROOT_START_MIB << 20),
+                       "--sizelimit", str(image.ROOT_MIB << 20), str(raw))
+            _sh("mount", "-o", "ro", loop, str(mnt))
+            _sh("cp", "-a", f"{mnt}/.", str(work / "root"))
+        finally:
+            subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
+            if loop:
+                subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+            raw.unlink(missing_ok=True)
+        (work / "root").rename(target)
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def base_root() -> Path:
+    override = os.environ.get("GPUNODE_SIM_CHROOT")
+    if override:
+        return Path(override)
+    try:
+        qcow2 = image.ensure_image()  # cached; built (as root) when missing, as `lab up` does
+    except LabError as exc:
+        pytest.fail(f"the lab base image is needed for the chroot: {exc}", pytrace=False)
+    return extract_root(qcow2, paths.cache_root() / "chroot" / qcow2.stem)
+
 
 V_OLD, V_NEW = cat.DRIVER_VERSIONS
 
@@ -52,15 +99,31 @@ class Chroot:
 
 
 @pytest.fixture
-def chroot() -> Iterator[tuple[Chroot, str, Path]]:
+def chroot(base_root: Path) -> Iterator[tuple[Chroot, str, Path]]:
     tmp = Path(tempfile.mkdtemp(prefix="gsimch-"))
     root = tmp / "root"
-    subprocess.run(["cp", "-a", BASE_ROOT, str(root)], check=True)
-    (root / "etc/apt/sources.list").unlink(missing_ok=True)  # our repo only
-    fake_dkms = cat.Package(name="dkms", version="3.0.10-8", architecture="all",
-                            section="kernel", maintainer="lab <lab@gpunode.invalid>",
-                            description="test stand-in for Debian's dkms")
-    (root / "root/dkms.deb").write_bytes(repo.build_deb(fake_dkms)[0])
+    for d in ("root", "upper", "work"):
+        (tmp / d).mkdir()
+    overlay = subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={base_root},upperdir="
+         f"{tmp / 'upper'},workdir={tmp / 'work'}", str(root)], capture_output=True).returncode == 0
+    if not overlay:  # no overlayfs here: a copy (slower, same result)
+        root.rmdir()
+        subprocess.run(["cp", "-a", str(base_root), str(root)], check=True)
+    # Our repository only (the image's Debian sources are not reachable from a test).
+    (root / "etc/apt/sources.list").unlink(missing_ok=True)
+    for f in (root / "etc/apt/sources.list.d").glob("*"):
+        f.unlink()
+    # The image's initramfs-tools rebuilds (MODULES=dep) need /sys of a booted guest; what
+    # these tests prove is apt/dpkg's handling of the repository, so the chroot skips them.
+    conf = root / "etc/initramfs-tools/update-initramfs.conf"
+    if conf.exists():
+        conf.write_text("update_initramfs=no\nbackup_initramfs=no\n")
+    if not Path(root, "usr/bin/dkms").exists():  # a bare debootstrap: a stand-in for dkms
+        fake_dkms = cat.Package(name="dkms", version="3.0.10-8", architecture="all",
+                                section="kernel", maintainer="lab <lab@gpunode.invalid>",
+                                description="test stand-in for Debian's dkms")
+        (root / "root/dkms.deb").write_bytes(repo.build_deb(fake_dkms)[0])
     subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
     try:
         www = _build(tmp)
@@ -68,6 +131,8 @@ def chroot() -> Iterator[tuple[Chroot, str, Path]]:
             yield Chroot(root), url, www
     finally:
         subprocess.run(["umount", str(root / "proc")], check=False)
+        if overlay:
+            subprocess.run(["umount", str(root)], check=False)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -81,7 +146,7 @@ def _build(tmp: Path) -> Path:
 def test_install_pin_upgrade_switch_and_purge(chroot: tuple[Chroot, str, Path]) -> None:
     ch, url, www = chroot
     d = f"{url}/compute/cuda/repos/debian12/x86_64"
-    ch.sh("dpkg -i /root/dkms.deb")
+    ch.sh("test ! -e /root/dkms.deb || dpkg -i /root/dkms.deb")
     ch.sh(f"python3 -c \"import urllib.request as u; open('/root/k.deb','wb')"
           f".write(u.urlopen('{d}/cuda-keyring_1.1-1_all.deb').read())\" && dpkg -i /root/k.deb")
     lst = "etc/apt/sources.list.d/cuda-debian12-x86_64.list"
