@@ -111,9 +111,10 @@ def test_provision_deploy_check_rebuild_destroy(e2e_site, lab):
     assert "10.0.2.15" in proc.stdout              # the guest agent's address
     host, port = pve.ssh_endpoint(VMID)
     site = write(port=port)
-    guest = lab.vm(f"pve-{VMID}")
+    guest = lab.wait_ssh(f"pve-{VMID}", timeout=600)
     # booted with cloud-init: the user and key came from the VM's cloud-init settings
     guest.run("cloud-init status --wait >/dev/null 2>&1", timeout=900)
+    guest = lab.wait_ssh(f"pve-{VMID}", timeout=300)
     assert guest.check("id -un").strip() == "gpunode"
 
     proc = gpunode("deploy", NODE, "--site", str(site))

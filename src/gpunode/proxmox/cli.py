@@ -187,6 +187,21 @@ def rebuild_command(node: Annotated[str, typer.Argument(help="One pve-guest node
     step("provision", r.ok, t0, r.error or f"address {r.address}")
     if not r.ok:
         raise finish(1)
+    t0 = time.monotonic()
+    try:
+        from gpunode.checks_cli import key_path
+        from gpunode.proxmox.ready import NotReady, wait_ready
+
+        fresh = load_site(loaded.path)
+        run.use_recorded_addresses(fresh)
+        profile = fresh.nodes[node]
+        waited = wait_ready(profile, key_path(profile, loaded.path),
+                            profile.vm.agent_timeout_s if profile.vm else 600,
+                            lambda msg: _progress(node, msg))
+        step("ssh ready", True, t0, f"cloud-init done after {waited:.0f} s")
+    except NotReady as exc:
+        step("ssh ready", False, t0, str(exc))
+        raise finish(1) from None
     for i, (name, cmd) in enumerate((
             ("deploy", _gpunode("deploy", node, "--site", site_arg, "--engine", engine)),
             ("check", _gpunode("check", node, "--site", site_arg,
