@@ -455,3 +455,17 @@ def test_download_url_into_import_content(pvesim: PveSim, pve_root: Any, node: A
     err = _err(st("download-url").post, url="http://deb.debian.org/x.qcow2", content="import",
                filename="x.qcow2")
     assert err.content == "pvesim: download-url only fetches from 127.0.0.1 in the lab"
+
+
+def test_a_failed_create_task_removes_the_vm(pvesim: PveSim, tapi: Any, tnode: Any) -> None:  # noqa: F811
+    pvesim.fault("task-hang", path="/qemu", seconds=1)
+    upid = tnode.qemu.post(vmid=190, name="doomed", cores=2)
+    # only the lock is written before the worker runs (create_and_lock_config)
+    conf = tnode.qemu(190).config.get()
+    assert conf["lock"] == "create" and "name" not in conf
+    wait_task(tapi, upid)
+    pvesim.fault("task-fail", path="/qemu", message="unable to create VM 191 - disk full")
+    st = wait_task(tapi, tnode.qemu.post(vmid=191, name="doomed"))
+    assert st["exitstatus"] == "unable to create VM 191 - disk full"
+    err = _err(tnode.qemu(191).config.get)
+    assert err.content == "Configuration file 'nodes/pve1/qemu-server/191.conf' does not exist"

@@ -561,15 +561,23 @@ class Api:
         with sim.lock:
             if vmid in sim.vms:
                 raise PveError(500, msg("vm_exists_create", vmid=vmid, node=sim.node))
-            conf = {k: str(p[k]) for k in config_keys}
-            conf["lock"] = "create"
-            vm = Vm(vmid, sim.node, conf)
+            # create_and_lock_config: an empty config holding only the lock; the worker
+            # writes the rest when the disks exist.
+            vm = Vm(vmid, sim.node, {"lock": "create"})
             sim.vms[vmid] = vm
+        conf = {k: str(p[k]) for k in config_keys}
+        _add_macs(conf)  # add_random_macs runs before the fork
         start_after = p.get("start") == "1"
 
         def body(task: Task) -> None:
-            self._create_disks(vm, task, p.get("storage"))
-            _fill_defaults(vm.config, sim.version)
+            staged = Vm(vmid, sim.node, dict(conf))
+            try:
+                self._create_disks(staged, task, p.get("storage"))
+            except (TaskError, PveError) as exc:
+                raise TaskError(f"unable to create VM {vmid} - {exc}") from None
+            _fill_defaults(staged.config, sim.version)
+            with sim.lock:
+                vm.config = {**staged.config, "lock": "create"}
             task.say(f"VM {vmid} created (pvesim)")
 
         def on_end(task: Task) -> None:
@@ -1415,13 +1423,18 @@ def _new_mac(net: str) -> str:
     return ",".join(parts)
 
 
-def _fill_defaults(conf: dict[str, str], version: str) -> None:
-    """What qemu-server adds on create: MACs, smbios1 uuid, vmgenid, meta, boot order."""
+def _add_macs(conf: dict[str, str]) -> None:
+    """Network::add_random_macs: a BC:24:11 MAC for every netN without one."""
     for k in list(conf):
         if re.fullmatch(r"net\d+", k):
             first = conf[k].split(",")[0]
             if "=" not in first or first.startswith("model="):
                 conf[k] = _new_mac(conf[k])
+
+
+def _fill_defaults(conf: dict[str, str], version: str) -> None:
+    """What qemu-server adds on create: MACs, smbios1 uuid, vmgenid, meta, boot order."""
+    _add_macs(conf)
     conf.setdefault("smbios1", f"uuid={uuid.uuid4()}")
     conf.setdefault("vmgenid", str(uuid.uuid4()))
     conf.setdefault("meta", f"creation-qemu={QEMU_VERSION[version]},ctime={int(time.time())}")
