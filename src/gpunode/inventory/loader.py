@@ -345,7 +345,13 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
         profiles[nname] = profile
     if lines:
         raise SiteError(lines)
-    return Site(path=site_path, meta=meta, nodes=profiles, groups=members)
+    site = Site(path=site_path, meta=meta, nodes=profiles, groups=members)
+    # pve-guest nodes whose connection.address is "auto" get the address their guest agent
+    # reported at the last `gpunode provision` (recorded next to the site file).
+    from gpunode.proxmox.run import use_recorded_addresses
+
+    use_recorded_addresses(site)
+    return site
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "function-after", "literal"}
