@@ -303,9 +303,9 @@ class Api:
             if re.fullmatch(r"hostpci\d+", opt):
                 dev = schema.parse_property_string(fmt, str(params[opt]), opt)
                 if dev.get("host") and dev.get("mapping"):
-                    errors[opt] = "invalid format - " + msg("hostpci_both")
+                    errors[opt] = "invalid format - " + msg("hostpci_both") + "\n"
                 elif not dev.get("host") and not dev.get("mapping"):
-                    errors[opt] = "invalid format - " + msg("hostpci_none")
+                    errors[opt] = "invalid format - " + msg("hostpci_none") + "\n"
         if errors:
             raise param_error(errors)
 

@@ -27,7 +27,11 @@ _MAC_RE = re.compile(r"^[a-f0-9][02468ace](?::[a-f0-9]{2}){5}$", re.I)
 
 
 class FormatError(Exception):
-    """A `die` inside a format check: the text after `invalid format - `."""
+    """A `die` inside a format check: the text after `invalid format - `. PVE's `die "...\n"`
+    keeps its newline in the `errors` value, so the text always ends with one."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text if text.endswith("\n") else text + "\n")
 
 
 def parse_boolean(value: str) -> int | None:
@@ -118,8 +122,37 @@ def _check_named_format(fmt: str, value: str, path: str, formats: dict[str, dict
     elif fmt == "pve-vmid":
         if not re.fullmatch(r"[1-9][0-9]{2,8}", value):
             raise FormatError("value does not look like a valid VM ID")
+    elif fmt in ("pve-ipv4-config", "pve-ipv6-config"):
+        v6 = fmt == "pve-ipv6-config"
+        special = ("dhcp", "auto", "manual") if v6 else ("dhcp", "manual")
+        if value not in special and not _is_cidr(value, 6 if v6 else 4):
+            raise FormatError("value does not look like a valid "
+                              f"{'ipv6' if v6 else 'ipv4'} network configuration")
+    elif fmt in ("ipv4", "ipv6"):
+        if not _is_ip(value, int(fmt[-1])):
+            raise FormatError(f"value does not look like a valid {'IPv' + fmt[-1]} address")
     # Other registered formats (pve-cpuset, pve-tag-list, address-list, ...) are accepted as
     # they come: pvesim does not simulate their checks (documented in README).
+
+
+def _is_ip(value: str, version: int) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(value).version == version
+    except ValueError:
+        return False
+
+
+def _is_cidr(value: str, version: int) -> bool:
+    import ipaddress
+
+    if "/" not in value:
+        return False
+    try:
+        return ipaddress.ip_interface(value).version == version
+    except ValueError:
+        return False
 
 
 def check_prop(value: Any, spec: P, path: str, errors: dict[str, str],
