@@ -318,6 +318,32 @@ def test_ansible_playbook_drives_the_same_library(pve, token, tmp_path):
         cleanup(pve, 201)
 
 
+def test_lifecycle_on_pve_8_4(tmp_path):
+    """PVE 8.4 (the research's reference version): same plan, same result."""
+    from gpunode.lab.pvesim.server import PveSim
+
+    with PveSim(tmp_path / "lab", version="8.4", vms=False) as pve84:
+        img = tmp_path / "cloud.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1G"], check=True)
+        pve84.import_image(img, "debian-12.qcow2")
+        assert pve84.api().version.get()["release"] == "8.4"
+        tok = pve84.create_token("ci@pve", "provision", privsep=True,
+                                 acl=[("/vms", "PVEVMAdmin"),
+                                      ("/mapping/pci", "PVEMappingAdmin"),
+                                      ("/storage", "PVEDatastoreUser"), ("/", "PVEAuditor")])
+        secret = tmp_path / "tok"
+        secret.write_text(tok.secret)
+        secret.chmod(0o600)
+        site = write_site(tmp_path / "s", pve84, SimpleNamespace(full_id=tok.full_id,
+                                                                 file=secret))
+        proc = gpunode("provision", "--no-wait", "--site", str(site))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert vm_config(pve84, 201)["_status"] == "running"
+        assert plan_of(site) == []
+        assert gpunode("destroy", "gpuvm1", "--site", str(site)).returncode == 0
+        assert vm_config(pve84, 201) is None
+
+
 def test_no_secret_in_any_output(pve, token):
     """Runs last in this module: every command output above, and pvesim's log."""
     assert len(OUTPUTS) >= 15, "the tests above did not run"
