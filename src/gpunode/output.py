@@ -81,7 +81,7 @@ class Column:
 
 def print_table(out: Console, title: str, columns: Sequence[Column],
                 rows: Sequence[Sequence[str] | None]) -> None:
-    """Print a table; cells may carry rich markup (styles are dropped in plain text).
+    """Print a table; the title and cells may carry rich markup (plain text drops it).
     A `None` row separates sections."""
     if is_terminal(out.file):
         table = Table(title=title)
@@ -110,7 +110,7 @@ def plain_table(title: str, columns: Sequence[Column], rows: Sequence[Sequence[s
     free = [i for i, c in enumerate(columns) if c.wrap]
     widths = {i: max([len(columns[i].name)] + [len(r[i]) for r in body]) for i in fixed}
     fixed_total = sum(widths.values()) + 2 * max(len(fixed) - 1, 0)
-    lines = wrap(title, width) if title else []
+    lines = wrap(plain(title), width) if title else []
     if fixed_total > width:
         # Too wide even without the free text: one block per row, one field per line.
         label = max(len(c.name) for c in columns)
