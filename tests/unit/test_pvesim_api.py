@@ -302,6 +302,12 @@ def test_sync_put_async_post_config(tapi: Any, tnode: Any) -> None:
     assert wait_task(tapi, upid)["exitstatus"] == "OK"
     assert tnode.qemu(152).config.post(description="quick", background_delay=5) is None
     assert tnode.qemu(152).config.get()["description"] == "quick"
+    assert tnode.qemu(152).config.put(delete="description") is None
+    assert "description" not in tnode.qemu(152).config.get()
+    err = _err(tnode.qemu(152).config.put, delete="colour")
+    assert err.errors == {"delete": "unknown option 'colour'"}
+    err = _err(tnode.qemu(152).config.put, cores=2, delete="cores")
+    assert err.errors == {"delete": "you can't use '-cores' and -delete cores' at the same time"}
 
 
 def test_faults_task_warn_fail_http_slow_and_node_gone(pvesim: PveSim, tapi: Any,  # noqa: F811

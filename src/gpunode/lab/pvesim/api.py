@@ -684,14 +684,16 @@ class Api:
         delete = [d for d in re.split(r"[,;\s]+", str(p.get("delete", ""))) if d]
         revert = [d for d in re.split(r"[,;\s]+", str(p.get("revert", ""))) if d]
         if not keys and not delete and not revert:
-            raise PveError(500, "no options specified")
+            raise PveError(500, msg("no_options"))
         table = schema.endpoint_table("PUT", "/nodes/{node}/qemu/{vmid}/config", sim.version)
+        for opt in revert:
+            if schema.lookup(table, opt) is None:
+                raise param_error({"revert": msg("delete_unknown", opt=opt)})
         for opt in delete:
+            if opt in keys:
+                raise param_error({"delete": msg("delete_conflict", opt=opt)})
             if schema.lookup(table, opt) is None:
                 raise param_error({"delete": msg("delete_unknown", opt=opt)})
-            if opt in keys:
-                raise param_error({"delete": f"you can't use '-{opt}' and -delete {opt}' at "
-                                   "the same time"})
         self._check_hostpci_format(p)
         self._config_perms(auth, vm.vmid, keys, p)
         self._config_perms(auth, vm.vmid, delete, p, deleting=True)

@@ -79,7 +79,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "running_destroy": ("VM {vmid} is running - destroy failed", "qemu-server API2/Qemu.pm destroy_vm"),
     "protection": ("can't remove VM {vmid} - protection mode enabled", "qemu-server API2/Qemu.pm destroy_vm"),
     "update_failed": ("failed to update VM {vmid}: {status}", "qemu-server API2/Qemu.pm update_vm_api (background_delay)"),
-    "delete_unknown": ("invalid parameter '{opt}' in delete", "qemu-server API2/Qemu.pm update_vm_api"),
+    "delete_unknown": ("unknown option '{opt}'", "qemu-server API2/Qemu.pm update_vm_api"),
+    "delete_conflict": ("you can't use '-{opt}' and -delete {opt}' at the same time", "qemu-server API2/Qemu.pm update_vm_api (sic: one quote)"),
+    "no_options": ("no options specified", "qemu-server API2/Qemu.pm update_vm_api"),
     # --- start-time (inside the qmstart task): qemu-server QemuServer.pm / PCI.pm / Memory.pm
     "already_running": ("VM {vmid} already running", "qemu-server QemuServer.pm vm_start_nolock"),
     "start_template": ("you can't start a vm if it's a template", "qemu-server QemuServer.pm vm_start"),
