@@ -91,7 +91,7 @@ def gpunode(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def plan_of(site: Path) -> list[tuple[str, str]]:
     proc = gpunode("provision", "--dry-run", "--site", str(site), "--json", "-")
     assert proc.returncode == 0, proc.stderr
-    text = proc.stdout[proc.stdout.index("{\n"):]
+    text = proc.stdout
     node = json.loads(text)["nodes"][0]
     return [(c["action"], c["key"]) for c in node["plan"]]
 

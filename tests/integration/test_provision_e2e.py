@@ -42,7 +42,7 @@ def gpunode(*args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
 def plan_of(site: Path) -> list[tuple[str, str]]:
     proc = gpunode("provision", NODE, "--dry-run", "--site", str(site), "--json", "-")
     assert proc.returncode == 0, proc.stderr
-    node = json.loads(proc.stdout[proc.stdout.index("{\n"):])["nodes"][0]
+    node = json.loads(proc.stdout)["nodes"][0]
     return [(c["action"], c["key"]) for c in node["plan"]]
 
 

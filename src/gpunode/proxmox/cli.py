@@ -59,7 +59,7 @@ def _cell(value: str | None, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def print_plan(report: run.Report, title: str) -> None:
+def print_plan(report: run.Report, title: str, to: object = None) -> None:
     rows: list[list[str] | None] = []
     for c in report.mappings:
         rows.append([c.target.removeprefix("mapping "), "mapping", c.action, c.key,
@@ -77,13 +77,13 @@ def print_plan(report: run.Report, title: str) -> None:
             action = c.action if c.applied else f"[yellow]{c.action}[/yellow]"
             change = f"{_cell(c.old)} -> {_cell(c.new)}" if (c.old or c.new) else ""
             rows.append([n.node, str(n.vmid), action, c.key, change, c.note])
-    output.print_table(out, title, [output.Column("node"), output.Column("vmid"),
+    output.print_table(to or out, title, [output.Column("node"), output.Column("vmid"),
                                     output.Column("action"), output.Column("key"),
                                     output.Column("change"), output.Column("note", wrap=True)],
                        rows)
 
 
-def print_results(report: run.Report, verb: str) -> None:
+def print_results(report: run.Report, verb: str, to: object = None) -> None:
     rows: list[list[str] | None] = []
     for n in report.nodes:
         r = n.result
@@ -95,7 +95,8 @@ def print_results(report: run.Report, verb: str) -> None:
         if r.warnings:
             what += "; PVE warnings: " + "; ".join(r.warnings)
         rows.append([n.node, str(n.vmid), state, r.address or "-", f"{r.seconds:.1f}", what])
-    output.print_table(out, f"{verb} result", [output.Column("node"), output.Column("vmid"),
+    output.print_table(to or out, f"{verb} result", [output.Column("node"),
+                                                     output.Column("vmid"),
                                                output.Column("state"),
                                                output.Column("address"),
                                                output.Column("s", "right"),
@@ -124,10 +125,11 @@ def provision_command(nodes: NodesArg = None, site: SiteOpt = None,
     loaded, endpoints = _open(site, nodes)
     report = run.provision(endpoints, dry_run=dry_run,
                            progress=None if dry_run else _progress, wait_agent=not no_wait)
+    to = err if json_out == "-" else out      # stdout carries only the JSON then
     print_plan(report, "provision plan (dry run: nothing changed)" if dry_run
-               else "provision plan")
+               else "provision plan", to)
     if not dry_run:
-        print_results(report, "provision")
+        print_results(report, "provision", to)
         path = run.record_addresses(loaded.path, report)
         if path:
             err.print(f"guest addresses recorded in {path}", highlight=False)
@@ -140,7 +142,7 @@ def destroy_command(nodes: Annotated[list[str], typer.Argument(help="pve-guest n
     """Stop and remove the VMs of pve-guest nodes (purge: backup jobs, replication, HA)."""
     loaded, endpoints = _open(site, nodes)
     report = run.destroy(endpoints, progress=_progress)
-    print_results(report, "destroy")
+    print_results(report, "destroy", err if json_out == "-" else out)
     run.record_addresses(loaded.path, report)
     _write_json(report, json_out)
     raise typer.Exit(0 if report.ok else 1)
