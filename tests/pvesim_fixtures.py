@@ -23,6 +23,7 @@ from proxmoxer.tools import Tasks
 
 from gpunode.lab.pvesim.server import PveSim, Token
 
+AUTH_FAIL_DELAY = 0.3
 TOKEN_ACL = [("/vms", "PVEVMAdmin"), ("/mapping/pci", "PVEMappingUser"),
              ("/storage", "PVEDatastoreUser")]
 
@@ -34,8 +35,9 @@ def wait_task(api: Any, upid: str, timeout: float = 30) -> dict[str, Any]:
 
 
 def _start(tmp_path_factory: pytest.TempPathFactory, version: str) -> PveSim:
+    # 401s come after AUTH_FAIL_DELAY (PVE: 3 s; shortened here to keep the tests quick)
     return PveSim(tmp_path_factory.mktemp(f"pvesim{version}"), version=version,
-                  in_process=True).start()
+                  in_process=True, auth_fail_delay=AUTH_FAIL_DELAY).start()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,14 @@ import pytest
 import requests
 from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
-from pvesim_fixtures import pve_root, pve_token, pvesim, pvesim84, wait_task  # noqa: F401
+from pvesim_fixtures import (  # noqa: F401 - fixtures
+    AUTH_FAIL_DELAY,
+    pve_root,
+    pve_token,
+    pvesim,
+    pvesim84,
+    wait_task,
+)
 
 from gpunode.lab.pvesim.server import PveSim, Token
 
@@ -229,8 +236,12 @@ def test_unknown_path_missing_param_and_unknown_param(pve_root: Any, node: Any) 
 
 def test_auth_failures(pvesim: PveSim, pve_token: Token) -> None:  # noqa: F811
     bad = Token(pve_token.full_id, "00000000-0000-0000-0000-000000000000")
+    t0 = time.monotonic()
     err = _err(pvesim.api(bad).version.get)
     assert (err.status_code, err.content) == (401, "Authentication failed!")
+    assert time.monotonic() - t0 >= AUTH_FAIL_DELAY  # unauthorized calls are delayed
+    err = _err(pvesim.api().access.users("ci@pve").token("auto").post)
+    assert (err.status_code, err.errors) == (400, {"tokenid": "Token already exists."})
     with pytest.raises(AuthenticationError):
         ProxmoxAPI(pvesim.host, port=pvesim.port, user="root@pam", password="wrong",
                    verify_ssl=str(pvesim.ca_path))

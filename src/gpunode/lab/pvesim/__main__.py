@@ -17,10 +17,12 @@ def main() -> None:
     s.add_argument("--gpus", type=int, choices=[2, 4], default=2)
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--vms", action="store_true", help="back VMs with lab VMs (qemu)")
+    s.add_argument("--auth-fail-delay", type=float, default=3.0,
+                   help="seconds before a 401 answer (PVE: 3)")
     s.add_argument("--tie-to-parent", action="store_true",
                    help="exit when the parent process dies (test sessions)")
     a = ap.parse_args()
-    serve(a.lab_dir, a.version, a.gpus, a.port, a.vms, a.tie_to_parent)
+    serve(a.lab_dir, a.version, a.gpus, a.port, a.vms, a.tie_to_parent, a.auth_fail_delay)
 
 
 if __name__ == "__main__":

@@ -348,7 +348,7 @@ class Api:
         full = f"{userid}!{tokenid}"
         with self.sim.lock:
             if full in self.sim.tokens:
-                raise PveError(500, msg("token_exists"))
+                raise param_error({"tokenid": msg("token_exists")})
             value = str(uuid.uuid4())
             info = {"privsep": int(p.get("privsep", 1)), "expire": int(p.get("expire", 0))}
             if "comment" in p:

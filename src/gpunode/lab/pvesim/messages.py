@@ -27,9 +27,9 @@ MESSAGES: dict[str, tuple[str, str]] = {
     # --- HTTP server / auth: pve-http-server AnyEvent.pm, pve-manager HTTPServer.pm -------
     "not_implemented": ("Method '{method} {path}' not implemented",
                         "pve-http-server AnyEvent.pm handle_api2_request / pve-manager HTTPServer.pm"),
-    "auth_failed": ("Authentication failed!", "pve-http-server AnyEvent.pm auth_handler"),
-    "no_ticket": ("No ticket", "pve-http-server AnyEvent.pm auth_handler"),
-    "csrf": ("Permission denied - invalid csrf token", "pve-http-server AnyEvent.pm auth_handler"),
+    "auth_failed": ("Authentication failed!", "pve-manager HTTPServer.pm auth_handler (401 after a 3 s delay: pve-http-server AnyEvent.pm)"),
+    "no_ticket": ("No ticket", "pve-manager HTTPServer.pm auth_handler"),
+    "csrf": ("Permission denied - invalid csrf token", "pve-common Ticket.pm verify_csrf_prevention_token (code 401)"),
     "ticket_failed": ("authentication failure", "pve-access-control API2/AccessControl.pm create_ticket"),
     "perm": ("Permission check failed ({path}, {priv})", "pve-access-control RPCEnvironment.pm check"),
     "perm_token": ("Permission check failed (URI '{uri}' not available with API token, need proper ticket.)",
@@ -38,7 +38,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "user_exists": ("create user failed: user '{user}' already exists",
                     "pve-access-control API2/User.pm create_user"),
     "no_user": ("no such user ('{user}')", "pve-access-control AccessControl.pm check_user_exist"),
-    "token_exists": ("Token already exists.", "pve-access-control API2/User.pm generate_token"),
+    "token_exists": ("Token already exists.", "pve-access-control API2/User.pm generate_token (raise_param_exc tokenid)"),
     "role_missing": ("role '{role}' does not exist", "pve-access-control API2/ACL.pm update_acl"),
     "hostname_lookup": ("hostname lookup '{node}' failed - failed to get address info for: {node}: "
                         "Name or service not known", "pve-common Network.pm get_ip_from_hostname"),
@@ -108,7 +108,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "agent_not_running": ("QEMU guest agent is not running", "qemu-server QemuServer/Agent.pm agent_available"),
     # --- mappings: pve-manager API2/Cluster/Mapping/PCI.pm --------------------------------
     "mapping_exists": ("create hardware mapping failed: pci ID '{id}' already defined",
-                       "pve-manager API2/Cluster/Mapping/PCI.pm create"),
+                       "pve-manager API2/Cluster/Mapping/PCI.pm create (lock_pci_config prefix)"),
     "mapping_missing": ("mapping '{id}' not found", "pve-manager API2/Cluster/Mapping/PCI.pm get"),
     # --- tasks: pve-manager API2/Tasks.pm, pve-common UPID.pm -----------------------------
     "no_such_task": ("no such task", "pve-manager API2/Tasks.pm read_task_log / read_task_status"),

@@ -123,20 +123,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _auth(self) -> Auth | None:
+        """pve-http-server: the cookie first, then a ticket in Authorization, then a token."""
         sim = self.server.sim
         hdr = self.headers.get("Authorization") or ""
-        if hdr.startswith("PVEAPIToken"):
+        ticket = None
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            k, _, v = part.strip().partition("=")
+            if k == "PVEAuthCookie" and v:
+                ticket = urllib.parse.unquote(v)
+        if ticket is None and hdr.startswith("PVEAuthCookie="):
+            ticket = hdr[len("PVEAuthCookie="):]
+        if ticket is None and hdr.startswith("PVEAPIToken"):
             user = sim.check_token(hdr[len("PVEAPIToken"):].lstrip(" =").strip())
             if user is None:
                 raise PveError(401, msg("auth_failed"))
             return Auth(user, False)
-        ticket = None
-        if hdr.startswith("PVEAuthCookie="):
-            ticket = hdr[len("PVEAuthCookie="):]
-        for part in (self.headers.get("Cookie") or "").split(";"):
-            k, _, v = part.strip().partition("=")
-            if k == "PVEAuthCookie":
-                ticket = urllib.parse.unquote(v)
         if ticket is None:
             return None
         user = sim.check_ticket(ticket)
@@ -267,8 +268,11 @@ class Endpoint:
     vms: bool
 
 
+AUTH_FAIL_DELAY_S = 3.0  # pve-http-server AnyEvent.pm: "always delay unauthorized calls by 3 s"
+
+
 def build(lab_dir: Path, version: str = "9", gpus: int = 2, port: int = 0,
-          vms: bool = False, auth_fail_delay: float = 0.0, tie_vms: bool = True
+          vms: bool = False, auth_fail_delay: float = AUTH_FAIL_DELAY_S, tie_vms: bool = True
           ) -> tuple[_Server, Sim]:
     """Make the server (bound to 127.0.0.1) and its state; serve with `serve_forever`."""
     d = data_dir(lab_dir)
@@ -310,12 +314,12 @@ def _publish(lab_dir: Path, srv: _Server, sim: Sim) -> Endpoint:
 
 
 def serve(lab_dir: Path, version: str, gpus: int, port: int, vms: bool,
-          tie_to_parent: bool) -> None:
+          tie_to_parent: bool, auth_fail_delay: float = AUTH_FAIL_DELAY_S) -> None:
     """Run pvesim in this process until SIGTERM/SIGINT (`python -m gpunode.lab.pvesim`)."""
     if tie_to_parent:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    srv, sim = build(lab_dir, version, gpus, port, vms)
+    srv, sim = build(lab_dir, version, gpus, port, vms, auth_fail_delay)
 
     def stop(signum: int, frame: object) -> None:
         threading.Thread(target=srv.shutdown, daemon=True).start()
@@ -356,13 +360,16 @@ def _is_pvesim(pid: int) -> bool:
 
 
 def spawn(lab_dir: Path, version: str = "9", gpus: int = 2, port: int = 0, vms: bool = False,
-          tie_to_parent: bool = True, timeout: float = 30.0) -> tuple[Endpoint, subprocess.Popen[bytes]]:
+          tie_to_parent: bool = True, timeout: float = 30.0,
+          auth_fail_delay: float = AUTH_FAIL_DELAY_S
+          ) -> tuple[Endpoint, subprocess.Popen[bytes]]:
     """Start pvesim as its own process and wait until it listens."""
     d = data_dir(lab_dir)
     d.mkdir(parents=True, exist_ok=True)
     (d / STATE_FILE).unlink(missing_ok=True)
     argv = [sys.executable, "-m", "gpunode.lab.pvesim", "serve", "--lab-dir", str(lab_dir),
-            "--version", version, "--gpus", str(gpus), "--port", str(port)]
+            "--version", version, "--gpus", str(gpus), "--port", str(port),
+            "--auth-fail-delay", str(auth_fail_delay)]
     if vms:
         argv.append("--vms")
     if tie_to_parent:
@@ -425,13 +432,15 @@ class PveSim:
     """
 
     def __init__(self, lab_dir: str | Path, version: str = "9", *, vms: bool = False,
-                 gpus: int = 2, in_process: bool = False, port: int = 0) -> None:
+                 gpus: int = 2, in_process: bool = False, port: int = 0,
+                 auth_fail_delay: float = AUTH_FAIL_DELAY_S) -> None:
         self.lab_dir = Path(lab_dir).absolute()
         self.version = version
         self.vms = vms
         self.gpus = gpus
         self.in_process = in_process
         self._port = port
+        self.auth_fail_delay = auth_fail_delay
         self._srv: _Server | None = None
         self.sim: Sim | None = None  # in-process only; tests must not use it to drive pvesim
         self._proc: subprocess.Popen[bytes] | None = None
@@ -441,13 +450,13 @@ class PveSim:
     def start(self) -> PveSim:
         if self.in_process:
             self._srv, self.sim = build(self.lab_dir, self.version, self.gpus, self._port,
-                                        self.vms)
+                                        self.vms, self.auth_fail_delay)
             threading.Thread(target=self._srv.serve_forever, kwargs={"poll_interval": 0.1},
                              daemon=True, name="pvesim").start()
             self._ep = _publish(self.lab_dir, self._srv, self.sim)
         else:
             self._ep, self._proc = spawn(self.lab_dir, self.version, self.gpus, self._port,
-                                         self.vms)
+                                         self.vms, auth_fail_delay=self.auth_fail_delay)
         return self
 
     def stop(self) -> None:
