@@ -318,6 +318,44 @@ def test_ansible_playbook_drives_the_same_library(pve, token, tmp_path):
         cleanup(pve, 201)
 
 
+def password_site(d: Path, pve: Any) -> Path:
+    site = {"nodes": {
+        "pve1": {"kind": "pve-host", "os": "debian-12",
+                 "connection": {"address": "127.0.0.1", "user": "root"}, "pve": {}},
+        "gpuvm1": {"kind": "pve-guest", "connection": {"address": "127.0.0.1"},
+                   "vm": {"pve_node": pve.node, "vmid": 201,
+                          "cloud_image": "local:import/debian-12.qcow2", "cores": 2,
+                          "memory_mib": 2048, "disk_gib": 8,
+                          "hostpci": [{"address": "0000:41:00"}]}}}}
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "site.yaml").write_text(yaml.safe_dump(site))
+    return d / "site.yaml"
+
+
+def test_root_password_from_the_environment_may_set_a_raw_address(pve, tmp_path):
+    site = password_site(tmp_path, pve)
+    env = {"PROXMOX_HOST": f"{pve.host}:{pve.port}", "PROXMOX_USER": "root@pam",
+           "PROXMOX_PASSWORD": pve.root_password, "PROXMOX_CA_PATH": str(pve.ca_path)}
+    try:
+        proc = gpunode("provision", "--no-wait", "--site", str(site), env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert vm_config(pve, 201)["hostpci0"] == "0000:41:00,pcie=1"
+        wrong = env | {"PROXMOX_PASSWORD": "not-the-password"}
+        proc = gpunode("provision", "--dry-run", "--site", str(site), env=wrong)
+        assert proc.returncode == 1
+        text = " ".join((proc.stdout + proc.stderr).split())
+        assert "authentication failed for user root@pam" in text
+        assert "not-the-password" not in text
+        # without a CA the self-signed certificate is refused, and the message says so
+        proc = gpunode("provision", "--dry-run", "--site", str(site),
+                       env={k: v for k, v in env.items() if k != "PROXMOX_CA_PATH"})
+        assert proc.returncode == 1
+        assert "TLS certificate verification failed" in " ".join(proc.stderr.split() +
+                                                                 proc.stdout.split())
+    finally:
+        cleanup(pve, 201)
+
+
 def test_lifecycle_on_pve_8_4(tmp_path):
     """PVE 8.4 (the research's reference version): same plan, same result."""
     from gpunode.lab.pvesim.server import PveSim
