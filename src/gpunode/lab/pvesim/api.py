@@ -1252,14 +1252,16 @@ class Api:
                        ["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"], True)
         else:
             self._perm(auth, f"/vms/{vm.vmid}", ["VM.Monitor"])
-        agent = _split_ps_default(vm.config.get("agent", ""), "enabled")
-        if agent.get("enabled") not in ("1", "on", "yes", "true"):
+        # Agent.pm agent_available: `agent` absent -> not configured; present but disabled ->
+        # qemu has no agent channel, so "not running"
+        if "agent" not in vm.config:
             raise PveError(500, msg("agent_not_configured"))
         self._sync_status(vm)
         if vm.status != "running":
             raise PveError(500, msg("agent_vm_not_running", vmid=vm.vmid))
+        agent = _split_ps_default(vm.config["agent"], "enabled")
         b = self.sim.backend
-        if b is None:
+        if b is None or agent.get("enabled") not in ("1", "on", "yes", "true"):
             raise PveError(500, msg("agent_not_running"))
         try:
             result = b.agent(vm, command)
