@@ -62,7 +62,8 @@ def _cell(value: str | None, limit: int = 60) -> str:
 def print_plan(report: run.Report, title: str, to: object = None) -> None:
     rows: list[list[str] | None] = []
     for c in report.mappings:
-        rows.append([c.target.removeprefix("mapping "), "mapping", c.action, c.key,
+        host = str(c.new or "").split(",", 1)[0].removeprefix("node=")
+        rows.append([host, "-", c.action, c.target.removeprefix("mapping "),
                      f"{_cell(c.old)} -> {_cell(c.new)}", c.note])
     for n in report.nodes:
         changes: list[Change] = n.plan.changes if n.plan else []
