@@ -327,6 +327,10 @@ def test_faults_task_warn_fail_http_slow_and_node_gone(pvesim: PveSim, tapi: Any
     pvesim.fault("task-warn", path="/status/start", message="simulated warning")
     assert wait_task(tapi, tnode.qemu(153).status.start.post())["exitstatus"] == "WARNINGS: 1"
     wait_task(tapi, tnode.qemu(153).status.stop.post())
+    # stopping or shutting down a stopped VM is a successful no-op; reboot refuses at once
+    assert wait_task(tapi, tnode.qemu(153).status.shutdown.post())["exitstatus"] == "OK"
+    assert wait_task(tapi, tnode.qemu(153).status.stop.post())["exitstatus"] == "OK"
+    assert _err(tnode.qemu(153).status.reboot.post).content == "VM 153 not running"
     pvesim.fault("task-fail", path="/status/start", message="start failed: QEMU exited with "
                  "code 1")
     st = wait_task(tapi, tnode.qemu(153).status.start.post())

@@ -1118,11 +1118,14 @@ class Api:
         self._perm(auth, f"/vms/{vm.vmid}", ["VM.PowerMgmt"])
         sim = self.sim
 
-        def body(task: Task) -> None:
+        def body(task: Task) -> None:  # vm_stop_nolock: a stopped VM is fine, then the lock
             with sim.lock:
+                self._sync_status(vm)
+                if vm.status != "running":
+                    return
                 if vm.lock and p.get("skiplock") != "1":
                     raise TaskError(msg("locked", lock=vm.lock))
-            if sim.backend is not None and vm.status == "running":
+            if sim.backend is not None:
                 sim.backend.stop(vm)
             with sim.lock:
                 self._stopped(vm)
@@ -1138,13 +1141,13 @@ class Api:
         timeout = float(p.get("timeout", 60))
         force = p.get("forceStop") == "1"
 
-        def body(task: Task) -> None:
+        def body(task: Task) -> None:  # vm_stop_nolock with $shutdown
             with sim.lock:
                 self._sync_status(vm)
+                if vm.status != "running":
+                    return
                 if vm.lock and p.get("skiplock") != "1":
                     raise TaskError(msg("locked", lock=vm.lock))
-                if vm.status != "running":
-                    raise TaskError(msg("not_running", vmid=vm.vmid))
             ok = sim.backend.shutdown(vm, timeout) if sim.backend is not None else True
             if not ok:
                 if not force:
@@ -1161,14 +1164,14 @@ class Api:
         vm = self._vm(p)
         self._perm(auth, f"/vms/{vm.vmid}", ["VM.PowerMgmt"])
         sim = self.sim
+        self._sync_status(vm)
+        if vm.status != "running":  # vm_reboot checks this before forking
+            raise PveError(500, msg("not_running", vmid=vm.vmid))
 
         def body(task: Task) -> None:
             with sim.lock:
-                self._sync_status(vm)
                 if vm.lock:
                     raise TaskError(msg("locked", lock=vm.lock))
-                if vm.status != "running":
-                    raise TaskError(msg("not_running", vmid=vm.vmid))
             if sim.backend is not None:
                 if not sim.backend.shutdown(vm, float(p.get("timeout", 60))):
                     raise TaskError(msg("shutdown_timeout"))
