@@ -383,6 +383,13 @@ def test_clone_template_resize_and_delete(pvesim: PveSim, pve_root: Any, tapi: A
     assert err.content == "parameter 'storage' not allowed for linked clones"
     err = _err(tnode.qemu(9000).clone.post, newid=160)
     assert err.content == "unable to create VM 160: config file already exists"
+    err = _err(tnode.qemu(160).clone.post, newid=162, full=0)  # 160 is no template
+    assert err.content == ("Linked clone feature is not supported for "  # sorted: efidisk0
+                           "'local-lvm:base-9000-disk-0/vm-160-disk-0' (efidisk0)")
+    assert wait_task(tapi, tnode.qemu(160).clone.post(newid=162))["exitstatus"] == "OK"
+    assert tnode.qemu(162).config.get()["scsi0"].startswith("local-lvm:vm-162-disk-1,")
+    assert tnode.qemu(162).config.get()["name"] == "Copy-of-VM-c1"
+    wait_task(tapi, tnode.qemu(162).delete())
     assert wait_task(tapi, tnode.qemu(160).resize.put(disk="scsi0", size="+1G"))[
         "exitstatus"] == "OK"
     assert "size=2G" in tnode.qemu(160).config.get()["scsi0"]

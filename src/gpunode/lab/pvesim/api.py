@@ -768,8 +768,13 @@ class Api:
         else:
             self._perm(auth, f"/vms/{newid}", ["VM.Allocate"])
         full = p.get("full", "0" if src.template else "1") == "1"
-        if not src.template and not full:
-            raise PveError(500, msg("linked_needs_template", drive="scsi0"))
+        if not src.template and not full:  # only base volumes have the 'clone' feature
+            for opt in sorted(src.config):
+                f = _split_ps(src.config[opt])
+                if DRIVE_RE.match(opt) and f.get("media") != "cdrom" \
+                        and "cloudinit" not in f.get("file", "") and opt != "tpmstate0":
+                    raise PveError(500, msg("linked_needs_template", volid=f.get("file"),
+                                            opt=opt))
         if "storage" in p:
             if not full:
                 raise PveError(500, msg("not_template_linked"))
