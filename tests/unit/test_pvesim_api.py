@@ -246,6 +246,12 @@ def test_auth_failures(pvesim: PveSim, pve_token: Token) -> None:  # noqa: F811
         ProxmoxAPI(pvesim.host, port=pvesim.port, user="root@pam", password="wrong",
                    verify_ssl=str(pvesim.ca_path))
     root = pvesim.api()
+    auth = root._store["session"].auth  # proxmoxer's ticket auth: send a wrong CSRF token
+    good, auth.csrf_prevention_token = auth.csrf_prevention_token, "00000000:bad"
+    err = _err(root.nodes(pvesim.node).qemu.post, vmid=199)
+    assert (err.status_code, err.content) == (401, "Permission denied - invalid csrf token")
+    assert root.version.get()  # GETs need no CSRF token
+    auth.csrf_prevention_token = good
     pvesim.fault("expire-tickets", times=0)
     try:
         err = _err(root.version.get)
