@@ -508,3 +508,12 @@ def test_a_failed_create_task_removes_the_vm(pvesim: PveSim, tapi: Any, tnode: A
     assert st["exitstatus"] == "unable to create VM 191 - disk full"
     err = _err(tnode.qemu(191).config.get)
     assert err.content == "Configuration file 'nodes/pve1/qemu-server/191.conf' does not exist"
+
+
+def test_four_gpu_node(tmp_path: Path) -> None:
+    with PveSim(tmp_path, gpus=4, in_process=True, auth_fail_delay=AUTH_FAIL_DELAY) as pve:
+        root = pve.api()
+        devs = root.nodes(pve.node).hardware.pci.get()
+        gpus = [d["id"] for d in devs if d["device"] == "0x2230"]
+        assert gpus == ["0000:01:00.0", "0000:41:00.0", "0000:81:00.0", "0000:c1:00.0"]
+        assert {d["iommugroup"] for d in devs if d["id"].startswith("0000:c1:00.")} == {112}

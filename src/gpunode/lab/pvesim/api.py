@@ -52,11 +52,18 @@ GENERAL_KEYS = {"agent", "autostart", "bios", "description", "keyboard", "localt
 DISKOPT_KEYS = {"boot", "bootdisk", "vmstatestorage"}
 CLOUDINIT_KEYS = {"cicustom", "cipassword", "citype", "ciuser", "ciupgrade", "nameserver",
                   "searchdomain", "sshkeys"}
-# Keys that a running VM applies only at its next start (non-hotpluggable in PVE's default
-# hotplug set "network,disk,usb"): they stay in `pending`.
-HOTPLUG_OK = {"name", "description", "onboot", "protection", "tags", "ciuser", "cipassword",
-              "sshkeys", "ipconfig0", "nameserver", "searchdomain", "ciupgrade", "cicustom",
-              "citype", "startup", "boot", "agent"}
+# What a running VM takes at once (QemuServer.pm $fast_plug_option plus the cloud-init keys,
+# and netN/disks under PVE's default hotplug set "network,disk,usb"); everything else stays
+# in `pending` until the next start.
+HOTPLUG_OK = {"description", "hookscript", "lock", "migrate_downtime", "migrate_speed",
+              "name", "onboot", "protection", "shares", "startup", "tags", "vmstatestorage",
+              "cicustom", "cipassword", "citype", "ciupgrade", "ciuser", "nameserver",
+              "searchdomain", "sshkeys"}
+
+
+def _hotpluggable(key: str) -> bool:
+    return key in HOTPLUG_OK or bool(re.fullmatch(r"(ipconfig|net)\d+", key)) \
+        or bool(DRIVE_RE.match(key))
 HUGEPAGE_MIB = {"2": 2, "1024": 1024}
 NO_TOKEN = {"/access/ticket"}  # allowtoken => 0 in the schema
 
@@ -714,7 +721,7 @@ class Api:
                         vm.pending_delete.remove(opt)
                 newconf = {k: str(p[k]) for k in keys}
                 for opt in delete:
-                    if running and opt not in HOTPLUG_OK:
+                    if running and not _hotpluggable(opt):
                         if opt not in vm.pending_delete:
                             vm.pending_delete.append(opt)
                         vm.pending.pop(opt, None)
@@ -725,7 +732,7 @@ class Api:
             self._create_disks(tmp, task or Task("", "", 0, 0, 0, "", "", ""), None)
             with sim.lock:
                 for k, v in tmp.config.items():
-                    if running and k not in HOTPLUG_OK and not DRIVE_RE.match(k):
+                    if running and not _hotpluggable(k):
                         vm.pending[k] = v
                         if k in vm.pending_delete:
                             vm.pending_delete.remove(k)
