@@ -80,9 +80,9 @@ def up(
 ) -> None:
     """Start VMs (creating them from the base image), wait for SSH."""
     lab = Lab(state_dir)
+    fwd = _guard(lambda: _parse_forward(forward))
     if state_dir is not None:
         remember(lab.dir)
-    fwd = _guard(lambda: _parse_forward(forward))
     for name in names:
         vm = _guard(lambda n=name: lab.up(n, cpus=cpus, memory_mib=memory, numa=numa,  # type: ignore[misc]
                                           disk_gib=disk, forward=fwd))
