@@ -151,15 +151,17 @@ class Api:
             if k in params and params[k] != v:
                 raise param_error({k: "parameter conflicts with URI parameter"})
             params[k] = v
+        # proxyto => 'node': the request is forwarded to the node before its parameters are
+        # validated there (pve-manager HTTPServer.pm rest_handler)
+        if "node" in uri and uri["node"] != self.sim.node:
+            raise PveError(500, msg("hostname_lookup", node=uri["node"]))
+        if "node" in uri and self.sim.node_gone():
+            raise PveError(595, msg("node_unreachable"))
         table = schema.endpoint_table(method, template, self.sim.version)
         _, formats = schema.config_tables(self.sim.version)
         errors = schema.validate(params, table, formats)
         if errors:
             raise param_error(errors)
-        if "node" in params and params["node"] != self.sim.node:
-            raise PveError(500, msg("hostname_lookup", node=params["node"]))
-        if "node" in params and self.sim.node_gone():
-            raise PveError(595, "Connection refused")
         return fn(auth or Auth("", False), params)
 
     # ---- helpers ------------------------------------------------------------------------

@@ -40,6 +40,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "no_user": ("no such user ('{user}')", "pve-access-control AccessControl.pm check_user_exist"),
     "token_exists": ("Token already exists.", "pve-access-control API2/User.pm generate_token (raise_param_exc tokenid)"),
     "role_missing": ("role '{role}' does not exist", "pve-access-control API2/ACL.pm update_acl"),
+    "node_unreachable": ("Connection refused", "pve-http-server AnyEvent.pm proxy_request (595: the node does not answer)"),
     "hostname_lookup": ("hostname lookup '{node}' failed - failed to get address info for: {node}: "
                         "Name or service not known", "pve-common Network.pm get_ip_from_hostname"),
     # --- cluster / ids -------------------------------------------------------------------
