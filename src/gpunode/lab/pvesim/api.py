@@ -1121,7 +1121,9 @@ class Api:
         return [d.id for d in self.sim.pci if d.id == path or d.id.startswith(path + ".")]
 
     def _holder(self, func: str, me: Vm) -> int | None:
-        for other in self.sim.vms.values():
+        for other in list(self.sim.vms.values()):
+            if other is not me and other.status == "running":
+                self._sync_status(other)  # a lab VM that powered off holds nothing
             if other is not me and other.status == "running" and func in other.reserved:
                 return other.vmid
         return None
