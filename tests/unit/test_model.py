@@ -89,10 +89,13 @@ def test_distro_names(os_name: str, distro: str) -> None:
     assert profile(os=os_name).distro == distro
 
 
-def test_tp_size_must_divide_gpu_count() -> None:
+def test_tp_size_must_match_gpu_count() -> None:
     p = profile(vllm={"services": [svc(gpus=[0, 1], tensor_parallel_size=3)]})
     msg = problems(p)["vllm.services[0].tensor_parallel_size"]
-    assert "3 does not divide" in msg and "[1, 2]" in msg
+    assert "= 3 GPU(s), but gpus lists 2 [0, 1]" in msg
+    # two GPUs with TP=1 would run one GPU while sizing assumed two replicas
+    p = profile(vllm={"services": [svc(gpus=[0, 1], tensor_parallel_size=1)]})
+    assert "set tensor_parallel_size to 2" in problems(p)["vllm.services[0].tensor_parallel_size"]
 
 
 def test_tp_size_that_divides_is_fine() -> None:
@@ -101,7 +104,7 @@ def test_tp_size_that_divides_is_fine() -> None:
 
 
 def test_service_gpus_must_exist() -> None:
-    p = profile(vllm={"services": [svc(gpus=[1, 2])]})
+    p = profile(vllm={"services": [svc(gpus=[1, 2], tensor_parallel_size=2)]})
     msg = problems(p)["vllm.services[0].gpus"]
     assert "[2]" in msg and "gpus.count is 2" in msg
 

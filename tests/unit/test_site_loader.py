@@ -67,7 +67,7 @@ def test_tp_size_not_dividing(site_errors: Errors) -> None:
                    "        - {name: a, model: /m, gpus: [0, 1], tensor_parallel_size: 3}\n")
     line = one(site_errors(text), "tensor_parallel_size")
     assert "nodes.gpu01.vllm.services[0].tensor_parallel_size: " in line
-    assert "allowed: [1, 2]" in line
+    assert "= 3 GPU(s), but gpus lists 2" in line
     assert "site.yaml:8:" in line
 
 
@@ -104,7 +104,7 @@ def test_pcie_with_machine_pc(site_errors: Errors) -> None:
 def test_upper_case_hostpci_address(site_errors: Errors) -> None:
     line = one(site_errors(GUEST + "      hostpci: [{address: '0000:4A:00.0'}]\n"),
                "hostpci")
-    assert "site.yaml:10: nodes.vm1.vm.hostpci[0].address: " in line
+    assert "site.yaml:11: nodes.vm1.vm.hostpci[0].address: " in line
 
 
 def test_upper_case_hostpci_address_message_says_lower_case(site_errors: Errors) -> None:

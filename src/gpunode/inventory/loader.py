@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import os
 import re
 import types
@@ -16,12 +17,12 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from gpunode.model import NodeProfile, check_profile
+from gpunode.model import NodeProfile, check_fleet, check_profile
 from gpunode.model.site import GROUP_NAME, SITE_KEYS, SiteMeta
 
 DEFAULT_SITE = Path("inventory/site.yaml")
@@ -86,10 +87,13 @@ class LineDict(dict):
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
+    own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
     loader.flatten_mapping(node)
+    merged = len(node.value) - own  # pairs from `<<: *alias` come first; own keys override
     result = LineDict()
     result.lines = {}
-    for key_node, value_node in node.value:
+    own_keys: set[Any] = set()
+    for i, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         try:
             hash(key)
@@ -97,15 +101,55 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
             raise yaml.constructor.ConstructorError(
                 None, None, "found unhashable key (a mapping key must be a plain value)",
                 key_node.start_mark) from None
-        if key in result:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        if i >= merged:
+            if key in own_keys:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            own_keys.add(key)
         result[key] = loader.construct_object(value_node, deep=True)
         result.lines[key] = key_node.start_mark.line + 1
     return result
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+#: The most values a site document may expand to through aliases (a large site has a few
+#: thousand); beyond it, loading would take exponential time and memory.
+MAX_YAML_NODES = 200_000
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values the document holds once every alias is expanded (aliases share
+    composed nodes, so this is computed per distinct node). A recursive alias is refused."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            active.discard(key)
+            children = _children(node)
+            sizes[key] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_NODES + 1)
+            continue
+        if key in sizes:
+            continue
+        if key in active:
+            raise yaml.constructor.ConstructorError(
+                None, None, "recursive alias (a value that contains itself)", node.start_mark)
+        active.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
 
 
 def read_yaml(path: Path) -> Any:
@@ -117,7 +161,21 @@ def read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise SiteError([f"{path}: cannot read: {exc}"]) from None
     try:
-        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        loader = _LineLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            size = _expanded_size(node)
+            if size > MAX_YAML_NODES:
+                raise SiteError([f"{path}: YAML aliases expand the document to more than "
+                                 f"{MAX_YAML_NODES:,} values (an alias bomb?); write the "
+                                 "values out or use fewer nested aliases"])
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except RecursionError:
+        raise SiteError([f"{path}: YAML nesting is too deep"]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -197,6 +255,82 @@ def unknown_keys(data: Any, model: type[BaseModel], prefix: str,
                 yield p, [key, *keys], msg
 
 
+@functools.cache
+def _field_adapter(model: type[BaseModel], name: str) -> TypeAdapter[Any]:
+    info = model.model_fields[name]
+    if not info.metadata:
+        return TypeAdapter(info.annotation)
+    return TypeAdapter(Annotated[info.annotation, *info.metadata])  # type: ignore[valid-type]
+
+
+def layer_errors(data: Any, model: type[BaseModel], prefix: str,
+                 skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, list[Any], str]]:
+    """Type-check one partial layer (defaults, a group, a node) as a layer: every value it
+    sets must be valid for its field on its own, so a wrong-typed value can never replace
+    an inherited map silently, and groups no node uses are checked too. Sections merge, so
+    they may be partial; list items replace whole, so they must be complete. Yields (field
+    path, key path for the line lookup, message); unknown keys are unknown_keys' job."""
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        if key in skip or key not in model.model_fields:
+            continue
+        path = f"{prefix}.{key}" if prefix else str(key)
+        sub, is_list, _ = _model_of(model.model_fields[key].annotation)
+        if sub is not None and not is_list and isinstance(value, dict):
+            yield from ((p, [key, *k], m) for p, k, m in layer_errors(value, sub, path))
+            continue
+        if sub is not None and not is_list and value is not None:
+            yield path, [key], (f"must be a mapping (a {sub.__name__} section), got "
+                                f"{type(value).__name__} {_short(value)}")
+            continue
+        try:
+            _field_adapter(model, key).validate_python(value)
+        except ValidationError as exc:
+            for loc, message in error_messages(exc):
+                sub_path = path + "".join(f"[{k}]" if isinstance(k, int) else f".{k}"
+                                          for k in loc)
+                yield sub_path, [key, *loc], message
+
+
+def error_messages(exc: ValidationError) -> list[tuple[tuple[str | int, ...], str]]:
+    """One (location, message) per problem: the alternatives of a union are folded into
+    one message; unknown keys are left out (reported at the layer that holds them)."""
+    grouped: dict[tuple[str | int, ...], list[Any]] = {}
+    for err in exc.errors():
+        if err["type"] == "extra_forbidden":
+            continue
+        grouped.setdefault(_field_loc(tuple(err["loc"])), []).append(err)
+    out = []
+    for loc, errs in grouped.items():
+        if len(errs) == 1:
+            out.append((loc, _error_message(errs[0], loc)))
+            continue
+        options = list(dict.fromkeys(_clean(e["msg"]) for e in errs))
+        out.append((loc, f"invalid value {_short(errs[0].get('input'))}: "
+                         + "; or ".join(options)))
+    return out
+
+
+def _clean(message: str) -> str:
+    return message.removeprefix("Value error, ")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _error_message(err: Any, loc: tuple[str | int, ...]) -> str:
+    if err["type"] == "missing":
+        return "required field is missing"
+    if len(loc) < len(err["loc"]):
+        return f"invalid value {_short(err.get('input'))}: {_clean(err['msg'])}"
+    if err["type"] == "string_pattern_mismatch":
+        return _pattern_message(err)
+    return _clean(err["msg"])
+
+
 def _suggest(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -267,6 +401,7 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
                 report(["site", *err["loc"]], _loc_str(("site", *err["loc"])), err["msg"])
         meta = SiteMeta()
 
+    bad_layers: set[tuple[Any, ...]] = set()  # layers with type errors (already reported)
     layers: list[tuple[list[Any], Any, frozenset[str]]] = [(["defaults"], defaults,
                                                           frozenset({"name", "groups"}))]
     for gname, gdata in groups.items():
@@ -286,8 +421,13 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
         prefix = ".".join(str(k) for k in keys)
         for field_path, sub_keys, message in unknown_keys(data, NodeProfile, prefix, skip):
             report([*keys, *sub_keys], field_path, message)
+        for field_path, sub_keys, message in layer_errors(data, NodeProfile, prefix,
+                                                          skip | {"groups"}):
+            report([*keys, *sub_keys], field_path, message)
+            bad_layers.add(tuple(keys))
 
     profiles: dict[str, NodeProfile] = {}
+    origins: dict[str, dict[Path_, list[Any]]] = {}
     members: dict[str, list[str]] = {g: [] for g in groups}
     for nname, ndata in nodes.items():
         ndata = ndata if isinstance(ndata, dict) else {}
@@ -317,24 +457,15 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
         merged = merge(merged, ndata)
         origin.update({p: ["nodes", nname] for p in _leaf_paths(ndata)})
         merged["name"] = nname
-        if bad_group:
-            continue
+        if bad_group or {("defaults",), ("nodes", nname),
+                         *(("groups", g) for g in node_groups)} & bad_layers:
+            continue  # its problems were reported where they are
         try:
             profile = NodeProfile.model_validate(merged)
         except ValidationError as exc:
-            for err in exc.errors():
-                if err["type"] == "extra_forbidden":
-                    continue  # reported above, at the layer that holds the key
-                loc = _field_loc(tuple(err["loc"]))
+            for loc, message in error_messages(exc):
                 layer = _origin_of(origin, loc) or ["nodes", nname]
                 field_path = ".".join(str(k) for k in layer) + "." + _loc_str(loc)
-                message = err["msg"]
-                if err["type"] == "missing":
-                    message = "required field is missing"
-                elif len(loc) < len(err["loc"]):
-                    message = f"invalid value {err.get('input')!r}"
-                elif err["type"] == "string_pattern_mismatch":
-                    message = _pattern_message(err)
                 report([*layer, *loc], field_path, message)
             continue
         for problem in check_profile(profile):
@@ -343,6 +474,12 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
             prefix = ".".join(str(k) for k in layer)
             report([*layer, *keys], f"{prefix}.{problem.path}", problem.message)
         profiles[nname] = profile
+        origins[nname] = origin
+    for nname, problem in check_fleet(profiles):
+        keys = _keys_of(problem.path)
+        layer = _origin_of(origins[nname], tuple(keys)) or ["nodes", nname]
+        prefix = ".".join(str(k) for k in layer)
+        report([*layer, *keys], f"{prefix}.{problem.path}", problem.message)
     if lines:
         raise SiteError(lines)
     site = Site(path=site_path, meta=meta, nodes=profiles, groups=members)
@@ -354,7 +491,8 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
     return site
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "function-after", "literal"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "function-after", "literal",
+              "constrained-int", "constrained-str", "constrained-float", "none"}
 
 
 def _field_loc(loc: tuple[str | int, ...]) -> tuple[str | int, ...]:

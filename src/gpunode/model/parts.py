@@ -7,16 +7,47 @@ import difflib
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+
+from gpunode.model.types import (
+    ControlPath,
+    DataDir,
+    HostName,
+    HttpsUrl,
+    IpAddress,
+    PosixName,
+    Quoted,
+    Revision,
+    Size,
+    SysctlValue,
+    Url,
+    Word,
+    abs_path,
+)
 
 PCI_ADDRESS = r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}(\.[0-7])?$"
 GPU_UUID = r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 SERVICE_NAME = r"^[a-z0-9][a-z0-9-]{0,39}$"
 SHA256 = r"^[0-9a-f]{64}$"
+#: Option and variable names that carry secrets: refused in extra_args / extra_env.
+#: A name ending in token/secret/password/api-key/access-key, or containing secret or
+#: password anywhere (vLLM's --hf-token, HF_TOKEN, HUGGING_FACE_HUB_TOKEN, S3_SECRET_ACCESS_KEY,
+#: ...); vLLM's thresholds such as *_TOKEN_THRESHOLD or --return-tokens-as-token-ids pass.
+SECRET_FLAG = re.compile(r"(^|-)(token|api-key|access-key)$|secret|passw")
+SECRET_ENV = re.compile(r"(^|_)(TOKEN|API_KEY|ACCESS_KEY|ACCESS_KEY_ID)$|SECRET|PASSW")
+#: vLLM options that multiply the GPUs one server uses (with tensor_parallel_size).
+PARALLEL_FLAGS = ("pipeline-parallel-size", "data-parallel-size")
+MAPPING_NAME = r"^[a-zA-Z][a-zA-Z0-9_-]{0,127}$"
+#: Names a service is served under (/v1/models): model-id characters, org/name allowed.
+SERVED_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+SSH_PUBLIC_KEY = (r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh.com|"
+                  r"sk-ecdsa-sha2-nistp256@openssh.com) [A-Za-z0-9+/]+={0,3}( [A-Za-z0-9._@+:=-]*)?$")
+IPCONFIG = (r"^(ip=(dhcp|[0-9.]+/[0-9]{1,2})(,gw=[0-9.]+)?)?(,?ip6=(dhcp|auto|[0-9a-fA-F:]+/[0-9]{1,3})"
+            r"(,gw6=[0-9a-fA-F:]+)?)?$")
 
 OsName = Literal["ubuntu-22.04", "ubuntu-24.04", "debian-12"]
 NodeKind = Literal["bare-metal", "pve-guest", "pve-host"]
-Port = Annotated[int, Field(ge=1, le=65535)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 
 
 class Strict(BaseModel):
@@ -26,16 +57,17 @@ class Strict(BaseModel):
 
 
 class Connection(Strict):
-    address: str = Field(description="Host name or IP address gpunode connects to over SSH.")
+    address: HostName = Field(description="Host name or IP address gpunode connects to over SSH.")
     port: Port = Field(22, description="SSH port.")
-    user: str = Field("root", description="SSH user.")
-    key: str | None = Field(None, description="Path to the SSH private key (on the control machine).")
+    user: PosixName = Field("root", description="SSH user.")
+    key: ControlPath | None = Field(None, description="Path to the SSH private key (on the control machine).")
     become: bool = Field(True, description="Use sudo for changes (needed unless user is root).")
 
 
 class GpuExpect(Strict):
-    model: str = Field("NVIDIA RTX A6000", description="GPU product name as nvidia-smi prints it.")
-    count: int = Field(0, ge=0, le=16, description="Number of GPUs the node must have.")
+    model: str = Field("NVIDIA RTX A6000", pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,95}$",
+                       description="GPU product name as nvidia-smi prints it.")
+    count: StrictInt = Field(0, ge=0, le=16, description="Number of GPUs the node must have.")
     pci_addresses: list[Annotated[str, Field(pattern=PCI_ADDRESS)]] = Field(
         default_factory=list,
         description="Optional explicit PCI addresses, lower-case dddd:bb:ss[.f], in GPU index order.",
@@ -54,8 +86,8 @@ class GpuExpect(Strict):
 
 
 class ClockRange(Strict):
-    min_mhz: int = Field(ge=0, description="Lower bound of locked graphics clocks (MHz).")
-    max_mhz: int = Field(ge=0, description="Upper bound of locked graphics clocks (MHz).")
+    min_mhz: StrictInt = Field(ge=0, description="Lower bound of locked graphics clocks (MHz).")
+    max_mhz: StrictInt = Field(ge=0, description="Upper bound of locked graphics clocks (MHz).")
 
     @model_validator(mode="after")
     def _order(self) -> ClockRange:
@@ -65,13 +97,13 @@ class ClockRange(Strict):
 
 
 class AppClocks(Strict):
-    memory_mhz: int = Field(ge=0, description="Application memory clock (MHz).")
-    graphics_mhz: int = Field(ge=0, description="Application graphics clock (MHz).")
+    memory_mhz: StrictInt = Field(ge=0, description="Application memory clock (MHz).")
+    graphics_mhz: StrictInt = Field(ge=0, description="Application graphics clock (MHz).")
 
 
 class GpuSettings(Strict):
     persistence: bool = Field(True, description="Persistence mode, kept by nvidia-persistenced.")
-    power_limit_w: int | None = Field(
+    power_limit_w: StrictInt | None = Field(
         None, ge=50, le=1000, description="Power limit in watts (None: leave the default)."
     )
     ecc: bool | None = Field(
@@ -90,7 +122,7 @@ class Nvidia(Strict):
         description="Driver source: NVIDIA's CUDA apt repository (all OSes) or the Ubuntu "
         "archive's -server packages with Canonical-signed prebuilt modules (Ubuntu only).",
     )
-    branch: int = Field(580, ge=470, le=999, description="Driver branch (580 = R580 LTSB).")
+    branch: StrictInt = Field(580, ge=470, le=999, description="Driver branch (580 = R580 LTSB).")
     version: str | None = Field(
         None,
         pattern=r"^\d{3}\.\d{1,3}(\.\d{1,3})?$",
@@ -99,9 +131,8 @@ class Nvidia(Strict):
     open_kernel_modules: bool = Field(True, description="Open GPU kernel modules (NVIDIA's default).")
     compute_only: bool = Field(True, description="Compute-only (headless) install, no desktop parts.")
     hold: bool = Field(True, description="apt-mark hold the driver packages.")
-    repo_url: str = Field(
+    repo_url: Url = Field(
         "https://developer.download.nvidia.com/compute/cuda/repos",
-        pattern=r"^https?://",
         description="Base URL of the CUDA repository (override for mirrors and the lab); "
         "<distro>/x86_64/ is appended.",
     )
@@ -150,9 +181,8 @@ class ContainerToolkit(Strict):
         description="Runtimes to configure (podman uses CDI only; its config is not touched).",
     )
     cdi: bool = Field(True, description="Generate the CDI spec /etc/cdi/nvidia.yaml.")
-    repo_url: str = Field(
+    repo_url: Url = Field(
         "https://nvidia.github.io/libnvidia-container/stable/deb",
-        pattern=r"^https?://",
         description="Container toolkit repository (when not served from repo_url's mirror).",
     )
 
@@ -165,13 +195,15 @@ class Dcgm(Strict):
 
 class Hugepages(Strict):
     size: Literal["2M", "1G"] = Field("2M", description="Huge page size.")
-    count: int = Field(0, ge=0, description="Pages to reserve (2M at runtime, 1G on the kernel "
+    count: StrictInt = Field(0, ge=0, description="Pages to reserve (2M at runtime, 1G on the kernel "
                        "command line). vLLM does not use hugetlbfs: keep 0 on serving nodes.")
 
 
 class Limits(Strict):
-    nofile: int = Field(1048576, ge=1024, description="LimitNOFILE for vLLM units.")
-    memlock: Literal["infinity"] | int = Field("infinity", description="LimitMEMLOCK for vLLM units.")
+    nofile: StrictInt = Field(1048576, ge=1024, description="LimitNOFILE for vLLM units.")
+    memlock: Literal["infinity"] | Size = Field(
+        "infinity", description="LimitMEMLOCK for vLLM units: infinity, bytes, or a size with "
+        "K, M, G or T (powers of 1024).")
 
 
 SYSCTL_KEY = r"^[a-z0-9_]+(\.[a-zA-Z0-9_\-]+)+$"
@@ -190,9 +222,10 @@ class Tuning(Strict):
     thp_defrag: Literal["always", "defer", "defer+madvise", "madvise", "never"] = Field(
         "madvise", description="THP defrag mode.")
     hugepages: Hugepages = Field(default_factory=Hugepages, description="Reserved huge pages.")
-    sysctl: dict[Annotated[str, Field(pattern=SYSCTL_KEY)], str | int] = Field(
+    sysctl: dict[Annotated[str, Field(pattern=SYSCTL_KEY, max_length=128)],
+                 SysctlValue | StrictInt] = Field(
         default_factory=dict, description="Extra sysctls (merged over gpunode's defaults).")
-    swappiness: int = Field(10, ge=0, le=200, description="vm.swappiness.")
+    swappiness: StrictInt = Field(10, ge=0, le=200, description="vm.swappiness.")
     limits: Limits = Field(default_factory=Limits, description="Resource limits for vLLM units.")
     irqbalance: Literal["default", "ban-service-cpus", "disabled"] = Field(
         "ban-service-cpus", description="irqbalance policy: keep IRQs off pinned service CPUs.")
@@ -200,42 +233,50 @@ class Tuning(Strict):
         "gpu-local", description="Pin vLLM services to their GPUs' local CPUs and NUMA node.")
 
 
-ScalarArg = str | int | float | bool
+ScalarArg = Quoted | StrictInt | float | bool
 
 
 class VllmService(Strict):
     name: str = Field(pattern=SERVICE_NAME, description="Service name (unit vllm@<name>).")
     model: str = Field(description="Hugging Face repo id (org/name) or absolute local path.")
-    revision: str | None = Field(
-        None, description="Pinned model revision (commit) for repo ids; required for repo ids.")
-    served_names: list[str] = Field(default_factory=list,
+    revision: Revision | None = Field(
+        None, description="Pinned model revision: the 40-hex-digit commit hash (required for "
+        "repo ids).")
+    served_names: list[Annotated[str, Field(pattern=SERVED_NAME)]] = Field(default_factory=list,
                                     description="Names served on /v1/models (default: name).")
-    gpus: list[Annotated[int, Field(ge=0)]] = Field(
+    gpus: list[Annotated[StrictInt, Field(ge=0)]] = Field(
         min_length=1, description="GPU indices on the node this service uses.")
-    tensor_parallel_size: int = Field(1, ge=1, description="Tensor-parallel size.")
-    host: str = Field("127.0.0.1", description="Listen address.")
+    tensor_parallel_size: StrictInt = Field(1, ge=1, description="Tensor-parallel size.")
+    host: IpAddress = Field("127.0.0.1", description="Listen address (an IP address; "
+                            "0.0.0.0 or :: for every interface).")
     port: Port = Field(8000, description="Listen port.")
     gpu_memory_utilization: float = Field(0.92, gt=0, le=1, description="Fraction of each GPU.")
-    max_model_len: int | None = Field(None, ge=16, description="Context length.")
-    max_num_seqs: int | None = Field(None, ge=1, description="Max concurrent sequences.")
+    max_model_len: StrictInt | None = Field(None, ge=16, description="Context length.")
+    max_num_seqs: StrictInt | None = Field(None, ge=1, description="Max concurrent sequences.")
     quantization: Literal["awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "bitsandbytes",
                           "compressed-tensors"] | None = Field(None, description="Quantization.")
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
         "auto", description="KV cache dtype.")
     dtype: Literal["auto", "bfloat16", "float16", "half"] = Field("auto", description="dtype.")
-    extra_args: dict[str, ScalarArg | list[ScalarArg]] = Field(
+    extra_args: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")],
+                     ScalarArg | list[ScalarArg]] = Field(
         default_factory=dict, description="Further vllm serve options (YAML config keys).")
-    extra_env: dict[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")], str] = Field(
+    extra_env: dict[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")],
+                    Quoted] = Field(
         default_factory=dict, description="Extra environment variables.")
-    api_key_file: str | None = Field(
+    api_key_file: ControlPath | None = Field(
         None, description="File on the control machine holding the API key (copied into the "
         "unit's credentials; never on a command line).")
 
     @field_validator("model")
     @classmethod
     def _model_ref(cls, value: str) -> str:
-        if not (value.startswith("/") or re.fullmatch(r"[\w.\-]+/[\w.\-]+", value)):
-            raise ValueError("must be a Hugging Face repo id like org/name or an absolute path")
+        if value.startswith("/"):
+            return abs_path(value)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}",
+                            value):
+            raise ValueError("must be a Hugging Face repo id like org/name (letters, digits, "
+                             ". _ -) or an absolute path")
         return value
 
     @field_validator("extra_args")
@@ -251,6 +292,10 @@ class VllmService(Strict):
             if flag == "api-key":
                 raise ValueError("api-key must not be set here; use api_key_file (the key is "
                                  "passed as a systemd credential, never in files or arguments)")
+            if SECRET_FLAG.search(flag):
+                raise ValueError(f"{key!r} carries a secret; secrets never go into a "
+                                 "service's files or arguments: the API key belongs in "
+                                 "api_key_file (passed as a systemd credential)")
             if flag in managed:
                 raise ValueError(f"{key!r} has its own field; set it there")
             if flag not in SERVE_FLAGS:
@@ -262,11 +307,30 @@ class VllmService(Strict):
     @field_validator("extra_env")
     @classmethod
     def _no_secret_env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in ("VLLM_API_KEY", "HF_TOKEN"):
-            if key in value:
-                raise ValueError(f"{key} must not be set here; use api_key_file (secrets never "
-                                 "go into unit files)")
+        for key in value:
+            if SECRET_ENV.search(key):
+                raise ValueError(f"{key} carries a secret; secrets never go into unit or "
+                                 "environment files: the API key belongs in api_key_file "
+                                 "(passed as a systemd credential)")
         return value
+
+    @property
+    def parallel_args(self) -> dict[str, int]:
+        """Parallel sizes besides tensor parallelism set through extra_args (pipeline, data)."""
+        out = {}
+        for key, value in self.extra_args.items():
+            flag = key.replace("_", "-")
+            if flag in PARALLEL_FLAGS and isinstance(value, int) and not isinstance(value, bool):
+                out[flag.replace("-", "_")] = value
+        return out
+
+    @property
+    def world_size(self) -> int:
+        """GPUs one server of this service occupies."""
+        size = self.tensor_parallel_size
+        for value in self.parallel_args.values():
+            size *= value
+        return size
 
     @property
     def names(self) -> list[str]:
@@ -277,27 +341,36 @@ class VllmService(Strict):
         return self.model.startswith("/")
 
 
+def _python_version(value: str) -> str:
+    if int(value.split(".")[1]) < 11:
+        raise ValueError("vLLM 0.33 needs Python 3.11 or newer")
+    return value
+
+
+VllmPython = Annotated[str, Field(pattern=r"^3\.\d{1,2}$"), AfterValidator(_python_version)]
+
+
 class Vllm(Strict):
     version: str = Field("0.33.0", pattern=r"^\d+\.\d+\.\d+$", description="Pinned vLLM version.")
-    python: str = Field("3.12", pattern=r"^3\.\d+$", description="Python for the vLLM venv (>=3.11).")
-    index_url: str | None = Field(None, pattern=r"^https?://",
+    python: VllmPython = Field("3.12", description="Python for the vLLM venv (>=3.11).")
+    index_url: Url | None = Field(None,
                                   description="Python package index override (air-gapped/lab).")
     uv_version: str = Field("0.13.9", pattern=r"^\d+\.\d+\.\d+$", description="Pinned uv version.")
-    user: str = Field("vllm", description="System user running the services.")
-    prefix: str = Field("/opt/vllm", description="Install prefix (venv at <prefix>/venv).")
-    model_cache: str = Field("/var/lib/vllm/hf", description="Shared HF_HOME for models.")
+    user: PosixName = Field("vllm", description="System user running the services.")
+    prefix: DataDir = Field("/opt/vllm", description="Install prefix (venv at <prefix>/venv); "
+                            "a directory below /opt, /srv, /usr/local, /var/lib, ...")
+    model_cache: DataDir = Field(
+        "/var/lib/vllm/hf", description="Shared HF_HOME for models, owned by the service user: "
+        "a directory below /var/lib, /srv, /data, /models, /mnt, ... never a system directory.")
+    bind_privileged_ports: bool = Field(
+        False, description="Let services listen on ports below 1024 (grants "
+        "CAP_NET_BIND_SERVICE to the vLLM units).")
     services: list[VllmService] = Field(default_factory=list, description="vLLM services.")
-
-    @field_validator("python")
-    @classmethod
-    def _python(cls, value: str) -> str:
-        if int(value.split(".")[1]) < 11:
-            raise ValueError("vLLM 0.33 needs Python 3.11 or newer")
-        return value
 
 
 class Hostpci(Strict):
-    mapping: str | None = Field(None, description="PVE PCI resource mapping name (preferred).")
+    mapping: str | None = Field(None, pattern=MAPPING_NAME,
+                                description="PVE PCI resource mapping name (preferred).")
     address: str | None = Field(None, pattern=PCI_ADDRESS,
                                 description="Raw PCI address dddd:bb:ss[.f] (root@pam only).")
     pcie: bool = Field(True, description="Attach as PCIe (needs machine q35).")
@@ -312,28 +385,36 @@ class Hostpci(Strict):
 
 
 class CloudInit(Strict):
-    user: str = Field("gpunode", description="Default user.")
-    ssh_keys: list[str] = Field(default_factory=list, description="Public SSH keys.")
-    ipconfig0: str = Field("ip=dhcp", description="PVE ipconfig0 value.")
-    nameserver: str | None = Field(None, description="DNS server.")
+    user: PosixName = Field("gpunode", description="Default user.")
+    ssh_keys: list[Annotated[str, Field(pattern=SSH_PUBLIC_KEY)]] = Field(
+        default_factory=list, description="Public SSH keys (one OpenSSH public key per entry).")
+    ipconfig0: str = Field("ip=dhcp", pattern=IPCONFIG, description="PVE ipconfig0 value: "
+                           "ip=dhcp|ip=CIDR[,gw=IP][,ip6=...].")
+    nameserver: IpAddress | None = Field(None, description="DNS server.")
 
 
 class VmSpec(Strict):
-    pve_node: str = Field(description="Proxmox node that hosts the VM.")
-    vmid: int = Field(ge=100, le=999999999, description="VM id.")
-    template_vmid: int | None = Field(None, ge=100, description="Template to clone.")
-    cloud_image: str | None = Field(None, description="Cloud image volume to import instead.")
-    cores: int = Field(8, ge=1, le=512, description="vCPU cores.")
-    sockets: int = Field(1, ge=1, le=8, description="vCPU sockets.")
-    memory_mib: int = Field(65536, ge=1024, description="Memory in MiB.")
+    pve_node: str = Field(pattern=r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$",
+                          description="Proxmox node that hosts the VM (a pve-host node's "
+                          "pve.node_name, else its inventory name).")
+    vmid: StrictInt = Field(ge=100, le=999999999, description="VM id.")
+    template_vmid: StrictInt | None = Field(None, ge=100, description="Template to clone.")
+    cloud_image: str | None = Field(None, pattern=r"^[a-zA-Z][a-zA-Z0-9._-]*:[A-Za-z0-9._/+-]+$",
+                                    description="Cloud image volume (storage:path) to import "
+                                    "instead.")
+    cores: StrictInt = Field(8, ge=1, le=512, description="vCPU cores.")
+    sockets: StrictInt = Field(1, ge=1, le=8, description="vCPU sockets.")
+    memory_mib: StrictInt = Field(65536, ge=1024, description="Memory in MiB.")
     numa: bool = Field(True, description="Expose NUMA to the guest.")
     hugepages: Literal["none", "2", "1024"] = Field("none", description="Back RAM with huge pages.")
     machine: Literal["q35", "pc"] = Field("q35", description="Machine type.")
     bios: Literal["ovmf", "seabios"] = Field("ovmf", description="Firmware.")
-    cpu: str = Field("host", description="CPU type.")
-    disk_gib: int = Field(200, ge=8, description="Boot disk size.")
-    storage: str = Field("local-lvm", description="Storage for disks.")
-    bridge: str = Field("vmbr0", description="Network bridge.")
+    cpu: Word = Field("host", description="CPU type.")
+    disk_gib: StrictInt = Field(200, ge=8, description="Boot disk size.")
+    storage: str = Field("local-lvm", pattern=r"^[a-zA-Z][a-zA-Z0-9._-]{0,63}$",
+                         description="Storage for disks.")
+    bridge: str = Field("vmbr0", pattern=r"^[a-zA-Z][a-zA-Z0-9_.-]{0,14}$",
+                        description="Network bridge.")
     hostpci: list[Hostpci] = Field(default_factory=list, description="Passed-through devices.")
     cloud_init: CloudInit = Field(default_factory=CloudInit, description="Cloud-init settings.")
     full_clone: bool = Field(True, description="Clone the template with independent disks "
@@ -342,7 +423,7 @@ class VmSpec(Strict):
         "destroy", description="When a VM that provision just created fails to start (GPU "
         "in use, IOMMU, huge pages): destroy it, or leave it stopped for inspection. An "
         "existing VM is never destroyed.")
-    agent_timeout_s: int = Field(600, ge=30, le=7200, description="How long provision waits "
+    agent_timeout_s: StrictInt = Field(600, ge=30, le=7200, description="How long provision waits "
                                  "after a start for the guest agent to report an address.")
 
     @model_validator(mode="after")
@@ -353,16 +434,17 @@ class VmSpec(Strict):
 
 
 class PciMapping(Strict):
-    name: str = Field(pattern=r"^[a-zA-Z][\w\-]*$", description="Mapping name.")
+    name: str = Field(pattern=MAPPING_NAME, description="Mapping name.")
     addresses: list[Annotated[str, Field(pattern=PCI_ADDRESS)]] = Field(
         min_length=1, description="Host PCI addresses in the mapping.")
 
 
 class PveApi(Strict):
-    url: str = Field(pattern=r"^https://", description="API base, e.g. https://pve1:8006.")
-    token_id: str = Field(pattern=r"^[^@\s]+@[^!\s]+![\w\-]+$", description="user@realm!tokenid")
-    token_secret_file: str = Field(description="File holding the token secret.")
-    verify_tls: bool | str = Field(True, description="Verify TLS (or a CA bundle path).")
+    url: HttpsUrl = Field(description="API base, e.g. https://pve1:8006.")
+    token_id: str = Field(pattern=r"^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+![A-Za-z][A-Za-z0-9._-]*$",
+                          description="user@realm!tokenid")
+    token_secret_file: ControlPath = Field(description="File holding the token secret.")
+    verify_tls: bool | ControlPath = Field(True, description="Verify TLS (or a CA bundle path).")
 
 
 class PveHost(Strict):
@@ -370,6 +452,6 @@ class PveHost(Strict):
     vfio_ids: list[Annotated[str, Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")]] = Field(
         default_factory=lambda: ["10de:2230", "10de:1aef"],
         description="vendor:device ids bound to vfio-pci (GPU and its audio function).")
-    hugepages_1g: int = Field(0, ge=0, description="1 GiB pages reserved at boot for VMs.")
+    hugepages_1g: StrictInt = Field(0, ge=0, description="1 GiB pages reserved at boot for VMs.")
     api: PveApi | None = Field(None, description="API access for provisioning.")
     pci_mappings: list[PciMapping] = Field(default_factory=list, description="PCI mappings.")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, StrictInt
 
 from gpunode.model.parts import (
     Connection,
@@ -34,18 +34,19 @@ class NodeProfile(Strict):
     """Everything gpunode needs to build, tune and prove one host."""
 
     name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$", description="Inventory name.")
-    groups: list[str] = Field(default_factory=list, description="Site groups, applied in order.")
+    groups: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]] = Field(
+        default_factory=list, description="Site groups, applied in order.")
     connection: Connection = Field(description="How to reach the host.")
     os: OsName = Field("ubuntu-24.04", description="Operating system.")
     kind: NodeKind = Field("bare-metal", description="bare-metal, pve-guest or pve-host.")
     reboot: Literal["auto", "never"] = Field(
         "auto", description="auto: reboot when needed during a deploy (vLLM units stopped "
         "first); never: finish what is safe and report the host as needing a reboot.")
-    reboot_timeout_s: int = Field(900, ge=60, description="How long to wait for a reboot.")
-    apt_lock_timeout_s: int = Field(
+    reboot_timeout_s: StrictInt = Field(900, ge=60, description="How long to wait for a reboot.")
+    apt_lock_timeout_s: StrictInt = Field(
         300, ge=0, le=3600, description="How long apt and dpkg steps wait for the dpkg lock "
         "held by another process (unattended-upgrades, a person) before the host fails.")
-    memory_mib: int | None = Field(None, ge=1024, description="Host RAM (for hugepage checks).")
+    memory_mib: StrictInt | None = Field(None, ge=1024, description="Host RAM (for hugepage checks).")
     gpus: GpuExpect = Field(default_factory=GpuExpect, description="GPUs the host must have.")
     nvidia: Nvidia = Field(default_factory=Nvidia, description="NVIDIA driver.")
     cuda: Cuda = Field(default_factory=Cuda, description="Host CUDA toolkit.")
@@ -143,10 +144,17 @@ def check_profile(p: NodeProfile) -> list[Problem]:
         if missing:
             add(f"{base}.gpus", f"GPU(s) {missing} do not exist on this node "
                 f"(gpus.count is {gpu_count}; valid indices 0..{max(gpu_count - 1, 0)})")
-        if len(svc.gpus) % svc.tensor_parallel_size:
-            add(f"{base}.tensor_parallel_size", f"{svc.tensor_parallel_size} does not divide "
-                f"the service's {len(svc.gpus)} GPU(s); allowed: "
-                f"{[d for d in range(1, len(svc.gpus) + 1) if len(svc.gpus) % d == 0]}")
+        world = svc.world_size
+        if len(svc.gpus) != world and not missing and len(set(svc.gpus)) == len(svc.gpus):
+            sizes = " x ".join([f"tensor_parallel_size {svc.tensor_parallel_size}",
+                                *(f"{k} {v}" for k, v in svc.parallel_args.items())])
+            add(f"{base}.tensor_parallel_size", f"one vLLM server uses {sizes} = {world} "
+                f"GPU(s), but gpus lists {len(svc.gpus)} {svc.gpus}: list {world} GPU(s), or "
+                f"set tensor_parallel_size to {len(svc.gpus)}")
+        if svc.port < 1024 and not p.vllm.bind_privileged_ports:
+            add(f"{base}.port", f"port {svc.port} is privileged (below 1024) and the unit "
+                "has no capability to bind it: use 1024-65535, or set "
+                "vllm.bind_privileged_ports: true")
         if svc.port in ports:
             add(f"{base}.port", f"port {svc.port} is already used by service "
                 f"{ports[svc.port]!r}; ports must be unique per node")
@@ -161,4 +169,57 @@ def check_profile(p: NodeProfile) -> list[Problem]:
             users = [s.name for s in p.vllm.services if g in s.gpus]
             add("vllm.services", f"GPU {g} is shared by {users} with gpu_memory_utilization "
                 f"summing to {total_util:.2f}; the sum per GPU must be <= 1.0")
+    return problems
+
+
+def check_fleet(nodes: dict[str, NodeProfile]) -> list[tuple[str, Problem]]:
+    """Rules across nodes: Proxmox references resolve (a guest's pve_node is a pve-host
+    node of the site, its hostpci mappings exist on that host) and ids are unique (vmids
+    per site, mapping names and their devices per host). (node name, problem) pairs."""
+    problems: list[tuple[str, Problem]] = []
+    hosts = {n: p for n, p in nodes.items() if p.kind == "pve-host"}
+    for name, p in hosts.items():
+        seen_names: dict[str, int] = {}
+        seen_addresses: dict[str, str] = {}
+        for i, mapping in enumerate(p.pve.pci_mappings if p.pve else []):
+            base = f"pve.pci_mappings[{i}]"
+            if mapping.name in seen_names:
+                problems.append((name, Problem(f"{base}.name", f"duplicate mapping name "
+                                               f"{mapping.name!r} (also entry "
+                                               f"{seen_names[mapping.name]})")))
+            seen_names.setdefault(mapping.name, i)
+            for address in mapping.addresses:
+                other = seen_addresses.setdefault(address, mapping.name)
+                if other != mapping.name:
+                    problems.append((name, Problem(f"{base}.addresses", f"{address} is also "
+                                                   f"in mapping {other!r}; a device belongs "
+                                                   "to one mapping")))
+    vmids: dict[int, str] = {}
+    for name, p in nodes.items():
+        if p.vm is None:
+            continue
+        host = hosts.get(p.vm.pve_node)
+        if host is None:
+            known = ", ".join(sorted(hosts)) or "none in this site"
+            problems.append((name, Problem("vm.pve_node", f"{p.vm.pve_node!r} is not a "
+                                           f"pve-host node of this site (pve-host nodes: "
+                                           f"{known})")))
+        else:
+            mappings = {m.name for m in (host.pve.pci_mappings if host.pve else [])}
+            for i, dev in enumerate(p.vm.hostpci):
+                if dev.mapping is not None and dev.mapping not in mappings:
+                    problems.append((name, Problem(
+                        f"vm.hostpci[{i}].mapping", f"{dev.mapping!r} is not a PCI mapping "
+                        f"of {p.vm.pve_node} (its pve.pci_mappings: "
+                        f"{', '.join(sorted(mappings)) or 'none'})")))
+        if p.vm.vmid in vmids:
+            problems.append((name, Problem("vm.vmid", f"vmid {p.vm.vmid} is also used by "
+                                           f"{vmids[p.vm.vmid]}; VM ids are unique in a "
+                                           "cluster")))
+        vmids.setdefault(p.vm.vmid, name)
+    for name, p in nodes.items():
+        if p.vm is not None and p.vm.template_vmid in vmids:
+            problems.append((name, Problem("vm.template_vmid", f"{p.vm.template_vmid} is the "
+                                           f"vmid of node {vmids[p.vm.template_vmid]}, not a "
+                                           "template")))
     return problems

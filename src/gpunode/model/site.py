@@ -9,6 +9,7 @@ from pydantic import Field
 
 from gpunode.model.parts import Strict
 from gpunode.model.profile import NodeProfile
+from gpunode.model.types import Text
 
 #: Top-level keys of a site file.
 SITE_KEYS = ("site", "defaults", "groups", "nodes")
@@ -16,8 +17,8 @@ GROUP_NAME = r"^[a-z][a-z0-9_]*$"
 
 
 class SiteMeta(Strict):
-    name: str = Field("site", description="Site name.")
-    description: str = Field("", description="Free text.")
+    name: Text = Field("site", description="Site name.")
+    description: Text = Field("", description="Free text.")
 
 
 class SiteSchema:
