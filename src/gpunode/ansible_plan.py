@@ -32,6 +32,8 @@ from gpunode.hostcmd import (
     stamp_path,
     stamped_command,
     unit_names,
+    user_command,
+    venv_command,
 )
 from gpunode.model import NodeProfile
 from gpunode.render import MANAGED_HEADER, TEMPLATES
@@ -134,7 +136,8 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
         "irq_dropin": IRQ_DROPIN,
         "vllm": {
             "venv": f"{p.vllm.prefix}/venv",
-            "venv_command": _venv_command(p),
+            "venv_command": venv_command(p),
+            "user_command": user_command(p),
             "units": [{"name": s.name, "unit": d.vllm_unit(s.name),
                        "dropin": f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf",
                        "credential": credential_path(s.name) if s.api_key_file else None,
@@ -155,12 +158,6 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
             ],
         },
     }
-
-
-def _venv_command(p: NodeProfile) -> str:
-    from gpunode.deploys.vllm import venv_command
-
-    return venv_command(p)
 
 
 def spec(p: NodeProfile) -> dict[str, Any]:

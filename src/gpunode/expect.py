@@ -34,11 +34,12 @@ DIFF_LINES = 24
 
 def placeholder_gpus(p: NodeProfile) -> list[Gpu]:
     """Stand-in GPUs with locality, only to learn the PATHS of files that depend on host
-    facts (placement drop-ins, irqbalance) before the host has been read."""
+    facts (placement drop-ins, irqbalance) before the host has been read. One more GPU
+    than the services use, on a CPU of its own, so the irqbalance ban is among the paths."""
     count = max([p.gpus.count, *(g + 1 for s in p.vllm.services for g in s.gpus)], default=0)
     return [Gpu(index=i, uuid=f"GPU-{i:08d}-0000-0000-0000-000000000000", name=p.gpus.model,
                 bus_id=f"00000000:{i + 1:02x}:00.0", memory_mib=None, driver_version="",
-                cpus=[0], numa_node=0) for i in range(count)]
+                cpus=[i], numa_node=0) for i in range(count + 1)]
 
 
 def managed_paths(p: NodeProfile) -> list[str]:
@@ -284,7 +285,9 @@ def resolve_profile(site_nodes: Mapping[str, NodeProfile] | None, name: str | No
     JSON), else the site node of that name, else the one node whose connection address
     (and port, when given) match."""
     if hostvars and isinstance(hostvars.get("node"), Mapping):
-        return NodeProfile.model_validate(hostvars["node"])
+        from gpunode.inventory.adapters import ansible_plain
+
+        return NodeProfile.model_validate(ansible_plain(hostvars["node"]))
     if not site_nodes:
         raise UnknownHost(f"host {name!r}: no site to take its profile from; pass --site "
                           "PATH (or set $GPUNODE_SITE), or run with --hosts=ansible://... "

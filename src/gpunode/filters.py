@@ -10,12 +10,17 @@ import yaml
 
 
 def to_sysctl_value(value: Any) -> str:
-    """sysctl.d value: lists become space-separated."""
+    """sysctl.d value: lists become space-separated; a line break is refused (it would
+    start another key = value line)."""
     if isinstance(value, list | tuple):
-        return " ".join(str(v) for v in value)
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)
+        text = " ".join(str(v) for v in value)
+    elif isinstance(value, bool):
+        text = "1" if value else "0"
+    else:
+        text = str(value)
+    if any(c in text for c in "\n\r\x00"):
+        raise ValueError(f"refusing to write a sysctl value with a line break: {text!r}")
+    return text
 
 
 def to_systemd_bool(value: Any) -> str:
@@ -31,12 +36,43 @@ def to_json_compact(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def _refuse_control(text: str, what: str) -> str:
+    """Defence in depth behind the model's types: a control character would start a new
+    line (a new directive or variable) in the file being written."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7f for c in text):
+        raise ValueError(f"refusing to write {what} with a control character: {text!r}")
+    return text
+
+
 def env_quote(value: Any) -> str:
-    """Quote a value for a systemd EnvironmentFile line."""
-    text = str(value)
-    if text and all(c.isalnum() or c in "-_./:,=@+" for c in text):
+    """Quote a value for a systemd EnvironmentFile line (double quotes; backslash and
+    double quote escaped; EnvironmentFile= expands no variables)."""
+    text = _refuse_control(str(value), "an environment value")
+    if text and all(c.isascii() and (c.isalnum() or c in "-_./:,=@+") for c in text):
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    escaped = "".join("\\" + c if c in '\\"' else c for c in text)
+    return f'"{escaped}"'
+
+
+def unit_word(value: Any) -> str:
+    """A unit-file value that must be one plain word (User=, Group=): refused otherwise."""
+    text = str(value)
+    if not text or not all(c.isascii() and (c.isalnum() or c in "-_.@") for c in text):
+        raise ValueError(f"refusing to write {text!r} as a unit-file word")
+    return text
+
+
+def systemd_quote(value: Any) -> str:
+    """One argument of a unit's Exec*= line or one path of a path list: double-quoted with
+    C escapes when it is not plain, % and $ doubled (systemd's specifier and variable
+    expansion)."""
+    text = _refuse_control(str(value), "a unit-file argument")
+    text = text.replace("%", "%%").replace("$", "$$")
+    if text and all(c.isascii() and (c.isalnum() or c in "-_./:@+=,") for c in text):
+        return text
+    escaped = "".join("\\" + c if c in '\\"\'' else c for c in text)
+    return f'"{escaped}"'
+
 
 
 def _profile(node: dict[str, Any]):  # noqa: ANN202 - avoids an import cycle at load time
@@ -114,4 +150,6 @@ FILTERS = {
     "yaml_block": to_yaml_block,
     "json_compact": to_json_compact,
     "env_quote": env_quote,
+    "unit_word": unit_word,
+    "systemd_quote": systemd_quote,
 }

@@ -5,6 +5,7 @@ imports here."""
 from __future__ import annotations
 
 import shlex
+from urllib.parse import urlparse
 
 from gpunode import desired
 from gpunode.files import credential_path, node_files
@@ -111,6 +112,40 @@ def driver_to_version(p: NodeProfile, stale: list[str]) -> str:
 def dpkg_configure_pending(p: NodeProfile) -> str:
     """Finish what an interrupted dpkg run left, waiting for the lock like apt does."""
     return dpkg_lock_retry(p, f"{APT_ENV} dpkg --force-confdef --force-confold --configure -a")
+
+
+def venv_command(p: NodeProfile) -> str:
+    """Bootstrap uv into <prefix>/uv and install vLLM at the pinned version into
+    <prefix>/venv (from the index override, when set). Every site value is quoted."""
+    v = p.vllm
+    q = shlex.quote
+    prefix = v.prefix
+    pip_index = uv_index = ""
+    if v.index_url:
+        host_name = urlparse(v.index_url).hostname or ""
+        pip_index = f"--index-url {q(v.index_url)}"
+        uv_index = f"--index-url {q(v.index_url)}"
+        if v.index_url.startswith("http://"):
+            pip_index += f" --trusted-host {q(host_name)}"
+            uv_index += f" --allow-insecure-host {q(host_name)}"
+    downloads = "never" if v.index_url else "automatic"
+    uv_dir, venv, uv = q(f"{prefix}/uv"), q(f"{prefix}/venv"), q(f"{prefix}/uv/bin/uv")
+    return " && ".join([
+        f"install -d -m 755 {q(prefix)}",
+        f"(test -x {uv} || python3 -m venv {uv_dir})",
+        f"{q(prefix + '/uv/bin/python')} -m pip install -q --disable-pip-version-check "
+        f"{pip_index} {q('uv==' + v.uv_version)}",
+        f"UV_PYTHON_DOWNLOADS={downloads} {uv} venv -q --allow-existing "
+        f"--python {q(v.python)} {venv}",
+        f"UV_PYTHON_DOWNLOADS={downloads} {uv} pip install -q "
+        f"--python {q(prefix + '/venv/bin/python')} {uv_index} {q('vllm==' + v.version)}",
+    ])
+
+
+def user_command(p: NodeProfile) -> str:
+    """Create the vLLM system user (and its group)."""
+    return ("useradd --system --user-group --home-dir /var/lib/vllm --shell /usr/sbin/nologin "
+            f"{shlex.quote(p.vllm.user)}")
 
 
 def managed_paths(p: NodeProfile) -> list[str]:

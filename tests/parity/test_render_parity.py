@@ -18,6 +18,7 @@ import yaml
 
 from gpunode.ansible_plan import file_jobs
 from gpunode.inventory import load_site
+from gpunode.inventory.adapters import ansible_unsafe
 from gpunode.model import NodeProfile
 from gpunode.render import JINJA_OPTIONS, render, template_names
 from gpunode.topology import Gpu
@@ -28,13 +29,30 @@ ROLE_TASKS = sorted((REPO / "roles").glob("gpunode_*/tasks/*.yml"))
 
 
 def synthetic_gpus(p: NodeProfile) -> list[Gpu]:
-    """SIMULATED GPUs for placement drop-ins: two NUMA nodes, 8 CPUs per GPU."""
+    """SIMULATED GPUs for placement drop-ins: two NUMA nodes, 8 CPUs per GPU, and one GPU
+    more than the services use (its CPUs stay free, so irqbalance gets a ban list)."""
     wanted = [i for s in p.vllm.services for i in s.gpus]
-    count = max([p.gpus.count, *(i + 1 for i in wanted), 1])
+    count = max([p.gpus.count, *(i + 1 for i in wanted), 1]) + 1
     return [Gpu(index=i, uuid=f"GPU-{i:08x}-sim", name="NVIDIA RTX A6000 (simulated)",
                 bus_id=f"00000000:{0x41 + i:02X}:00.0", memory_mib=49140,
                 driver_version="580.95.05", cpus=list(range(8 * i, 8 * i + 8)),
                 numa_node=i % 2) for i in range(count)]
+
+
+#: Jinja in every free-text value a site may hold (the model refuses it elsewhere): both
+#: engines must write it literally; Ansible must not evaluate it on the controller.
+HOSTILE = "{{ lookup('env', 'HOME') }}{% raw %}x{% endraw %}{# c #} $(id) `id` \\ \" '"
+
+
+def hostile_profile() -> NodeProfile:
+    """The bare-metal example with template syntax in every string that accepts it."""
+    p = load_site(REPO / "inventory" / "examples" / "bare-metal.yaml").nodes["gpu01"]
+    data = p.model_dump(mode="json")
+    for svc in data["vllm"]["services"]:
+        svc["extra_env"] = {"GPUNODE_HOSTILE": HOSTILE}
+        svc["extra_args"] = {**svc["extra_args"], "chat-template": HOSTILE,
+                             "override-generation-config": HOSTILE}
+    return NodeProfile.model_validate(data)
 
 
 def profiles() -> dict[str, NodeProfile]:
@@ -42,6 +60,7 @@ def profiles() -> dict[str, NodeProfile]:
     for example in EXAMPLES:
         for name, p in load_site(example).nodes.items():
             found[f"{example.stem}__{name}".replace("-", "_")] = p
+    found["hostile__gpu01"] = hostile_profile()
     return found
 
 
@@ -72,12 +91,13 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     tmp = tmp_path_factory.mktemp("parity")
     out = tmp / "out"
     nodes = profiles()
+    # The node as the real inventory hands it to Ansible (strings marked unsafe).
     inventory = {"all": {"hosts": {
         host: {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
-               "node": p.model_dump(mode="json"),
+               "node": ansible_unsafe(p.model_dump(mode="json")),
                "parity_gpus": [asdict(g) for g in synthetic_gpus(p)]}
         for host, p in nodes.items()}}}
-    (tmp / "inventory.yml").write_text(yaml.safe_dump(inventory))
+    (tmp / "inventory.yml").write_text(json.dumps(inventory))
     # The roles' own template task, pointed into the output directory.
     _, task = role_template_tasks()[0]
     task = copy.deepcopy(task)
@@ -149,6 +169,20 @@ def test_ansible_renders_every_file_like_gpunode(rendered):
     assert seen_templates == set(template_names()), (
         f"templates not covered by any example profile: "
         f"{sorted(set(template_names()) - seen_templates)}")
+
+
+def test_hostile_values_written_literally(rendered):
+    """Template syntax, shell and quote characters in site values reach the files as data:
+    the YAML config parses back to the exact value, the env file holds it quoted, and
+    Ansible wrote the same bytes (checked above) -- so it evaluated nothing."""
+    out, nodes = rendered
+    p = nodes["hostile__gpu01"]
+    for svc in p.vllm.services:
+        config = yaml.safe_load((out / "hostile__gpu01" / f"etc/vllm/{svc.name}.yaml").read_text())
+        assert config["chat-template"] == HOSTILE
+        env = (out / "hostile__gpu01" / f"etc/vllm/{svc.name}.env").read_text()
+        line = next(ln for ln in env.splitlines() if ln.startswith("GPUNODE_HOSTILE="))
+        assert "/root" not in line and "{{ lookup" in line
 
 
 def test_file_jobs_match_node_files():

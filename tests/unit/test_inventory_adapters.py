@@ -17,9 +17,22 @@ from gpunode.inventory import load_site, to_ansible, to_pyinfra
 IMPLICIT_PYINFRA_GROUPS = {"pyinfra_inventory", "all"}
 
 
+def unwrap_unsafe(value: Any) -> Any:
+    """The data Ansible sees: {"__ansible_unsafe": s} is the string s (never templated)."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            assert isinstance(value["__ansible_unsafe"], str)
+            return value["__ansible_unsafe"]
+        return {k: unwrap_unsafe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unwrap_unsafe(v) for v in value]
+    assert not isinstance(value, str), f"a site string reaches Ansible unmarked: {value!r}"
+    return value
+
+
 def ansible_view(inv: dict[str, Any]) -> tuple[dict[str, Any], dict[str, set[str]]]:
     """(host -> node, group -> hosts) from `--list` JSON; empty/implicit groups dropped."""
-    nodes = {h: v["node"] for h, v in inv["_meta"]["hostvars"].items()}
+    nodes = {h: unwrap_unsafe(v["node"]) for h, v in inv["_meta"]["hostvars"].items()}
     groups = {g: set(v.get("hosts", [])) for g, v in inv.items()
               if g not in ("_meta", "all", "ungrouped") and v.get("hosts")}
     return nodes, groups
@@ -160,4 +173,5 @@ def test_ansible_script_host(repo: Path, example: Path) -> None:
                           env=engine_env(example), capture_output=True, text=True, timeout=60,
                           check=False)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["node"] == site.nodes[name].model_dump(mode="json")
+    assert unwrap_unsafe(json.loads(proc.stdout)["node"]) == site.nodes[name].model_dump(
+        mode="json")

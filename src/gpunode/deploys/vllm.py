@@ -4,43 +4,19 @@ and a drop-in with GPU UUIDs and GPU-local CPU/NUMA placement, API keys as syste
 credentials (0600, never on a command line). Services restart only when their inputs
 changed; services removed from the profile are stopped and removed."""
 
-import shlex
 from pathlib import Path
-from urllib.parse import urlparse
 
 from pyinfra.api import deploy
 
 from gpunode import desired
 from gpunode.deploys import ops
 from gpunode.files import ManagedFile, credential_path, placements, vllm_files
+from gpunode.hostcmd import user_command, venv_command
 from gpunode.model import NodeProfile
 from gpunode.render import render
 
 TEMPLATE_UNITS = ("/etc/systemd/system/vllm@.service", "/etc/systemd/system/vllm-prefetch@.service")
 SCRIPTS = ("/usr/local/lib/gpunode/vllm-start", "/usr/local/lib/gpunode/vllm-wait-ready")
-
-
-def venv_command(p: NodeProfile) -> str:
-    v = p.vllm
-    pip_index = uv_index = ""
-    if v.index_url:
-        host_name = urlparse(v.index_url).hostname or ""
-        pip_index = f"--index-url {shlex.quote(v.index_url)}"
-        uv_index = f"--index-url {shlex.quote(v.index_url)}"
-        if v.index_url.startswith("http://"):
-            pip_index += f" --trusted-host {shlex.quote(host_name)}"
-            uv_index += f" --allow-insecure-host {shlex.quote(host_name)}"
-    downloads = "never" if v.index_url else "automatic"
-    return " && ".join([
-        f"install -d -m 755 {v.prefix}",
-        f"(test -x {v.prefix}/uv/bin/uv || python3 -m venv {v.prefix}/uv)",
-        f"{v.prefix}/uv/bin/python -m pip install -q --disable-pip-version-check {pip_index} "
-        f"uv=={v.uv_version}",
-        f"UV_PYTHON_DOWNLOADS={downloads} {v.prefix}/uv/bin/uv venv -q --allow-existing "
-        f"--python {v.python} {v.prefix}/venv",
-        f"UV_PYTHON_DOWNLOADS={downloads} {v.prefix}/uv/bin/uv pip install -q "
-        f"--python {v.prefix}/venv/bin/python {uv_index} vllm=={v.version}",
-    ])
 
 
 def read_key(path: str) -> str | None:
@@ -71,8 +47,7 @@ def deploy_vllm(p: NodeProfile) -> None:
         return
     ops.run_when(name=f"Create the {v.user} system user", p=p, tag="user",
                  needed=lambda snap: v.user not in snap.data["users"],
-                 command=(f"useradd --system --user-group --home-dir /var/lib/vllm "
-                          f"--shell /usr/sbin/nologin {v.user}"))
+                 command=user_command(p))
     for path, mode, owner, group in (("/var/lib/vllm", 0o755, v.user, v.user),
                                      (v.model_cache, 0o755, v.user, v.user),
                                      ("/etc/vllm", 0o750, "root", v.user),

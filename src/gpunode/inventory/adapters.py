@@ -13,6 +13,31 @@ def node_data(profile: NodeProfile) -> dict[str, Any]:
     return profile.model_dump(mode="json")
 
 
+def ansible_unsafe(value: Any) -> Any:
+    """Mark every string of a site's data unsafe for Ansible (its JSON inventory form,
+    ``{"__ansible_unsafe": ...}``): Ansible then never evaluates ``{{ }}`` or ``{% %}``
+    inside a site value on the controller, and writes it literally, as pyinfra does."""
+    if isinstance(value, str):
+        return {"__ansible_unsafe": value}
+    if isinstance(value, dict):
+        return {k: ansible_unsafe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [ansible_unsafe(v) for v in value]
+    return value
+
+
+def ansible_plain(value: Any) -> Any:
+    """The inverse of ansible_unsafe, for data read back from Ansible (`ansible-inventory`
+    prints unsafe strings in the same marked form)."""
+    if isinstance(value, dict):
+        if len(value) == 1 and isinstance(value.get("__ansible_unsafe"), str):
+            return value["__ansible_unsafe"]
+        return {k: ansible_plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [ansible_plain(v) for v in value]
+    return value
+
+
 def _ansible_connection(p: NodeProfile) -> dict[str, Any]:
     c = p.connection
     out: dict[str, Any] = {"ansible_host": c.address, "ansible_port": c.port,
@@ -26,7 +51,8 @@ def _ansible_connection(p: NodeProfile) -> dict[str, Any]:
 def to_ansible(site: Site) -> dict[str, Any]:
     """`ansible-inventory --list` JSON: groups from the site, node in hostvars."""
     inv: dict[str, Any] = {
-        "_meta": {"hostvars": {name: {**_ansible_connection(p), "node": node_data(p),
+        "_meta": {"hostvars": {name: {**_ansible_connection(p),
+                                      "node": ansible_unsafe(node_data(p)),
                                       "gpunode_site": str(site.path.resolve())}
                                for name, p in site.nodes.items()}},
         "all": {"children": ["ungrouped", *site.groups]},
