@@ -81,7 +81,8 @@ def test_irqbalance_avoids_service_cpus(node, facts):
         pytest.fail(f"cannot compute the pinned service CPUs from the host's GPUs: {exc}",
                     pytrace=False)
     if not cpus:
-        pytest.skip("no pinned service CPUs to keep interrupts off")
+        pytest.skip("no CPUs to keep interrupts off (none pinned, or the services cover "
+                    "every CPU, where a ban would leave interrupts nowhere)")
     unit = facts.unit(expect.IRQBALANCE_UNIT)
     want = f"IRQBALANCE_BANNED_CPULIST={cpus}"
     problems = []

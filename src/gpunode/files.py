@@ -37,9 +37,15 @@ def placements(p: NodeProfile, gpus: list[Gpu]) -> dict[str, Placement]:
 
 
 def banned_cpus(p: NodeProfile, gpus: list[Gpu]) -> str:
+    """The CPUs irqbalance keeps interrupts off: those pinned to services, unless they are
+    every CPU the GPUs' topology knows (a single-socket host, or services on every socket),
+    where banning them would leave interrupts nowhere to go: then "" (no ban)."""
     cpus: set[int] = set()
     for placement in placements(p, gpus).values():
         cpus.update(placement.cpus)
+    known = {c for g in gpus for c in g.cpus}
+    if known and cpus >= known:
+        return ""
     return format_cpulist(cpus)
 
 

@@ -35,7 +35,8 @@ def test_managed_paths_include_gpu_dependent_files(labnode):
     paths = expect.managed_paths(labnode)
     assert "/etc/systemd/system/vllm@tiny.service.d/gpunode.conf" in paths
     assert "/etc/systemd/system/irqbalance.service.d/gpunode.conf" in paths
-    assert set(paths) == {f.path for f in node_files(labnode, _gpus())}
+    # a host with a GPU (and CPUs) no service uses: every GPU-dependent path exists
+    assert set(paths) == {f.path for f in node_files(labnode, _gpus(3))}
 
 
 def _info(f: ManagedFile, **over) -> dict:

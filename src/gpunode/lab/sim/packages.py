@@ -209,6 +209,16 @@ def _text(path: str, text: str, mode: int = 0o644) -> File:
     return File(path, text.encode(), mode)
 
 
+#: SIMULATION ONLY. A real GPU keeps its settings (power limit, clocks, ECC) in the device;
+#: the simulated one keeps them in /var/lib/gpunode-sim and /run/gpunode-sim. gpunode's GPU
+#: settings unit is sandboxed (read-only file system), so the simulated nvidia-smi package
+#: lets that unit write its state there, and nothing more.
+_SETTINGS_SIM_DROPIN = _text(
+    "/usr/lib/systemd/system/gpunode-gpu-settings.service.d/gpunode-sim.conf",
+    "# SIMULATION: the simulated GPUs' state lives in these files (see gpunode.lab.sim).\n"
+    "[Service]\nReadWritePaths=-/var/lib/gpunode-sim -/run/gpunode-sim\n")
+
+
 def _doc(name: str) -> File:
     return _text(f"/usr/share/doc/{name}/README.gpunode-sim", SIM_NOTE + "\n")
 
@@ -645,7 +655,7 @@ def debian_driver(v: str) -> list[Package]:
             "NVIDIA System Management Interface",
             (alt, f"libnvidia-ml1 {eq}", "gpunode-sim-base"),
             recommends=(f"nvidia-kernel-dkms {eq} | {kmod_virtual}",),
-            files=(_exe("/usr/bin/nvidia-smi", "nvidia-smi"),),
+            files=(_exe("/usr/bin/nvidia-smi", "nvidia-smi"), _SETTINGS_SIM_DROPIN),
         ),
         _persistenced(d, v, f"libnvidia-cfg1 {ge} | libnvidia-cfg1-any"),
         # nvidia-driver-cuda: CONFLICT in the research (does it fold nvidia-smi in?). For
@@ -798,7 +808,7 @@ def ubuntu_driver(distro: str, v: str) -> list[Package]:
             provides=("nvidia-utils", "nvidia-smi"),
             conflicts=("nvidia-utils", "nvidia-smi"),
             replaces=("nvidia-utils", "nvidia-smi"),
-            files=(_exe("/usr/bin/nvidia-smi", "nvidia-smi"),),
+            files=(_exe("/usr/bin/nvidia-smi", "nvidia-smi"), _SETTINGS_SIM_DROPIN),
         ),
         simple(
             f"nvidia-compute-utils-{b}",
