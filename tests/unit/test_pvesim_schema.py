@@ -139,6 +139,23 @@ def test_every_message_names_its_source() -> None:
         assert re.match(r"(qemu-server|pve-[a-z-]+|pvesim)\b", source), (key, source)
 
 
+_EMITTERS = re.compile(r"(PveError\(\d+,|TaskError\(|FormatError\(|LabError\(|_send\(\d+,|"
+                       r"task\.say\(|task\.warn\(|param_error\(\{[^:{}]+:|errors\[[^\]]+\] =)"
+                       r"\s*f?[\"']")
+
+
+def test_no_message_is_written_inline() -> None:
+    """Whatever pvesim answers or logs in a task comes from the table (msg(...))."""
+    src = Path(schema.__file__).parent
+    inline = []
+    for p in sorted(src.glob("*.py")):
+        text = p.read_text()
+        inline += [f"{p.name}: {m.group(0)}" for m in _EMITTERS.finditer(text)
+                   if not text.startswith('OK"', m.end())]  # HTTP's own "200 OK"
+    assert not inline, inline
+    assert _EMITTERS.search('raise TaskError("disk full")')  # the check itself can fail
+
+
 def test_every_message_in_the_code_comes_from_the_table() -> None:
     """msg("key") calls name existing keys; and every key is used somewhere."""
     src = Path(schema.__file__).parent

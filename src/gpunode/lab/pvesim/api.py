@@ -149,7 +149,7 @@ class Api:
             raise PveError(401, msg("no_ticket"))
         for k, v in uri.items():
             if k in params and params[k] != v:
-                raise param_error({k: "parameter conflicts with URI parameter"})
+                raise param_error({k: msg("uri_conflict")})
             params[k] = v
         # proxyto => 'node': the request is forwarded to the node before its parameters are
         # validated there (pve-manager HTTPServer.pm rest_handler)
@@ -215,10 +215,10 @@ class Api:
                     self._perm(auth, f"/mapping/pci/{dev['mapping']}", ["Mapping.Use"])
                     self._perm(auth, path, ["VM.Config.HWType"])
                 if self.sim.version == "9" and "romfile" in dev:
-                    raise param_error({opt: "only root@pam can set 'romfile' option"})
+                    raise param_error({opt: msg("romfile_root")})
             elif base in ("unused", "usb", "serial", "virtiofs") or opt in ("cdrom", "tags"):
                 if base == "serial" and values.get(opt) != "socket" and not deleting:
-                    raise PveError(500, f"only root can set '{opt}' config for real devices")
+                    raise PveError(500, msg("real_device_root", opt=opt))
                 self._perm(auth, path, ["VM.Config.HWType"] if base != "unused"
                            else ["VM.Config.Disk"])
             elif opt in CPU_KEYS or base == "numa":
@@ -275,14 +275,13 @@ class Api:
                 if opt == "efidisk0":
                     for req in ("efitype", "pre-enrolled-keys"):
                         if req not in fields:
-                            raise param_error(
-                                {opt: f"need to specify '{req}' when using 'import-from'"})
+                            raise param_error({opt: msg("import_needs", req=req)})
                 src = fields["import-from"]
                 if src.startswith("/"):
                     if auth.user != "root@pam":
                         raise PveError(403, msg("import_abs"))
                     if not Path(src).is_file():
-                        raise PveError(500, f"could not get file size of {src}")
+                        raise PveError(500, msg("no_file_size", path=src))
                 else:
                     vol = self.sim.volumes.get(src)
                     if vol is None:
@@ -312,9 +311,9 @@ class Api:
             if re.fullmatch(r"hostpci\d+", opt):
                 dev = schema.parse_property_string(fmt, str(params[opt]), opt)
                 if dev.get("host") and dev.get("mapping"):
-                    errors[opt] = "invalid format - " + msg("hostpci_both") + "\n"
+                    errors[opt] = msg("invalid_format", detail=msg("hostpci_both") + "\n")
                 elif not dev.get("host") and not dev.get("mapping"):
-                    errors[opt] = "invalid format - " + msg("hostpci_none") + "\n"
+                    errors[opt] = msg("invalid_format", detail=msg("hostpci_none") + "\n")
         if errors:
             raise param_error(errors)
 
@@ -583,11 +582,11 @@ class Api:
             try:
                 self._create_disks(staged, task, p.get("storage"))
             except (TaskError, PveError) as exc:
-                raise TaskError(f"unable to create VM {vmid} - {exc}") from None
+                raise TaskError(msg("create_failed", vmid=vmid, detail=exc)) from None
             _fill_defaults(staged.config, sim.version)
             with sim.lock:
                 vm.config = {**staged.config, "lock": "create"}
-            task.say(f"VM {vmid} created (pvesim)")
+            task.say(msg("log_created", vmid=vmid))
 
         def on_end(task: Task) -> None:
             with sim.lock:
@@ -630,7 +629,7 @@ class Api:
             if "import-from" in rest:
                 src = rest.pop("import-from")
                 src_path = Path(src) if src.startswith("/") else self.sim.volumes[src].path
-                task.say(f"importing {src} to {volid} (pvesim: a qcow2 overlay)")
+                task.say(msg("log_import", src=src, volid=volid))
                 size = _qemu_img_overlay(src_path, path)
             elif opt == "efidisk0":
                 size = 4 << 20 if rest.get("efitype", "2m") == "4m" else 528 << 10
@@ -791,8 +790,7 @@ class Api:
             if st is None or "images" not in st.content:
                 raise param_error({"storage": msg("storage_no_images", storage=p["storage"])})
         if "target" in p and p["target"] != sim.node:
-            raise PveError(500, f"can't clone VM to node '{p['target']}' (VM uses local "
-                           "storage)")
+            raise PveError(500, msg("clone_target_local", node=p["target"]))
         # non-root clones of configs with raw hostpci (check_mapping_access)
         hp = {k: v for k, v in src.config.items() if re.fullmatch(r"hostpci\d+", k)}
         self._config_perms(auth, newid, list(hp), hp)
@@ -835,7 +833,7 @@ class Api:
                 name = f"vm-{newid}-disk-{next(counter)}"
                 path = self._vol_path(store, name + ".qcow2")
                 if full:
-                    task.say(f"full clone of {volid} (pvesim: qemu-img convert)")
+                    task.say(msg("log_full_clone", volid=volid))
                     _qemu_img_convert(vol.path, path, vol.size)
                     nv = f"{store}:{name}"
                 else:
@@ -868,9 +866,9 @@ class Api:
         with sim.lock:
             self._check_lock(vm, p)
             if vm.template:
-                raise PveError(500, "you can't convert a template to a template")
+                raise PveError(500, msg("template_twice"))
             if vm.status == "running":
-                raise PveError(500, "you can't convert a VM to template if VM is running")
+                raise PveError(500, msg("template_running"))
 
         def body(task: Task) -> None:
             with sim.lock:
@@ -911,7 +909,7 @@ class Api:
                     raise TaskError(msg("resize_nodisk", disk=disk))
                 fields = _split_ps(vm.config[disk])
                 if fields.get("media") == "cdrom":
-                    raise TaskError("you can't resize a cdrom")
+                    raise TaskError(msg("resize_cdrom"))
                 vol = sim.volumes.get(fields.get("file", ""))
                 if vol is None:
                     raise TaskError(msg("resize_nodisk", disk=disk))
@@ -928,7 +926,7 @@ class Api:
             if vm.status != "running" and vol.path and vol.path.exists() and _HAVE_QEMU_IMG:
                 subprocess.run(["qemu-img", "resize", "-q", str(vol.path), str(new)],
                                check=False, capture_output=True)
-            task.say(f"Image resized to {new} bytes")
+            task.say(msg("log_resized", size=new))
 
         return sim.start_task("resize", str(vm.vmid), auth.user, body, hang_path="/resize")
 
@@ -1104,7 +1102,7 @@ class Api:
                 funcs = free[0]
             for f in funcs:
                 if f in used:
-                    raise TaskError(f"device '{f}' assigned more than once")
+                    raise TaskError(msg("assigned_twice", id=f))
             used += funcs
             assigned.append((int(opt[7:]), funcs, dev.get("pcie") in ("1", "on", "yes", "true")))
         hp = conf.get("hugepages")
@@ -1168,7 +1166,7 @@ class Api:
             if not ok:
                 if not force:
                     raise TaskError(msg("shutdown_timeout"))
-                task.warn("VM still running - terminating now with SIGTERM")
+                task.warn(msg("sigterm"))
                 sim.backend.stop(vm)
             with sim.lock:
                 self._stopped(vm)
@@ -1230,7 +1228,7 @@ class Api:
                 sim.vms.pop(vm.vmid, None)
             if sim.backend is not None:
                 sim.backend.destroy(vm)
-            task.say(f"VM {vm.vmid} destroyed (pvesim)")
+            task.say(msg("log_destroyed", vmid=vm.vmid))
 
         return sim.start_task("qmdestroy", str(vm.vmid), auth.user, body, hang_path="/qemu")
 
@@ -1345,23 +1343,22 @@ class Api:
             import urllib.request
 
             dest.parent.mkdir(parents=True, exist_ok=True)
-            task.say(f"downloading {p['url']} to {dest}")
+            task.say(msg("log_downloading", url=p["url"], dest=dest))
             tmp = dest.with_suffix(dest.suffix + ".tmp")
             try:
                 with urllib.request.urlopen(p["url"], timeout=60) as r, tmp.open("wb") as out:
                     shutil.copyfileobj(r, out)
             except OSError as exc:
-                raise TaskError(f"download failed: {exc}") from None
+                raise TaskError(msg("download_failed", detail=exc)) from None
             if "checksum" in p:
                 algo = p.get("checksum-algorithm", "sha256")
                 h = hashlib.new(algo, tmp.read_bytes()).hexdigest()
                 if h != p["checksum"]:
                     tmp.unlink()
-                    raise TaskError(f"checksum mismatch: got '{h}' != expected "
-                                    f"'{p['checksum']}'")
+                    raise TaskError(msg("download_checksum", got=h, want=p["checksum"]))
             tmp.replace(dest)
             size = dest.stat().st_size
-            task.say(f"download of '{p['url']}' to '{dest}' finished")
+            task.say(msg("log_downloaded", url=p["url"], dest=dest))
             fmt = filename.rsplit(".", 1)[-1] if content == "import" else content
             with sim.lock:
                 sim.volumes[volid] = Volume(volid, content, size, fmt, dest)
@@ -1548,21 +1545,21 @@ def _qemu_img_create(path: Path, size: int) -> None:
     res = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
                          capture_output=True, text=True)
     if res.returncode != 0:
-        raise TaskError(f"qemu-img create failed: {res.stderr.strip()}")
+        raise TaskError(msg("sim_qemu_img", what="create", detail=res.stderr.strip()))
 
 
 def _qemu_img_info(path: Path) -> dict[str, Any]:
     res = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
                          capture_output=True, text=True)
     if res.returncode != 0:
-        raise TaskError(f"could not get size of {path}: {res.stderr.strip()}")
+        raise TaskError(msg("sim_qemu_img", what="info", detail=res.stderr.strip()))
     return json.loads(res.stdout)
 
 
 def _qemu_img_overlay(src: Path | None, dest: Path) -> int:
     """A qcow2 overlay on `src` (pvesim's "import" and linked clone); returns its size."""
     if src is None:
-        raise TaskError("source volume has no data (pvesim)")
+        raise TaskError(msg("sim_no_source"))
     if not _HAVE_QEMU_IMG:
         size = src.stat().st_size
         _placeholder(dest, size)
@@ -1572,7 +1569,7 @@ def _qemu_img_overlay(src: Path | None, dest: Path) -> int:
     res = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", info["format"],
                           "-b", str(src.resolve()), str(dest)], capture_output=True, text=True)
     if res.returncode != 0:
-        raise TaskError(f"import failed: {res.stderr.strip()}")
+        raise TaskError(msg("sim_qemu_img", what="import", detail=res.stderr.strip()))
     return int(info["virtual-size"])
 
 
@@ -1583,4 +1580,4 @@ def _qemu_img_convert(src: Path | None, dest: Path, size: int) -> None:
     res = subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", str(src), str(dest)],
                          capture_output=True, text=True)
     if res.returncode != 0:
-        raise TaskError(f"clone failed: {res.stderr.strip()}")
+        raise TaskError(msg("sim_qemu_img", what="convert", detail=res.stderr.strip()))

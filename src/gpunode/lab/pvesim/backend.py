@@ -40,6 +40,7 @@ from typing import Any
 from gpunode.lab import qemu, seed
 from gpunode.lab.core import Lab, VMConfig
 from gpunode.lab.errors import LabError
+from gpunode.lab.pvesim.messages import msg
 from gpunode.lab.sim import gpus as simgpus
 
 AGENT_TIMEOUT_S = 3.0  # qemu-server Agent.pm: guest-ping with a 3 s timeout
@@ -138,7 +139,7 @@ def write_nocloud(path: Path, conf: dict[str, str], vmid: int) -> None:
                               *(str(Path(tmp) / n) for n in files)],
                              capture_output=True, text=True)
         if res.returncode != 0:
-            raise LabError(f"making the cloud-init drive failed: {res.stderr.strip()}")
+            raise LabError(msg("sim_ci_iso", detail=res.stderr.strip()))
 
 
 def write_empty_seed(path: Path) -> None:
@@ -215,8 +216,7 @@ class LabBackend:
                 if disk is not None:
                     break
         if disk is None:
-            raise LabError("pvesim: the VM has no disk with data to boot (import a cloud "
-                           "image with import-from, or clone a template)")
+            raise LabError(msg("sim_no_boot_disk"))
         d = self.lab.vm_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         link = d / "disk.qcow2"
@@ -229,7 +229,7 @@ class LabBackend:
                      if k.startswith(("ide", "scsi", "sata", "virtio")))
         if has_ci:
             write_nocloud(d / "seed.iso", conf, vm.vmid)
-            task.say("generating cloud-init ISO")
+            task.say(msg("log_ci_iso"))
         else:
             write_empty_seed(d / "seed.iso")
         info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json",
@@ -246,7 +246,7 @@ class LabBackend:
                  instance_id=f"pvesim-{vm.vmid}", origin={"kind": "pvesim"}).save(cfg_path)
         self._launcher.submit(self.lab.up, name, cpus=cpus, memory_mib=mem, numa=1,
                               disk_gib=disk_gib, wait=False).result()
-        task.say(f"pvesim: lab VM {name} started (ssh 127.0.0.1:{self.lab.vm(name).ssh_port})")
+        task.say(msg("log_lab_vm", name=name, port=self.lab.vm(name).ssh_port))
         agent = _split(conf.get("agent", "")).get("enabled", _split(conf.get("agent", ""))
                                                    .get("", "0"))
         if agent in ("1", "on", "yes", "true"):

@@ -103,34 +103,33 @@ def _check_named_format(fmt: str, value: str, path: str, formats: dict[str, dict
         return
     if fmt == "urlencoded":
         if not _URLENC_RE.match(value):
-            raise FormatError(f"invalid urlencoded string: {value}")
+            raise FormatError(msg("fmt_urlencoded", value=value))
     elif fmt == "pve-configid":
         if not CONFIGID_RE.match(value):
-            raise FormatError(f"invalid configuration ID '{value}'")
+            raise FormatError(msg("fmt_configid", value=value))
     elif fmt == "pve-storage-id":
         if not _STORAGE_RE.match(value):
-            raise FormatError(f"storage ID '{value}' contains illegal characters")
+            raise FormatError(msg("fmt_storage_id", value=value))
     elif fmt == "pve-node":
         if not _NODE_RE.match(value):
-            raise FormatError("value does not look like a valid node name")
+            raise FormatError(msg("fmt_node"))
     elif fmt == "dns-name":
         if not _DNS_RE.match(value):
-            raise FormatError("value does not look like a valid DNS name")
+            raise FormatError(msg("fmt_dns"))
     elif fmt == "mac-addr":
         if not _MAC_RE.match(value):
-            raise FormatError("value does not look like a valid unicast MAC address")
+            raise FormatError(msg("fmt_mac"))
     elif fmt == "pve-vmid":
         if not re.fullmatch(r"[1-9][0-9]{2,8}", value):
-            raise FormatError("value does not look like a valid VM ID")
+            raise FormatError(msg("fmt_vmid"))
     elif fmt in ("pve-ipv4-config", "pve-ipv6-config"):
         v6 = fmt == "pve-ipv6-config"
         special = ("dhcp", "auto", "manual") if v6 else ("dhcp", "manual")
         if value not in special and not _is_cidr(value, 6 if v6 else 4):
-            raise FormatError("value does not look like a valid "
-                              f"{'ipv6' if v6 else 'ipv4'} network configuration")
+            raise FormatError(msg("fmt_ipconfig", family="ipv6" if v6 else "ipv4"))
     elif fmt in ("ipv4", "ipv6"):
         if not _is_ip(value, int(fmt[-1])):
-            raise FormatError(f"value does not look like a valid {'IPv' + fmt[-1]} address")
+            raise FormatError(msg("fmt_ip", n=fmt[-1]))
     # Other registered formats (pve-cpuset, pve-tag-list, address-list, ...) are accepted as
     # they come: pvesim does not simulate their checks (documented in README).
 
@@ -163,14 +162,14 @@ def check_prop(value: Any, spec: P, path: str, errors: dict[str, str],
     if isinstance(value, list):
         if spec.type != "array":
             # PVE's HTTP layer hands a repeated key to a scalar parameter as an array.
-            errors[path] = f"type check ('{spec.type}') failed - got ARRAY"
+            errors[path] = msg("array_type", type=spec.type)
             return
         for i, item in enumerate(value):
             if spec.items and spec.items.startswith("@"):
                 try:
                     parse_property_string(formats[spec.items[1:]], item, f"{path}[{i}]", formats)
                 except FormatError as exc:
-                    errors[f"{path}[{i}]"] = f"invalid format - {exc}"
+                    errors[f"{path}[{i}]"] = msg("invalid_format", detail=exc)
         return
     value = str(value)
     t = spec.type
@@ -190,16 +189,16 @@ def check_prop(value: Any, spec: P, path: str, errors: dict[str, str],
         try:
             _check_named_format(spec.format, value, path, formats)
         except FormatError as exc:
-            errors[path] = f"invalid format - {exc}"
+            errors[path] = msg("invalid_format", detail=exc)
             return
     if spec.pattern and not re.fullmatch(_perl_re(spec.pattern), value):
         errors[path] = msg("regex")
         return
     if spec.maxLength is not None and len(value) > spec.maxLength:
-        errors[path] = f"value may only be {spec.maxLength} characters long"
+        errors[path] = msg("max_length", max=spec.maxLength)
         return
     if spec.minLength is not None and len(value) < spec.minLength:
-        errors[path] = f"value must be at least {spec.minLength} characters long"
+        errors[path] = msg("min_length", min=spec.minLength)
         return
     if _NUM_RE.match(value):
         if spec.maximum is not None and float(value) > spec.maximum:
@@ -236,12 +235,12 @@ def parse_property_string(fmt: dict[str, P], data: str, path: str,
                 key_alias = spec.extra.get("keyAlias")
                 if key_alias:
                     if key_alias in res:
-                        raise FormatError(f"key alias '{key_alias}' is already defined")
+                        raise FormatError(msg("ps_alias_twice", key=key_alias))
                     res[key_alias] = k
                 k = spec.alias
                 spec = fmt.get(k)
                 if k in res:
-                    raise FormatError(f"key '{k}' is already defined (via alias)")
+                    raise FormatError(msg("ps_alias_dup", key=k))
             if spec is None:
                 raise FormatError(msg("ps_invalid_key", key=k))
             if spec.type == "boolean":
@@ -262,9 +261,9 @@ def parse_property_string(fmt: dict[str, P], data: str, path: str,
                     res[key] = part
                     break
             if not default_key:
-                raise FormatError("value without key, but schema does not define a default key")
+                raise FormatError(msg("ps_no_default"))
         else:
-            raise FormatError("missing key in comma-separated list property")
+            raise FormatError(msg("ps_missing_key"))
     errors: dict[str, str] = {}
     for key, spec in fmt.items():
         if spec.alias:
@@ -275,7 +274,8 @@ def parse_property_string(fmt: dict[str, P], data: str, path: str,
             continue
         check_prop(res[key], spec, f"{path}.{key}", errors, formats)
     if errors:
-        raise FormatError("format error\n" + "".join(f"{k}: {v}\n" for k, v in errors.items()))
+        raise FormatError(msg("ps_format_error") + "\n"
+                          + "".join(f"{k}: {v}\n" for k, v in errors.items()))
     return res
 
 
@@ -290,7 +290,7 @@ def validate(params: dict[str, Any], table: dict[str, P], formats: dict[str, dic
             continue
         check_prop(value, spec, key, errors, formats)
         if spec.requires and spec.requires not in params:
-            errors.setdefault(spec.requires, f"missing property required by '{key}'")
+            errors.setdefault(spec.requires, msg("requires", key=key))
     for key, spec in table.items():
         if not spec.optional and key not in params and "[n]" not in key:
             errors[key] = msg("missing")

@@ -155,13 +155,13 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             params = self._params()
         except (ValueError, UnicodeDecodeError):
-            self._send(400, "malformed request body", {"data": None})
+            self._send(400, msg("sim_bad_body"), {"data": None})
             return
         if path.startswith("/pvesim/"):
             self._control(path, params)
             return
         if not path.startswith("/api2/json/"):
-            self._send(501, f"Unsupported format or path '{path}'", {"data": None})
+            self._send(501, msg("sim_bad_path", path=path), {"data": None})
             return
         api_path = "/" + path[len("/api2/json/"):].strip("/")
         slow = sim.take_fault(("slow",), self.command, api_path)
@@ -189,7 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         except Exception as exc:  # a pvesim bug: answer like PVE's die, say it is pvesim's
             traceback.print_exc()
-            self._send(500, f"pvesim internal error: {exc}", {"data": None})
+            self._send(500, msg("sim_internal", detail=exc), {"data": None})
             return
         body = {"data": data}
         if isinstance(data, _WithTotal):
@@ -201,7 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
         sim = self.server.sim
         secret = (self.headers.get("Authorization") or "").removeprefix("PVESimControl=")
         if not secrets.compare_digest(secret, self.server.control_secret):
-            self._send(401, "pvesim control: wrong or missing secret", None)
+            self._send(401, msg("sim_control_auth"), None)
             return
         try:
             result: Any = None
@@ -228,10 +228,10 @@ class _Handler(BaseHTTPRequestHandler):
                 result = {"version": sim.version, "node": sim.node,
                           "vms": sorted(sim.vms), "tasks": len(sim.tasks)}
             else:
-                self._send(404, "pvesim control: unknown call", {"data": None})
+                self._send(404, msg("sim_control_unknown"), {"data": None})
                 return
         except (KeyError, ValueError, OSError) as exc:
-            self._send(400, f"pvesim control: {exc}", {"data": None})
+            self._send(400, msg("sim_control_bad", detail=exc), {"data": None})
             return
         self._send(200, "OK", {"data": result})
 

@@ -354,7 +354,7 @@ class Sim:
                 task.exitstatus = str(exc).split("\n")[0]
             except Exception as exc:  # a pvesim bug: say so in the task, like PVE would
                 traceback.print_exc()
-                task.exitstatus = f"pvesim internal error: {exc}"
+                task.exitstatus = msg("sim_internal", detail=exc)
             finally:
                 if on_end:
                     try:
