@@ -555,6 +555,7 @@ class Api:
         if "pool" in p:
             self._perm(auth, f"/pool/{p['pool']}", ["VM.Allocate"])
         if "storage" in p:
+            self._perm(auth, f"/storage/{p['storage']}", ["Datastore.AllocateSpace"])
             st = sim.storages.get(p["storage"])
             if st is None:
                 raise param_error({"storage": msg("no_storage", storage=p["storage"])})
