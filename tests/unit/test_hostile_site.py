@@ -362,3 +362,20 @@ def test_irqbalance_never_bans_every_cpu():
     assert not any("irqbalance" in f.path for f in node_files(p, single_socket))
     two_sockets = _gpus([[0, 1], [2, 3], [4, 5]])  # a third GPU's socket stays free
     assert banned_cpus(p, two_sockets) == "0-3"
+
+
+def test_validate_command_refuses_the_alias_bomb(tmp_path):
+    from typer.testing import CliRunner
+
+    from gpunode.cli import app
+
+    lines = ["a0: &a0 [lol, lol]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 23)]
+    lines += ["nodes: {gpu01: {connection: {address: *a22}}}"]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["validate", "--site", str(path)])
+    assert time.monotonic() - start < 1.0
+    assert result.exit_code == 2, result.output
+    assert "alias bomb" in result.output
