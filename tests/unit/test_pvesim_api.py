@@ -516,3 +516,18 @@ def test_four_gpu_node(tmp_path: Path) -> None:
         gpus = [d["id"] for d in devs if d["device"] == "0x2230"]
         assert gpus == ["0000:01:00.0", "0000:41:00.0", "0000:81:00.0", "0000:c1:00.0"]
         assert {d["iommugroup"] for d in devs if d["id"].startswith("0000:c1:00.")} == {112}
+
+
+def test_stopping_a_hanging_task(pvesim: PveSim, tapi: Any, tnode: Any) -> None:  # noqa: F811
+    pvesim.fault("task-hang", path="/qemu", seconds=30)
+    upid = tnode.qemu.post(vmid=195, name="hung")
+    assert tapi.nodes(pvesim.node).tasks(upid).delete() is None
+    st = wait_task(tapi, upid, timeout=5)
+    assert st["exitstatus"] == "received interrupt"
+    assert tapi.nodes(pvesim.node).tasks(upid).log.get()[-1]["t"] == \
+        "TASK ERROR: received interrupt"
+    # the failed create cleans up, as qemu-server's worker does on its way out
+    assert _err(tnode.qemu(195).config.get).status_code == 500
+    err = _err(tapi.nodes(pvesim.node).tasks("UPID:pve1:00000001:00000001:00000001:x:1:a@pve:")
+               .delete)
+    assert err.errors == {"upid": "no such task"}

@@ -122,6 +122,7 @@ class Api:
             ("DELETE", q, self.destroy),
             ("GET", "/nodes/{node}/tasks/{upid}/status", self.task_status),
             ("GET", "/nodes/{node}/tasks/{upid}/log", self.task_log),
+            ("DELETE", "/nodes/{node}/tasks/{upid}", self.task_stop),
             ("POST", f"{q}/agent/ping", self.agent_ping),
             ("GET", f"{q}/agent/network-get-interfaces", self.agent_ifaces),
             ("GET", "/nodes/{node}/storage/{storage}/content", self.storage_content),
@@ -1253,6 +1254,15 @@ class Api:
         if t.status == "stopped":
             d["exitstatus"] = t.exitstatus
         return d
+
+    def task_stop(self, auth: Auth, p: dict[str, Any]) -> Any:
+        task = self.sim.tasks.get(p["upid"])
+        if task is None:
+            raise param_error({"upid": msg("no_such_task")})
+        if task.user != auth.user:
+            self._perm(auth, f"/nodes/{p['node']}", ["Sys.Modify"])
+        self.sim.abort_task(task)
+        return None
 
     def task_log(self, auth: Auth, p: dict[str, Any]) -> Any:
         t = self._task(auth, p)

@@ -113,6 +113,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "mapping_missing": ("mapping '{id}' not found", "pve-manager API2/Cluster/Mapping/PCI.pm get"),
     # --- tasks: pve-manager API2/Tasks.pm, pve-common UPID.pm -----------------------------
     "no_such_task": ("no such task", "pve-manager API2/Tasks.pm read_task_log / read_task_status"),
+    "task_interrupt": ("received interrupt", "pve-common RESTEnvironment.pm fork_worker (SIGTERM handler; DELETE .../tasks/{upid})"),
     "task_ok": ("TASK OK", "pve-common RESTEnvironment.pm fork_worker"),
     "task_error": ("TASK ERROR: {detail}", "pve-common RESTEnvironment.pm fork_worker"),
     "task_warnings": ("TASK WARNINGS: {n}", "pve-common RESTEnvironment.pm fork_worker"),

@@ -660,6 +660,10 @@ ENDPOINTS: dict[tuple[str, str], dict[str, P | str]] = {
         'node': P('string', optional=False, format='pve-node'),
         'upid': P('string', optional=False),
     },
+    ('DELETE', '/nodes/{node}/tasks/{upid}'): {
+        'node': P('string', optional=False, format='pve-node'),
+        'upid': P('string', optional=False),
+    },
     ('GET', '/nodes/{node}/tasks/{upid}/log'): {
         'download': P('boolean'),
         'limit': P('integer', minimum=0, default=50),

@@ -334,14 +334,18 @@ class Sim:
         text as `exitstatus`; warnings give `WARNINGS: n`; otherwise `OK`."""
         upid, pid, start = self.upid(typ, ident, user)
         task = Task(upid, self.node, pid, self.pstart, start, typ, ident, user)
+        task.on_end = on_end  # type: ignore[attr-defined]
         fault = self.take_fault(("task-fail", "task-hang", "task-warn"), None, hang_path)
         with self.lock:
             self.tasks[upid] = task
 
         def run() -> None:
+            status = "OK"
             try:
                 if fault and fault.kind == "task-hang":
-                    time.sleep(fault.seconds or 3600)
+                    task.done.wait(fault.seconds or 3600)  # an abort ends the wait
+                    if task.status == "stopped":
+                        return
                 if fault and fault.kind == "task-fail":
                     raise TaskError(msg("sim_fault", detail=fault.message))
                 body(task)
@@ -349,31 +353,52 @@ class Sim:
                     task.warn(msg("sim_fault", detail=fault.message))
                 if self.node_gone():
                     raise TaskError(msg("sim_node_gone", node=self.node))
-                task.exitstatus = f"WARNINGS: {task.warnings}" if task.warnings else "OK"
+                status = f"WARNINGS: {task.warnings}" if task.warnings else "OK"
             except (TaskError, PveError) as exc:
-                task.exitstatus = str(exc).split("\n")[0]
+                status = str(exc).split("\n")[0]
             except Exception as exc:  # a pvesim bug: say so in the task, like PVE would
                 traceback.print_exc()
-                task.exitstatus = msg("sim_internal", detail=exc)
-            finally:
-                if on_end:
-                    try:
-                        on_end(task)
-                    except Exception:  # noqa: BLE001 - never leave a task running
-                        traceback.print_exc()
-                if task.exitstatus == "OK":
-                    task.say(msg("task_ok"))
-                elif task.exitstatus and task.exitstatus.startswith("WARNINGS"):
-                    task.say(msg("task_warnings", n=task.warnings))
-                else:
-                    task.say(msg("task_error", detail=task.exitstatus))
-                task.endtime = time.time()
-                task.status = "stopped"
-                task.done.set()
-                self.record()
+                status = msg("sim_internal", detail=exc)
+            with self.lock:
+                if task.status == "stopped":  # aborted meanwhile: abort_task recorded it
+                    return
+                task.exitstatus = status
+            if on_end:
+                try:
+                    on_end(task)
+                except Exception:  # noqa: BLE001 - never leave a task running
+                    traceback.print_exc()
+            if status == "OK":
+                task.say(msg("task_ok"))
+            elif status.startswith("WARNINGS"):
+                task.say(msg("task_warnings", n=task.warnings))
+            else:
+                task.say(msg("task_error", detail=status))
+            task.endtime = time.time()
+            task.status = "stopped"
+            task.done.set()
+            self.record()
 
         threading.Thread(target=run, name=f"pvesim-{typ}-{ident}", daemon=True).start()
         return upid
+
+    def abort_task(self, task: Task) -> None:
+        """DELETE .../tasks/{upid}: the worker gets SIGTERM and dies "received interrupt"."""
+        with self.lock:
+            if task.status != "running" or task.exitstatus is not None:
+                return  # ended, or ending right now
+            task.exitstatus = msg("task_interrupt")
+            task.status = "stopped"
+        on_end = getattr(task, "on_end", None)
+        if on_end:
+            try:
+                on_end(task)
+            except Exception:  # noqa: BLE001 - the task ends regardless
+                traceback.print_exc()
+        task.say(msg("task_error", detail=task.exitstatus))
+        task.endtime = time.time()
+        task.done.set()
+        self.record()
 
     # ---- faults -------------------------------------------------------------------------
     def take_fault(self, kinds: tuple[str, ...], method: str | None, path: str) -> Fault | None:
