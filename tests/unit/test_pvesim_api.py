@@ -531,3 +531,14 @@ def test_stopping_a_hanging_task(pvesim: PveSim, tapi: Any, tnode: Any) -> None:
     err = _err(tapi.nodes(pvesim.node).tasks("UPID:pve1:00000001:00000001:00000001:x:1:a@pve:")
                .delete)
     assert err.errors == {"upid": "no such task"}
+
+
+def test_agent_privilege_differs_between_9_and_84(pvesim: PveSim, pvesim84: PveSim) -> None:  # noqa: F811
+    for pve, priv in ((pvesim, "VM.GuestAgent.Audit|VM.GuestAgent.Unrestricted"),
+                      (pvesim84, "VM.Monitor")):
+        root = pve.api()
+        wait_task(root, root.nodes(pve.node).qemu.post(vmid=196, agent=1))
+        tok = pve.create_token("auditor@pve", "ro", acl=[("/vms", "PVEAuditor")])
+        err = _err(pve.api(tok).nodes(pve.node).qemu(196).agent.ping.post)
+        assert (err.status_code, err.content) == (403, f"Permission check failed (/vms/196, "
+                                                       f"{priv})")

@@ -164,3 +164,13 @@ def test_every_message_in_the_code_comes_from_the_table() -> None:
     assert used <= set(MESSAGES), sorted(used - set(MESSAGES))
     unused = set(MESSAGES) - used
     assert not unused, f"messages nobody emits: {sorted(unused)}"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_token_refusal_matches_allowtoken(version: str) -> None:
+    from gpunode.lab.pvesim.api import NO_TOKEN
+
+    subset = _subset(version)
+    no_token = {path for method, path in _served()
+                if not subset[f"{method} {path}"]["allowtoken"]}
+    assert no_token == NO_TOKEN
