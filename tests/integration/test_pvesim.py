@@ -97,6 +97,9 @@ def test_agent_reports_interfaces_only_once_the_guest_agent_is_up(booted: dict[s
 def test_cloud_image_vm_answers_ssh_with_the_cloud_init_keys(booted: dict[str, Any]) -> None:
     host, port = booted["pve"].ssh_endpoint(VMID)
     assert host == "127.0.0.1"
+    published = json.loads((booted["pve"].lab_dir / "pvesim" / "endpoints.json").read_text())
+    assert published[str(VMID)] == {"guest_address": "10.0.2.15", "host": "127.0.0.1",
+                                    "ssh_port": port, "lab_vm": f"pve-{VMID}"}
     deadline = booted["started"] + BOOT_TIMEOUT_S
     res = None
     while time.monotonic() < deadline:
@@ -134,4 +137,6 @@ def test_shutdown_stops_the_lab_vm(booted: dict[str, Any]) -> None:
     assert st["exitstatus"] == "OK", st
     assert n.qemu(VMID).status.current.get()["status"] == "stopped"
     assert booted["pve"].ssh_endpoint(VMID) is None
+    published = json.loads((booted["pve"].lab_dir / "pvesim" / "endpoints.json").read_text())
+    assert str(VMID) not in published
     assert _wait(api, n.qemu(VMID).delete(purge=1))["exitstatus"] == "OK"

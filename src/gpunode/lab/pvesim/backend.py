@@ -247,6 +247,7 @@ class LabBackend:
         self._launcher.submit(self.lab.up, name, cpus=cpus, memory_mib=mem, numa=1,
                               disk_gib=disk_gib, wait=False).result()
         task.say(msg("log_lab_vm", name=name, port=self.lab.vm(name).ssh_port))
+        self.publish_endpoints()
         agent = _split(conf.get("agent", "")).get("enabled", _split(conf.get("agent", ""))
                                                    .get("", "0"))
         if agent in ("1", "on", "yes", "true"):
@@ -288,6 +289,23 @@ class LabBackend:
                 return
             time.sleep(0.2)
 
+    def publish_endpoints(self) -> Path:
+        """`<lab dir>/pvesim/endpoints.json`: {vmid: {"guest_address", "host", "ssh_port",
+        "lab_vm"}} for every running lab VM behind pvesim: where the address the agent
+        reports (10.0.2.15 in every lab guest) is reached from the host."""
+        out: dict[str, Any] = {}
+        for name in self.lab.names():
+            if name.startswith("pve-") and name[4:].isdigit() and self.alive_name(name):
+                lvm = self.lab.vm(name)
+                out[name[4:]] = {"guest_address": "10.0.2.15", "host": lvm.address,
+                                 "ssh_port": lvm.ssh_port, "lab_vm": name}
+        path = self.lab.dir / "pvesim" / "endpoints.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+        return path
+
     def alive_name(self, name: str) -> bool:
         try:
             return self.lab.vm(name).running
@@ -300,6 +318,7 @@ class LabBackend:
     def stop(self, vm: Any) -> None:
         with contextlib.suppress(LabError):
             self.lab.down(lab_name(vm.vmid))
+        self.publish_endpoints()
 
     def shutdown(self, vm: Any, timeout: float) -> bool:
         """guest-shutdown through the agent when enabled and answering, else ACPI; True when
@@ -323,6 +342,7 @@ class LabBackend:
         if qemu.wait_exit(lvm.pid, self.lab.vm_dir(name) / "qemu.pid", timeout):
             with contextlib.suppress(LabError):
                 self.lab.down(name)
+            self.publish_endpoints()
             return True
         return False
 
