@@ -542,3 +542,28 @@ def test_agent_privilege_differs_between_9_and_84(pvesim: PveSim, pvesim84: PveS
         err = _err(pve.api(tok).nodes(pve.node).qemu(196).agent.ping.post)
         assert (err.status_code, err.content) == (403, f"Permission check failed (/vms/196, "
                                                        f"{priv})")
+
+
+def test_declared_permission_checks_run_before_the_handler(pvesim: PveSim,  # noqa: F811
+                                                           pve_root: Any) -> None:  # noqa: F811
+    tok = pvesim.create_token("nobody@pve", "tok", acl=[("/", "NoAccess")])
+    api = pvesim.api(tok)
+    n = api.nodes(pvesim.node)
+    # a VM that does not exist: the permission check comes first (403, not 500)
+    err = _err(n.qemu(4242).config.get)
+    assert (err.status_code, err.content) == (403, "Permission check failed (/vms/4242, "
+                                                   "VM.Audit)")
+    err = _err(n.qemu(4242).config.put, memory=1024)
+    assert err.content == ("Permission check failed (/vms/4242, VM.Config.Disk|"
+                           "VM.Config.CDROM|VM.Config.CPU|VM.Config.Memory|VM.Config.Network|"
+                           "VM.Config.HWType|VM.Config.Options|VM.Config.Cloudinit)")
+    # an 'or' check says no more than that
+    assert _err(api.cluster.mapping.pci("a6000-0").get).content == "Permission check failed"
+    err = _err(api.cluster.mapping.pci("a6000-0").delete)
+    assert err.content == "Permission check failed (/mapping/pci, Mapping.Modify)"
+    err = _err(n.storage("local")("download-url").post, url="http://127.0.0.1:1/x.qcow2",
+               content="import", filename="x.qcow2")
+    assert err.content == "Permission check failed (/storage/local, Datastore.AllocateTemplate)"
+    err = _err(api.access.acl.put, path="/vms/100", roles="PVEVMAdmin", users="nobody@pve")
+    assert err.content == ("Permission check failed (/vms/100, Permissions.Modify|"
+                           "VM.Allocate)")

@@ -174,3 +174,27 @@ def test_token_refusal_matches_allowtoken(version: str) -> None:
     no_token = {path for method, path in _served()
                 if not subset[f"{method} {path}"]["allowtoken"]}
     assert no_token == NO_TOKEN
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_declared_permissions_match_the_schema(version: str) -> None:
+    """The check pvesim runs before each handler is the one PVE's schema declares."""
+    from gpunode.lab.pvesim import perms
+
+    subset = _subset(version)
+    problems = []
+    for method, path in _served():
+        theirs = (subset[f"{method} {path}"]["permissions"] or {}).get("check")
+        ours = perms.declared(method, path, version)
+        if ours != theirs:
+            problems.append(f"{method} {path}: pvesim {ours}, PVE {version} {theirs}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_permission_cross_check_catches_drift(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gpunode.lab.pvesim import perms
+
+    monkeypatch.setitem(perms.PERMS, ("DELETE", "/cluster/mapping/pci/{id}"),
+                        ["perm", "/mapping/pci/{id}", ["Mapping.Modify"]])
+    with pytest.raises(AssertionError, match="DELETE /cluster/mapping/pci/"):
+        test_declared_permissions_match_the_schema("9")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpunode.lab.pvesim import schema
+from gpunode.lab.pvesim import perms, schema
 from gpunode.lab.pvesim.messages import msg
 from gpunode.lab.pvesim.state import (
     PveError,
@@ -163,7 +163,11 @@ class Api:
         errors = schema.validate(params, table, formats)
         if errors:
             raise param_error(errors)
-        return fn(auth or Auth("", False), params)
+        auth = auth or Auth("", False)
+        # the method's declared permissions, checked before its code runs
+        perms.run_check(self.sim, perms.declared(method, template, self.sim.version),
+                        auth.user, params)
+        return fn(auth, params)
 
     # ---- helpers ------------------------------------------------------------------------
     def _vm(self, params: dict[str, Any]) -> Vm:
@@ -339,8 +343,6 @@ class Api:
 
     def create_user(self, auth: Auth, p: dict[str, Any]) -> Any:
         userid = p["userid"]
-        realm = userid.rsplit("@", 1)[-1]
-        self._perm(auth, f"/access/realm/{realm}", ["Realm.AllocateUser"])
         with self.sim.lock:
             if userid in self.sim.users:
                 raise PveError(500, msg("user_exists", user=userid))
@@ -350,8 +352,6 @@ class Api:
 
     def create_token(self, auth: Auth, p: dict[str, Any]) -> Any:
         userid, tokenid = p["userid"], p["tokenid"]
-        if auth.user.split("!")[0] != userid:
-            self._perm(auth, "/access/groups", ["User.Modify"])
         if userid not in self.sim.users:
             raise PveError(500, msg("no_user", user=userid))
         full = f"{userid}!{tokenid}"
@@ -367,7 +367,6 @@ class Api:
 
     def update_acl(self, auth: Auth, p: dict[str, Any]) -> Any:
         path = p["path"]
-        self._perm(auth, path, ["Permissions.Modify"])
         roles = [r for r in str(p["roles"]).split(",") if r]
         for r in roles:
             if r not in self.sim.roles:
@@ -447,7 +446,6 @@ class Api:
         return out
 
     def hardware_pci(self, auth: Auth, p: dict[str, Any]) -> Any:
-        self._perm(auth, "/", ["Sys.Audit", "Sys.Modify"], True)
         blacklist = [c for c in str(p.get("pci-class-blacklist", "05;06;0b")).split(";") if c]
         verbose = p.get("verbose", "1") == "1"
         out = []
@@ -500,7 +498,6 @@ class Api:
         return checks
 
     def mapping_create(self, auth: Auth, p: dict[str, Any]) -> Any:
-        self._perm(auth, "/mapping/pci", ["Mapping.Modify"])
         mid = p["id"]
         with self.sim.lock:
             if mid in self.sim.mappings:
@@ -514,8 +511,6 @@ class Api:
 
     def mapping_get(self, auth: Auth, p: dict[str, Any]) -> Any:
         mid = p["id"]
-        self._perm(auth, f"/mapping/pci/{mid}",
-                   ["Mapping.Audit", "Mapping.Use", "Mapping.Modify"], True)
         if mid not in self.sim.mappings:
             raise PveError(500, msg("mapping_missing", id=mid))
         out = self._mapping_out(mid)
@@ -524,7 +519,6 @@ class Api:
 
     def mapping_update(self, auth: Auth, p: dict[str, Any]) -> Any:
         mid = p["id"]
-        self._perm(auth, f"/mapping/pci/{mid}", ["Mapping.Modify"])
         with self.sim.lock:
             if mid not in self.sim.mappings:
                 raise PveError(500, msg("mapping_missing", id=mid))
@@ -542,7 +536,6 @@ class Api:
 
     def mapping_delete(self, auth: Auth, p: dict[str, Any]) -> Any:
         mid = p["id"]
-        self._perm(auth, f"/mapping/pci/{mid}", ["Mapping.Modify"])
         with self.sim.lock:
             self.sim.mappings.pop(mid, None)
         return None
@@ -657,7 +650,6 @@ class Api:
 
     def get_config(self, auth: Auth, p: dict[str, Any]) -> Any:
         vm = self._vm(p)
-        self._perm(auth, f"/vms/{vm.vmid}", ["VM.Audit"])
         conf = dict(vm.config)
         if p.get("current") != "1":
             conf.update(vm.pending)
@@ -669,7 +661,6 @@ class Api:
 
     def pending(self, auth: Auth, p: dict[str, Any]) -> Any:
         vm = self._vm(p)
-        self._perm(auth, f"/vms/{vm.vmid}", ["VM.Audit"])
         cur = _typed(vm.config, self.sim.version)
         pend = _typed(vm.pending, self.sim.version)
         out = []
@@ -772,11 +763,6 @@ class Api:
         sim = self.sim
         src = self._vm(p)
         newid = int(p["newid"])
-        self._perm(auth, f"/vms/{src.vmid}", ["VM.Clone"])
-        if "pool" in p:
-            self._perm(auth, f"/pool/{p['pool']}", ["VM.Allocate"])
-        else:
-            self._perm(auth, f"/vms/{newid}", ["VM.Allocate"])
         full = p.get("full", "0" if src.template else "1") == "1"
         if not src.template and not full:  # only base volumes have the 'clone' feature
             for opt in sorted(src.config):
@@ -864,7 +850,6 @@ class Api:
     def template(self, auth: Auth, p: dict[str, Any]) -> Any:
         sim = self.sim
         vm = self._vm(p)
-        self._perm(auth, f"/vms/{vm.vmid}", ["VM.Allocate"])
         with sim.lock:
             self._check_lock(vm, p)
             if vm.template:
@@ -898,7 +883,6 @@ class Api:
         sim = self.sim
         vm = self._vm(p)
         self._root_only(auth, p, "skiplock")
-        self._perm(auth, f"/vms/{vm.vmid}", ["VM.Config.Disk"])
         disk = p["disk"]
 
         def body(task: Task) -> None:  # resize_vm: every check is in the worker's $updatefn
@@ -971,7 +955,6 @@ class Api:
 
     def status_current(self, auth: Auth, p: dict[str, Any]) -> Any:
         vm = self._vm(p)
-        self._perm(auth, f"/vms/{vm.vmid}", ["VM.Audit"])
         d = self._status_dict(vm)
         d["qmpstatus"] = vm.status
         d["ha"] = {"managed": 0}
@@ -989,7 +972,6 @@ class Api:
         self._root_only(auth, p, "skiplock", "stateuri", "migratedfrom", "targetstorage",
                         "force-cpu", "migration_network", "migration_type", "nets-host-mtu",
                         "with-conntrack-state")
-        self._perm(auth, f"/vms/{vm.vmid}", ["VM.PowerMgmt"])
         return self._start_worker(vm, auth, p)
 
     def _start_worker(self, vm: Vm, auth: Auth, p: dict[str, Any]) -> str:
@@ -1131,7 +1113,6 @@ class Api:
     def stop(self, auth: Auth, p: dict[str, Any]) -> Any:
         vm = self._vm(p)
         self._root_only(auth, p, "skiplock", "keepActive", "migratedfrom")
-        self._perm(auth, f"/vms/{vm.vmid}", ["VM.PowerMgmt"])
         sim = self.sim
 
         def body(task: Task) -> None:  # vm_stop_nolock: a stopped VM is fine, then the lock
@@ -1152,7 +1133,6 @@ class Api:
     def shutdown(self, auth: Auth, p: dict[str, Any]) -> Any:
         vm = self._vm(p)
         self._root_only(auth, p, "skiplock", "keepActive")
-        self._perm(auth, f"/vms/{vm.vmid}", ["VM.PowerMgmt"])
         sim = self.sim
         timeout = float(p.get("timeout", 60))
         force = p.get("forceStop") == "1"
@@ -1178,7 +1158,6 @@ class Api:
 
     def reboot(self, auth: Auth, p: dict[str, Any]) -> Any:
         vm = self._vm(p)
-        self._perm(auth, f"/vms/{vm.vmid}", ["VM.PowerMgmt"])
         sim = self.sim
         self._sync_status(vm)
         if vm.status != "running":  # vm_reboot checks this before forking
@@ -1213,7 +1192,6 @@ class Api:
         sim = self.sim
         vm = self._vm(p)
         self._root_only(auth, p, "skiplock")
-        self._perm(auth, f"/vms/{vm.vmid}", ["VM.Allocate"])
         with sim.lock:
             self._sync_status(vm)
             if vm.config.get("protection") == "1":
@@ -1275,11 +1253,6 @@ class Api:
     # ---- agent --------------------------------------------------------------------------
     def _agent(self, auth: Auth, p: dict[str, Any], command: str) -> Any:
         vm = self._vm(p)
-        if self.sim.version == "9":
-            self._perm(auth, f"/vms/{vm.vmid}",
-                       ["VM.GuestAgent.Audit", "VM.GuestAgent.Unrestricted"], True)
-        else:
-            self._perm(auth, f"/vms/{vm.vmid}", ["VM.Monitor"])
         # Agent.pm agent_available: `agent` absent -> not configured; present but disabled ->
         # qemu has no agent channel, so "not running"
         if "agent" not in vm.config:
@@ -1306,8 +1279,6 @@ class Api:
     # ---- storage ------------------------------------------------------------------------
     def storage_content(self, auth: Auth, p: dict[str, Any]) -> Any:
         store = p["storage"]
-        self._perm(auth, f"/storage/{store}", ["Datastore.Audit", "Datastore.AllocateSpace"],
-                   True)
         if store not in self.sim.storages:
             raise PveError(500, msg("no_storage", storage=store))
         out = []
@@ -1328,11 +1299,6 @@ class Api:
     def download_url(self, auth: Auth, p: dict[str, Any]) -> Any:
         sim = self.sim
         store = p["storage"]
-        self._perm(auth, f"/storage/{store}", ["Datastore.AllocateTemplate"])
-        if not (sim.has_perm(auth.user, "/", ["Sys.Audit", "Sys.Modify"], False)
-                or sim.has_perm(auth.user, f"/nodes/{p['node']}", ["Sys.AccessNetwork"])):
-            raise PveError(403, msg("perm", path=f"/nodes/{p['node']}",
-                                    priv="Sys.AccessNetwork"))
         st = sim.storages.get(store)
         if st is None:
             raise PveError(500, msg("no_storage", storage=store))
