@@ -175,13 +175,19 @@ def test_model_cache_in_data_directory_passes(tmp_path, path):
 
 # 6. alias bomb --------------------------------------------------------------------------------
 
-def test_alias_bomb_fails_fast(tmp_path):
+def alias_bomb(tmp_path: Path) -> Path:
+    """Under 1 KB of YAML that expands to 2**23 strings."""
     lines = ["a0: &a0 [lol, lol]"]
     lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 23)]
     lines += ["nodes: {gpu01: {connection: {address: *a22}}}"]
     path = tmp_path / "bomb.yaml"
     path.write_text("\n".join(lines) + "\n")
     assert path.stat().st_size < 1024
+    return path
+
+
+def test_alias_bomb_fails_fast(tmp_path):
+    path = alias_bomb(tmp_path)
     start = time.monotonic()
     with pytest.raises(SiteError) as info:
         load_site(path)
@@ -369,11 +375,7 @@ def test_validate_command_refuses_the_alias_bomb(tmp_path):
 
     from gpunode.cli import app
 
-    lines = ["a0: &a0 [lol, lol]"]
-    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]" for i in range(1, 23)]
-    lines += ["nodes: {gpu01: {connection: {address: *a22}}}"]
-    path = tmp_path / "bomb.yaml"
-    path.write_text("\n".join(lines) + "\n")
+    path = alias_bomb(tmp_path)
     start = time.monotonic()
     result = CliRunner().invoke(app, ["validate", "--site", str(path)])
     assert time.monotonic() - start < 1.0
