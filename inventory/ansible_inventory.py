@@ -11,11 +11,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from gpunode.inventory import SiteError, load_site, to_ansible  # noqa: E402
+from gpunode.lock import locked_site  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     try:
-        inventory = to_ansible(load_site())
+        inventory = to_ansible(locked_site(load_site()))  # <site>.lock applied
     except SiteError as exc:
         print("\n".join(exc.lines), file=sys.stderr)
         return 2

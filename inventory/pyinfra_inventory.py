@@ -11,9 +11,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from gpunode.inventory import SiteError, load_site, to_pyinfra  # noqa: E402
+from gpunode.lock import locked_site  # noqa: E402
 
 try:
-    _groups = to_pyinfra(load_site())
+    _groups = to_pyinfra(locked_site(load_site()))  # <site>.lock applied
 except SiteError as _exc:
     print("\n".join(_exc.lines), file=sys.stderr)
     raise SystemExit(2) from None

@@ -35,6 +35,7 @@ from gpunode.hostcmd import (
     user_command,
     venv_command,
 )
+from gpunode.manifest import GPU_IDS_COMMAND, GPU_IDS_KEY, manifest_file, write_command
 from gpunode.model import NodeProfile
 from gpunode.render import MANAGED_HEADER, TEMPLATES
 from gpunode.topology import Gpu
@@ -167,6 +168,7 @@ def spec(p: NodeProfile) -> dict[str, Any]:
     s["globs"] = ["/etc/vllm/*.yaml", "/etc/systemd/system/multi-user.target.wants/*"]
     s["commands"] = {f"grep:{d.RUNTIME_CONFIG[r]}": d.runtime_probe(d.RUNTIME_CONFIG[r])
                      for r in p.container_toolkit.runtimes if r != "podman"}
+    s["commands"][GPU_IDS_KEY] = GPU_IDS_COMMAND  # for the manifest
     return s
 
 
@@ -320,7 +322,16 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "directories_ok": {x["path"]: _dir_ok(snap, x) for x in want["vllm"]["directories"]},
         "reboot_reasons": reboot_reasons(p, snap),
         "reboot_message": reboot_message(p, reboot_reasons(p, snap)),
+        "manifest": _manifest_job(p, snap),
     }
+
+
+def _manifest_job(p: NodeProfile, snap: Snapshot) -> dict[str, Any]:
+    """The node manifest (gpunode.manifest) from this snapshot, and whether the host has it."""
+    f = manifest_file(p, snap.data)
+    return {"path": f.path, "content": f.content, "mode": f"{f.mode:04o}",
+            "command": write_command(f),
+            "ok": _file_ok(snap, f.path, sha256(f.content), f"{f.mode:04o}", f.owner, f.group)}
 
 
 def _read_key(path: str) -> str | None:

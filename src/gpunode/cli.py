@@ -126,8 +126,10 @@ def sizing_findings(site: Site) -> tuple[list[str], list[str]]:
 
 def open_site(site: str | None, deep: bool = True) -> Site:
     """Load and validate a site; bad input exits 2 with one line per problem."""
+    from gpunode.lock import locked_site
+
     try:
-        loaded = load_site(site)
+        loaded = locked_site(load_site(site))  # <site>.lock, when present: checked, applied
     except SiteError as exc:
         raise fail_input(exc.lines) from None
     if deep:
@@ -149,8 +151,10 @@ def validate(
     = False,
 ) -> None:
     """Validate the site file, size every vLLM service, and print a per-node summary."""
+    from gpunode.lock import locked_site
+
     try:
-        loaded = load_site(site)
+        loaded = locked_site(load_site(site))  # and its lock, when there is one
     except SiteError as exc:
         raise fail_input(exc.lines) from None
     sized = size_services(loaded)
@@ -264,6 +268,9 @@ _mount("gpunode.lab.cli", "lab", "Local test VMs (qemu) and the simulated NVIDIA
 _mount("gpunode.sizing.cli", "sizing", "Will a model fit? vLLM memory and KV-cache planner.")
 _mount("gpunode.deploy_cli", "deploy", "Converge nodes (pyinfra or Ansible).")
 _mount("gpunode.checks_cli", "check", "Prove nodes match their profiles (testinfra).")
+_mount("gpunode.lock_cli", "lock", "Resolve open versions into <site>.lock (reproducible nodes).")
+_mount("gpunode.lock_cli", "manifest", "Print the manifest the deploy wrote on a node.")
+_mount("gpunode.lock_cli", "drift", "Compare nodes with their lock, files and siblings.")
 _mount("gpunode.proxmox.cli", "provision", "Create or converge Proxmox GPU VMs.")
 _mount("gpunode.proxmox.cli", "destroy", "Remove Proxmox VMs of pve-guest nodes.")
 _mount("gpunode.proxmox.cli", "rebuild", "Destroy, provision, deploy and check one VM.")

@@ -158,6 +158,7 @@ def managed_paths(p: NodeProfile) -> list[str]:
               "/etc/containerd/config.toml", "/etc/crio/crio.conf.d/99-nvidia.toml"]
     paths += ["/etc/vllm", "/etc/vllm/credentials", "/var/lib/vllm", p.vllm.model_cache]
     paths += [stamp_path(name) for name in ("initramfs", "grub", "cdi", "vllm-venv")]
+    paths.append(f"{STAMPS}/manifest.json")  # gpunode.manifest.MANIFEST_PATH
     return paths
 
 

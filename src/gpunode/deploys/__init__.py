@@ -1,6 +1,6 @@
 """pyinfra deploys, one per concern, each taking the NodeProfile explicitly. The order
 is the order of `deploy_node`: base, tuning, nvidia_driver, reboot, gpu_settings, cuda,
-container_toolkit, dcgm, vllm."""
+container_toolkit, dcgm, vllm, manifest."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def deploy_node(p: NodeProfile) -> None:
         cuda,
         dcgm,
         gpu_settings,
+        manifest,
         nvidia_driver,
         reboot,
         tuning,
@@ -40,3 +41,4 @@ def deploy_node(p: NodeProfile) -> None:
     dcgm.deploy_dcgm(p)
     tuning.deploy_irq_placement(p)
     vllm.deploy_vllm(p)
+    manifest.deploy_manifest(p)

@@ -33,6 +33,7 @@ from gpunode.hostcmd import (
     stamped_command,
     unit_names,
 )
+from gpunode.manifest import GPU_IDS_COMMAND, GPU_IDS_KEY
 from gpunode.model import NodeProfile
 
 _CACHE: dict[str, Snapshot] = {}
@@ -47,6 +48,7 @@ def snapshot(p: NodeProfile) -> Snapshot:
         spec["globs"] = ["/etc/vllm/*.yaml", "/etc/systemd/system/multi-user.target.wants/*"]
         spec["commands"] = {f"grep:{desired.RUNTIME_CONFIG[r]}": desired.runtime_probe(
             desired.RUNTIME_CONFIG[r]) for r in p.container_toolkit.runtimes if r != "podman"}
+        spec["commands"][GPU_IDS_KEY] = GPU_IDS_COMMAND  # for the manifest
         data = host.get_fact(NodeSnapshot, spec_json=json.dumps(spec, sort_keys=True))
         snap = _CACHE[host.name] = Snapshot(data)
     return snap
