@@ -171,6 +171,9 @@ def _moves(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                            ((old.get(name) or {}).get(g) or {}).get("packages", {}).items()})
             after.update({f"py:{k}": v["version"] for k, v in
                           ((new.get(name) or {}).get(g) or {}).get("packages", {}).items()})
+        if not before and after:
+            out.append(f"{name}: {len(after)} package(s) locked")
+            continue
         for pkg in sorted(set(before) | set(after)):
             if before.get(pkg) != after.get(pkg):
                 out.append(f"{name}: {pkg} {before.get(pkg) or '-'} -> {after.get(pkg) or '-'}")
