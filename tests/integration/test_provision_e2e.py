@@ -11,10 +11,13 @@ test_deploy.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,24 @@ def plan_of(site: Path) -> list[tuple[str, str]]:
     assert proc.returncode == 0, proc.stderr
     node = json.loads(proc.stdout)["nodes"][0]
     return [(c["action"], c["key"]) for c in node["plan"]]
+
+
+@contextlib.contextmanager
+def hold_ports_below(port: int, first: int = 2222) -> Iterator[None]:
+    held = []
+    try:
+        for p in range(first, port):
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", p))
+                sock.listen(1)
+                held.append(sock)
+            except OSError:
+                sock.close()
+        yield
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def vm_exists(pve: Any) -> bool:
@@ -129,7 +150,12 @@ def test_provision_deploy_check_rebuild_destroy(e2e_site, lab):
     assert plan_of(write(memory_mib=3072)) == [("set", "memory"), ("restart", "memory")]
     site = write(memory_mib=2048)
 
-    proc = gpunode("rebuild", NODE, "--site", str(site))
+    # A real site gives a CI node a static address (ipconfig0) or a DNS name; the lab's
+    # stand-in is the forwarded SSH port, which the lab picks anew (the lowest free one)
+    # when pvesim boots the re-created VM. Holding the free ports below the VM's port for
+    # the rebuild makes the lab pick the same one again.
+    with hold_ports_below(port):
+        proc = gpunode("rebuild", NODE, "--site", str(site))
     assert pve.ssh_endpoint(VMID) == (host, port), \
         "the lab gave the rebuilt VM another SSH port than the site names"
     assert proc.returncode == 0, proc.stdout + proc.stderr
