@@ -53,6 +53,13 @@ def key_path(p: NodeProfile, site_path: Path) -> Path | None:
     return key.resolve()
 
 
+def ssh_config_quote(value: str) -> str:
+    """An ssh_config argument: double-quoted when it holds spaces; a line break refused."""
+    if any(c in value for c in '\n\r\x00"'):
+        raise ValueError(f"refusing to write {value!r} into an ssh_config")
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
 def ssh_config_text(profiles: list[NodeProfile], site_path: Path) -> str:
     """An ssh_config with one Host block per node, named like the node."""
     blocks = []
@@ -62,7 +69,7 @@ def ssh_config_text(profiles: list[NodeProfile], site_path: Path) -> str:
                  f"    User {c.user}"]
         key = key_path(p, site_path)
         if key is not None:
-            lines.append(f"    IdentityFile {key}")
+            lines.append(f"    IdentityFile {ssh_config_quote(str(key))}")
         lines += ["    StrictHostKeyChecking no", "    UserKnownHostsFile /dev/null"]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"

@@ -288,8 +288,10 @@ def vllm_config(service: dict) -> dict:
 
 
 def vllm_environment(p_vllm: dict, service: dict) -> dict[str, str]:
-    """Environment of one service (no secrets: the API key arrives as a credential)."""
-    env = {
+    """Environment of one service (no secrets: the API key arrives as a credential). The
+    site's extra_env comes first and gpunode's own values last, so they always win."""
+    env = dict(service.get("extra_env", {}))
+    env |= {
         "HF_HOME": p_vllm["model_cache"],
         "HF_HUB_OFFLINE": "1",
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
@@ -299,7 +301,6 @@ def vllm_environment(p_vllm: dict, service: dict) -> dict[str, str]:
         "VLLM_HTTP_PORT": str(service["port"]),
         "VLLM_HTTP_HOST": "127.0.0.1" if service["host"] in ("0.0.0.0", "::") else service["host"],
     }
-    env.update(service.get("extra_env", {}))
     return dict(sorted(env.items()))
 
 

@@ -54,6 +54,18 @@ def env_quote(value: Any) -> str:
     return f'"{escaped}"'
 
 
+def pam_memlock(value: Any) -> str:
+    """LimitMEMLOCK's value (infinity, bytes, or a size with K/M/G/T) as pam_limits wants
+    it in limits.d: "unlimited" or KiB."""
+    text = str(value)
+    if text == "infinity":
+        return "unlimited"
+    units = {"K": 1, "M": 1024, "G": 1024**2, "T": 1024**3}
+    if text[-1:] in units:
+        return str(int(text[:-1]) * units[text[-1]])
+    return str(int(text) // 1024)
+
+
 def unit_word(value: Any) -> str:
     """A unit-file value that must be one plain word (User=, Group=): refused otherwise."""
     text = str(value)
@@ -151,5 +163,6 @@ FILTERS = {
     "json_compact": to_json_compact,
     "env_quote": env_quote,
     "unit_word": unit_word,
+    "pam_memlock": pam_memlock,
     "systemd_quote": systemd_quote,
 }

@@ -84,10 +84,12 @@ def test_hold_set_is_the_branch_driver_packages():
 
 
 def test_sysctls_merge_profile_over_defaults_and_numa_follows_pinning():
-    p = profile(tuning={"sysctl": {"vm.swappiness": 1, "net.core.somaxconn": 4096}},
+    p = profile(tuning={"sysctl": {"vm.dirty_ratio": 20, "net.core.somaxconn": 4096},
+                        "swappiness": 1},
                 vllm={"services": [{"name": "a", "model": "/m", "gpus": [0]}]})
     values = desired.sysctls(p)
     assert values["vm.swappiness"] == "1"
+    assert values["vm.dirty_ratio"] == "20"  # the site's map over gpunode's defaults
     assert values["kernel.numa_balancing"] == "0"
     assert desired.sysctls(profile())["kernel.numa_balancing"] == "1"
 

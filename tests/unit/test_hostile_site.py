@@ -381,3 +381,112 @@ def test_validate_command_refuses_the_alias_bomb(tmp_path):
     assert time.monotonic() - start < 1.0
     assert result.exit_code == 2, result.output
     assert "alias bomb" in result.output
+
+
+# --- review findings --------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["LD_PRELOAD", "LD_LIBRARY_PATH", "GLIBC_TUNABLES",
+                                 "CUDA_VISIBLE_DEVICES", "HF_HOME", "HF_HUB_OFFLINE",
+                                 "CREDENTIALS_DIRECTORY", "PYTHONPATH", "ld_preload"])
+def test_extra_env_cannot_override_what_gpunode_sets_or_load_code(tmp_path, key):
+    refused(tmp_path, lambda d: svc(d).update(extra_env={key: "/var/lib/vllm/x"}),
+            "nodes.gpu01.vllm.services[0].extra_env")
+
+
+def test_lower_case_proxy_variables_pass(tmp_path):
+    load_site(site_with(tmp_path, lambda d: svc(d).update(
+        extra_env={"https_proxy": "http://proxy.example:3128", "no_proxy": "localhost"})))
+
+
+def test_managed_environment_wins_and_root_command_gets_none():
+    p = load_site(REPO / "inventory" / "examples" / "bare-metal.yaml").nodes["gpu01"]
+    data = p.model_dump(mode="json")
+    data["vllm"]["services"][0]["extra_env"] = {"HF_HOME": "/tmp/evil"}  # past validation
+    env = render("vllm/service.env.j2", data, service=data["vllm"]["services"][0])
+    assert f"HF_HOME={p.vllm.model_cache}\n" in env and "/tmp/evil" not in env
+    unit = render("vllm/vllm@.service.j2", p)
+    assert "ExecStartPre=-+/usr/bin/env -i /usr/bin/nvidia-modprobe" in unit
+
+
+@pytest.mark.parametrize("path", ["/usr/local/sbin", "/usr/local/lib/x", "/var/lib/cloud/x",
+                                  "/var/lib/polkit-1/x", "/opt/cni/bin", "/var/lib/gpunode/x",
+                                  "/home/alice/hf"])
+def test_model_cache_never_where_root_runs_from(tmp_path, path):
+    refused(tmp_path, lambda d: node(d)["vllm"].update(model_cache=path),
+            "nodes.gpu01.vllm.model_cache")
+
+
+@pytest.mark.parametrize("path", ["/raid/hf", "/data", "/models", "/nvme/cache"])
+def test_dedicated_model_mounts_pass(tmp_path, path):
+    load_site(site_with(tmp_path, lambda d: node(d)["vllm"].update(model_cache=path)))
+
+
+@pytest.mark.parametrize("prefix", ["/var/lib/vllm/hf", "/var/lib/vllm/venvs"])
+def test_prefix_outside_the_service_users_directories(tmp_path, prefix):
+    refused(tmp_path, lambda d: node(d)["vllm"].update(prefix=prefix), "nodes.gpu01.vllm.prefix",
+            "outside")
+
+
+@pytest.mark.parametrize("user", ["root", "daemon", "nobody", "systemd-network"])
+def test_service_user_is_an_account_of_its_own(tmp_path, user):
+    refused(tmp_path, lambda d: node(d)["vllm"].update(user=user), "nodes.gpu01.vllm.user")
+
+
+def test_service_user_is_not_the_ssh_user(tmp_path):
+    refused(tmp_path, lambda d: node(d)["vllm"].update(user="deploy") or
+            node(d)["connection"].update(user="deploy"), "nodes.gpu01.vllm.user", "SSH user")
+
+
+@pytest.mark.parametrize("host", ["fe80::1%eth0\nExecStartPre=x", "fe80::1%$(reboot)",
+                                  "fe80::1%a b"])
+def test_ipv6_scope_is_an_interface_name(tmp_path, host):
+    refused(tmp_path, lambda d: svc(d).update(host=host), "nodes.gpu01.vllm.services[0].host")
+
+
+def test_ipv6_listen_addresses_pass(tmp_path):
+    load_site(site_with(tmp_path, lambda d: svc(d).update(host="::")))
+
+
+@pytest.mark.parametrize("args", [{"pipeline-parallel-size": "2"},
+                                  {"pipeline-parallel-size": True},
+                                  {"enable_prefix_caching": True, "enable-prefix-caching": False},
+                                  {"download-dir": "/tmp"}, {"uds": "/run/x.sock"}])
+def test_extra_args_cannot_undo_the_typed_fields(tmp_path, args):
+    refused(tmp_path, lambda d: svc(d).update(extra_args=args),
+            "nodes.gpu01.vllm.services[0].extra_args")
+
+
+@pytest.mark.parametrize("name", ["all", "ungrouped", "gpu01"])
+def test_reserved_or_clashing_group_names(tmp_path, name):
+    refused(tmp_path, lambda d: d["groups"].update({name: {}}), f"groups.{name}")
+
+
+@pytest.mark.parametrize("key", ["kernel.modprobe", "kernel.core_pattern", "vm.swappiness",
+                                 "vm.nr_hugepages"])
+def test_sysctls_that_run_programs_or_have_fields(tmp_path, key):
+    refused(tmp_path, lambda d: d["defaults"]["tuning"]["sysctl"].update({key: "1"}),
+            "defaults.tuning.sysctl")
+
+
+def test_memlock_size_is_written_in_kib_for_pam(tmp_path):
+    p = load_site(site_with(tmp_path, lambda d: d["defaults"]["tuning"].update(
+        limits={"memlock": "64G"}))).nodes["gpu01"]
+    assert "memlock   67108864\n" in render("tuning/60-gpunode-limits.conf.j2", p)
+
+
+def test_recorded_guest_address_is_validated(tmp_path):
+    import json
+
+    from gpunode.proxmox.run import addresses_path, use_recorded_addresses
+
+    doc = yaml.safe_load((REPO / "inventory" / "examples" / "proxmox.yaml").read_text())
+    doc["nodes"]["gpuvm1"]["connection"]["address"] = "auto"
+    path = tmp_path / "pve.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    site = load_site(path)
+    record = addresses_path(path)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"gpuvm1": {"address": "10.0.0.5\n  ProxyCommand sh -c id"}}))
+    missing = use_recorded_addresses(site)
+    assert site.nodes["gpuvm1"].connection.address == "auto"
+    assert any("not an IP address or host name" in m for m in missing)

@@ -51,6 +51,8 @@ def _ansible_connection(p: NodeProfile) -> dict[str, Any]:
 def to_ansible(site: Site) -> dict[str, Any]:
     """`ansible-inventory --list` JSON: groups from the site, node in hostvars."""
     inv: dict[str, Any] = {
+        # Connection values stay plain (testinfra's ansible backend reads them from
+        # ansible-inventory as they are); the model allows no template syntax in them.
         "_meta": {"hostvars": {name: {**_ansible_connection(p),
                                       "node": ansible_unsafe(node_data(p)),
                                       "gpunode_site": str(site.path.resolve())}

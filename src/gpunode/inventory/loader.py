@@ -114,6 +114,10 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+#: Problems reported at most (a generated file can hold thousands of the same mistake).
+MAX_PROBLEMS = 200
+#: Group names the engines define themselves.
+RESERVED_GROUPS = frozenset({"all", "ungrouped"})
 #: The most values a site document may expand to through aliases (a large site has a few
 #: thousand); beyond it, loading would take exponential time and memory.
 MAX_YAML_NODES = 200_000
@@ -365,13 +369,19 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
     site_path = resolve_site_path(path)
     raw = read_yaml(site_path)
     lines: list[str] = []
+    seen: set[str] = set()
 
     def report(layer_keys: list[Any], field_path: str, message: str) -> None:
         line = _line_of(raw, layer_keys)
         where = f"{site_path}:{line}" if line else str(site_path)
         entry = f"{where}: {field_path}: {message}" if field_path else f"{where}: {message}"
-        if entry not in lines:
+        if entry not in seen and len(lines) < MAX_PROBLEMS:
+            seen.add(entry)
             lines.append(entry)
+        elif len(lines) == MAX_PROBLEMS and entry not in seen:
+            seen.add(entry)
+            lines.append(f"{site_path}: more problems not shown (the first {MAX_PROBLEMS} are "
+                         "above)")
 
     if not isinstance(raw, dict):
         raise SiteError([f"{site_path}: a site file is a mapping with keys {', '.join(SITE_KEYS)}"])
@@ -408,6 +418,12 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
         if not isinstance(gname, str) or not re.fullmatch(GROUP_NAME, gname):
             report(["groups", gname], f"groups.{gname}", "group names are lower-case letters, "
                    "digits and _ (they become Ansible group names)")
+        elif gname in RESERVED_GROUPS:
+            report(["groups", gname], f"groups.{gname}", f"{gname!r} is a group Ansible and "
+                   "pyinfra define themselves; choose another name")
+        elif isinstance(nodes, dict) and gname in nodes:
+            report(["groups", gname], f"groups.{gname}", f"{gname!r} is also a node name; "
+                   "Ansible keeps hosts and groups in one namespace")
         if gdata is not None and not isinstance(gdata, dict):
             report(["groups", gname], f"groups.{gname}", "must be a mapping")
             continue

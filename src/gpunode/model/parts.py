@@ -7,7 +7,17 @@ import difflib
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from gpunode.model.types import (
     ControlPath,
@@ -16,12 +26,12 @@ from gpunode.model.types import (
     HttpsUrl,
     IpAddress,
     PosixName,
+    PrefixDir,
     Quoted,
     Revision,
     Size,
     SysctlValue,
     Url,
-    Word,
     abs_path,
 )
 
@@ -35,13 +45,29 @@ SHA256 = r"^[0-9a-f]{64}$"
 #: ...); vLLM's thresholds such as *_TOKEN_THRESHOLD or --return-tokens-as-token-ids pass.
 SECRET_FLAG = re.compile(r"(^|-)(token|api-key|access-key)$|secret|passw")
 SECRET_ENV = re.compile(r"(^|_)(TOKEN|API_KEY|ACCESS_KEY|ACCESS_KEY_ID)$|SECRET|PASSW")
+#: Environment gpunode sets itself (desired.vllm_environment and the placement drop-in).
+MANAGED_ENV = frozenset({"HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+                         "TRANSFORMERS_CACHE", "CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES",
+                         "NVIDIA_VISIBLE_DEVICES", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",
+                         "PYTHONUNBUFFERED", "VLLM_HTTP_PORT", "VLLM_HTTP_HOST",
+                         "CREDENTIALS_DIRECTORY", "VLLM_CACHE_ROOT", "XDG_CACHE_HOME", "HOME",
+                         "PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"})
+#: Variables that change which code a process loads.
+RISKY_ENV = re.compile(r"^(LD_|GLIBC_TUNABLES$|GCONV_PATH$|MALLOC_|PYTHONPATH$|BASH_ENV$|ENV$)",
+                       re.IGNORECASE)
+#: vLLM options that would undo what the profile guarantees, with the reason.
+BYPASS_FLAGS = {
+    "download-dir": "models live in vllm.model_cache (HF_HOME), which the units may write",
+    "uds": "the service listens on its host and port, where gpunode checks its health",
+    "allowed-local-media-path": "it lets API clients read files on the host",
+}
 #: vLLM options that multiply the GPUs one server uses (with tensor_parallel_size).
 PARALLEL_FLAGS = ("pipeline-parallel-size", "data-parallel-size")
 MAPPING_NAME = r"^[a-zA-Z][a-zA-Z0-9_-]{0,127}$"
 #: Names a service is served under (/v1/models): model-id characters, org/name allowed.
 SERVED_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
 SSH_PUBLIC_KEY = (r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh.com|"
-                  r"sk-ecdsa-sha2-nistp256@openssh.com) [A-Za-z0-9+/]+={0,3}( [A-Za-z0-9._@+:=-]*)?$")
+                  r"sk-ecdsa-sha2-nistp256@openssh.com) [A-Za-z0-9+/]+={0,3}( [A-Za-z0-9._@+:= -]*)?$")
 IPCONFIG = (r"^(ip=(dhcp|[0-9.]+/[0-9]{1,2})(,gw=[0-9.]+)?)?(,?ip6=(dhcp|auto|[0-9a-fA-F:]+/[0-9]{1,3})"
             r"(,gw6=[0-9a-fA-F:]+)?)?$")
 
@@ -61,7 +87,7 @@ class Connection(Strict):
     port: Port = Field(22, description="SSH port.")
     user: PosixName = Field("root", description="SSH user.")
     key: ControlPath | None = Field(None, description="Path to the SSH private key (on the control machine).")
-    become: bool = Field(True, description="Use sudo for changes (needed unless user is root).")
+    become: StrictBool = Field(True, description="Use sudo for changes (needed unless user is root).")
 
 
 class GpuExpect(Strict):
@@ -102,11 +128,11 @@ class AppClocks(Strict):
 
 
 class GpuSettings(Strict):
-    persistence: bool = Field(True, description="Persistence mode, kept by nvidia-persistenced.")
+    persistence: StrictBool = Field(True, description="Persistence mode, kept by nvidia-persistenced.")
     power_limit_w: StrictInt | None = Field(
         None, ge=50, le=1000, description="Power limit in watts (None: leave the default)."
     )
-    ecc: bool | None = Field(
+    ecc: StrictBool | None = Field(
         None, description="ECC on/off (None: leave as is). A change needs a reboot to apply."
     )
     locked_clocks: ClockRange | None = Field(None, description="Locked graphics clocks (-lgc).")
@@ -128,9 +154,9 @@ class Nvidia(Strict):
         pattern=r"^\d{3}\.\d{1,3}(\.\d{1,3})?$",
         description="Exact driver version to pin, e.g. 580.95.05 (None: newest of the branch).",
     )
-    open_kernel_modules: bool = Field(True, description="Open GPU kernel modules (NVIDIA's default).")
-    compute_only: bool = Field(True, description="Compute-only (headless) install, no desktop parts.")
-    hold: bool = Field(True, description="apt-mark hold the driver packages.")
+    open_kernel_modules: StrictBool = Field(True, description="Open GPU kernel modules (NVIDIA's default).")
+    compute_only: StrictBool = Field(True, description="Compute-only (headless) install, no desktop parts.")
+    hold: StrictBool = Field(True, description="apt-mark hold the driver packages.")
     repo_url: Url = Field(
         "https://developer.download.nvidia.com/compute/cuda/repos",
         description="Base URL of the CUDA repository (override for mirrors and the lab); "
@@ -157,30 +183,30 @@ class Nvidia(Strict):
 
 
 class Cuda(Strict):
-    enabled: bool = Field(False, description="Install the host CUDA toolkit (vLLM does not need it).")
+    enabled: StrictBool = Field(False, description="Install the host CUDA toolkit (vLLM does not need it).")
     version: str = Field("13.0", pattern=r"^\d+\.\d+$", description="CUDA major.minor.")
 
 
 class Nccl(Strict):
-    enabled: bool = Field(False, description="Install host NCCL (libnccl2, libnccl-dev).")
+    enabled: StrictBool = Field(False, description="Install host NCCL (libnccl2, libnccl-dev).")
     version: str = Field("2.28.3", pattern=r"^\d+\.\d+\.\d+$", description="NCCL version; "
                          "the package version is <version>-1+cuda<cuda.version>.")
 
 
 class Cudnn(Strict):
-    enabled: bool = Field(False, description="Install host cuDNN 9 for the CUDA major.")
+    enabled: StrictBool = Field(False, description="Install host cuDNN 9 for the CUDA major.")
     version: str = Field("9.15.0.58", pattern=r"^9\.\d+\.\d+\.\d+$", description="cuDNN version.")
 
 
 class ContainerToolkit(Strict):
-    enabled: bool = Field(False, description="Install the NVIDIA Container Toolkit.")
+    enabled: StrictBool = Field(False, description="Install the NVIDIA Container Toolkit.")
     version: str = Field("1.18.0", pattern=r"^\d+\.\d+\.\d+(~rc\.\d+)?$",
                          description="Toolkit version (package version <version>-1).")
     runtimes: list[Literal["docker", "containerd", "podman", "crio"]] = Field(
         default_factory=list,
         description="Runtimes to configure (podman uses CDI only; its config is not touched).",
     )
-    cdi: bool = Field(True, description="Generate the CDI spec /etc/cdi/nvidia.yaml.")
+    cdi: StrictBool = Field(True, description="Generate the CDI spec /etc/cdi/nvidia.yaml.")
     repo_url: Url = Field(
         "https://nvidia.github.io/libnvidia-container/stable/deb",
         description="Container toolkit repository (when not served from repo_url's mirror).",
@@ -188,9 +214,9 @@ class ContainerToolkit(Strict):
 
 
 class Dcgm(Strict):
-    enabled: bool = Field(False, description="Install DCGM 4 (datacenter-gpu-manager-4).")
+    enabled: StrictBool = Field(False, description="Install DCGM 4 (datacenter-gpu-manager-4).")
     version: str = Field("4.4.2", pattern=r"^\d+\.\d+\.\d+$", description="DCGM version.")
-    exporter: bool = Field(False, description="Also install dcgm-exporter.")
+    exporter: StrictBool = Field(False, description="Also install dcgm-exporter.")
 
 
 class Hugepages(Strict):
@@ -206,7 +232,14 @@ class Limits(Strict):
         "K, M, G or T (powers of 1024).")
 
 
-SYSCTL_KEY = r"^[a-z0-9_]+(\.[a-zA-Z0-9_\-]+)+$"
+SYSCTL_KEY = r"^[a-z0-9_]+(\.[a-zA-Z0-9_/\-]+)+$"
+#: sysctls that name a program the kernel runs as root: never from a site.
+SYSCTL_PROGRAMS = frozenset({"kernel.modprobe", "kernel.hotplug", "kernel.poweroff_cmd",
+                             "kernel.core_pattern", "fs.suid_dumpable"})
+#: sysctls with a typed field of their own.
+SYSCTL_MANAGED = {"vm.swappiness": "tuning.swappiness",
+                  "kernel.numa_balancing": "tuning.numa_balancing",
+                  "vm.nr_hugepages": "tuning.hugepages"}
 
 
 class Tuning(Strict):
@@ -216,7 +249,7 @@ class Tuning(Strict):
         "virtual-guest in VMs.")
     governor: Literal["performance", "schedutil", "ondemand", "powersave"] | None = Field(
         "performance", description="CPU frequency governor where cpufreq exists (VMs: skipped).")
-    numa_balancing: bool | None = Field(
+    numa_balancing: StrictBool | None = Field(
         None, description="kernel.numa_balancing; None = off when services are pinned.")
     thp: Literal["always", "madvise", "never"] = Field("madvise", description="THP mode.")
     thp_defrag: Literal["always", "defer", "defer+madvise", "madvise", "never"] = Field(
@@ -226,6 +259,17 @@ class Tuning(Strict):
                  SysctlValue | StrictInt] = Field(
         default_factory=dict, description="Extra sysctls (merged over gpunode's defaults).")
     swappiness: StrictInt = Field(10, ge=0, le=200, description="vm.swappiness.")
+
+    @field_validator("sysctl")
+    @classmethod
+    def _sysctl_keys(cls, value: dict[str, object]) -> dict[str, object]:
+        for key in value:
+            if key in SYSCTL_PROGRAMS:
+                raise ValueError(f"{key} names a program the kernel runs as root (or lets "
+                                 "root-owned crashes dump); it is not set from a site")
+            if key in SYSCTL_MANAGED:
+                raise ValueError(f"{key} has its own field: {SYSCTL_MANAGED[key]}")
+        return value
     limits: Limits = Field(default_factory=Limits, description="Resource limits for vLLM units.")
     irqbalance: Literal["default", "ban-service-cpus", "disabled"] = Field(
         "ban-service-cpus", description="irqbalance policy: keep IRQs off pinned service CPUs.")
@@ -250,7 +294,7 @@ class VllmService(Strict):
     host: IpAddress = Field("127.0.0.1", description="Listen address (an IP address; "
                             "0.0.0.0 or :: for every interface).")
     port: Port = Field(8000, description="Listen port.")
-    gpu_memory_utilization: float = Field(0.92, gt=0, le=1, description="Fraction of each GPU.")
+    gpu_memory_utilization: StrictFloat = Field(0.92, gt=0, le=1, description="Fraction of each GPU.")
     max_model_len: StrictInt | None = Field(None, ge=16, description="Context length.")
     max_num_seqs: StrictInt | None = Field(None, ge=1, description="Max concurrent sequences.")
     quantization: Literal["awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "bitsandbytes",
@@ -261,7 +305,7 @@ class VllmService(Strict):
     extra_args: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*$")],
                      ScalarArg | list[ScalarArg]] = Field(
         default_factory=dict, description="Further vllm serve options (YAML config keys).")
-    extra_env: dict[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")],
+    extra_env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")],
                     Quoted] = Field(
         default_factory=dict, description="Extra environment variables.")
     api_key_file: ControlPath | None = Field(
@@ -273,7 +317,7 @@ class VllmService(Strict):
     def _model_ref(cls, value: str) -> str:
         if value.startswith("/"):
             return abs_path(value)
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}",
+        if not re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}",
                             value):
             raise ValueError("must be a Hugging Face repo id like org/name (letters, digits, "
                              ". _ -) or an absolute path")
@@ -287,8 +331,18 @@ class VllmService(Strict):
         managed = {"model", "host", "port", "served-model-name", "tensor-parallel-size",
                    "gpu-memory-utilization", "max-model-len", "max-num-seqs", "quantization",
                    "kv-cache-dtype", "dtype", "revision", "config"}
+        seen: dict[str, str] = {}
         for key in value:
             flag = key.replace("_", "-")
+            if flag in seen:
+                raise ValueError(f"{key!r} and {seen[flag]!r} are the same option")
+            seen[flag] = key
+            if flag in PARALLEL_FLAGS and (not isinstance(value[key], int)
+                                           or isinstance(value[key], bool) or value[key] < 1):
+                raise ValueError(f"{key!r} must be a positive integer (it decides how many "
+                                 "GPUs the service uses)")
+            if flag in BYPASS_FLAGS:
+                raise ValueError(f"{key!r} is not accepted: {BYPASS_FLAGS[flag]}")
             if flag == "api-key":
                 raise ValueError("api-key must not be set here; use api_key_file (the key is "
                                  "passed as a systemd credential, never in files or arguments)")
@@ -308,7 +362,14 @@ class VllmService(Strict):
     @classmethod
     def _no_secret_env(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if SECRET_ENV.search(key):
+            if key in MANAGED_ENV or key.upper() in MANAGED_ENV:
+                raise ValueError(f"{key} is set by gpunode (from the service's fields and the "
+                                 "GPU placement); set the field instead")
+            if RISKY_ENV.search(key):
+                raise ValueError(f"{key} changes how programs load or find code; the unit's "
+                                 "environment file is also read by a command that runs as "
+                                 "root, so it is not accepted here")
+            if SECRET_ENV.search(key.upper()):
                 raise ValueError(f"{key} carries a secret; secrets never go into unit or "
                                  "environment files: the API key belongs in api_key_file "
                                  "(passed as a systemd credential)")
@@ -341,6 +402,23 @@ class VllmService(Strict):
         return self.model.startswith("/")
 
 
+#: Accounts a service must never run as (root, and accounts other software owns).
+SHARED_ACCOUNTS = frozenset({"root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail",
+                             "news", "uucp", "proxy", "www-data", "backup", "list", "irc",
+                             "gnats", "nobody", "_apt", "sshd", "messagebus", "syslog",
+                             "ubuntu", "debian", "admin", "polkitd", "dnsmasq", "nvidia-persistenced"})
+
+
+def _service_user(value: str) -> str:
+    if value in SHARED_ACCOUNTS or value.startswith("systemd-"):
+        raise ValueError(f"{value!r} is root or an account other software uses; give the "
+                         "services an account of their own (e.g. vllm)")
+    return value
+
+
+ServiceUser = Annotated[PosixName, AfterValidator(_service_user)]
+
+
 def _python_version(value: str) -> str:
     if int(value.split(".")[1]) < 11:
         raise ValueError("vLLM 0.33 needs Python 3.11 or newer")
@@ -356,13 +434,14 @@ class Vllm(Strict):
     index_url: Url | None = Field(None,
                                   description="Python package index override (air-gapped/lab).")
     uv_version: str = Field("0.13.9", pattern=r"^\d+\.\d+\.\d+$", description="Pinned uv version.")
-    user: PosixName = Field("vllm", description="System user running the services.")
-    prefix: DataDir = Field("/opt/vllm", description="Install prefix (venv at <prefix>/venv); "
+    user: ServiceUser = Field("vllm", description="System user running the services (its own "
+                              "account: not root, not a shared system account).")
+    prefix: PrefixDir = Field("/opt/vllm", description="Install prefix (venv at <prefix>/venv); "
                             "a directory below /opt, /srv, /usr/local, /var/lib, ...")
     model_cache: DataDir = Field(
         "/var/lib/vllm/hf", description="Shared HF_HOME for models, owned by the service user: "
         "a directory below /var/lib, /srv, /data, /models, /mnt, ... never a system directory.")
-    bind_privileged_ports: bool = Field(
+    bind_privileged_ports: StrictBool = Field(
         False, description="Let services listen on ports below 1024 (grants "
         "CAP_NET_BIND_SERVICE to the vLLM units).")
     services: list[VllmService] = Field(default_factory=list, description="vLLM services.")
@@ -373,9 +452,9 @@ class Hostpci(Strict):
                                 description="PVE PCI resource mapping name (preferred).")
     address: str | None = Field(None, pattern=PCI_ADDRESS,
                                 description="Raw PCI address dddd:bb:ss[.f] (root@pam only).")
-    pcie: bool = Field(True, description="Attach as PCIe (needs machine q35).")
-    rombar: bool = Field(True, description="Expose the ROM BAR.")
-    x_vga: bool = Field(False, description="Primary VGA (not for compute).")
+    pcie: StrictBool = Field(True, description="Attach as PCIe (needs machine q35).")
+    rombar: StrictBool = Field(True, description="Expose the ROM BAR.")
+    x_vga: StrictBool = Field(False, description="Primary VGA (not for compute).")
 
     @model_validator(mode="after")
     def _one_of(self) -> Hostpci:
@@ -405,11 +484,13 @@ class VmSpec(Strict):
     cores: StrictInt = Field(8, ge=1, le=512, description="vCPU cores.")
     sockets: StrictInt = Field(1, ge=1, le=8, description="vCPU sockets.")
     memory_mib: StrictInt = Field(65536, ge=1024, description="Memory in MiB.")
-    numa: bool = Field(True, description="Expose NUMA to the guest.")
+    numa: StrictBool = Field(True, description="Expose NUMA to the guest.")
     hugepages: Literal["none", "2", "1024"] = Field("none", description="Back RAM with huge pages.")
     machine: Literal["q35", "pc"] = Field("q35", description="Machine type.")
     bios: Literal["ovmf", "seabios"] = Field("ovmf", description="Firmware.")
-    cpu: Word = Field("host", description="CPU type.")
+    cpu: str = Field("host", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(,[a-z-]+=[A-Za-z0-9._+;-]+)*$",
+                     description="CPU type, optionally with PVE cpu options "
+                     "(host,flags=+pdpe1gb).")
     disk_gib: StrictInt = Field(200, ge=8, description="Boot disk size.")
     storage: str = Field("local-lvm", pattern=r"^[a-zA-Z][a-zA-Z0-9._-]{0,63}$",
                          description="Storage for disks.")
@@ -417,7 +498,7 @@ class VmSpec(Strict):
                         description="Network bridge.")
     hostpci: list[Hostpci] = Field(default_factory=list, description="Passed-through devices.")
     cloud_init: CloudInit = Field(default_factory=CloudInit, description="Cloud-init settings.")
-    full_clone: bool = Field(True, description="Clone the template with independent disks "
+    full_clone: StrictBool = Field(True, description="Clone the template with independent disks "
                              "(false: a linked clone, which needs storage that supports it).")
     on_start_failure: Literal["destroy", "stop"] = Field(
         "destroy", description="When a VM that provision just created fails to start (GPU "
@@ -444,7 +525,7 @@ class PveApi(Strict):
     token_id: str = Field(pattern=r"^[A-Za-z0-9._-]+@[A-Za-z0-9._-]+![A-Za-z][A-Za-z0-9._-]*$",
                           description="user@realm!tokenid")
     token_secret_file: ControlPath = Field(description="File holding the token secret.")
-    verify_tls: bool | ControlPath = Field(True, description="Verify TLS (or a CA bundle path).")
+    verify_tls: StrictBool | ControlPath = Field(True, description="Verify TLS (or a CA bundle path).")
 
 
 class PveHost(Strict):

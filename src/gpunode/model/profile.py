@@ -116,6 +116,22 @@ def check_profile(p: NodeProfile) -> list[Problem]:
         if p.vm.hostpci and p.vm.bios != "ovmf":
             add("vm.bios", "GPU passthrough needs OVMF (UEFI)")
 
+    v = p.vllm
+    if v.services and v.user == p.connection.user:
+        add("vllm.user", f"{v.user!r} is also the SSH user gpunode logs in as; the services "
+            "need an account of their own")
+    for a, b in ((v.prefix, v.model_cache), (v.model_cache, v.prefix),
+                 (v.prefix, "/var/lib/vllm")):
+        if a == b or a.startswith(b + "/"):
+            add("vllm.prefix", f"{v.prefix} must lie outside the service user's directories "
+                f"({v.model_cache}, /var/lib/vllm) and the model cache outside it: root runs "
+                "the installer from the prefix")
+            break
+    for i, svc in enumerate(v.services):
+        if svc.local_model and (svc.model == "/home" or svc.model.startswith(("/home/", "/root/"))):
+            add(f"vllm.services[{i}].model", f"{svc.model} is hidden from the service "
+                "(its unit has ProtectHome=yes); put the model below the model cache or /srv")
+
     hp = p.tuning.hugepages
     if hp.count:
         page_mib = 2 if hp.size == "2M" else 1024

@@ -31,7 +31,7 @@ URL = re.compile(r"^(?P<scheme>https?)://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.
 REVISION = r"^[0-9a-f]{40}$"
 #: A sysctl value as the kernel takes it: words of [A-Za-z0-9_.:/+-] separated by single
 #: spaces or tabs (e.g. "4096 87380 6291456"); no pipes, quotes, newlines.
-SYSCTL_VALUE = r"^[A-Za-z0-9_.:/+-]+([ \t][A-Za-z0-9_.:/+-]+)*$"
+SYSCTL_VALUE = r"^[A-Za-z0-9_.:/+%-]+([ \t][A-Za-z0-9_.:/+%-]+)*$"
 SIZE = r"^[0-9]+[KMGT]?$"
 
 #: System directories a service's data must never be, nor live under (the deploy hands the
@@ -41,9 +41,14 @@ SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/li
                "/var/lib/dpkg", "/var/lib/systemd", "/var/lib/ucf", "/var/lib/sudo",
                "/var/lib/private", "/var/log", "/var/cache/apt", "/var/spool", "/tmp",
                "/var/tmp", "/var/run", "/var/lock")
-#: Where service data may live (model caches, install prefixes): strictly below one of these.
-DATA_ROOTS = ("/opt", "/srv", "/var/lib", "/var/cache", "/mnt", "/data", "/models",
-              "/scratch", "/home", "/usr/local")
+#: Where a directory owned by the service user may live (the model cache): below one of
+#: these, or one of the dedicated-mount roots itself. Nothing root runs from or reads as
+#: configuration is in these trees.
+DATA_ROOTS = ("/var/lib/vllm", "/var/cache/vllm", "/srv", "/mnt", "/data", "/models",
+              "/scratch", "/raid", "/nvme", "/workspace")
+DATA_MOUNTS = ("/data", "/models", "/scratch", "/raid", "/nvme", "/workspace")
+#: Where a root-owned install prefix may live: strictly below one of these.
+PREFIX_ROOTS = ("/opt", "/srv", "/usr/local", "/var/lib")
 
 
 def no_control_chars(value: str) -> str:
@@ -78,15 +83,30 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root + "/")
 
 
-def _data_dir(value: str) -> str:
-    abs_path(value)
+def _system_dir(value: str) -> None:
     for system in SYSTEM_DIRS:
         if _under(value, system) and not _under(value, "/usr/local"):
-            raise ValueError(f"{value} is a system directory (or inside one: {system}); "
-                             "service data must live elsewhere")
-    if not any(_under(value, root) and value != root for root in DATA_ROOTS):
-        raise ValueError("must be a directory strictly below one of "
-                         f"{', '.join(DATA_ROOTS)}")
+            raise ValueError(f"{value} is a system directory (or inside one: {system})")
+
+
+def _data_dir(value: str) -> str:
+    """A directory the deploy hands to the service user."""
+    abs_path(value)
+    _system_dir(value)
+    if not (value in DATA_MOUNTS
+            or any(_under(value, root) and value != root for root in DATA_ROOTS)):
+        raise ValueError(f"must be {', '.join(DATA_MOUNTS)} or a directory below one of "
+                         f"{', '.join(DATA_ROOTS)} (the service user owns it, so never a "
+                         "place root runs from)")
+    return posixpath.normpath(value)
+
+
+def _prefix_dir(value: str) -> str:
+    """A root-owned install directory."""
+    abs_path(value)
+    _system_dir(value)
+    if not any(_under(value, root) and value != root for root in PREFIX_ROOTS):
+        raise ValueError(f"must be a directory strictly below one of {', '.join(PREFIX_ROOTS)}")
     return posixpath.normpath(value)
 
 
@@ -102,7 +122,7 @@ def _control_path(value: str) -> str:
 def _host(value: str) -> str:
     no_control(value)
     try:
-        ipaddress.ip_address(value)
+        _ip(value)
         return value
     except ValueError:
         pass
@@ -112,8 +132,11 @@ def _host(value: str) -> str:
 
 
 def _ip(value: str) -> str:
+    address, _, scope = value.partition("%")
+    if "%" in value and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", scope):
+        raise ValueError("an IPv6 scope must be an interface name ([A-Za-z0-9_.-], at most 15)")
     try:
-        ipaddress.ip_address(value)
+        ipaddress.ip_address(value if not scope else f"{address}%{scope}")
     except ValueError:
         raise ValueError("must be an IPv4 or IPv6 address") from None
     return value
@@ -153,6 +176,8 @@ PosixName = Annotated[str, Field(pattern=POSIX_NAME, description="POSIX user nam
 AbsPath = Annotated[str, AfterValidator(abs_path)]
 #: A directory handed to a service user: below an allowed root, never a system directory.
 DataDir = Annotated[str, AfterValidator(_data_dir)]
+#: A root-owned install prefix.
+PrefixDir = Annotated[str, AfterValidator(_prefix_dir)]
 #: A path on the control machine (keys, secrets): absolute, ~/ or relative.
 ControlPath = Annotated[str, AfterValidator(_control_path)]
 #: Host name or IP address.

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from gpunode.model import Connection
 from gpunode.proxmox.apply import Provisioner, VmResult
 from gpunode.proxmox.client import Credentials, Pve, resolve_credentials
 from gpunode.proxmox.errors import PveError, PveInputError
@@ -244,6 +247,13 @@ def use_recorded_addresses(site: Any) -> list[str]:
                            f"but no address is recorded for it in "
                            f"{addresses_path(site.path)}: run gpunode provision {name}")
             continue
-        site.nodes[name] = p.model_copy(update={
-            "connection": p.connection.model_copy(update={"address": address})})
+        try:  # the address came from a guest: validated like a site value
+            connection = Connection.model_validate({**p.connection.model_dump(),
+                                                    "address": address})
+        except ValidationError:
+            missing.append(f"{addresses_path(site.path)}: the address recorded for {name} "
+                           f"is not an IP address or host name ({address!r}); run gpunode "
+                           f"provision {name} again")
+            continue
+        site.nodes[name] = p.model_copy(update={"connection": connection})
     return missing
