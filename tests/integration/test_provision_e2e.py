@@ -77,7 +77,7 @@ def e2e_site(pvesim_vms: Any, lab: Any, tmp_path: Path) -> Any:
     facts = labsite.prepare_lab(lab.dir)
     doc = labsite.lab_site(lab, facts)
     doc["groups"]["lab"]["vllm"]["services"] = []
-    tok = pve.create_token("e2e@pve", "provision", privsep=True,
+    tok = pve.create_token("e2e@pve", f"p{tmp_path.name[-12:].replace('_', '')}", privsep=True,
                            acl=[("/vms", "PVEVMAdmin"), ("/mapping/pci", "PVEMappingAdmin"),
                                 ("/storage", "PVEDatastoreUser"), ("/", "PVEAuditor")])
     secret = tmp_path / "pve.token"
