@@ -43,7 +43,7 @@ def booted(pvesim_vms: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pvesim-test", "-f",
                     str(key)], check=True)
     root = pve.api()
-    root.cluster.mapping.pci.post(id="a6000-0",
+    root.cluster.mapping.pci.post(id="pvesim-it-gpu0",
                                   map="node=pve1,path=0000:01:00,id=10de:2230,iommugroup=14")
     tok = pve.create_token("ci@pve", "auto", acl=[
         ("/vms", "PVEVMAdmin"), ("/mapping/pci", "PVEMappingUser"),
@@ -57,7 +57,7 @@ def booted(pvesim_vms: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         ide2="local-lvm:cloudinit", net0="virtio,bridge=vmbr0", serial0="socket",
         agent="enabled=1", ciuser=CIUSER, ciupgrade=0, ipconfig0="ip=dhcp",
         sshkeys=quote(key.with_suffix(".pub").read_text(), safe=""),
-        hostpci0="mapping=a6000-0,pcie=1"))
+        hostpci0="mapping=pvesim-it-gpu0,pcie=1"))
     assert st["exitstatus"] == "OK", st
     started = time.monotonic()
     st = _wait(api, n.qemu(VMID).status.start.post())
