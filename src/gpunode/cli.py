@@ -67,8 +67,8 @@ class ServiceSizing:
 def size_services(site: Site) -> list[ServiceSizing]:
     """Run the vLLM sizing planner on every service; say per service why when it cannot."""
     try:
-        from gpunode.sizing import check_model_service
         from gpunode.sizing.shape import SizingError, hf_hub_cache_dir
+        from gpunode.sizing.validate import check_service
     except ImportError:
         return []
     out: list[ServiceSizing] = []
@@ -79,11 +79,7 @@ def size_services(site: Site) -> list[ServiceSizing]:
                                 ran=True)
             out.append(rec)
             try:
-                findings = check_model_service(
-                    svc.model, p.gpus.model, svc.tensor_parallel_size, svc.max_model_len,
-                    svc.gpu_memory_utilization, svc.kv_cache_dtype, svc.quantization,
-                    len(svc.gpus), svc.max_num_seqs, revision=svc.revision,
-                    ecc=p.nvidia.settings.ecc)
+                findings = check_service(p, svc)
             except SizingError as exc:
                 rec.ran, rec.reason = False, str(exc)
                 continue
