@@ -24,8 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gpunode.lab import image, labsite
-from gpunode.proxmox.spec import guest_gpu_addresses
+from gpunode.lab import labsite
 
 REPO = Path(__file__).resolve().parents[2]
 VMID = 201
@@ -78,37 +77,11 @@ def e2e_site(pvesim_vms: Any, lab: Any, tmp_path: Path) -> Any:
     doc = labsite.lab_site(lab, facts)
     doc["groups"]["lab"]["vllm"]["services"] = []
     tok = pve.create_token("e2e@pve", f"p{tmp_path.name[-12:].replace('_', '')}", privsep=True,
-                           acl=[("/vms", "PVEVMAdmin"), ("/mapping/pci", "PVEMappingAdmin"),
-                                ("/storage", "PVEDatastoreUser"), ("/", "PVEAuditor")])
+                           acl=labsite.PROVISION_TOKEN_ACL)
     secret = tmp_path / "pve.token"
     secret.write_text(tok.secret + "\n")
     secret.chmod(0o600)
-    info = subprocess.run(["qemu-img", "info", "-U", "--output=json",
-                           str(image.ensure_image())], capture_output=True, text=True,
-                          check=True).stdout
-    size_gib = -(-int(json.loads(info)["virtual-size"]) // (1 << 30))
-    vm = {"pve_node": pve.node, "vmid": VMID,
-          "cloud_image": "local:import/debian-12-lab.qcow2", "cores": 2,
-          "memory_mib": 2048, "disk_gib": max(8, size_gib),
-          "hostpci": [{"mapping": "a6000-0"}, {"mapping": "a6000-1"}],
-          "cloud_init": {"user": "gpunode", "ssh_keys": [lab._pubkey().strip()]},
-          "agent_timeout_s": 900}
-    from gpunode.model.parts import VmSpec
-    doc["nodes"] = {
-        "pve1": {"kind": "pve-host", "os": "debian-12",
-                 "connection": {"address": "127.0.0.1", "user": "root"},
-                 "vllm": {"services": []},
-                 "pve": {"api": {"url": f"https://{pve.host}:{pve.port}",
-                                 "token_id": tok.full_id, "token_secret_file": str(secret),
-                                 "verify_tls": str(pve.ca_path)},
-                         "pci_mappings": [{"name": "a6000-0", "addresses": ["0000:01:00"]},
-                                          {"name": "a6000-1", "addresses": ["0000:41:00"]}]}},
-        NODE: {"groups": ["lab"], "kind": "pve-guest",
-               "connection": {"address": "127.0.0.1", "port": 22, "user": "gpunode",
-                              "key": str(lab.key_path), "become": True},
-               "gpus": {"count": 2, "pci_addresses":
-                        guest_gpu_addresses(VmSpec.model_validate(vm))},
-               "vm": vm}}
+    doc["nodes"] = labsite.pvesim_nodes(lab, pve, tok.full_id, secret, node=NODE, vmid=VMID)
     site = tmp_path / "site.yaml"
 
     def write(port: int | None = None, **vm_changes: Any) -> Path:

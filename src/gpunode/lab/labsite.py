@@ -4,7 +4,9 @@
 `prepare_guest()` gives a VM its simulated GPUs (and a local model directory, as an
 operator of an air-gapped host would copy one); `write_lab_site()` writes a site file from
 inventory/examples/lab.yaml with the VMs' connections and the mirrors' facts (keyring
-checksum, uv version, driver version) filled in."""
+checksum, uv version, driver version) filled in. `pvesim_nodes()` is the Proxmox side:
+pvesim's node `pve1` (API token, the two simulated A6000s as PCI mappings) and one GPU VM
+to provision on it from the lab image."""
 
 from __future__ import annotations
 
@@ -41,20 +43,26 @@ def prepare_lab(state_dir: Path | None = None) -> dict[str, Any]:
     return facts
 
 
-def prepare_guest(vm: VM, gpus_json: str | None = None, models: tuple[str, ...] = ()) -> None:
-    """Install the simulated GPU description and model directories in a guest."""
+def prepare_guest(vm: VM, gpus_json: str | None = None, models: tuple[str, ...] = (),
+                  write_gpus: bool = True) -> None:
+    """Install the simulated GPU description and model directories in a guest.
+    `write_gpus=False` leaves the GPUs alone (a pvesim VM: pvesim writes them from the VM's
+    hostpci devices)."""
     from gpunode.lab.sim import gpus
 
-    doc = gpus_json or gpus.to_json(gpus.default_a6000x2())
-    script = [f"install -d -m 755 {Path(GUEST_GPUS).parent}",
-              f"cat > {GUEST_GPUS} <<'GPUNODE_EOF'\n{doc.rstrip()}\nGPUNODE_EOF"]
+    script = []
+    if write_gpus:
+        doc = gpus_json or gpus.to_json(gpus.default_a6000x2())
+        script += [f"install -d -m 755 {Path(GUEST_GPUS).parent}",
+                   f"cat > {GUEST_GPUS} <<'GPUNODE_EOF'\n{doc.rstrip()}\nGPUNODE_EOF"]
     for model in models:
         script.append(f"install -d -m 755 {model} && cat > {model}/config.json <<'GPUNODE_EOF'\n"
                       f"{json.dumps(TINY_CONFIG, indent=1)}\nGPUNODE_EOF")
     # A first boot is done when cloud-init is: it restarts sshd late (host keys), which
     # otherwise drops the next SSH connection a deploy opens.
     vm.run("cloud-init status --wait >/dev/null 2>&1", timeout=900)
-    vm.check("sudo sh -c " + _quote("\n".join(script)))
+    if script:
+        vm.check("sudo sh -c " + _quote("\n".join(script)))
 
 
 def _quote(text: str) -> str:
@@ -101,3 +109,59 @@ def write_lab_site(lab: Lab, facts: dict[str, Any], out: Path,
     out.write_text("# Written by gpunode lab (SIMULATION mirrors on 10.0.2.2).\n"
                    + yaml.safe_dump(lab_site(lab, facts, base_path), sort_keys=False))
     return out
+
+
+# ---- pvesim: the simulated Proxmox VE host and a GPU VM provisioned on it -------------------
+
+#: What a provisioning token holds on pvesim (PVE roles): manage VMs, create the PCI
+#: mappings, use storage, read the node (`gpunode provision` reads hardware and resources).
+PROVISION_TOKEN_ACL = [("/vms", "PVEVMAdmin"), ("/mapping/pci", "PVEMappingAdmin"),
+                       ("/storage", "PVEDatastoreUser"), ("/", "PVEAuditor")]
+#: The lab base image as pvesim's "cloud image" (`PveSim.import_image(image, LAB_IMAGE)`).
+LAB_IMAGE = "debian-12-lab.qcow2"
+#: pvesim's two simulated RTX A6000s (node pve1), one PCI mapping each.
+A6000_MAPPINGS = [{"name": "a6000-0", "addresses": ["0000:01:00"]},
+                  {"name": "a6000-1", "addresses": ["0000:41:00"]}]
+
+
+def image_size_gib(path: Path) -> int:
+    """The virtual size of a disk image in GiB, rounded up (a VM disk may not be smaller)."""
+    import subprocess
+
+    info = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
+                          capture_output=True, text=True, check=True).stdout
+    return -(-int(json.loads(info)["virtual-size"]) // (1 << 30))
+
+
+def pvesim_nodes(lab: Lab, pve: Any, token_id: str, secret_file: Path, *, node: str,
+                 vmid: int, memory_mib: int = 2048, ssh_port: int = 22,
+                 groups: tuple[str, ...] = ("lab",)) -> dict[str, Any]:
+    """Site nodes for pvesim (a running `PveSim`): the pve-host `pve1` with its API (token
+    whose secret is in `secret_file`, pvesim's CA) and the A6000 mappings, and the
+    pve-guest `node`: VM `vmid` from the imported lab image with both GPUs, cloud-init
+    user and the lab's key, reached at 127.0.0.1:`ssh_port` (the lab's forward of the
+    guest's SSH, standing in for the address a site gives the VM)."""
+    from gpunode.lab import image
+    from gpunode.model.parts import VmSpec
+    from gpunode.proxmox.spec import guest_gpu_addresses
+
+    vm = {"pve_node": pve.node, "vmid": vmid, "cloud_image": f"local:import/{LAB_IMAGE}",
+          "cores": 2, "memory_mib": memory_mib,
+          "disk_gib": max(8, image_size_gib(image.ensure_image())),
+          "hostpci": [{"mapping": m["name"]} for m in A6000_MAPPINGS],
+          "cloud_init": {"user": "gpunode", "ssh_keys": [lab._pubkey().strip()]},
+          "agent_timeout_s": 900}
+    return {
+        "pve1": {"kind": "pve-host", "os": "debian-12",
+                 "connection": {"address": "127.0.0.1", "user": "root"},
+                 "vllm": {"services": []},
+                 "pve": {"api": {"url": f"https://{pve.host}:{pve.port}",
+                                 "token_id": token_id, "token_secret_file": str(secret_file),
+                                 "verify_tls": str(pve.ca_path)},
+                         "pci_mappings": copy.deepcopy(A6000_MAPPINGS)}},
+        node: {"groups": list(groups), "kind": "pve-guest",
+               "connection": {"address": "127.0.0.1", "port": ssh_port, "user": "gpunode",
+                              "key": str(lab.key_path), "become": True},
+               "gpus": {"count": len(A6000_MAPPINGS),
+                        "pci_addresses": guest_gpu_addresses(VmSpec.model_validate(vm))},
+               "vm": vm}}

@@ -10,7 +10,10 @@ endpoints talk to the real qemu-guest-agent in the guest over its socket.
 - Network: qemu user networking; the guest sees itself as 10.0.2.15 and its NIC keeps
   qemu's MAC (the lab image leaves networking to systemd-networkd, so the seed's
   network-config is written but not applied). What the agent reports as 10.0.2.15 is
-  reached from the host at 127.0.0.1:<ssh port> (`PveSim.ssh_endpoint(vmid)`).
+  reached from the host at 127.0.0.1:<ssh port> (`PveSim.ssh_endpoint(vmid)`). The port
+  is the lowest free one, or the one `PVESIM_SSH_PORTS` ("201=2390,202=2391") fixes for
+  the VM: the lab's stand-in for an address a site gives a VM in advance (a static
+  ipconfig0 or a DNS name), so a site file can name it before the VM exists.
 - Simulated GPUs: once the agent answers after a start, pvesim writes
   /etc/gpunode-sim/gpus.json in the guest through the agent (guest-file-*) from the VM's
   hostpci devices (removes it when there are none): the "hardware" the guest sees.
@@ -46,6 +49,20 @@ from gpunode.lab.sim import gpus as simgpus
 AGENT_TIMEOUT_S = 3.0  # qemu-server Agent.pm: guest-ping with a 3 s timeout
 MAX_CPUS = int(os.environ.get("PVESIM_MAX_CPUS", "2"))
 MAX_MEMORY_MIB = int(os.environ.get("PVESIM_MAX_MEMORY_MIB", "2048"))
+
+
+def fixed_ssh_ports(value: str | None = None) -> dict[int, int]:
+    """`PVESIM_SSH_PORTS` ("VMID=PORT,..."): the host port forwarding each listed VM's SSH."""
+    raw = os.environ.get("PVESIM_SSH_PORTS", "") if value is None else value
+    out: dict[int, int] = {}
+    for item in raw.replace(" ", "").split(","):
+        if not item:
+            continue
+        vmid, eq, port = item.partition("=")
+        if not (eq and vmid.isdigit() and port.isdigit() and 0 < int(port) < 65536):
+            raise LabError(msg("sim_ssh_ports", item=item))
+        out[int(vmid)] = int(port)
+    return out
 
 
 def lab_name(vmid: int) -> str:
@@ -245,7 +262,8 @@ class LabBackend:
                  ssh_port=old.ssh_port if old else 0, forwards={},
                  instance_id=f"pvesim-{vm.vmid}", origin={"kind": "pvesim"}).save(cfg_path)
         self._launcher.submit(self.lab.up, name, cpus=cpus, memory_mib=mem, numa=1,
-                              disk_gib=disk_gib, wait=False).result()
+                              disk_gib=disk_gib, ssh_port=fixed_ssh_ports().get(vm.vmid),
+                              wait=False).result()
         task.say(msg("log_lab_vm", name=name, port=self.lab.vm(name).ssh_port))
         self.publish_endpoints()
         agent = _split(conf.get("agent", "")).get("enabled", _split(conf.get("agent", ""))

@@ -170,6 +170,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "sim_qemu_img": ("pvesim: qemu-img {what} failed: {detail}", "pvesim (disk plumbing)"),
     "sim_no_source": ("pvesim: source volume has no data", "pvesim (disk plumbing)"),
     "sim_no_boot_disk": ("pvesim: the VM has no disk with data to boot (import a cloud image with import-from, or clone a template)", "pvesim lab backing"),
+    "sim_ssh_ports": ("pvesim: PVESIM_SSH_PORTS: {item!r} is not VMID=PORT (e.g. 201=2390)", "pvesim lab backing"),
     "sim_ci_iso": ("pvesim: making the cloud-init drive failed: {detail}", "pvesim lab backing"),
     "sim_internal": ("pvesim internal error: {detail}", "pvesim (a bug in the simulator, reported like a PVE die)"),
     "sim_bad_body": ("pvesim: malformed request body", "pvesim HTTP layer"),

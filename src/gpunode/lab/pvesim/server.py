@@ -428,12 +428,15 @@ class PveSim:
     """A running pvesim for one lab directory (context manager).
 
     `in_process=True` serves from a thread of this process (fast unit tests); otherwise
-    pvesim runs as its own process, tied to this one. `vms=True` backs VMs with lab VMs.
+    pvesim runs as its own process, tied to this one (`tie_to_parent=False`: it outlives
+    this process, and its VMs with it, until `stop()` or `terminate(lab_dir)`). `vms=True`
+    backs VMs with lab VMs.
     """
 
     def __init__(self, lab_dir: str | Path, version: str = "9", *, vms: bool = False,
                  gpus: int = 2, in_process: bool = False, port: int = 0,
-                 auth_fail_delay: float = AUTH_FAIL_DELAY_S) -> None:
+                 auth_fail_delay: float = AUTH_FAIL_DELAY_S, tie_to_parent: bool = True
+                 ) -> None:
         self.lab_dir = Path(lab_dir).absolute()
         self.version = version
         self.vms = vms
@@ -441,6 +444,7 @@ class PveSim:
         self.in_process = in_process
         self._port = port
         self.auth_fail_delay = auth_fail_delay
+        self.tie_to_parent = tie_to_parent
         self._srv: _Server | None = None
         self.sim: Sim | None = None  # in-process only; tests must not use it to drive pvesim
         self._proc: subprocess.Popen[bytes] | None = None
@@ -456,7 +460,8 @@ class PveSim:
             self._ep = _publish(self.lab_dir, self._srv, self.sim)
         else:
             self._ep, self._proc = spawn(self.lab_dir, self.version, self.gpus, self._port,
-                                         self.vms, auth_fail_delay=self.auth_fail_delay)
+                                         self.vms, tie_to_parent=self.tie_to_parent,
+                                         auth_fail_delay=self.auth_fail_delay)
         return self
 
     def stop(self) -> None:
