@@ -28,8 +28,12 @@ test: install lab-deps
 test-fast: install
 	$(BIN)/pytest $(PYTEST_ARGS) -m "not integration" tests/unit tests/parity
 
+# make demo [ENGINE=ansible] [DEMO_ARGS=--keep]: pvesim (simulated Proxmox VE) -> PCI mappings
+# and a GPU VM through proxmoxer -> full-stack deploy -> checks -> a streamed chat completion
+# -> teardown, through pyinfra or ansible-playbook (src/gpunode/demo.py).
+ENGINE ?= pyinfra
 demo: install lab-deps
-	$(BIN)/python -m gpunode.demo $(DEMO_ARGS)
+	$(BIN)/python -m gpunode.demo --engine $(ENGINE) $(DEMO_ARGS)
 
 schema: install
 	$(BIN)/gpunode schema --out schema/site.schema.json

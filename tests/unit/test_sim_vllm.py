@@ -370,3 +370,20 @@ def test_wheel_builds(tmp_path: Path) -> None:
     assert {"vllm/cli.py", "vllm/server.py", "vllm/serve_flags.py"} <= names
     assert "Requires-Dist: PyYAML" in meta
     assert "vllm = vllm.cli:main" in entry
+
+
+def test_demo_client_reads_the_stream(server) -> None:
+    """`make demo`'s chat client (gpunode.demo.stream_chat) against the stand-in: a
+    streamed chat completion read as server-sent events, as an OpenAI client reads it."""
+    from gpunode.demo import StepFailed, stream_chat
+
+    port, _, _ = server
+    assert _req(port, "GET", "/health")[0] == 200
+    seen: list[str] = []
+    chat = stream_chat(f"http://127.0.0.1:{port}", KEY, "llama8b", seen.append)
+    assert chat.model == "llama8b" and chat.text.startswith("SIMULATION")
+    assert chat.finish_reason in ("stop", "length")
+    assert chat.chunks == len(seen) + 1                # the role chunk carries no text
+    assert seen[-1] == chat.text and len(seen) > 3     # it arrived piece by piece
+    with pytest.raises(StepFailed, match="HTTP 401"):
+        stream_chat(f"http://127.0.0.1:{port}", "wrong", "llama8b", seen.append)
