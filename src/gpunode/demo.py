@@ -98,6 +98,7 @@ class Progress:
         self._stop = threading.Event()
         self._live: Live | None = None
         self._ticker: threading.Thread | None = None
+        self._said = 0.0  # when the last line was printed
 
     def __enter__(self) -> Progress:
         if self.console.is_terminal:
@@ -135,14 +136,16 @@ class Progress:
         return Group(table, now)
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
+        """A "still in" line when nothing was said for HEARTBEAT_S."""
+        while not self._stop.wait(min(1.0, HEARTBEAT_S / 4)):
             s = self.current
-            if s is not None:
+            if s is not None and time.monotonic() - self._said >= HEARTBEAT_S:
                 self.say(f"  … still in {s.key} ({time.monotonic() - s.started:.0f} s)"
                          + (f": {self.activity}" if self.activity else ""))
 
     def say(self, line: str) -> None:
         """A line above the view (on a terminal) or in the log stream (elsewhere)."""
+        self._said = time.monotonic()
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def note(self, activity: str) -> None:
@@ -210,16 +213,23 @@ class Runner:
                 errors="replace") as proc:
             assert proc.stdout is not None
             log.write(f"$ {shown(argv)}\n")
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                text = ANSI.sub("", line).strip().rstrip("*").rstrip()  # Ansible's rules
-                if text and (pattern is None or pattern.search(text)):
-                    self.progress.note(text)
-                if time.monotonic() > deadline:
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    text = ANSI.sub("", line).strip().rstrip("*").rstrip()  # Ansible's rules
+                    if text and (pattern is None or pattern.search(text)):
+                        self.progress.note(text)
+                    if time.monotonic() > deadline:
+                        raise StepFailed(f"{shown(argv[:2])} did not finish within "
+                                         f"{timeout:.0f} s")
+            except BaseException:  # a timeout, Ctrl-C, kill: the command ends with the demo
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
                     proc.kill()
-                    raise StepFailed(f"{shown(argv[:2])} did not finish within "
-                                     f"{timeout:.0f} s")
+                raise
             rc = proc.wait()
         return rc, step.log.read_text(errors="replace")
 
@@ -593,6 +603,7 @@ class Demo:
                 pass
             except KeyboardInterrupt:
                 cur = next((x for x in self.steps if x.state == "failed"), self.steps[0])
+                cur.detail = "interrupted"
                 self.failure = (cur, "interrupted")
             if self.keep:
                 for key in ("destroy", "teardown"):
