@@ -76,6 +76,11 @@ def up(
     forward: Annotated[list[str], typer.Option(
         help="Forward GUEST[:HOST] TCP port to 127.0.0.1 (repeatable; HOST 0/absent = any)"
     )] = [],  # noqa: B006 - typer needs a literal default
+    iommu: Annotated[bool | None, typer.Option(
+        "--iommu/--no-iommu",
+        help="Emulated VT-d IOMMU (interrupt remapping) and PCI stand-ins for passthrough "
+             "GPUs (a lab Proxmox host); kept by the VM (default: what it has, off when new)"
+    )] = None,
     state_dir: StateDir = None,
 ) -> None:
     """Start VMs (creating them from the base image), wait for SSH."""
@@ -85,7 +90,7 @@ def up(
         remember(lab.dir)
     for name in names:
         vm = _guard(lambda n=name: lab.up(n, cpus=cpus, memory_mib=memory, numa=numa,  # type: ignore[misc]
-                                          disk_gib=disk, forward=fwd))
+                                          disk_gib=disk, forward=fwd, iommu=iommu))
         extra = "".join(f" {g}->127.0.0.1:{h}" for g, h in vm.forwards.items())
         typer.echo(f"{vm.name}: up, ssh {vm.user}@{vm.address} -p {vm.ssh_port}{extra}")
 
@@ -168,7 +173,8 @@ def status(
         for v in vms:
             fwd = " ".join(f"{g}->{h}" for g, h in v.forwards.items())
             typer.echo(f"  {v.name:16} {v.state:8} ssh 127.0.0.1:{v.ssh_port:<6} cpus={v.cpus} "
-                       f"mem={v.memory_mib}M numa={v.numa} {fwd}".rstrip())
+                       f"mem={v.memory_mib}M numa={v.numa}{' iommu' if v.iommu else ''} "
+                       f"{fwd}".rstrip())
         if snaps:
             typer.echo("  snapshots: " + ", ".join(snaps))
 

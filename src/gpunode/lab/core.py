@@ -58,6 +58,7 @@ class VMConfig:
     forwards: dict[int, int]
     instance_id: str
     origin: dict[str, str]  # {"kind": "base"} or {"kind": "snapshot", "name": ...}
+    iommu: bool = False  # emulated VT-d + GPU stand-ins (qemu.IOMMU_STANDINS)
 
     @classmethod
     def load(cls, path: Path) -> VMConfig:
@@ -92,6 +93,7 @@ class VM:
     qmp_socket: Path
     known_hosts: Path
     control_path: Path
+    iommu: bool = False
     _ssh_base: list[str] = field(repr=False, default_factory=list)
 
     @property
@@ -138,7 +140,7 @@ class VM:
             "forwards": {str(g): h for g, h in self.forwards.items()},
             "cpus": self.cpus, "memory_mib": self.memory_mib, "numa": self.numa,
             "disk_gib": self.disk_gib, "serial_log": str(self.serial_log),
-            "qga_socket": str(self.qga_socket),
+            "qga_socket": str(self.qga_socket), "iommu": self.iommu,
         }
 
 
@@ -221,7 +223,7 @@ class Lab:
             numa=cfg.numa, disk_gib=cfg.disk_gib, serial_log=d / "serial.log",
             qga_socket=self.sock_dir / f"{cfg.name}.qga", qmp_socket=self.sock_dir /
             f"{cfg.name}.qmp", known_hosts=d / "known_hosts",
-            control_path=self.sock_dir / f"{cfg.name}.ssh",
+            control_path=self.sock_dir / f"{cfg.name}.ssh", iommu=cfg.iommu,
         )
         vm._ssh_base = [
             "ssh", "-F", "/dev/null", "-p", str(cfg.ssh_port), "-i", str(self.key_path),
@@ -242,12 +244,17 @@ class Lab:
     def up(self, name: str, cpus: int = 2, memory_mib: int = 2048, numa: int = 2,
            disk_gib: int = 8, forward: Mapping[int, int] | Iterable[int] | None = None,
            *, ssh_port: int | None = None, wait: bool = True,
-           timeout: float = BOOT_TIMEOUT_S) -> VM:
+           timeout: float = BOOT_TIMEOUT_S, iommu: bool | None = None) -> VM:
         """Start VM `name` (creating it from the base image when new) and wait for SSH.
 
         `forward` maps guest TCP ports to host ports on 127.0.0.1 (host port 0 = pick a free
         one); an iterable of guest ports picks host ports for all of them. An existing VM
         keeps its disk; settings given here apply from this boot on.
+
+        `iommu=True` gives the VM an emulated Intel VT-d IOMMU with interrupt remapping and
+        the PCI devices of `qemu.IOMMU_STANDINS` standing in for passthrough GPUs (a lab
+        Proxmox host). It is kept in the VM's settings: `None` keeps what the VM has (off
+        for a new VM), so reboots, restarts, snapshots and forks keep the devices.
         """
         _check_name(name)
         _check_sizes(cpus, memory_mib, numa, disk_gib)
@@ -262,12 +269,15 @@ class Lab:
                     vm = self._vm_from(cfg, pid)
                     return self.wait_ssh(name, timeout) if wait else vm
                 cfg.cpus, cfg.memory_mib, cfg.numa = cpus, memory_mib, numa
+                if iommu is not None:
+                    cfg.iommu = iommu
                 if disk_gib > cfg.disk_gib:
                     subprocess.run(["qemu-img", "resize", str(self.vm_dir(name) / "disk.qcow2"),
                                     f"{disk_gib}G"], check=True, capture_output=True)
                     cfg.disk_gib = disk_gib
             else:
-                cfg = self._create(name, cpus, memory_mib, numa, disk_gib, {"kind": "base"})
+                cfg = self._create(name, cpus, memory_mib, numa, disk_gib, {"kind": "base"},
+                                   iommu=bool(iommu))
             vm = self._start(cfg, forward, ssh_port, False, timeout)
         if wait:
             return self.wait_ssh(name, timeout)
@@ -286,12 +296,13 @@ class Lab:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _create(self, name: str, cpus: int, memory_mib: int, numa: int, disk_gib: int,
-                origin: dict[str, str]) -> VMConfig:
+                origin: dict[str, str], iommu: bool = False) -> VMConfig:
         d = self.vm_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         cfg = VMConfig(name=name, cpus=cpus, memory_mib=memory_mib, numa=numa,
                        disk_gib=disk_gib, ssh_port=0, forwards={},
-                       instance_id=f"{name}-{uuid.uuid4().hex[:12]}", origin=origin)
+                       instance_id=f"{name}-{uuid.uuid4().hex[:12]}", origin=origin,
+                       iommu=iommu)
         try:
             self._fresh_disk(cfg)
         except BaseException:
@@ -407,7 +418,7 @@ class Lab:
             disk=d / "disk.qcow2", seed=d / "seed.iso", vars=d / "OVMF_VARS.fd",
             serial_log=vm.serial_log, pidfile=self._pidfile(cfg.name),
             qmp_socket=vm.qmp_socket, qga_socket=vm.qga_socket, ssh_port=cfg.ssh_port,
-            forwards=cfg.forwards,
+            forwards=cfg.forwards, iommu=cfg.iommu,
         )
         if not shutil.which(self.qemu_binary):
             raise LabError(f"{self.qemu_binary} is not installed; run `gpunode lab deps "
@@ -587,7 +598,8 @@ class Lab:
         shutil.copyfile(d / "OVMF_VARS.fd", target.with_suffix(".vars.fd"))
         target.with_suffix(".json").write_text(json.dumps({
             "source": name, "cpus": cfg.cpus, "memory_mib": cfg.memory_mib,
-            "numa": cfg.numa, "disk_gib": cfg.disk_gib, "created": time.time(),
+            "numa": cfg.numa, "disk_gib": cfg.disk_gib, "iommu": cfg.iommu,
+            "created": time.time(),
         }, indent=2) + "\n")
         res = subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(target),
@@ -606,9 +618,10 @@ class Lab:
     def fork(self, snap: str, new_name: str, *, cpus: int | None = None,
              memory_mib: int | None = None, numa: int | None = None,
              forward: Mapping[int, int] | Iterable[int] | None = None,
-             wait: bool = True, timeout: float = BOOT_TIMEOUT_S) -> VM:
+             wait: bool = True, timeout: float = BOOT_TIMEOUT_S,
+             iommu: bool | None = None) -> VM:
         """A new VM on a cheap overlay above snapshot `snap` (new hostname, instance-id and
-        host keys via cloud-init); settings default to the snapshot source's."""
+        host keys via cloud-init); settings (`iommu` too) default to the snapshot source's."""
         _check_name(snap, what="snapshot")
         _check_name(new_name)
         path = self.snapshot_path(snap)
@@ -625,7 +638,8 @@ class Lab:
         n = numa or meta["numa"]
         _check_sizes(c, m, n, meta["disk_gib"])
         cfg = self._create(new_name, c, m, n, meta["disk_gib"],
-                           {"kind": "snapshot", "name": snap})
+                           {"kind": "snapshot", "name": snap},
+                           iommu=bool(meta.get("iommu", False)) if iommu is None else iommu)
         return self._start(cfg, forward, None, wait, timeout)
 
     # ---- site file -------------------------------------------------------------------

@@ -41,6 +41,65 @@ class MachineSpec:
     qga_socket: Path
     ssh_port: int
     forwards: dict[int, int]  # guest port -> host port on 127.0.0.1
+    iommu: bool = False  # emulated VT-d + the PCI stand-ins of IOMMU_STANDINS
+
+
+@dataclass(frozen=True)
+class PciStandin:
+    """An emulated PCI function of an `iommu` lab VM standing in for (part of) a GPU.
+
+    `address` is where the guest sees it (fixed: the lab's other devices sit on the root
+    bus, so the firmware numbers the two root ports' buses 01 and 02, the PCI bridge's 03).
+    `group` names the stand-ins the guest puts into one IOMMU group: "gpu-a" (GPU and its
+    audio function, nothing else) and "gpu-b" (a GPU sharing its group with an unrelated
+    device behind a PCIe-to-PCI bridge: the case a deploy must refuse).
+    """
+
+    role: str            # gpu-a | gpu-a-audio | gpu-b | gpu-b-peer
+    address: str         # guest PCI address, e.g. "0000:01:00.0"
+    vendor_device: str   # "1234:1111" as lspci -n shows it
+    pci_class: str       # "0300" (class and subclass, as lspci -n shows it)
+    qemu_device: str     # qemu -device model
+    group: str           # stand-ins with the same group share an IOMMU group
+    guest_driver: str | None  # what the Debian 12 guest binds without vfio-pci
+
+
+IOMMU_STANDINS: tuple[PciStandin, ...] = (
+    PciStandin("gpu-a", "0000:01:00.0", "1234:1111", "0300", "VGA", "gpu-a", "bochs-drm"),
+    PciStandin("gpu-a-audio", "0000:01:00.1", "8086:293e", "0403", "ich9-intel-hda",
+               "gpu-a", "snd_hda_intel"),
+    PciStandin("gpu-b", "0000:03:01.0", "1002:5046", "0300", "ati-vga", "gpu-b", None),
+    PciStandin("gpu-b-peer", "0000:03:02.0", "1b36:000d", "0c03", "qemu-xhci", "gpu-b",
+               "xhci_hcd"),
+)
+# The bridges in front of them (guest addresses): GPU A's root port, GPU B's root port and
+# GPU B's PCIe-to-PCI bridge (which shares GPU B's group).
+IOMMU_BRIDGES: dict[str, str] = {
+    "gpu-a-root-port": "0000:00:1c.0",
+    "gpu-b-root-port": "0000:00:1d.0",
+    "gpu-b-pci-bridge": "0000:02:00.0",
+}
+
+
+def iommu_argv() -> list[str]:
+    """Emulated Intel VT-d with interrupt remapping and the GPU stand-ins.
+
+    intel-iommu comes before every PCI device: qemu gives a device its DMA address space
+    when the device is realized, so devices created earlier would bypass the IOMMU.
+    Interrupt remapping under KVM needs the split irqchip (added by build_argv); TCG's
+    irqchip is in qemu anyway.
+    """
+    s = {x.role: x for x in IOMMU_STANDINS}
+    return [
+        "-device", "intel-iommu,intremap=on",
+        "-device", "pcie-root-port,id=gpua_rp,bus=pcie.0,addr=0x1c.0,chassis=1,slot=1",
+        "-device", f"{s['gpu-a'].qemu_device},id=gpua,bus=gpua_rp,addr=0x0.0,multifunction=on",
+        "-device", f"{s['gpu-a-audio'].qemu_device},id=gpua_audio,bus=gpua_rp,addr=0x0.1",
+        "-device", "pcie-root-port,id=gpub_rp,bus=pcie.0,addr=0x1d.0,chassis=2,slot=2",
+        "-device", "pcie-pci-bridge,id=gpub_br,bus=gpub_rp,addr=0x0",
+        "-device", f"{s['gpu-b'].qemu_device},id=gpub,bus=gpub_br,addr=0x1",
+        "-device", f"{s['gpu-b-peer'].qemu_device},id=gpub_peer,bus=gpub_br,addr=0x2",
+    ]
 
 
 def numa_layout(cpus: int, memory_mib: int, nodes: int) -> list[tuple[list[int], int]]:
@@ -66,10 +125,12 @@ def build_argv(spec: MachineSpec, accel: str, qemu: str = QEMU) -> list[str]:
         accel_args = ["-accel", "kvm", "-cpu", "max"]
     else:
         accel_args = ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    machine = "q35,kernel-irqchip=split" if spec.iommu and accel == "kvm" else "q35"
     argv = [
-        qemu, "-name", f"gpunode-lab-{spec.name}", "-machine", "q35", *accel_args,
+        qemu, "-name", f"gpunode-lab-{spec.name}", "-machine", machine, *accel_args,
         "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
         "-nodefaults", "-display", "none", "-vga", "none",
+        *(iommu_argv() if spec.iommu else []),
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,unit=1,file={spec.vars}",
         "-drive", f"file={spec.disk},format=qcow2,if=virtio,cache=unsafe,discard=unmap,"
