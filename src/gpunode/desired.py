@@ -233,10 +233,6 @@ def kernel_args(p: NodeProfile) -> list[str]:
     hp = p.tuning.hugepages
     if hp.size == "1G" and hp.count:
         args += ["default_hugepagesz=1G", "hugepagesz=1G", f"hugepages={hp.count}"]
-    if p.kind == "pve-host" and p.pve is not None:
-        args += [f"{p.pve.iommu}_iommu=on", "iommu=pt"]
-        if p.pve.hugepages_1g:
-            args += ["hugepagesz=1G", f"hugepages={p.pve.hugepages_1g}"]
     seen: list[str] = []
     for token in args:
         if token not in seen:

@@ -12,7 +12,7 @@ from gpunode.files import credential_path, node_files
 from gpunode.model import NodeProfile
 
 OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04"),
-          "debian-12": ("debian", "12")}
+          "debian-12": ("debian", "12"), "debian-13": ("debian", "13")}
 #: The environment of every apt/dpkg command (no prompts, needrestart restarts on its own).
 APT_ENV_VARS = {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"}
 APT_ENV = " ".join(f"{k}={v}" for k, v in APT_ENV_VARS.items())

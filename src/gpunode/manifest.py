@@ -155,10 +155,9 @@ def run_on(p: NodeProfile, command: str, timeout: float = 300) -> tuple[int, str
 def read_live(p: NodeProfile) -> dict[str, Any]:
     """The host's snapshot (the deploys' one command) and its manifest, as
     {"snapshot": data, "manifest": the manifest built from it, "written": the one on disk}."""
-    from gpunode.ansible_plan import spec
-    from gpunode.facts import snapshot_command
+    from gpunode.facts import node_spec, snapshot_command
 
-    rc, out, err = run_on(p, snapshot_command(spec(p)) + f"; echo; cat {MANIFEST_PATH} "
+    rc, out, err = run_on(p, snapshot_command(node_spec(p)) + f"; echo; cat {MANIFEST_PATH} "
                           "2>/dev/null || true")
     if rc != 0 or not out.strip():
         raise HostError((err or out).strip()[-300:] or f"ssh exit {rc}")

@@ -8,7 +8,11 @@ nodes:
 """
 GUEST = """
 nodes:
-  pve1: {kind: pve-host, connection: {address: pve1.example}, pve: {pci_mappings: [{name: a6000, addresses: ["0000:41:00.0"]}]}}
+  pve1:
+    kind: pve-host
+    os: debian-12
+    connection: {address: pve1.example}
+    pve: {pci_mappings: [{name: a6000, addresses: ["0000:41:00.0"]}]}
   vm1:
     kind: pve-guest
     connection: {address: vm1.example}

@@ -26,7 +26,8 @@ BAD: list[tuple[str, str, list[str]]] = [
      ["site.yaml:3:1: YAML syntax error", "tabs"]),
     ("tp-size", NODE + SVC + "        - {name: a, model: /m, gpus: [0, 1], "
      "tensor_parallel_size: 3}\n",
-     ["nodes.gpu01.vllm.services[0].tensor_parallel_size: one vLLM server uses", "= 3 GPU(s), but gpus lists 2"]),
+     ["nodes.gpu01.vllm.services[0].tensor_parallel_size: one vLLM server uses",
+      "= 3 GPU(s), but gpus lists 2"]),
     ("missing-gpu", NODE + SVC + "        - {name: a, model: /m, gpus: [3]}\n",
      ["nodes.gpu01.vllm.services[0].gpus: GPU(s) [3] do not exist"]),
     ("duplicate-port", NODE + SVC + "        - {name: a, model: /m, gpus: [0], "
@@ -39,7 +40,7 @@ BAD: list[tuple[str, str, list[str]]] = [
     ("pcie-on-pc", GUEST + "      machine: pc\n      hostpci: [{mapping: a6000}]\n",
      ["nodes.vm1.vm.hostpci[0].pcie: pcie=1 needs machine q35"]),
     ("upper-case-pci", GUEST + "      hostpci: [{address: '0000:C1:00.0'}]\n",
-     ["site.yaml:11: nodes.vm1.vm.hostpci[0].address"]),
+     ["site.yaml:15: nodes.vm1.vm.hostpci[0].address"]),
     ("vm-memory-1g", GUEST + "      memory_mib: 65000\n      hugepages: '1024'\n",
      ["nodes.vm1.vm.memory_mib: 65000 MiB is not a multiple of 1024"]),
     ("hugepages-ram", NODE + "    memory_mib: 32768\n"

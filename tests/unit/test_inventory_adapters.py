@@ -13,8 +13,19 @@ from typing import Any
 import pytest
 
 from gpunode.inventory import load_site, to_ansible, to_pyinfra
+from gpunode.inventory.loader import KIND_GROUPS, Site
 
 IMPLICIT_PYINFRA_GROUPS = {"pyinfra_inventory", "all"}
+
+
+def engine_groups(site: Site) -> dict[str, set[str]]:
+    """The site's groups, and the per-kind groups the adapters add (non-empty ones)."""
+    out = {g: set(m) for g, m in site.groups.items() if m}
+    for kind, group in KIND_GROUPS.items():
+        members = {n for n, p in site.nodes.items() if p.kind == kind}
+        if members:
+            out[group] = members
+    return out
 
 
 def unwrap_unsafe(value: Any) -> Any:
@@ -53,7 +64,7 @@ def test_adapters_agree(example: Path) -> None:
     expected = {n: p.model_dump(mode="json") for n, p in site.nodes.items()}
     assert a_nodes == expected
     assert p_nodes == expected
-    assert a_groups == p_groups == {g: set(m) for g, m in site.groups.items() if m}
+    assert a_groups == p_groups == engine_groups(site)
     # every host is reachable in both: grouped or ungrouped
     assert set(to_ansible(site)["ungrouped"]["hosts"]) == {
         h for h, _ in to_pyinfra(site)["ungrouped"]} == {
@@ -104,7 +115,7 @@ def test_ansible_inventory_engine(repo: Path, example: Path) -> None:
     nodes, groups = ansible_view(json.loads(proc.stdout))
     site = load_site(example)
     assert nodes == {n: p.model_dump(mode="json") for n, p in site.nodes.items()}
-    assert groups == {g: set(m) for g, m in site.groups.items() if m}
+    assert groups == engine_groups(site)
     hostvars = json.loads(proc.stdout)["_meta"]["hostvars"]
     for name, p in site.nodes.items():
         assert hostvars[name]["ansible_host"] == p.connection.address
@@ -141,8 +152,10 @@ def test_pyinfra_engine(repo: Path, example: Path) -> None:
         groups, data = hosts[name]
         assert data["node"] == p.model_dump(mode="json")
         assert data["ssh_hostname"] == p.connection.address
-        expected_groups = set(p.groups) if p.groups else {"ungrouped"}
-        assert groups - IMPLICIT_PYINFRA_GROUPS == expected_groups
+        expected = set(p.groups) if p.groups else {"ungrouped"}
+        if p.kind in KIND_GROUPS:
+            expected.add(KIND_GROUPS[p.kind])
+        assert groups - IMPLICIT_PYINFRA_GROUPS == expected
 
 
 def test_pyinfra_engine_limit(repo: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gpunode import ansible_plan, hostcmd, lock, manifest
+from gpunode import ansible_plan, facts, hostcmd, lock, manifest
 from gpunode.cli import app
 from gpunode.inventory import load_site
 
@@ -66,8 +66,8 @@ def test_manifest_bytes_are_deterministic_and_shared_by_both_engines(profile):
     observed_data = {**_fresh(), **data}
     job = ansible_plan.observed(profile, observed_data)["manifest"]
     assert job["content"] == f.content and job["path"] == f.path and not job["ok"]
-    # both engines' snapshot specs ask for GPU UUIDs and VBIOS
-    assert ansible_plan.spec(profile)["commands"][manifest.GPU_IDS_KEY] == \
+    # the one snapshot spec (both engines) asks for GPU UUIDs and VBIOS
+    assert facts.node_spec(profile)["commands"][manifest.GPU_IDS_KEY] == \
         manifest.GPU_IDS_COMMAND
     assert manifest.MANIFEST_PATH in hostcmd.managed_paths(profile)
 

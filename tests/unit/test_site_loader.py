@@ -104,7 +104,7 @@ def test_pcie_with_machine_pc(site_errors: Errors) -> None:
 def test_upper_case_hostpci_address(site_errors: Errors) -> None:
     line = one(site_errors(GUEST + "      hostpci: [{address: '0000:4A:00.0'}]\n"),
                "hostpci")
-    assert "site.yaml:11: nodes.vm1.vm.hostpci[0].address: " in line
+    assert "site.yaml:15: nodes.vm1.vm.hostpci[0].address: " in line
 
 
 def test_upper_case_hostpci_address_message_says_lower_case(site_errors: Errors) -> None:

@@ -81,6 +81,24 @@ class Snapshot:
         return all(name in self.packages for name in desired.driver_packages(p))
 
 
+def node_spec(p: NodeProfile) -> dict[str, Any]:
+    """What a deploy reads from the node: the one snapshot spec both engines and the
+    checks use, by the node's kind."""
+    from gpunode import hostcmd, pve_host
+    from gpunode.manifest import GPU_IDS_COMMAND, GPU_IDS_KEY
+
+    if p.kind == "pve-host":
+        spec = snapshot_spec(p, pve_host.managed_paths(p), [])
+        spec.update(pci=True, reads=[pve_host.KERNEL_CMDLINE])
+        return spec
+    spec = snapshot_spec(p, hostcmd.managed_paths(p), hostcmd.unit_names(p))
+    spec["globs"] = ["/etc/vllm/*.yaml", "/etc/systemd/system/multi-user.target.wants/*"]
+    spec["commands"] = {f"grep:{desired.RUNTIME_CONFIG[r]}": desired.runtime_probe(
+        desired.RUNTIME_CONFIG[r]) for r in p.container_toolkit.runtimes if r != "podman"}
+    spec["commands"][GPU_IDS_KEY] = GPU_IDS_COMMAND  # for the manifest
+    return spec
+
+
 def snapshot_spec(p: NodeProfile, paths: list[str], units: list[str]) -> dict[str, Any]:
     return {
         "paths": sorted(set(paths)),

@@ -32,7 +32,7 @@ def file_info(path):
         st = os.stat(path)
     except OSError:
         return None
-    info = {"mode": "%04o" % (st.st_mode & 0o7777)}
+    info = {"mode": "%04o" % (st.st_mode & 0o7777), "mtime": int(st.st_mtime)}
     try:
         info["owner"] = pwd.getpwuid(st.st_uid).pw_name
         info["group"] = grp.getgrgid(st.st_gid).gr_name
@@ -51,6 +51,43 @@ def file_info(path):
     return info
 
 
+def link_name(path):
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+def pci_facts():
+    """PCI devices with their driver and IOMMU group, the IOMMU and interrupt remapping as
+    the kernel reports them (a Proxmox host prepared for passthrough)."""
+    devices = {}
+    for d in sorted(glob.glob("/sys/bus/pci/devices/*")):
+        devices[os.path.basename(d)] = {
+            "vendor": (read(d + "/vendor", "") or "").strip().removeprefix("0x"),
+            "device": (read(d + "/device", "") or "").strip().removeprefix("0x"),
+            "class": (read(d + "/class", "") or "").strip().removeprefix("0x"),
+            "driver": link_name(d + "/driver"),
+            "iommu_group": link_name(d + "/iommu_group"),
+        }
+    interrupts = read("/proc/interrupts", "") or ""
+    vendor = next((line.split(":", 1)[1].strip() for line in
+                   (read("/proc/cpuinfo", "") or "").splitlines()
+                   if line.startswith("vendor_id")), None)
+    rc, status, _ = run(["proxmox-boot-tool", "status"]) if os.path.exists(
+        "/usr/sbin/proxmox-boot-tool") else (None, "", "")
+    return {
+        "devices": devices,
+        "iommu": sorted(os.listdir("/sys/class/iommu")) if os.path.isdir("/sys/class/iommu")
+        else [],
+        "groups": len(glob.glob("/sys/kernel/iommu_groups/*")),
+        # Remapped interrupt chips carry an IR- prefix (IR-PCI-MSI, IR-IO-APIC).
+        "interrupt_remapping": " IR-" in interrupts,
+        "cpu_vendor": vendor,
+        "boot_tool": {"rc": rc, "out": status[-4000:]},
+    }
+
+
 def main():
     spec = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     out = {}
@@ -65,6 +102,9 @@ def main():
                             if os.path.exists(os.path.join(d, "modules.dep"))
                             or os.path.isdir(os.path.join(d, "kernel")))
     out["cmdline"] = (read("/proc/cmdline", "") or "").strip()
+    out["boot_time"] = next((int(line.split()[1]) for line in
+                             (read("/proc/stat", "") or "").splitlines()
+                             if line.startswith("btime ")), 0)
     rc, virt, _ = run(["systemd-detect-virt"])
     out["virt"] = virt.strip() or "none"
     out["cpufreq"] = os.path.isdir("/sys/devices/system/cpu/cpu0/cpufreq")
@@ -155,6 +195,9 @@ def main():
     for key, cmd in spec.get("commands", {}).items():
         rc, text, err = run(["sh", "-c", cmd], timeout=120)
         out["cmds"][key] = {"rc": rc, "out": text[-4000:], "err": err[-2000:]}
+    out["reads"] = {path: read(path) for path in spec.get("reads", [])}
+    if spec.get("pci"):
+        out["pci"] = pci_facts()
     json.dump(out, sys.stdout, sort_keys=True)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpunode.inventory.loader import Site
+from gpunode.inventory.loader import KIND_GROUPS, Site
 from gpunode.model import NodeProfile
 
 
@@ -62,6 +62,9 @@ def to_ansible(site: Site) -> dict[str, Any]:
     }
     for group, hosts in site.groups.items():
         inv[group] = {"hosts": list(hosts)}
+    for kind, group in KIND_GROUPS.items():
+        inv[group] = {"hosts": [n for n, p in site.nodes.items() if p.kind == kind]}
+        inv["all"]["children"].append(group)
     return inv
 
 
@@ -82,5 +85,7 @@ def to_pyinfra(site: Site) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     hosts = dict(pyinfra_host(p, site) for p in site.nodes.values())
     out: dict[str, list[tuple[str, dict[str, Any]]]] = {
         group: [(h, hosts[h]) for h in members] for group, members in site.groups.items()}
+    for kind, group in KIND_GROUPS.items():
+        out[group] = [(n, hosts[n]) for n, p in site.nodes.items() if p.kind == kind]
     out["ungrouped"] = [(n, hosts[n]) for n, p in site.nodes.items() if not p.groups]
     return out

@@ -117,7 +117,9 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 #: Problems reported at most (a generated file can hold thousands of the same mistake).
 MAX_PROBLEMS = 200
 #: Group names the engines define themselves.
-RESERVED_GROUPS = frozenset({"all", "ungrouped"})
+#: Groups Ansible and pyinfra define, and the ones gpunode's inventories add per node kind.
+KIND_GROUPS = {"pve-host": "gpunode_pve_hosts"}
+RESERVED_GROUPS = frozenset({"all", "ungrouped", *KIND_GROUPS.values()})
 #: The most values a site document may expand to through aliases (a large site has a few
 #: thousand); beyond it, loading would take exponential time and memory.
 MAX_YAML_NODES = 200_000
@@ -419,8 +421,8 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
             report(["groups", gname], f"groups.{gname}", "group names are lower-case letters, "
                    "digits and _ (they become Ansible group names)")
         elif gname in RESERVED_GROUPS:
-            report(["groups", gname], f"groups.{gname}", f"{gname!r} is a group Ansible and "
-                   "pyinfra define themselves; choose another name")
+            report(["groups", gname], f"groups.{gname}", f"{gname!r} is a group Ansible, "
+                   "pyinfra or gpunode's inventories define themselves; choose another name")
         elif isinstance(nodes, dict) and gname in nodes:
             report(["groups", gname], f"groups.{gname}", f"{gname!r} is also a node name; "
                    "Ansible keeps hosts and groups in one namespace")

@@ -71,7 +71,9 @@ SSH_PUBLIC_KEY = (r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-e
 IPCONFIG = (r"^(ip=(dhcp|[0-9.]+/[0-9]{1,2})(,gw=[0-9.]+)?)?(,?ip6=(dhcp|auto|[0-9a-fA-F:]+/[0-9]{1,3})"
             r"(,gw6=[0-9a-fA-F:]+)?)?$")
 
-OsName = Literal["ubuntu-22.04", "ubuntu-24.04", "debian-12"]
+OsName = Literal["ubuntu-22.04", "ubuntu-24.04", "debian-12", "debian-13"]
+#: The Debian releases Proxmox VE 8 and 9 are built on.
+PVE_OS = ("debian-12", "debian-13")
 NodeKind = Literal["bare-metal", "pve-guest", "pve-host"]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 
@@ -529,10 +531,24 @@ class PveApi(Strict):
 
 
 class PveHost(Strict):
-    iommu: Literal["intel", "amd"] = Field("intel", description="IOMMU vendor for kernel args.")
+    iommu: Literal["auto", "intel", "amd"] = Field(
+        "auto", description="IOMMU vendor: intel adds intel_iommu=on, amd needs no argument "
+        "(on by default); auto reads the CPU vendor from the host.")
+    iommu_pt: StrictBool = Field(True, description="Add iommu=pt (passthrough mode for host "
+                                 "devices).")
+    bootloader: Literal["auto", "grub", "systemd-boot"] = Field(
+        "auto", description="Where the kernel arguments go: GRUB (/etc/default/grub.d) or "
+        "systemd-boot (/etc/kernel/cmdline, proxmox-boot-tool refresh); auto detects it from "
+        "proxmox-boot-tool status.")
     vfio_ids: list[Annotated[str, Field(pattern=r"^[0-9a-f]{4}:[0-9a-f]{4}$")]] = Field(
         default_factory=lambda: ["10de:2230", "10de:1aef"],
-        description="vendor:device ids bound to vfio-pci (GPU and its audio function).")
-    hugepages_1g: StrictInt = Field(0, ge=0, description="1 GiB pages reserved at boot for VMs.")
+        description="vendor:device ids bound to vfio-pci at boot (GPU and its audio function); "
+        "every device with these ids goes to vfio-pci.")
+    host_drivers: list[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")]] = Field(
+        default_factory=lambda: ["nouveau", "nvidia", "nvidiafb", "nvidia_drm", "snd_hda_intel"],
+        description="Host kernel modules that would claim a passthrough device first; "
+        "vfio-pci is loaded before each of them (modprobe softdep).")
+    hugepages_1g: StrictInt = Field(0, ge=0, le=4096,
+                                    description="1 GiB pages reserved at boot for VMs.")
     api: PveApi | None = Field(None, description="API access for provisioning.")
     pci_mappings: list[PciMapping] = Field(default_factory=list, description="PCI mappings.")

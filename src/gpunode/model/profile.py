@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, StrictInt
 
 from gpunode.model.parts import (
+    PVE_OS,
     Connection,
     ContainerToolkit,
     Cuda,
@@ -95,6 +96,11 @@ def check_profile(p: NodeProfile) -> list[Problem]:
         add("vm", f"only pve-guest nodes take a vm section (kind is {p.kind})")
     if p.kind != "pve-host" and p.pve is not None:
         add("pve", f"only pve-host nodes take a pve section (kind is {p.kind})")
+    if p.kind == "pve-host" and p.os not in PVE_OS:
+        add("os", f"a pve-host runs Proxmox VE on Debian ({' or '.join(PVE_OS)}), not {p.os}")
+    if p.kind != "pve-host" and p.os == "debian-13":
+        add("os", "debian-13 is supported for pve-host nodes (Proxmox VE 9) only; GPU nodes "
+            f"run {', '.join(o for o in get_args(OsName) if o != 'debian-13')}")
     if p.nvidia.source == "ubuntu-archive" and not p.os.startswith("ubuntu"):
         add("nvidia.source", f"ubuntu-archive drivers exist only on Ubuntu (os is {p.os}); "
             "use cuda-repo")
