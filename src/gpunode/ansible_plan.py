@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gpunode import desired as d
-from gpunode.facts import Snapshot, reboot_reasons, snapshot_command, snapshot_spec
+from gpunode import plan
+from gpunode.facts import Snapshot, reboot_reasons
 from gpunode.files import ManagedFile, banned_cpus, credential_path, node_files, placements
 from gpunode.hostcmd import (
     APT_ENV_VARS,
@@ -27,7 +28,6 @@ from gpunode.hostcmd import (
     dpkg_configure_pending,
     driver_to_version,
     keyring_install,
-    managed_paths,
     runtime_configure,
     stamp_path,
     stamped_command,
@@ -35,7 +35,7 @@ from gpunode.hostcmd import (
     user_command,
     venv_command,
 )
-from gpunode.manifest import GPU_IDS_COMMAND, GPU_IDS_KEY, manifest_file, write_command
+from gpunode.manifest import manifest_file, write_command
 from gpunode.model import NodeProfile
 from gpunode.render import MANAGED_HEADER, TEMPLATES
 from gpunode.topology import Gpu
@@ -161,36 +161,11 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
     }
 
 
-def spec(p: NodeProfile) -> dict[str, Any]:
-    """The snapshot spec: exactly what the pyinfra deploy asks the host for."""
-
-    s = snapshot_spec(p, managed_paths(p), unit_names(p))
-    s["globs"] = ["/etc/vllm/*.yaml", "/etc/systemd/system/multi-user.target.wants/*"]
-    s["commands"] = {f"grep:{d.RUNTIME_CONFIG[r]}": d.runtime_probe(d.RUNTIME_CONFIG[r])
-                     for r in p.container_toolkit.runtimes if r != "podman"}
-    s["commands"][GPU_IDS_KEY] = GPU_IDS_COMMAND  # for the manifest
-    return s
-
-
-def command(p: NodeProfile) -> str:
-    return snapshot_command(spec(p))
-
-
 def _file_ok(snap: Snapshot, path: str, digest: str, mode: str, owner: str,
              group: str) -> bool:
     cur = snap.file(path)
     return bool(cur and cur.get("sha256") == digest and cur["mode"] == mode
                 and cur["owner"] == owner and cur["group"] == group)
-
-
-def _todo(snap: Snapshot, specs: list[str]) -> list[str]:
-    out = []
-    for spec_ in specs:
-        name, _, version = spec_.partition("=")
-        have = snap.packages.get(name)
-        if have is None or (version and have != version):
-            out.append(spec_)
-    return out
 
 
 def _missing(snap: Snapshot, names: list[str]) -> list[str]:
@@ -267,7 +242,6 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
     configs = data["globs"].get("/etc/vllm/*.yaml", [])
     keep = {s.name for s in p.vllm.services}
     venv = want["vllm"]["venv"]
-    pk = want["packages"]
     missing_holds = {
         "driver": _missing(snap, d.driver_hold_set(p, snap.packages)) if p.nvidia.hold else [],
         **{k: _missing(snap, v) for k, v in want["holds"].items()},
@@ -282,19 +256,11 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "smi_ok": snap.smi_ok,
         "secure_boot": bool(data["secure_boot"]),
         "driver_installed": snap.driver_installed(p),
-        "apt_lists_age_s": int(time.time() - data["apt_lists_mtime"]),
         "files_ok": files_ok,
         "placement_files": placement_files,
         "parents_needed": parents,
-        "todo": {
-            "base": _todo(snap, pk["base"]),
-            "headers": _todo(snap, d.header_packages(p, data["kernel"], data["kernels"])),
-            "pin": _todo(snap, [pk["pin"]] if pk["pin"] else []),
-            "driver": _todo(snap, pk["driver"]),
-            "cuda": _todo(snap, pk["cuda"]),
-            "container_toolkit": _todo(snap, pk["container_toolkit"]),
-            "dcgm": _todo(snap, pk["dcgm"]),
-        },
+        "todo": plan.packages_todo(p, snap),
+        "apt_refresh": plan.apt_refresh_needed(p, snap, time.time()),
         "held": sorted(snap.holds),
         "missing_holds": missing_holds,
         "hold_command": {k: apt_mark(p, "hold", v) if v else None

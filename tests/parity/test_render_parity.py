@@ -166,9 +166,12 @@ def test_ansible_renders_every_file_like_gpunode(rendered):
         line for lines in unexpected.values() for line in lines)
     fixed = set(KNOWN_DIFFS) - set(differs)
     assert not fixed, f"no longer different, remove from KNOWN_DIFFS: {sorted(fixed)}"
-    assert seen_templates == set(template_names()), (
+    # Plan-driven concerns (pve_host/) reach Ansible as rendered content in the plan's
+    # steps, never through Ansible's templater: the same bytes by construction.
+    role_templates = {t for t in template_names() if not t.startswith("pve_host/")}
+    assert seen_templates == role_templates, (
         f"templates not covered by any example profile: "
-        f"{sorted(set(template_names()) - seen_templates)}")
+        f"{sorted(role_templates - seen_templates)}")
 
 
 def test_hostile_values_written_literally(rendered):

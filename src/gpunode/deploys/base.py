@@ -1,15 +1,15 @@
 """Base: supported OS, apt hygiene, packages the rest needs, NVIDIA packages kept out of
 unattended-upgrades."""
 
+import time
+
 from pyinfra.api import deploy
 
-from gpunode import desired
+from gpunode import desired, plan
 from gpunode.deploys import ops
 from gpunode.files import base_files
-from gpunode.hostcmd import OS_IDS, dpkg_configure_pending
+from gpunode.hostcmd import OS_IDS, apt_get, dpkg_configure_pending
 from gpunode.model import NodeProfile
-
-APT_CACHE_TIME = 3600
 
 
 @deploy("Base")
@@ -28,7 +28,9 @@ def deploy_base(p: NodeProfile) -> bool:
                  command=dpkg_configure_pending(p))
     for f in base_files(p):
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
-    ops.apt_update(name="Refresh apt lists (at most hourly)", p=p, cache_time=APT_CACHE_TIME)
+    ops.run_when(name="Refresh apt lists older than an hour before installing", p=p,
+                 tag="apt-update", command=apt_get(p, "update"),
+                 needed=lambda snap: plan.apt_refresh_needed(p, snap, time.time()))
     ops.apt_install(name="Install base packages", p=p,
                     packages=[desired.Pkg(n) for n in desired.base_packages(p)])
     return True

@@ -23,7 +23,7 @@ def deploy_container_toolkit(p: NodeProfile) -> None:
     files = container_toolkit_files(p)
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
-    ops.apt_update(name="Refresh apt lists after repository changes", p=p, cache_time=86400,
+    ops.apt_update(name="Refresh apt lists after repository changes", p=p,
                    when_changed=(*(f.path for f in files), "ctk-key"))
     pkgs = desired.container_toolkit_packages(p)
     ops.apt_install(name="Install the container toolkit (pinned)", p=p, packages=pkgs)

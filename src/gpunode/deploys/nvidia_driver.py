@@ -49,7 +49,7 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
     sources = tuple(f.path for f in files if "sources.list.d" in f.path or "preferences" in f.path)
-    ops.apt_update(name="Refresh apt lists after repository changes", p=p, cache_time=86400,
+    ops.apt_update(name="Refresh apt lists after repository changes", p=p,
                    when_changed=(*sources, "keyring"))
     pin = desired.pinning_package(p)
     if pin:

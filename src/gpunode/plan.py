@@ -1,0 +1,137 @@
+"""Engine-neutral plans: what must happen on one host, decided once from its snapshot.
+
+A concern's planner is a pure function `(profile, snapshot) -> list[Step]`: no pyinfra, no
+Ansible, no SSH. Each step says what it is (a file, a command, a reboot, a stop), whether it
+is needed on this host and why. The engines only execute the needed steps in order: the
+pyinfra deploy through `gpunode.deploys.steps`, the Ansible roles by looping over the list
+the `gpunode_plan` action returns (standard modules, no decisions of their own).
+
+Planners are re-run by the pyinfra engine before each step at execution time (on the
+snapshot as changed so far), so a step that depends on an earlier one (a rebuild after a
+file changed, a reboot after both) is decided from host state, never remembered."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from gpunode import desired as d
+from gpunode.facts import Snapshot
+from gpunode.model import NodeProfile
+
+StepKind = Literal["file", "command", "reboot", "stop"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One action on a host. `key` is stable across re-plans of the same host."""
+
+    key: str
+    concern: str
+    kind: StepKind
+    title: str
+    needed: bool
+    why: str
+    path: str = ""
+    content: str = ""
+    mode: str = "0644"
+    owner: str = "root"
+    group: str = "root"
+    command: str = ""
+    message: str = ""  # stop: the host's error
+    reasons: list[str] = field(default_factory=list)  # reboot
+    timeout_s: int = 0  # reboot
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_step(concern: str, snap: Snapshot, path: str, content: str, mode: str = "0644",
+              owner: str = "root", group: str = "root") -> Step:
+    """A file with exactly this content and mode; needed when the host's differs."""
+    cur = snap.file(path)
+    if cur is None:
+        why = "missing"
+    elif cur.get("dir"):
+        why = "a directory is in the way"
+    elif cur.get("sha256") != sha256(content):
+        why = "content differs"
+    elif (cur["mode"], cur["owner"], cur["group"]) != (mode, owner, group):
+        why = f"mode/owner {cur['mode']} {cur['owner']}:{cur['group']}"
+    else:
+        why = ""
+    return Step(key=f"file:{path}", concern=concern, kind="file", title=f"Write {path}",
+                needed=bool(why), why=why or "as rendered", path=path, content=content,
+                mode=mode, owner=owner, group=group)
+
+
+def stop_step(concern: str, key: str, message: str) -> Step:
+    """Stop this host here with `message` (exit 1 for it; the other hosts go on). Keys:
+    `refuse` (before anything changes: the only step), `reboot-refused` (a reboot is due
+    and the policy forbids it), `verify` (after everything else: not ready)."""
+    return Step(key=key, concern=concern, kind="stop", title="Stop this host", needed=True,
+                why=message, message=message)
+
+
+def needed(steps: list[Step]) -> list[Step]:
+    return [s for s in steps if s.needed]
+
+
+def find(steps: list[Step], key: str) -> Step | None:
+    return next((s for s in steps if s.key == key), None)
+
+
+def planner(concern: str) -> Callable[[NodeProfile, Snapshot], list[Step]]:
+    """The planner of a concern that is written as a plan (both engines run it)."""
+    from gpunode import pve_host
+
+    planners = {pve_host.CONCERN: pve_host.plan}
+    if concern not in planners:
+        raise ValueError(f"no plan for concern {concern!r} (plans: {', '.join(planners)})")
+    return planners[concern]
+
+
+# Package sets and apt lists (GPU nodes) -------------------------------------------------
+
+APT_LISTS_MAX_AGE_S = 3600
+
+
+def todo(snap: Snapshot, specs: list[str]) -> list[str]:
+    """The `name` or `name=version` specs the host does not have yet."""
+    out = []
+    for spec in specs:
+        name, _, version = spec.partition("=")
+        have = snap.packages.get(name)
+        if have is None or (version and have != version):
+            out.append(spec)
+    return out
+
+
+def packages_todo(p: NodeProfile, snap: Snapshot) -> dict[str, list[str]]:
+    """Per package set, what is still to install on this host."""
+    pin = d.pinning_package(p)
+    sets = {
+        "base": d.base_packages(p),
+        "headers": d.header_packages(p, snap.data["kernel"], snap.data["kernels"]),
+        "pin": [pin] if pin else [],
+        "driver": d.driver_packages(p),
+        "cuda": [x.spec for x in d.cuda_packages(p) + d.nccl_packages(p)
+                 + d.cudnn_packages(p)],
+        "container_toolkit": [x.spec for x in d.container_toolkit_packages(p)],
+        "dcgm": [x.spec for x in d.dcgm_packages(p)],
+    }
+    return {k: todo(snap, v) for k, v in sets.items()}
+
+
+def apt_refresh_needed(p: NodeProfile, snap: Snapshot, now: float) -> bool:
+    """Lists older than an hour are refreshed only when something is still to install:
+    a converged host's next run changes nothing however old its lists are, and a version
+    bump a month later still installs from fresh lists."""
+    age = now - snap.data["apt_lists_mtime"]
+    return age > APT_LISTS_MAX_AGE_S and any(packages_todo(p, snap).values())
