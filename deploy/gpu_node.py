@@ -14,4 +14,6 @@ from pyinfra import host  # noqa: E402
 from gpunode.deploys import deploy_node  # noqa: E402
 from gpunode.model import NodeProfile  # noqa: E402
 
-deploy_node(NodeProfile.model_validate(host.data.node))
+_p = NodeProfile.model_validate(host.data.node)
+if _p.kind != "pve-host":  # Proxmox hosts: deploy/pve_host.py
+    deploy_node(_p)

@@ -26,6 +26,22 @@ def load_node(action: ActionBase, task_vars: dict[str, Any]) -> Any:
     return NodeProfile.model_validate(json.loads(json.dumps(node)))
 
 
+def read_host(action: ActionBase, p: Any, host: str | None) -> dict[str, Any] | str:
+    """The host read with gpunode's ONE snapshot command (gpunode.facts.node_spec, the
+    pyinfra deploy's), or the error message."""
+    from gpunode.facts import node_spec, snapshot_command
+
+    res = action._low_level_execute_command(snapshot_command(node_spec(p)), sudoable=True)
+    if res.get("rc") != 0:
+        err = (res.get("stderr") or res.get("stdout") or "").strip()[-2000:]
+        return (f"{host}: reading the host (python3 snapshot script) failed with exit "
+                f"{res.get('rc')}: {err}; check that python3 runs there")
+    try:
+        return json.loads(res["stdout"])
+    except ValueError:
+        return f"{host}: the snapshot script printed no JSON: {res['stdout'][:500]!r}"
+
+
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
     _supports_check_mode = True

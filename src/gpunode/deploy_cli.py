@@ -53,21 +53,38 @@ def preflight(site: Site, names: list[str]) -> list[str]:
     return problems
 
 
-def pyinfra_command(site_path: Path, hosts: list[str], dry_run: bool = False
-                    ) -> tuple[list[str], dict[str, str]]:
+#: The entry (pyinfra deploy file, Ansible playbook) per node kind, in the order they run:
+#: Proxmox hosts first, their GPUs then go to VMs.
+ENTRIES = (("pve_host", frozenset({"pve-host"})),
+           ("gpu_node", frozenset({"bare-metal", "pve-guest"})))
+
+
+def by_entry(site: Site, names: list[str]) -> list[tuple[str, list[str]]]:
+    """The chosen nodes split by entry, in run order, without empty entries."""
+    out = []
+    for entry, kinds in ENTRIES:
+        hosts = [n for n in names if site.nodes[n].kind in kinds]
+        if hosts:
+            out.append((entry, hosts))
+    return out
+
+
+def pyinfra_command(site_path: Path, hosts: list[str], dry_run: bool = False,
+                    entry: str = "gpu_node") -> tuple[list[str], dict[str, str]]:
     """The pyinfra command line and environment that deploy `hosts` of the site."""
     env = {**os.environ, "GPUNODE_SITE": str(site_path.resolve()),
            "GPUNODE_LIMIT": ",".join(hosts), "PYTHONUNBUFFERED": "1"}
     cmd = [str(Path(sys.executable).with_name("pyinfra")), "-y"]
     if dry_run:
         cmd.append("--dry")
-    cmd += [str(REPO / "inventory" / "pyinfra_inventory.py"), str(REPO / "deploy" / "gpu_node.py")]
+    cmd += [str(REPO / "inventory" / "pyinfra_inventory.py"), str(REPO / "deploy" / f"{entry}.py")]
     return cmd, env
 
 
 def run_pyinfra(site_path: Path, hosts: list[str], dry_run: bool = False,
-                verbose: bool = False) -> tuple[int, dict[str, HostResult], float]:
-    cmd, env = pyinfra_command(site_path, hosts, dry_run)
+                verbose: bool = False, entry: str = "gpu_node"
+                ) -> tuple[int, dict[str, HostResult], float]:
+    cmd, env = pyinfra_command(site_path, hosts, dry_run, entry)
     results: dict[str, HostResult] = {h: HostResult() for h in hosts}
     started = time.monotonic()
     with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -140,12 +157,17 @@ def deploy_command(
     problems = preflight(loaded, chosen)
     if problems:
         raise fail_input(problems)
-    if engine == "ansible":
-        rc = run_ansible(loaded.path, chosen, dry_run, verbose)
-        raise typer.Exit(0 if rc == 0 else 1)
-    if engine != "pyinfra":
+    if engine not in ("pyinfra", "ansible"):
         raise fail_input([f"--engine: {engine!r} is not one of pyinfra, ansible"])
-    rc, results, seconds = run_pyinfra(loaded.path, chosen, dry_run, verbose)
+    runs = by_entry(loaded, chosen)
+    if engine == "ansible":
+        codes = [run_ansible(loaded.path, hosts, dry_run, verbose, entry) for entry, hosts in runs]
+        raise typer.Exit(0 if not any(codes) else 1)
+    rc, results, seconds = 0, {}, 0.0
+    for entry, hosts in runs:
+        code, res, took = run_pyinfra(loaded.path, hosts, dry_run, verbose, entry)
+        rc, seconds = rc or code, seconds + took
+        results.update(res)
     table = Table(title=f"gpunode deploy ({seconds:.1f} s)")
     for col in ("node", "changed", "unchanged", "result"):
         table.add_column(col)
@@ -160,11 +182,12 @@ def deploy_command(
     raise typer.Exit(1 if failed else 0)
 
 
-def run_ansible(site_path: Path, hosts: list[str], check: bool, verbose: bool) -> int:
+def run_ansible(site_path: Path, hosts: list[str], check: bool, verbose: bool,
+                entry: str = "gpu_node") -> int:
     env = {**os.environ, "GPUNODE_SITE": str(site_path.resolve()),
            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
     cmd = [str(Path(sys.executable).with_name("ansible-playbook")),
-           str(REPO / "playbooks" / "gpu_node.yml"), "--limit", ",".join(hosts)]
+           str(REPO / "playbooks" / f"{entry}.yml"), "--limit", ",".join(hosts)]
     if check:
         cmd += ["--check", "--diff"]
     if verbose:

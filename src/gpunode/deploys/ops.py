@@ -22,19 +22,18 @@ from pyinfra.operations import server
 
 from gpunode import desired, hostcmd
 from gpunode.deploys import STOP_PREFIX
-from gpunode.facts import NodeSnapshot, Snapshot, reboot_reasons, snapshot_spec
+from gpunode.facts import NodeSnapshot, Snapshot, node_spec, reboot_reasons
 from gpunode.files import ManagedFile, credential_path
 from gpunode.hostcmd import (
     STAMP_COMMANDS,
     apt_get,
     apt_mark,
-    managed_paths,
     stamp_path,
     stamped_command,
     unit_names,
 )
-from gpunode.manifest import GPU_IDS_COMMAND, GPU_IDS_KEY
 from gpunode.model import NodeProfile
+from gpunode.plan import find, planner
 
 _CACHE: dict[str, Snapshot] = {}
 _CHANGED: dict[str, set[str]] = defaultdict(set)
@@ -44,11 +43,7 @@ logger = logging.getLogger("pyinfra")
 def snapshot(p: NodeProfile) -> Snapshot:
     snap = _CACHE.get(host.name)
     if snap is None:
-        spec = snapshot_spec(p, managed_paths(p), unit_names(p))
-        spec["globs"] = ["/etc/vllm/*.yaml", "/etc/systemd/system/multi-user.target.wants/*"]
-        spec["commands"] = {f"grep:{desired.RUNTIME_CONFIG[r]}": desired.runtime_probe(
-            desired.RUNTIME_CONFIG[r]) for r in p.container_toolkit.runtimes if r != "podman"}
-        spec["commands"][GPU_IDS_KEY] = GPU_IDS_COMMAND  # for the manifest
+        spec = node_spec(p)
         data = host.get_fact(NodeSnapshot, spec_json=json.dumps(spec, sort_keys=True))
         snap = _CACHE[host.name] = Snapshot(data)
     return snap
@@ -127,12 +122,9 @@ def absent(p: NodeProfile, paths: list[str]):
 
 
 @operation()
-def apt_update(p: NodeProfile, cache_time: int, when_changed: tuple[str, ...] = ()):
-    """apt-get update when the lists are older than cache_time or sources changed."""
-    import time
-
-    age = time.time() - snapshot(p).data["apt_lists_mtime"]
-    if age > cache_time or changed(*when_changed):
+def apt_update(p: NodeProfile, when_changed: tuple[str, ...]):
+    """apt-get update when a source or key changed in this run."""
+    if changed(*when_changed):
         changing("apt-update")
         yield StringCommand(apt_get(p, "update"))
 
@@ -328,3 +320,35 @@ def remove_stale_services(p: NodeProfile):
             f"rm -rf /etc/vllm/{name}.yaml /etc/vllm/{name}.env {credential_path(name)} "
             f"/etc/systemd/system/{unit}.d && systemctl daemon-reload && "
             f"(systemctl reset-failed {unit} || true)")
+
+
+@operation()
+def plan_step(p: NodeProfile, concern: str, key: str):
+    """Execute one step of a concern's plan (gpunode.plan), re-planned at execution time on
+    the host as it is then: the plan decides, this only carries it out."""
+    step = find(planner(concern)(p, snapshot(p)), key)
+    if step is None or not step.needed:
+        return
+    if step.kind == "stop":
+        yield _stop(step.message)
+    elif step.kind == "file":
+        mode = int(step.mode, 8)
+        changing(step.path, _wrote(step.path, step.content, mode, step.owner, step.group))
+        yield from _upload(step.path, step.content, mode, step.owner, step.group)
+    elif step.kind == "command":
+        changing(step.key)
+        yield StringCommand(step.command)
+    elif step.kind == "reboot":
+        changing("reboot")
+        host.log(f"rebooting: {step.why}")
+        yield from server.reboot._inner(delay=5, interval=2, reboot_timeout=step.timeout_s)
+        _CACHE.pop(host.name, None)
+
+
+@operation()
+def plan_verify(p: NodeProfile, concern: str):
+    """After the steps (and a reboot): stop the host if its plan now says it must."""
+    for step in planner(concern)(p, snapshot(p)):
+        if step.kind == "stop" and step.needed:
+            yield _stop(step.message)
+            return
