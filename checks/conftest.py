@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from gpunode import expect
-from gpunode.facts import Snapshot, snapshot_command, snapshot_spec
+from gpunode.facts import Snapshot, node_spec, snapshot_command, snapshot_spec
 from gpunode.files import node_files
 from gpunode.inventory import Site, SiteError, load_site, resolve_site_path
 from gpunode.model import NodeProfile
@@ -37,6 +37,7 @@ MARKERS = {
            "expects none",
     "slow": "reads something slow (seconds on a VM), e.g. the initramfs listing",
     "destructive": "changes the host; the gpunode checks define none and never change a host",
+    "pve_host": "a check of Proxmox VE hosts prepared for passthrough (kind pve-host only)",
 }
 SITE_KEY = pytest.StashKey[Site | None]()
 RESULTS_KEY = pytest.StashKey["ResultRecorder"]()
@@ -199,6 +200,9 @@ def run_json(host: Any, command: str, what: str) -> Any:
 
 def read_host(host: Any, p: NodeProfile) -> HostFacts:
     started = time.monotonic()
+    if p.kind == "pve-host":  # the deploy's own snapshot holds all the PVE host checks read
+        data = run_json(host, snapshot_command(node_spec(p)), "the host")
+        return HostFacts(p, Snapshot(data), {}, read_s=time.monotonic() - started)
     paths = expect.managed_paths(p)
     snap_cmd = snapshot_command(snapshot_spec(p, paths, []))
     cmd = f"{snap_cmd}; echo; echo {MARKER}; {script_command(expect.core_spec(p))}"
@@ -282,11 +286,13 @@ def vllm_probe(host: Any, node: NodeProfile, _gpunode_cache: dict[str, Any]) -> 
 
 @pytest.fixture(autouse=True)
 def _applicable(request: pytest.FixtureRequest) -> None:
-    """Skip GPU checks on nodes whose profile expects no GPUs, and pve-host nodes."""
+    """Skip GPU checks on nodes whose profile expects no GPUs; Proxmox hosts get only the
+    pve_host checks, and other nodes none of those."""
     if "node" not in request.fixturenames:
         return
     p: NodeProfile = request.getfixturevalue("node")
-    if p.kind == "pve-host":
-        pytest.skip("pve-host nodes are checked by the Proxmox host suite, not this one")
+    if (p.kind == "pve-host") != bool(request.node.get_closest_marker("pve_host")):
+        pytest.skip("pve-host nodes are checked by test_pve_host.py only" if p.kind == "pve-host"
+                    else f"a check of Proxmox hosts (this node is {p.kind})")
     if request.node.get_closest_marker("gpu") and p.gpus.count == 0:
         pytest.skip("the profile expects no GPUs (gpus.count is 0)")

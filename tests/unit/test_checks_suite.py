@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CHECKS = REPO / "checks"
 CONCERNS = ("base", "nvidia_driver", "gpu_settings", "cuda", "container_toolkit", "dcgm",
-            "tuning", "vllm")
+            "tuning", "vllm", "pve_host")
 
 
 def _pytest(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
@@ -38,7 +38,7 @@ def test_every_module_collects_on_a_host_without_gpus():
 
 def test_markers_are_declared():
     res = _pytest("--markers", "--hosts=local://")
-    for marker in ("gpu", "slow", "destructive"):
+    for marker in ("gpu", "slow", "destructive", "pve_host"):
         assert f"@pytest.mark.{marker}:" in res.stdout
 
 
@@ -64,6 +64,8 @@ def test_suite_runs_against_this_machine(write_site, tmp_path):
     for r in records:
         if r["outcome"] in ("failed", "skipped"):
             assert r["message"], r
+    assert all(r["outcome"] == "skipped" and "a check of Proxmox hosts" in r["message"]
+               for r in records if r["concern"] == "pve_host")
     gpu_checks = [r for r in records if r["concern"] == "gpu_settings"]
     assert gpu_checks and all(r["outcome"] == "skipped" and "expects no GPUs" in r["message"]
                               for r in gpu_checks)
@@ -258,3 +260,24 @@ def test_unattended_blacklist_read_back_through_apt_config(tmp_path):
                           text=True, check=True).stdout
     listed = expect.apt_config_list(dump, "Unattended-Upgrade::Package-Blacklist")
     assert listed == list(desired.UNATTENDED_BLACKLIST)
+
+
+def test_a_proxmox_host_gets_only_its_own_checks(write_site, tmp_path):
+    """This machine as a pve-host: the pve_host checks run (and fail or skip with a
+    message: it is no prepared Proxmox host), every other concern skips."""
+    site = write_site("nodes:\n  local:\n    kind: pve-host\n    os: debian-12\n"
+                      "    connection: {address: localhost}\n"
+                      "    pve: {pci_mappings: [{name: a6000, addresses: ['0000:41:00']}]}\n")
+    results = tmp_path / "results.json"
+    res = _pytest("--hosts=local://", "--site", str(site), "--gpunode-results", str(results),
+                  "-q", "--tb=no")
+    assert res.returncode in (0, 1), res.stdout + res.stderr
+    records = json.loads(results.read_text())["results"]
+    ours = [r for r in records if r["concern"] == "pve_host"]
+    assert len(ours) >= 8 and not [r for r in ours if r["outcome"] == "error"], res.stdout
+    assert all(r["message"] for r in ours if r["outcome"] != "passed")
+    missing = next(r for r in ours if r["check"] == "test_passthrough_devices_isolated")
+    assert "0000:41:00 is not a PCI device on this host" in missing["message"]
+    others = [r for r in records if r["concern"] != "pve_host"]
+    assert others and all(r["outcome"] == "skipped" for r in others)
+    assert any("test_pve_host.py only" in r["message"] for r in others)
