@@ -1,12 +1,14 @@
 # gpunode: `make test` sets up what it needs (venv, Debian packages for the lab) and runs
-# every test, lab integration included. `make test-fast` runs the unit and parity tests.
+# every test, lab integration included, with one lab path per concern; `make test-matrix`
+# runs the further lab paths (marker `matrix`: driver upgrade, rebuild). `make test-fast`
+# runs the unit and parity tests.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install lab-deps test test-fast demo schema lint clean clean-lab
+.PHONY: install lab-deps test test-matrix test-fast demo schema lint clean clean-lab
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,7 +25,12 @@ lab-deps: $(STAMP)
 # starts and is ready, and one a minute while a fixture or test is still running; -rs: the
 # reason of every skip at the end.
 test: install lab-deps
-	PYTHONPATH=tests $(BIN)/pytest -p lab_progress -v -rs --durations=10 $(PYTEST_ARGS) tests
+	PYTHONPATH=tests $(BIN)/pytest -p lab_progress -v -rs --durations=10 -m "not matrix" \
+	  $(PYTEST_ARGS) tests
+
+test-matrix: install lab-deps
+	PYTHONPATH=tests $(BIN)/pytest -p lab_progress -v -rs --durations=10 -m matrix \
+	  $(PYTEST_ARGS) tests
 
 test-fast: install
 	$(BIN)/pytest $(PYTEST_ARGS) -m "not integration" tests/unit tests/parity

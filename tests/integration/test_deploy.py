@@ -245,6 +245,7 @@ def test_removed_service_is_stopped_and_removed(fresh, tmp_path):
     assert vm.run("test -e /etc/vllm/tiny.yaml")[0] != 0
 
 
+@pytest.mark.matrix
 def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):
     versions = fresh.facts["driver_versions"]
     old, new = sorted(versions)[0], sorted(versions)[-1]

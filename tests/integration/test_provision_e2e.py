@@ -134,6 +134,7 @@ def test_provision_deploy_check_then_plans_then_destroy(e2e_site, lab):
     assert not vm_exists(pve) and pve.ssh_endpoint(VMID) is None
 
 
+@pytest.mark.matrix
 def test_rebuild_gives_a_node_whose_checks_pass(e2e_site, lab):
     """`gpunode rebuild` from an existing VM: destroy, provision, wait for SSH and
     cloud-init, deploy, check -- one command."""
