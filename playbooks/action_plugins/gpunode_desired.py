@@ -42,6 +42,33 @@ def read_host(action: ActionBase, p: Any, host: str | None) -> dict[str, Any] | 
         return f"{host}: the snapshot script printed no JSON: {res['stdout'][:500]!r}"
 
 
+class HostReadAction(ActionBase):
+    """An action that reads the host with the one snapshot command and returns facts
+    decided from it: `decider(p)` gives the function from snapshot data to facts (it raises
+    ValueError for bad task arguments, before the host is read)."""
+
+    TRANSFERS_FILES = False
+    _supports_check_mode = True  # read-only
+    _supports_async = False
+
+    def decider(self, p: Any) -> Any:
+        raise NotImplementedError
+
+    def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
+        result = super().run(tmp, task_vars)
+        host = (task_vars or {}).get("inventory_hostname")
+        try:
+            p = load_node(self, task_vars or {})
+            decide = self.decider(p)
+        except ValueError as exc:
+            return {**result, "failed": True, "msg": f"{host}: {exc}"}
+        data = read_host(self, p, host)
+        if isinstance(data, str):
+            return {**result, "failed": True, "msg": data}
+        result.update(changed=False, ansible_facts=decide(data))
+        return result
+
+
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
     _supports_check_mode = True
