@@ -1,11 +1,10 @@
-"""NOT COLLECTED YET (named lock_lab_pending.py, not test_*.py): in its first full-suite run it
-failed because test_deploy.py bumps the converged node's driver before it runs; it becomes
-tests/integration/test_lock_lab.py again once it runs on its own VM state (issue 19).
-
-Lock, manifest and drift on the session's converged lab VM (`converged_lab`, no deploy of
+"""Lock, manifest and drift on the session's converged lab VM (`converged_lab`, no deploy of
 its own): the manifest the deploy wrote is there and readable; a lock resolved from the lab's
 SIMULATED mirrors agrees with the node; `gpunode drift` names a hand-edited managed file and
-a manually installed other version of a package; the VM is restored afterwards."""
+a manually installed other version of a package; the VM is restored afterwards.
+
+It runs before test_deploy.py (file order) and in `make test` only: the driver upgrade
+test (`make test-matrix`) moves the same VM to another driver."""
 
 from __future__ import annotations
 
