@@ -8,19 +8,22 @@ modules, users, venvs.
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from gpunode.facts import snapshot_command, snapshot_spec
-from gpunode.hostcmd import managed_paths, unit_names
+from gpunode.facts import node_spec, snapshot_command
 from gpunode.model import NodeProfile
 
 REPO = Path(__file__).resolve().parents[2]
 #: Units whose state belongs to the comparison (besides the profile's own).
 UNIT_PATTERNS = ("nvidia", "vllm", "gpunode", "irqbalance", "docker", "containerd", "dcgm")
+RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
+                   r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)", re.M)
 #: Values that differ per VM by nature.
 HOST_SPECIFIC = ("MainPID",)
 
@@ -34,15 +37,16 @@ def gpunode_cli(*args: str, timeout: float = 1800) -> tuple[int, str, float]:
 
 
 def state_dump(vm: Any, p: NodeProfile) -> dict[str, Any]:
-    spec = snapshot_spec(p, managed_paths(p), unit_names(p))
-    data = json.loads(vm.check("sudo " + snapshot_command(spec), timeout=300))
+    data = json.loads(vm.check("sudo " + snapshot_command(node_spec(p)), timeout=300))
     listing = vm.check("systemctl list-unit-files --no-legend --no-pager --state=enabled; "
                        "echo ==; systemctl list-units --no-legend --no-pager --plain "
                        "--state=active", timeout=120)
     enabled, active = listing.split("==\n")
     keep = lambda name: any(pat in name for pat in UNIT_PATTERNS)  # noqa: E731
     return {
-        "files": data["files"],
+        # when a file was written differs per host; what it holds does not
+        "files": {path: info and {k: v for k, v in info.items() if k != "mtime"}
+                  for path, info in data["files"].items()},
         "packages": data["packages"],
         "holds": data["holds"],
         "units": {u: {k: v for k, v in props.items() if k not in HOST_SPECIFIC}
@@ -58,6 +62,7 @@ def state_dump(vm: Any, p: NodeProfile) -> dict[str, Any]:
         "modules": data["modules"],
         "users": data["users"],
         "venvs": data["venvs"],
+        "pci_drivers": {a: d["driver"] for a, d in data.get("pci", {}).get("devices", {}).items()},
     }
 
 
@@ -73,3 +78,32 @@ def diff(a: Any, b: Any, path: str = "") -> list[str]:
                 out += diff(a[key], b[key], f"{path}/{key}")
         return out
     return [] if a == b else [f"{path}: pyinfra {a!r} != ansible {b!r}"]
+
+
+def ansible_playbook(site: Path, node: str, *extra: str,
+                     playbook: str = "playbooks/gpu_node.yml") -> tuple[int, str, float]:
+    env = {**os.environ, "GPUNODE_SITE": str(site), "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+           "ANSIBLE_NOCOLOR": "1"}
+    started = time.monotonic()
+    proc = subprocess.run([str(Path(sys.executable).with_name("ansible-playbook")),
+                           playbook, "--limit", node, *extra], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=1800)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started
+
+
+def recap(output: str, node: str) -> dict[str, int]:
+    for m in RECAP.finditer(output):
+        if m.group("host") == node:
+            return {k: int(v) for k, v in m.groupdict().items() if k != "host"}
+    raise AssertionError(f"no PLAY RECAP line for {node}:\n{output[-3000:]}")
+
+
+def changed_tasks(output: str) -> list[str]:
+    """Names of tasks that reported `changed` (for a readable failure)."""
+    tasks, current = [], ""
+    for line in output.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            current = line.split("[", 1)[1].rsplit("]", 1)[0]
+        elif line.startswith("changed:"):
+            tasks.append(current)
+    return tasks

@@ -17,51 +17,15 @@ fresh-deploy times are concurrent ones; bench/converge.py measures each engine a
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from convergence import diff, gpunode_cli, state_dump
+from convergence import ansible_playbook, changed_tasks, diff, gpunode_cli, recap, state_dump
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+"
-                   r"unreachable=(?P<unreachable>\d+)\s+failed=(?P<failed>\d+)", re.M)
-
-
-def ansible_playbook(site: Path, node: str, *extra: str) -> tuple[int, str, float]:
-    env = {**os.environ, "GPUNODE_SITE": str(site), "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-           "ANSIBLE_NOCOLOR": "1"}
-    started = time.monotonic()
-    proc = subprocess.run([str(Path(sys.executable).with_name("ansible-playbook")),
-                           "playbooks/gpu_node.yml", "--limit", node, *extra], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=1800)
-    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started
-
-
-def recap(output: str, node: str) -> dict[str, int]:
-    for m in RECAP.finditer(output):
-        if m.group("host") == node:
-            return {k: int(v) for k, v in m.groupdict().items() if k != "host"}
-    raise AssertionError(f"no PLAY RECAP line for {node}:\n{output[-3000:]}")
-
-
-def changed_tasks(output: str) -> list[str]:
-    """Names of tasks that reported `changed` (for a readable failure)."""
-    tasks, current = [], ""
-    for line in output.splitlines():
-        if line.startswith(("TASK [", "RUNNING HANDLER [")):
-            current = line.split("[", 1)[1].rsplit("]", 1)[0]
-        elif line.startswith("changed:"):
-            tasks.append(current)
-    return tasks
-
 
 def test_ansible_converges_like_pyinfra_and_is_idempotent(lab: Any, converged_lab: Any) -> None:
     c = converged_lab
