@@ -13,10 +13,14 @@ from gpunode.model import NodeProfile
 STOP_PREFIX = "gpunode stop: "
 
 
-def deploy_node(p: NodeProfile) -> None:
-    # While a host reboots, each refused SSH attempt makes paramiko log a traceback; the
-    # reboot operation reports the outcome itself.
+def quiet_reboot_waits() -> None:
+    """While a host reboots, each refused SSH attempt makes paramiko log a traceback; the
+    reboot operation reports the outcome itself."""
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+
+
+def deploy_node(p: NodeProfile) -> None:
+    quiet_reboot_waits()
     from gpunode.deploys import (
         base,
         container_toolkit,

@@ -4,12 +4,13 @@ order, then a last look (after a reboot) that stops the host if it is still not 
 from pyinfra.api import deploy
 
 from gpunode import pve_host
-from gpunode.deploys import ops
+from gpunode.deploys import ops, quiet_reboot_waits
 from gpunode.model import NodeProfile
 
 
 @deploy("Proxmox host")
 def deploy_pve_host(p: NodeProfile) -> None:
+    quiet_reboot_waits()
     for step in pve_host.plan(p, ops.snapshot(p)):
         ops.plan_step(name=step.title, p=p, concern=pve_host.CONCERN, key=step.key)
     ops.plan_verify(name="Check the host is ready for passthrough", p=p,
