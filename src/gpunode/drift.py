@@ -10,7 +10,7 @@ from typing import Any
 
 from gpunode.files import node_files
 from gpunode.lock import GROUPS, locked_packages, normalize
-from gpunode.manifest import MANIFEST_PATH
+from gpunode.manifest import MANIFEST_PATH, managed_package
 from gpunode.model import NodeProfile
 from gpunode.topology import Gpu
 
@@ -35,7 +35,9 @@ def _sha(text: str) -> str:
 def against_lock(name: str, entry: dict[str, Any], manifest: dict[str, Any]) -> list[Finding]:
     out = []
     live = manifest.get("packages", {})
-    want = locked_packages(entry)
+    # The manifest records gpunode's managed packages only (manifest.managed_package): a
+    # locked dependency outside them (the simulation's base package, say) is not judged.
+    want = {n: v for n, v in locked_packages(entry).items() if managed_package(n)}
     for pkg, version in sorted(want.items()):
         if live.get(pkg) != version:
             out.append(Finding(name, "lock", pkg, version, live.get(pkg) or "not installed"))

@@ -114,6 +114,7 @@ class Deb:
     depends: str = ""
     sha256: str = ""
     mirror: str = ""  # the repository URL (as the site configures it) that lists it
+    provides: str = ""  # virtual packages, as the Provides field lists them
 
 
 def parse_packages(text: str, mirror: str = "") -> list[Deb]:
@@ -132,7 +133,7 @@ def parse_packages(text: str, mirror: str = "") -> list[Deb]:
             out.append(Deb(fields["Package"], fields["Version"],
                            fields.get("Pre-Depends", "") + ("," if fields.get("Pre-Depends")
                                                            else "") + fields.get("Depends", ""),
-                           fields.get("SHA256", ""), mirror))
+                           fields.get("SHA256", ""), mirror, fields.get("Provides", "")))
     return out
 
 
@@ -160,6 +161,14 @@ class AptIndex:
             self.by_name.setdefault(deb.name, []).append(deb)
         for versions in self.by_name.values():
             versions.sort(key=_Key, reverse=True)
+        # virtual name -> the packages providing it (nvidia-kernel-support--v1, ...)
+        self.providers: dict[str, list[Deb]] = {}
+        for deb in debs:
+            for alts in _relations(deb.provides):
+                for name, _, _ in alts:
+                    self.providers.setdefault(name, []).append(deb)
+        for debs_ in self.providers.values():
+            debs_.sort(key=_Key, reverse=True)
 
     def newest(self, name: str, accept: Callable[[Deb], bool] = lambda d: True) -> Deb | None:
         return next((d for d in self.by_name.get(name, []) if accept(d)), None)
@@ -188,6 +197,14 @@ def closure(index: AptIndex, roots: dict[str, Deb],
         deb = todo.pop()
         for alts in _relations(deb.depends):
             for name, op, want in alts:
+                if name not in index.by_name and name in index.providers:
+                    # a virtual package: one of its providers, newest (preferred) first
+                    providers = index.providers[name]
+                    if not any(d.name in chosen for d in providers):
+                        pick = next((d for d in providers if prefer(d)), providers[0])
+                        chosen[pick.name] = pick
+                        todo.append(pick)
+                    break
                 if name not in index.by_name:
                     continue
                 if name in chosen:

@@ -135,3 +135,15 @@ def test_drift_refuses_a_lock_that_disagrees(site, monkeypatch, tmp_path):
     monkeypatch.setattr(manifest, "read_live", lambda p: pytest.fail("host read"))
     res = CliRunner().invoke(app, ["drift", "--all", "--site", str(site.path)])
     assert res.exit_code == 2 and "nvidia.version" in res.output
+
+
+def test_a_locked_dependency_the_manifest_does_not_record_is_not_judged(site):
+    """The lock holds a repository's whole dependency closure (the lab's gpunode-sim-base,
+    say); the manifest records gpunode's managed names only, so such a package is neither
+    'not installed' nor drift."""
+    p = site.nodes["gpu01"]
+    entry = copy.deepcopy(_lock_doc(site)["nodes"]["gpu01"])
+    entry["nvidia"]["packages"]["gpunode-sim-base"] = {"version": "0.1-1", "sha256": "",
+                                                       "mirror": "M/"}
+    assert not manifest.managed_package("gpunode-sim-base")
+    assert drift.against_lock("gpu01", entry, _live(p)["manifest"]) == []

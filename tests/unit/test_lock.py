@@ -382,3 +382,20 @@ def test_engines_inventories_carry_the_locked_driver(tmp_path, monkeypatch):
     res = subprocess.run([sys.executable, str(repo / "inventory/ansible_inventory.py"), "--list"],
                          capture_output=True, text=True, env=env)
     assert res.returncode == 2 and "nvidia.branch" in res.stderr
+
+
+def test_closure_follows_a_virtual_dependency_to_its_provider():
+    """nvidia-kernel-open-dkms depends on nvidia-kernel-support--v1, a name only
+    nvidia-kernel-support provides: the provider is locked (it was missing from the lock
+    while the node had it installed)."""
+    dkms = lk.Deb("nvidia-kernel-open-dkms", "580.82.07-1", "dkms, nvidia-kernel-support--v1")
+    debs = [dkms,
+            lk.Deb("nvidia-kernel-support", "580.82.07-1", "", provides="nvidia-kernel-support-any, "
+                   "nvidia-kernel-support--v1"),
+            lk.Deb("nvidia-kernel-support", "580.76.05-1", "", provides="nvidia-kernel-support--v1")]
+    got = lk.closure(lk.AptIndex(debs), {dkms.name: dkms})
+    assert got["nvidia-kernel-support"].version == "580.82.07-1"
+    assert "dkms" not in got and "nvidia-kernel-support--v1" not in got
+    prefer_old = lk.closure(lk.AptIndex(debs), {dkms.name: dkms},
+                            prefer=lambda d: d.version.startswith("580.76."))
+    assert prefer_old["nvidia-kernel-support"].version == "580.76.05-1"
