@@ -57,8 +57,8 @@ def write(doc: dict[str, Any], path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def pve_hosts(lab: Any) -> Any:
-    # Started one after the other (each takes the lowest free SSH port when it starts),
-    # then both boot at once.
+    # Started from this thread (the test lab ties each qemu to the thread that started it:
+    # VMs started from short-lived worker threads died with them), then both boot at once.
     for name in (PY, ANS):
         lab.up(name, cpus=2, memory_mib=2048, numa=1, iommu=True, wait=False)
     vms: dict[str, Any] = {}
