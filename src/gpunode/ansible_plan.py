@@ -9,7 +9,6 @@ placement). Both are plain JSON data, so the roles stay thin YAML over standard 
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,6 +36,7 @@ from gpunode.hostcmd import (
 )
 from gpunode.manifest import manifest_file, write_command
 from gpunode.model import NodeProfile
+from gpunode.plan import reboot_message, sha256
 from gpunode.render import MANAGED_HEADER, TEMPLATES
 from gpunode.topology import Gpu
 
@@ -48,10 +48,6 @@ TEMPLATE_UNITS = ("/etc/systemd/system/vllm@.service",
                   "/etc/systemd/system/vllm-prefetch@.service")
 CONCERNS = ("base", "tuning", "nvidia_driver", "gpu_settings", "container_toolkit", "vllm")
 SCRIPTS = ("/usr/local/lib/gpunode/vllm-start", "/usr/local/lib/gpunode/vllm-wait-ready")
-
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _scope(p: NodeProfile, f: ManagedFile, gpus: list[Gpu] | None) -> dict[str, Any]:
@@ -310,9 +306,3 @@ def _dir_ok(snap: Snapshot, x: dict[str, str]) -> bool:
     cur = snap.file(x["path"])
     return bool(cur and cur.get("dir") and cur["mode"] == x["mode"]
                 and cur["owner"] == x["owner"] and cur["group"] == x["group"])
-
-
-def reboot_message(p: NodeProfile, reasons: list[str]) -> str:
-    """The same words as the pyinfra deploy's reboot_if_needed."""
-    return (f"{p.name} needs a reboot ({'; '.join(reasons)}) and its reboot policy is "
-            "'never': reboot it, then run the deploy again")

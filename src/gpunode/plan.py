@@ -79,8 +79,10 @@ def stop_step(concern: str, key: str, message: str) -> Step:
                 why=message, message=message)
 
 
-def needed(steps: list[Step]) -> list[Step]:
-    return [s for s in steps if s.needed]
+def reboot_message(p: NodeProfile, reasons: list[str]) -> str:
+    """Why a host that needs a reboot stops when its policy is 'never' (every concern)."""
+    return (f"{p.name} needs a reboot ({'; '.join(reasons)}) and its reboot policy is "
+            "'never': reboot it, then run the deploy again")
 
 
 def find(steps: list[Step], key: str) -> Step | None:

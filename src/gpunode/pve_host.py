@@ -19,7 +19,7 @@ from gpunode.facts import Snapshot
 from gpunode.hostcmd import OS_IDS, STAMPS, stamp_path, stamped_command
 from gpunode.model import NodeProfile
 from gpunode.model.parts import PveHost
-from gpunode.plan import Step, file_step, sha256, stop_step
+from gpunode.plan import Step, file_step, reboot_message, sha256, stop_step
 from gpunode.render import render
 
 CONCERN = "pve_host"
@@ -286,9 +286,7 @@ def plan(p: NodeProfile, snap: Snapshot) -> list[Step]:
     ]
     reasons, failures = state(p, snap)
     if reasons and p.reboot == "never":
-        steps.append(stop_step(
-            CONCERN, "reboot-refused", f"{p.name} needs a reboot ({'; '.join(reasons)}) and its "
-            "reboot policy is 'never': reboot it, then run the deploy again"))
+        steps.append(stop_step(CONCERN, "reboot-refused", reboot_message(p, reasons)))
     elif reasons:
         steps.append(Step(key="reboot", concern=CONCERN, kind="reboot",
                           title="Reboot for the passthrough settings", needed=True,

@@ -6,7 +6,6 @@ host and can react (restart a unit whose files changed, reload systemd, ...)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shlex
@@ -33,7 +32,7 @@ from gpunode.hostcmd import (
     unit_names,
 )
 from gpunode.model import NodeProfile
-from gpunode.plan import find, planner
+from gpunode.plan import file_step, find, planner, reboot_message, sha256, todo
 
 _CACHE: dict[str, Snapshot] = {}
 _CHANGED: dict[str, set[str]] = defaultdict(set)
@@ -73,15 +72,9 @@ def changed(*tags: str) -> bool:
     return any(t in _CHANGED[host.name] for t in tags)
 
 
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def file_differs(snap: Snapshot, path: str, content: str, mode: int, owner: str,
                  group: str) -> bool:
-    cur = snap.file(path)
-    return not (cur and cur.get("sha256") == sha256(content) and cur["mode"] == f"{mode:04o}"
-                and cur["owner"] == owner and cur["group"] == group)
+    return file_step("", snap, path, content, f"{mode:04o}", owner, group).needed
 
 
 def _upload(path: str, content: str, mode: int, owner: str, group: str):
@@ -134,13 +127,13 @@ def apt_install(p: NodeProfile, packages: list[desired.Pkg], unhold: bool = Fals
     """Install packages (at exact versions where given); unhold first when a held
     package must change version, then hold it again."""
     snap = snapshot(p)
-    todo = [pkg for pkg in packages if snap.packages.get(pkg.name) is None
-            or (pkg.version and snap.packages[pkg.name] != pkg.version)]
-    if not todo:
+    missing = set(todo(snap, [pkg.spec for pkg in packages]))
+    pkgs = [pkg for pkg in packages if pkg.spec in missing]
+    if not pkgs:
         return
-    changing("apt:" + ",".join(pkg.name for pkg in todo))
-    held = [pkg.name for pkg in todo if pkg.name in snap.holds]
-    specs = " ".join(shlex.quote(pkg.spec) for pkg in todo)
+    changing("apt:" + ",".join(pkg.name for pkg in pkgs))
+    held = [pkg.name for pkg in pkgs if pkg.name in snap.holds]
+    specs = " ".join(shlex.quote(pkg.spec) for pkg in pkgs)
     if held:
         yield StringCommand(apt_mark(p, "unhold", held))
     yield StringCommand(apt_get(p, f"install --allow-change-held-packages {specs}"))
@@ -275,13 +268,19 @@ def reboot_if_needed(p: NodeProfile):
     if not reasons:
         return
     if p.reboot == "never":
-        yield _stop(f"{p.name} needs a reboot ({'; '.join(reasons)}) and its reboot policy "
-                    "is 'never': reboot it, then run the deploy again")
+        yield _stop(reboot_message(p, reasons))
         return
+    yield from _reboot("; ".join(reasons), p.reboot_timeout_s,
+                       before="systemctl stop 'vllm@*.service' || true")
+
+
+def _reboot(why: str, timeout_s: int, before: str | None = None):
+    """Reboot, wait for the host to answer again, and read it afresh next time."""
     changing("reboot")
-    host.log("rebooting: " + "; ".join(reasons))
-    yield StringCommand("systemctl stop 'vllm@*.service' || true")
-    yield from server.reboot._inner(delay=5, interval=2, reboot_timeout=p.reboot_timeout_s)
+    host.log(f"rebooting: {why}")
+    if before:
+        yield StringCommand(before)
+    yield from server.reboot._inner(delay=5, interval=2, reboot_timeout=timeout_s)
     _CACHE.pop(host.name, None)
 
 
@@ -339,10 +338,7 @@ def plan_step(p: NodeProfile, concern: str, key: str):
         changing(step.key)
         yield StringCommand(step.command)
     elif step.kind == "reboot":
-        changing("reboot")
-        host.log(f"rebooting: {step.why}")
-        yield from server.reboot._inner(delay=5, interval=2, reboot_timeout=step.timeout_s)
-        _CACHE.pop(host.name, None)
+        yield from _reboot(step.why, step.timeout_s)
 
 
 @operation()
