@@ -355,7 +355,9 @@ def test_validate_and_deploy_refuse_before_any_host(tmp_path, monkeypatch):
 
     monkeypatch.setattr(deploy_cli, "run_pyinfra", touched)
     monkeypatch.setattr(deploy_cli, "run_ansible", touched)
-    for args in (["validate"], ["deploy", "gpu01"], ["deploy", "gpu01", "--engine", "ansible"]):
+    # provisioning commands too: `rebuild` must refuse before it destroys anything
+    for args in (["validate"], ["deploy", "gpu01"], ["deploy", "gpu01", "--engine", "ansible"],
+                 ["rebuild", "gpu01"], ["provision", "gpu01"], ["destroy", "gpu01"]):
         res = _run(*args, "--site", str(site))
         assert res.exit_code == 2, (args, res.output)
         assert "nodes.gpu01.nccl.version" in res.output

@@ -37,8 +37,11 @@ def _input_error(lines: list[str]) -> typer.Exit:
 
 
 def _open(site: str | None, names: list[str] | None) -> tuple[Site, list[run.Endpoint]]:
+    from gpunode.lock import locked_site
+
     try:
-        loaded = load_site(site)
+        # a lock that disagrees with the site stops here, before `rebuild` destroys anything
+        loaded = locked_site(load_site(site))
         return loaded, run.endpoints_for(loaded, names)
     except SiteError as exc:
         raise _input_error(exc.lines) from None
