@@ -306,6 +306,30 @@ def test_build_is_cached_and_invalidated_by_inputs(built: tuple[Path, dict]) -> 
         manifest["input_hash"]
 
 
+def test_a_later_release_is_published_beside_the_others_and_withdrawn(
+        built: tuple[Path, dict]) -> None:
+    """What the driver-bump lab test does: NVIDIA publishes a newer R580 release (the same
+    package set, its own version pin package), the keyring is untouched, and the default
+    build takes it back out."""
+    www, manifest = built
+    key_dir = www.parent / "key"
+    later = "580.105.08"
+    published = repo.build(www, base_url=BASE, key_dir=key_dir,
+                           driver_versions=(*cat.DRIVER_VERSIONS, later))
+    try:
+        assert published["driver_versions"] == [*cat.DRIVER_VERSIONS, later]
+        got = index(www)
+        for name in ("nvidia-driver-cuda", "libcuda1", "nvidia-kernel-open-dkms"):
+            assert (name, f"{later}-1") in got and (name, f"{cat.DRIVER_VERSIONS[-1]}-1") in got
+        assert (f"nvidia-driver-pinning-{later}", f"{later}-1") in got
+        d12 = published["cuda"]["distros"]["debian12"]
+        assert d12["keyring_sha256"] == manifest["cuda"]["distros"]["debian12"]["keyring_sha256"]
+    finally:
+        again = repo.build(www, base_url=BASE, key_dir=key_dir)
+        assert again["input_hash"] == manifest["input_hash"]
+    assert not any(v == f"{later}-1" for _, v in index(www))
+
+
 def test_identical_inputs_give_identical_debs() -> None:
     pkg = cat.pinning_packages("debian12")[0]
     assert repo.build_deb(pkg) == repo.build_deb(pkg)

@@ -429,7 +429,7 @@ _PIN_PACKAGES = {
 }
 
 
-def pinning_packages(distro: str) -> list[Package]:
+def pinning_packages(distro: str, versions: tuple[str, ...] = DRIVER_VERSIONS) -> list[Package]:
     family = "debian" if distro.startswith("debian") else "ubuntu"
     pkgs = _PIN_PACKAGES[family]
     out = []
@@ -440,7 +440,7 @@ def pinning_packages(distro: str) -> list[Package]:
          f"branch {DRIVER_BRANCH}"),
     ]
     # Version pins (existence at these two versions INFERRED; later 580 ones are listed).
-    for v in DRIVER_VERSIONS:
+    for v in versions:
         targets.append((f"nvidia-driver-pinning-{v}", _drv_version(v, distro), f"{v}-*",
                         f"version {v}"))
     for name, version, pin, what in targets:
@@ -1112,16 +1112,18 @@ def cuda_repo_path(distro: str) -> str:
     return f"{CUDA_REPO_ROOT}/{distro}/x86_64"
 
 
-def catalogue(keyrings: dict[str, bytes], base_url: str) -> list[AptRepo]:
+def catalogue(keyrings: dict[str, bytes], base_url: str,
+              driver_versions: tuple[str, ...] = DRIVER_VERSIONS) -> list[AptRepo]:
     """All simulated repositories. keyrings: {"cuda": binary keyring, "ctk": ...};
-    base_url: how guests reach the www root (e.g. http://10.0.2.2:18087)."""
+    base_url: how guests reach the www root (e.g. http://10.0.2.2:18087); driver_versions:
+    the R580 releases published (a test publishes a newer one, as NVIDIA does)."""
     base = base_url.rstrip("/")
     repos = []
     for distro in CUDA_DISTROS:
         pkgs: list[Package] = [cuda_keyring(distro, keyrings["cuda"], f"{base}/{CUDA_REPO_ROOT}"),
                                sim_base()]
-        pkgs += pinning_packages(distro)
-        for v in DRIVER_VERSIONS:  # oldest first, as NVIDIA appends new blocks
+        pkgs += pinning_packages(distro, driver_versions)
+        for v in driver_versions:  # oldest first, as NVIDIA appends new blocks
             pkgs += debian_driver(v) if distro.startswith("debian") else ubuntu_driver(distro, v)
         pkgs += cuda_toolkit() + nccl() + dcgm()
         repos.append(AptRepo(name=f"cuda-{distro}", path=cuda_repo_path(distro),

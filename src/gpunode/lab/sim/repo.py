@@ -324,22 +324,27 @@ def build(
     base_url: str | None = None,
     key_dir: Path | str | None = None,
     force: bool = False,
+    driver_versions: tuple[str, ...] = cat.DRIVER_VERSIONS,
 ) -> dict:
     """Build (or reuse) all simulated apt repositories; return the manifest (repo.json).
 
     base_url is how guests reach the www root (default http://10.0.2.2:<port>); it goes
     into cuda-keyring's sources.list entry and the container toolkit .list file.
+    driver_versions: the driver releases the CUDA repositories offer, oldest first (a test
+    publishes a newer one, then builds the default set again).
     """
     www = Path(www_root) if www_root else default_www_root()
     kdir = Path(key_dir) if key_dir else default_key_dir()
     base = (base_url or guest_base_url()).rstrip("/")
     keys = ensure_keys(kdir)
     with locked(www / ".repo-build.lock"):
-        return _build(www, kdir, base, keys, force)
+        return _build(www, kdir, base, keys, force, tuple(driver_versions))
 
 
-def _build(www: Path, kdir: Path, base: str, keys: dict[str, Key], force: bool) -> dict:
-    repos = cat.catalogue({"cuda": keys["cuda"].keyring, "ctk": keys["ctk"].keyring}, base)
+def _build(www: Path, kdir: Path, base: str, keys: dict[str, Key], force: bool,
+           driver_versions: tuple[str, ...]) -> dict:
+    repos = cat.catalogue({"cuda": keys["cuda"].keyring, "ctk": keys["ctk"].keyring}, base,
+                          driver_versions)
     digest = _input_hash(repos, keys, base)
     stamp = www / STAMP
     if not force and stamp.is_file():
@@ -359,7 +364,7 @@ def _build(www: Path, kdir: Path, base: str, keys: dict[str, Key], force: bool) 
         "input_hash": digest,
         "base_url": base,
         "driver_branch": cat.DRIVER_BRANCH,
-        "driver_versions": list(cat.DRIVER_VERSIONS),
+        "driver_versions": list(driver_versions),
         "cuda": {
             "repo_url": f"{base}/{cat.CUDA_REPO_ROOT}",
             "key_fingerprint": keys["cuda"].fingerprint,
@@ -380,7 +385,7 @@ def _build(www: Path, kdir: Path, base: str, keys: dict[str, Key], force: bool) 
                 "keyring_url": f"{base}/{repo.path}/{keyring.filename}",
                 "keyring_sha256": hashes[keyring.filename],
                 "driver_deb_versions": [cat._drv_version(v, distro)
-                                        for v in cat.DRIVER_VERSIONS],
+                                        for v in driver_versions],
                 "packages": _versions(repo),
             }
         else:
