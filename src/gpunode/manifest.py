@@ -89,6 +89,14 @@ def build(p: NodeProfile, data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def reproducible(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The part of a manifest a rebuild from the same site and lock must reproduce: all of it
+    but what belongs to the machine (GPU UUIDs; their VBIOS versions stay)."""
+    out = dict(manifest)
+    out["gpus"] = [{k: v for k, v in g.items() if k != "uuid"} for g in manifest.get("gpus", [])]
+    return out
+
+
 def render(manifest: dict[str, Any]) -> str:
     return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 

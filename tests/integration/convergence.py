@@ -36,6 +36,40 @@ def gpunode_cli(*args: str, timeout: float = 1800) -> tuple[int, str, float]:
     return proc.returncode, proc.stdout + proc.stderr, round(time.monotonic() - started, 1)
 
 
+def lab_via() -> str:
+    """`gpunode lock --via`: the lab's mirrors are 10.0.2.2 to guests, 127.0.0.1 here."""
+    from gpunode.lab.sim.repo import GUEST_HOST, default_port
+
+    port = int(os.environ.get("GPUNODE_LAB_HTTP_PORT") or default_port())
+    return f"http://{GUEST_HOST}:{port}=http://127.0.0.1:{port}"
+
+
+def lock(site: Path, *update: str) -> dict[str, Any]:
+    """`gpunode lock` from the lab's SIMULATED mirrors (`--update` with `update`, when given):
+    the lock file's nodes."""
+    import yaml
+
+    extra = ("--update", *update) if update else ()
+    rc, out, _ = gpunode_cli("lock", "--site", str(site), "--via", lab_via(), *extra,
+                             timeout=600)
+    assert rc == 0, out
+    return yaml.safe_load(site.with_suffix(".lock").read_text())["nodes"]
+
+
+def drift(site: Path, node: str) -> tuple[int, list[dict[str, Any]]]:
+    """`gpunode drift NODE --json`: (exit code, findings)."""
+    rc, out, _ = gpunode_cli("drift", node, "--json", "--site", str(site), timeout=600)
+    start = out.index("{")
+    return rc, json.loads(out[start:out.rindex("}") + 1])["findings"]
+
+
+def manifest(site: Path, node: str) -> dict[str, Any]:
+    """`gpunode manifest NODE --json`."""
+    rc, out, _ = gpunode_cli("manifest", node, "--json", "--site", str(site), timeout=300)
+    assert rc == 0, out
+    return json.loads(out[out.index("{"):])
+
+
 def state_dump(vm: Any, p: NodeProfile) -> dict[str, Any]:
     data = json.loads(vm.check("sudo " + snapshot_command(node_spec(p)), timeout=300))
     listing = vm.check("systemctl list-unit-files --no-legend --no-pager --state=enabled; "

@@ -8,15 +8,12 @@ test (`make test-matrix`) moves the same VM to another driver."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
 import yaml
-from convergence import gpunode_cli
+from convergence import drift, gpunode_cli, lab_via, lock, manifest
 
-from gpunode.lab.sim.repo import GUEST_HOST, default_port
 from gpunode.manifest import MANIFEST_PATH
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -35,20 +32,12 @@ def _site(converged_lab, tmp_path: Path) -> Path:
     return site
 
 
-def _drift(site: Path, node: str) -> tuple[int, list[dict]]:
-    rc, out, _ = gpunode_cli("drift", node, "--json", "--site", str(site), timeout=600)
-    start = out.index("{")
-    return rc, json.loads(out[start:out.rindex("}") + 1])["findings"]
-
-
 def test_manifest_lock_and_drift_on_the_converged_node(converged_lab, tmp_path):
     vm, node, p = converged_lab.vm, converged_lab.name, converged_lab.profile
     site = _site(converged_lab, tmp_path)
 
     # the manifest the deploy wrote
-    rc, out, _ = gpunode_cli("manifest", node, "--json", "--site", str(site), timeout=300)
-    assert rc == 0, out
-    m = json.loads(out[out.index("{"):])
+    m = manifest(site, node)
     assert m["node"] == node and m["kernel"] == vm.check("uname -r").strip()
     assert m["driver_module"] == p.nvidia.version
     assert len(m["gpus"]) == p.gpus.count and all(g["uuid"].startswith("GPU-") and g["vbios"]
@@ -59,16 +48,12 @@ def test_manifest_lock_and_drift_on_the_converged_node(converged_lab, tmp_path):
     assert vm.check(f"stat -c %a {MANIFEST_PATH}").strip() == "644"
 
     # a lock from the lab's mirrors (guests see them at 10.0.2.2, this machine at 127.0.0.1)
-    port = int(os.environ.get("GPUNODE_LAB_HTTP_PORT") or default_port())
-    via = f"http://{GUEST_HOST}:{port}=http://127.0.0.1:{port}"
-    rc, out, _ = gpunode_cli("lock", "--site", str(site), "--via", via, timeout=600)
-    assert rc == 0, out
-    lock = yaml.safe_load((tmp_path / "site.lock").read_text())["nodes"][node]
-    assert lock["nvidia"]["driver"] == p.nvidia.version
-    assert lock["nvidia"]["packages"][OTHER]["version"] == f"{p.nvidia.version}-1"
-    assert lock["nvidia"]["packages"][OTHER]["mirror"].startswith(f"http://{GUEST_HOST}:{port}/")
+    entry = lock(site)[node]
+    assert entry["nvidia"]["driver"] == p.nvidia.version
+    assert entry["nvidia"]["packages"][OTHER]["version"] == f"{p.nvidia.version}-1"
+    assert entry["nvidia"]["packages"][OTHER]["mirror"].startswith(lab_via().split("=")[0] + "/")
 
-    rc, findings = _drift(site, node)
+    rc, findings = drift(site, node)
     assert [f for f in findings if f["kind"] in ("lock", "file")] == [], findings
 
     other = vm.check(f"apt-cache madison {OTHER} | awk '{{print $3}}'").split()
@@ -78,7 +63,7 @@ def test_manifest_lock_and_drift_on_the_converged_node(converged_lab, tmp_path):
         vm.check(f"echo 'vm.swappiness = 1  # hand edit' | sudo tee -a {EDITED} >/dev/null")
         vm.check(f"sudo DEBIAN_FRONTEND=noninteractive apt-get -q -y "
                  f"--allow-change-held-packages install {OTHER}={newer}", timeout=600)
-        rc, findings = _drift(site, node)
+        rc, findings = drift(site, node)
         assert rc == 1
         got = {(f["kind"], f["item"]): f for f in findings}
         assert got[("lock", OTHER)]["expected"] == f"{p.nvidia.version}-1"
@@ -91,5 +76,5 @@ def test_manifest_lock_and_drift_on_the_converged_node(converged_lab, tmp_path):
         vm.check(f"sudo DEBIAN_FRONTEND=noninteractive apt-get -q -y --allow-downgrades "
                  f"--allow-change-held-packages install {OTHER}={p.nvidia.version}-1 && "
                  f"sudo apt-mark hold {OTHER}", timeout=600)
-    rc, findings = _drift(site, node)
+    rc, findings = drift(site, node)
     assert [f for f in findings if f["kind"] in ("lock", "file")] == [], findings

@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 import yaml
+from convergence import lock, manifest
 
 from gpunode.lab import labsite
+from gpunode.manifest import reproducible
 
 REPO = Path(__file__).resolve().parents[2]
 VMID = 201
@@ -136,23 +138,33 @@ def test_provision_deploy_check_then_plans_then_destroy(e2e_site, lab):
 
 @pytest.mark.matrix
 def test_rebuild_gives_a_node_whose_checks_pass(e2e_site, lab):
-    """`gpunode rebuild` from an existing VM: destroy, provision, wait for SSH and
-    cloud-init, deploy, check -- one command."""
+    """`gpunode rebuild` of a deployed VM: destroy, provision, wait for SSH and cloud-init,
+    deploy from the site's lock, check -- one command; the rebuilt node's manifest is its
+    predecessor's (GPU UUIDs aside)."""
     pve, write, refresh, tok = e2e_site
     site = write()
     assert gpunode("provision", NODE, "--no-wait", "--site", str(site)).returncode == 0
     host, port = pve.ssh_endpoint(VMID)
     site = write(port=port)
     refresh()          # the mirrors' facts as they are now (another session may rebuild them)
-    # A real site gives a CI node a static address (ipconfig0) or a DNS name; the lab's
-    # stand-in is the forwarded SSH port, which the lab picks anew (the lowest free one)
-    # when pvesim boots the re-created VM. Holding the free ports below the VM's port for
-    # the rebuild makes the lab pick the same one again.
-    with hold_ports_below(port):
-        proc = gpunode("rebuild", NODE, "--site", str(site))
-    assert pve.ssh_endpoint(VMID) == (host, port), \
-        "the lab gave the rebuilt VM another SSH port than the site names"
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lock(site)         # versions from the lab's SIMULATED mirrors, for both builds
+
+    def rebuild() -> dict:
+        # A real site gives a CI node a static address (ipconfig0) or a DNS name; the lab's
+        # stand-in is the forwarded SSH port, which the lab picks anew (the lowest free one)
+        # when pvesim boots the re-created VM. Holding the free ports below the VM's port
+        # for the rebuild makes the lab pick the same one again.
+        with hold_ports_below(port):
+            proc = gpunode("rebuild", NODE, "--site", str(site))
+        assert pve.ssh_endpoint(VMID) == (host, port), \
+            "the lab gave the rebuilt VM another SSH port than the site names"
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return manifest(site, NODE)
+
+    before = rebuild()     # the predecessor: a deployed node
+    after = rebuild()
+    assert after["packages"] and after["files"] and after["driver_module"]
+    assert reproducible(after) == reproducible(before)
     proc = gpunode("destroy", NODE, "--site", str(site))
     assert proc.returncode == 0 and not vm_exists(pve)
 

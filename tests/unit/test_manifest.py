@@ -154,3 +154,12 @@ def _my_group() -> str:
     import os
 
     return grp.getgrgid(os.getgid()).gr_name
+
+
+def test_a_rebuild_reproduces_all_but_the_gpu_uuids():
+    a = {"node": "n", "gpus": [{"uuid": "GPU-1", "vbios": "94.02"}], "packages": {"x": "1"}}
+    b = {"node": "n", "gpus": [{"uuid": "GPU-2", "vbios": "94.02"}], "packages": {"x": "1"}}
+    assert manifest.reproducible(a) == manifest.reproducible(b)
+    assert a["gpus"][0]["uuid"] == "GPU-1"  # the input is left alone
+    for change in ({"gpus": [{"uuid": "GPU-1", "vbios": "95.00"}]}, {"packages": {"x": "2"}}):
+        assert manifest.reproducible(a | change) != manifest.reproducible(a)
