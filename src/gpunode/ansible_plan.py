@@ -278,7 +278,7 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "runtime_lacks": {r: (data["cmds"].get(f"grep:{d.RUNTIME_CONFIG[r]}") or {"rc": 1})
                           ["rc"] != 0 for r in p.container_toolkit.runtimes if r != "podman"},
         "user_missing": p.vllm.user not in data["users"],
-        "venv_ok": data["venvs"].get(venv, {}).get("vllm", "").startswith(p.vllm.version),
+        "venv_ok": d.venv_current(p, data["venvs"].get(venv, {})),
         "stale_services": sorted(PurePosixPath(c).stem for c in configs
                                  if PurePosixPath(c).stem not in keep),
         "directories_ok": {x["path"]: _dir_ok(snap, x) for x in want["vllm"]["directories"]},

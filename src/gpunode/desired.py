@@ -5,6 +5,7 @@ the filter plugin) and the checks all call these functions; none re-derives them
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 
 from gpunode.model import NodeProfile
@@ -127,17 +128,24 @@ def driver_hold_set(p: NodeProfile, installed: dict[str, str]) -> list[str]:
                   if is_driver_package(name) and version.split(":")[-1].startswith(prefix))
 
 
+def _locked(p: NodeProfile, group: str, pkgs: list[Pkg]) -> list[Pkg]:
+    """A group's packages as the site's lock pins them (every package of its dependency
+    closure in NVIDIA's repository, exact), or as the site names them without a lock."""
+    locked = p.locked.get(group)  # type: ignore[call-overload]
+    return [Pkg(n, v) for n, v in sorted(locked.items())] if pkgs and locked else pkgs
+
+
 def cuda_packages(p: NodeProfile) -> list[Pkg]:
     if not p.cuda.enabled:
         return []
-    return [Pkg(f"cuda-toolkit-{p.cuda.version.replace('.', '-')}")]
+    return _locked(p, "cuda", [Pkg(f"cuda-toolkit-{p.cuda.version.replace('.', '-')}")])
 
 
 def nccl_packages(p: NodeProfile) -> list[Pkg]:
     if not p.nccl.enabled:
         return []
     version = f"{p.nccl.version}-1+cuda{p.cuda.version}"
-    return [Pkg("libnccl2", version), Pkg("libnccl-dev", version)]
+    return _locked(p, "nccl", [Pkg("libnccl2", version), Pkg("libnccl-dev", version)])
 
 
 def cudnn_packages(p: NodeProfile) -> list[Pkg]:
@@ -145,15 +153,17 @@ def cudnn_packages(p: NodeProfile) -> list[Pkg]:
         return []
     major = p.cuda.version.split(".")[0]
     version = f"{p.cudnn.version}-1"
-    return [Pkg(f"libcudnn9-cuda-{major}", version), Pkg(f"libcudnn9-dev-cuda-{major}", version)]
+    return _locked(p, "cudnn", [Pkg(f"libcudnn9-cuda-{major}", version),
+                                Pkg(f"libcudnn9-dev-cuda-{major}", version)])
 
 
 def container_toolkit_packages(p: NodeProfile) -> list[Pkg]:
     if not p.container_toolkit.enabled:
         return []
     v = f"{p.container_toolkit.version}-1"
-    return [Pkg(name, v) for name in ("nvidia-container-toolkit", "nvidia-container-toolkit-base",
-                                      "libnvidia-container-tools", "libnvidia-container1")]
+    return _locked(p, "container-toolkit", [
+        Pkg(name, v) for name in ("nvidia-container-toolkit", "nvidia-container-toolkit-base",
+                                  "libnvidia-container-tools", "libnvidia-container1")])
 
 
 def dcgm_packages(p: NodeProfile) -> list[Pkg]:
@@ -164,7 +174,7 @@ def dcgm_packages(p: NodeProfile) -> list[Pkg]:
     pkgs = [Pkg("datacenter-gpu-manager-4-core", v), Pkg(f"datacenter-gpu-manager-4-cuda{major}", v)]
     if p.dcgm.exporter:
         pkgs.append(Pkg("datacenter-gpu-manager-exporter"))
-    return pkgs
+    return _locked(p, "dcgm", pkgs)
 
 
 def base_packages(p: NodeProfile) -> list[str]:
@@ -199,6 +209,23 @@ def held_packages(p: NodeProfile) -> list[str]:
     return [pkg.name for pkg in (nccl_packages(p) + cudnn_packages(p)
                                  + container_toolkit_packages(p) + dcgm_packages(p))
             if pkg.version]
+
+
+def vllm_requirements(p: NodeProfile) -> str | None:
+    """The locked vLLM set as a hash-checked requirements file (None without a lock)."""
+    if not p.locked_vllm:
+        return None
+    return "".join(f"{n}=={pin.version}" + "".join(f" --hash={h}" for h in pin.hashes) + "\n"
+                   for n, pin in sorted(p.locked_vllm.items()))
+
+
+def venv_current(p: NodeProfile, installed: dict[str, str]) -> bool:
+    """Whether a venv (distribution -> version, as the snapshot reads it) is what the site
+    wants: with a lock, exactly the locked set; without, vLLM at the site's version."""
+    if p.locked_vllm:
+        have = {re.sub(r"[-_.]+", "-", n).lower(): v for n, v in installed.items()}
+        return have == {n: pin.version for n, pin in p.locked_vllm.items()}
+    return installed.get("vllm", "").startswith(p.vllm.version)
 
 
 # --- tuning ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ imports here."""
 
 from __future__ import annotations
 
+import base64
 import shlex
 from urllib.parse import urlparse
 
@@ -130,6 +131,17 @@ def venv_command(p: NodeProfile) -> str:
             uv_index += f" --allow-insecure-host {q(host_name)}"
     downloads = "never" if v.index_url else "automatic"
     uv_dir, venv, uv = q(f"{prefix}/uv"), q(f"{prefix}/venv"), q(f"{prefix}/uv/bin/uv")
+    python = q(prefix + "/venv/bin/python")
+    requirements = desired.vllm_requirements(p)
+    if requirements:  # the lock's exact set, every wheel checked against its hash
+        req = q(f"{prefix}/requirements.lock")
+        data = base64.b64encode(requirements.encode()).decode()
+        install = [f"printf %s {data} | base64 -d > {req}",
+                   f"UV_PYTHON_DOWNLOADS={downloads} {uv} pip sync -q --require-hashes "
+                   f"--python {python} {uv_index} {req}"]
+    else:
+        install = [f"UV_PYTHON_DOWNLOADS={downloads} {uv} pip install -q "
+                   f"--python {python} {uv_index} {q('vllm==' + v.version)}"]
     return " && ".join([
         f"install -d -m 755 {q(prefix)}",
         f"(test -x {uv} || python3 -m venv {uv_dir})",
@@ -137,8 +149,7 @@ def venv_command(p: NodeProfile) -> str:
         f"{pip_index} {q('uv==' + v.uv_version)}",
         f"UV_PYTHON_DOWNLOADS={downloads} {uv} venv -q --allow-existing "
         f"--python {q(v.python)} {venv}",
-        f"UV_PYTHON_DOWNLOADS={downloads} {uv} pip install -q "
-        f"--python {q(prefix + '/venv/bin/python')} {uv_index} {q('vllm==' + v.version)}",
+        *install,
     ])
 
 

@@ -589,15 +589,49 @@ def _show(value: Any) -> str:
     return "nothing" if value is None else repr(value) if isinstance(value, str) else str(value)
 
 
-def apply_lock(site: Any, doc: dict[str, Any]) -> Any:
-    """The site with the lock's driver version filled in where the site leaves it open
-    (profiles are what both engines receive)."""
-    nodes = {}
+#: Groups whose every locked package the deploy installs at its locked version (the
+#: driver set is pinned through `nvidia.version` and apt preferences).
+EXACT_GROUPS = ("cuda", "nccl", "cudnn", "container-toolkit", "dcgm")
+
+
+def apply_lock(site: Any, doc: dict[str, Any], path: Path | None = None) -> Any:
+    """The site as both engines receive it: the lock's driver version where the site leaves
+    it open, every package of the exact groups at its locked version (`locked`) and the vLLM
+    venv's exact set with its wheel hashes (`locked_vllm`). A lock
+    edited into something that is not a package name or version is refused (SiteError)."""
+    from pydantic import ValidationError
+
+    from gpunode.inventory import SiteError
+    from gpunode.model import NodeProfile
+
+    where = path.name if path else "the lock"
+    nodes, problems = {}, []
     for name, p in site.nodes.items():
-        driver = (doc["nodes"].get(name) or {}).get("nvidia", {}).get("driver")
+        entry = doc["nodes"].get(name) or {}
+        update: dict[str, Any] = {}
+        driver = (entry.get("nvidia") or {}).get("driver")
         if driver and not p.nvidia.version:
-            p = p.model_copy(update={"nvidia": p.nvidia.model_copy(update={"version": driver})})
+            update["nvidia"] = p.nvidia.model_dump() | {"version": driver}
+        locked = {g: {n: (i or {}).get("version") for n, i in
+                      ((entry.get(g) or {}).get("packages") or {}).items()}
+                  for g in EXACT_GROUPS if (entry.get(g) or {}).get("packages")}
+        if locked:
+            update["locked"] = locked
+        py = ((entry.get("vllm") or {}).get("packages") or {}) if p.vllm.services else {}
+        if py:
+            update["locked_vllm"] = py
+        if update:
+            try:
+                p = NodeProfile.model_validate(p.model_dump() | update)
+            except ValidationError as exc:
+                for err in exc.errors():
+                    loc = ".".join(str(x) for x in err["loc"])
+                    problems.append(f"{where}: nodes.{name}: {loc}: {err['msg']} (a hand edit? "
+                                    "run `gpunode lock --update` to write it again)")
+                continue
         nodes[name] = p
+    if problems:
+        raise SiteError(problems)
     return replace(site, nodes=nodes)
 
 
@@ -616,7 +650,7 @@ def locked_site(site: Any) -> Any:
     problems = check_lock(site, doc, path)
     if problems:
         raise SiteError(problems)
-    return apply_lock(site, doc)
+    return apply_lock(site, doc, path)
 
 
 def locked_packages(entry: dict[str, Any]) -> dict[str, str]:

@@ -9,17 +9,20 @@ The driver bump runs last: it leaves the VM on the newer driver."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from convergence import gpunode_cli
+from convergence import drift, gpunode_cli, lock, manifest
 
 from gpunode import desired
 from gpunode.deploy_cli import run_pyinfra
 from gpunode.files import placements
-from gpunode.inventory import load_site
+from gpunode.lab.sim import repo
+from gpunode.lock import compare_versions
 from gpunode.topology import NVIDIA_SMI_QUERY, attach_topology, parse_query_gpu, parse_topo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,6 +31,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def write(site: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(site, sort_keys=False))
     return path
+
+
+def _version(v: str) -> object:
+    return functools.cmp_to_key(compare_versions)(v)
 
 
 def deploy(site: Path, hosts: list[str]):
@@ -245,27 +252,76 @@ def test_removed_service_is_stopped_and_removed(fresh, tmp_path):
     assert vm.run("test -e /etc/vllm/tiny.yaml")[0] != 0
 
 
+#: A later R580 release (real: 580.105.08) that the test publishes in the simulated repository.
+PUBLISHED_LATER = "580.105.08"
+
+
 @pytest.mark.matrix
 def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):
+    """The site opens the driver version (branch 580 only) and `gpunode lock` picks the
+    newest release the (simulated) repository has; the deploy from that lock upgrades
+    through the holds and a reboot, and the node then holds exactly the locked packages.
+    A venv dependency removed by hand is put back from the locked, hash-checked set. A
+    release NVIDIA publishes later changes nothing on redeploy, and `gpunode lock --update
+    nvidia` moves the driver set alone."""
     versions = fresh.facts["driver_versions"]
-    old, new = sorted(versions)[0], sorted(versions)[-1]
+    old, new = sorted(versions, key=_version)[0], sorted(versions, key=_version)[-1]
     assert fresh.profile.nvidia.version == old
     site = copy.deepcopy(fresh.site_doc)
-    site["groups"]["lab"]["nvidia"]["version"] = new
+    site["groups"]["lab"]["nvidia"]["version"] = None           # the lock decides
+    site["nodes"] = {fresh.name: site["nodes"][fresh.name]}
+    path = write(site, tmp_path / "site.yaml")
+    locked = lock(path)
+    assert locked[fresh.name]["nvidia"]["driver"] == new, "the lock must pick the newest"
+
     never = copy.deepcopy(site)
     never["defaults"]["reboot"] = "never"
-    rc, results, _ = deploy(write(never, tmp_path / "never.yaml"), [fresh.name])
+    (tmp_path / "never").mkdir()
+    shutil.copy(path.with_suffix(".lock"), tmp_path / "never" / "site.lock")
+    rc, results, _ = deploy(write(never, tmp_path / "never" / "site.yaml"), [fresh.name])
     assert rc != 0, "policy never must stop with the host needing a reboot"
     assert "mismatch" in fresh.vm.run("nvidia-smi")[1] + fresh.vm.run("nvidia-smi")[2]
-    rc, results, _ = deploy(write(site, tmp_path / "site.yaml"), [fresh.name])
+    # a venv off its set (a dependency removed by hand): the locked deploy syncs it back,
+    # every wheel checked against the lock's hashes
+    prefix = fresh.profile.vllm.prefix
+    fresh.vm.check(f"sudo {prefix}/uv/bin/uv pip uninstall -q --python {prefix}/venv/bin/python "
+                   "pyyaml")
+    rc, results, _ = deploy(path, [fresh.name])
     assert rc == 0, results
+    assert any("Install vLLM" in c for c in results[fresh.name].changed), results
+    assert "--hash=sha256:" in fresh.vm.check(f"cat {prefix}/requirements.lock")
     smi = fresh.vm.check("nvidia-smi --query-gpu=driver_version --format=csv,noheader")
     assert set(smi.split()) == {new}
     holds = fresh.vm.check("apt-mark showhold").split()
     assert "nvidia-driver-cuda" in holds and "libcuda1" in holds
-    pkg = fresh.vm.check("dpkg-query -W -f '${Version}' nvidia-driver-cuda")
-    assert pkg == desired.driver_deb_version(load_site(tmp_path / "site.yaml").nodes[fresh.name])
+    # deployed from the lock: every locked NVIDIA package at its locked version, nothing off
+    m = manifest(path, fresh.name)
+    want = {n: i["version"] for n, i in locked[fresh.name]["nvidia"]["packages"].items()}
+    assert {n: m["packages"].get(n) for n in want} == want
+    assert m["driver_module"] == new
+    rc, findings = drift(path, fresh.name)
+    assert [f for f in findings if f["kind"] in ("lock", "file")] == [], findings
     # The reboot reset the (simulated) GPUs' volatile settings; the settings unit puts the
     # profile's back at boot, and the node proves out on the new driver as a whole.
-    rc, out, _ = gpunode_cli("check", fresh.name, "--site", str(tmp_path / "site.yaml"))
+    rc, out, _ = gpunode_cli("check", fresh.name, "--site", str(path))
     assert rc == 0, f"gpunode check after the driver bump failed:\n{out[-6000:]}"
+
+    # NVIDIA publishes a later release: the node sees it, the locked deploy ignores it
+    www, base = fresh.facts["www_root"], fresh.facts["base_url"]
+    repo.build(www, base_url=base, driver_versions=(*versions, PUBLISHED_LATER))
+    try:
+        fresh.vm.check("sudo apt-get -q update", timeout=600)
+        assert f"{PUBLISHED_LATER}-1" in fresh.vm.check("apt-cache madison nvidia-driver-cuda")
+        rc, results, _ = deploy(path, [fresh.name])
+        assert rc == 0 and results[fresh.name].changed == [], results
+        assert fresh.vm.check("dpkg-query -W -f '${Version}' nvidia-driver-cuda") == f"{new}-1"
+        assert lock(path) == locked, "`gpunode lock` without --update moved something"
+        moved = lock(path, "nvidia")[fresh.name]
+        assert moved["nvidia"]["driver"] == PUBLISHED_LATER
+        assert moved["nvidia"]["packages"]["nvidia-driver-cuda"]["version"] == \
+            f"{PUBLISHED_LATER}-1"
+        assert {g: e for g, e in moved.items() if g != "nvidia"} == \
+            {g: e for g, e in locked[fresh.name].items() if g != "nvidia"}
+    finally:
+        repo.build(www, base_url=base)
+        fresh.vm.run("sudo apt-get -q update", timeout=600)

@@ -235,6 +235,77 @@ def test_consistent_site_passes_and_gets_the_locked_driver(tmp_path):
     assert site.nodes["gpu01"].nvidia.version is None  # the loaded site is not changed
 
 
+def test_the_locked_closure_is_what_both_engines_install_hold_and_check(tmp_path):
+    """With a lock, a group's packages are its whole locked closure at exact versions (the
+    cuda-toolkit metapackage and DCGM's exporter, unversioned in the site, included)."""
+    from gpunode import desired
+
+    site, doc = _lock(tmp_path)
+    plain, p = site.nodes["gpu01"], lk.apply_lock(site, doc).nodes["gpu01"]
+    cuda = doc["nodes"]["gpu01"]["cuda"]["packages"]
+    assert [x.spec for x in desired.cuda_packages(p)] == \
+        [f"{n}={i['version']}" for n, i in sorted(cuda.items())]
+    assert [x.version for x in desired.cuda_packages(plain)] == [None]
+    dcgm = {x.name: x.version for x in desired.dcgm_packages(p)}
+    assert dcgm["datacenter-gpu-manager-exporter"] and None not in dcgm.values()
+    assert set(desired.held_packages(p)) >= set(dcgm)
+    assert lk.apply_lock(site, doc).nodes["gpu01"].locked == p.locked  # deterministic
+
+
+def test_the_locked_vllm_set_is_installed_hash_checked_and_judged_whole(tmp_path):
+    from gpunode import desired, hostcmd
+
+    site, doc = _lock(tmp_path)
+    plain, p = site.nodes["gpu01"], lk.apply_lock(site, doc).nodes["gpu01"]
+    py = doc["nodes"]["gpu01"]["vllm"]["packages"]
+    assert set(p.locked_vllm) == set(py)
+    req = desired.vllm_requirements(p)
+    assert req is not None and desired.vllm_requirements(plain) is None
+    for name, pin in py.items():
+        assert f"{name}=={pin['version']}" + "".join(f" --hash={h}" for h in pin["hashes"]) \
+            in req.splitlines()
+    cmd = hostcmd.venv_command(p)
+    assert "pip sync -q --require-hashes" in cmd and "vllm==" not in cmd
+    assert "pip install -q" in hostcmd.venv_command(plain)
+    exact = {n.replace("-", "_"): v["version"] for n, v in py.items()}  # dist-info spelling
+    assert desired.venv_current(p, exact)
+    assert not desired.venv_current(p, {n: v for n, v in exact.items() if n != "pyyaml"})
+    assert not desired.venv_current(p, exact | {"pyyaml": "6.0.2"})
+    assert not desired.venv_current(p, exact | {"colorama": "0.4.6"})  # an extra package
+    assert desired.venv_current(plain, {"vllm": "0.33.0"})
+
+
+def test_a_hand_edited_wheel_hash_is_refused(tmp_path):
+    _, doc = _lock(tmp_path)
+    doc["nodes"]["gpu01"]["vllm"]["packages"]["pyyaml"]["hashes"] = ["md5:x; id"]
+    (tmp_path / "site.lock").write_text(lk.dump_lock(doc["nodes"], "site.yaml"))
+    with pytest.raises(SiteError) as exc:
+        lk.locked_site(_site(tmp_path))
+    assert "site.lock: nodes.gpu01: locked_vllm.pyyaml.hashes.0" in exc.value.lines[0]
+
+
+@pytest.mark.parametrize("bad", ["1.0; touch /tmp/x", "{{ lookup('pipe','id') }}", "1.0\nX"])
+def test_a_hand_edited_lock_version_is_refused_naming_the_file(tmp_path, bad):
+    _, doc = _lock(tmp_path)
+    name = next(iter(doc["nodes"]["gpu01"]["nccl"]["packages"]))
+    doc["nodes"]["gpu01"]["nccl"]["packages"][name]["version"] = bad
+    (tmp_path / "site.lock").write_text(lk.dump_lock(doc["nodes"], "site.yaml"))
+    with pytest.raises(SiteError) as exc:
+        lk.locked_site(_site(tmp_path))
+    assert f"site.lock: nodes.gpu01: locked.nccl.{name}" in exc.value.lines[0]
+
+
+@pytest.mark.parametrize("key", ["locked", "locked_vllm"])
+def test_lock_fields_are_not_site_keys(tmp_path, key):
+    for where in ("defaults", "nodes.gpu01"):
+        text = SITE.replace("  os: debian-12\n", f"  os: debian-12\n  {key}: {{}}\n") \
+            if where == "defaults" else SITE.replace("gpu01: {groups: [fleet]}",
+                                                     f"gpu01: {{groups: [fleet], {key}: {{}}}}")
+        with pytest.raises(SiteError) as exc:
+            _site(tmp_path, text)
+        assert f"{where}.{key}: unknown key '{key}'" in "\n".join(exc.value.lines)
+
+
 @pytest.mark.parametrize(("old", "new", "field", "group"), [
     ("branch: 580,", "branch: 590,", "nvidia.branch", "nvidia"),
     ("nccl: {enabled: true}", "nccl: {enabled: true, version: 2.27.7}", "nccl.version", "nccl"),

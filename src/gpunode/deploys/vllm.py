@@ -56,8 +56,7 @@ def deploy_vllm(p: NodeProfile) -> None:
                       group=group)
     venv = f"{v.prefix}/venv"
     ops.run_when(name=f"Install vLLM {v.version} in {venv} (uv)", p=p, tag="venv",
-                 needed=lambda snap: not snap.data["venvs"].get(venv, {}).get(
-                     "vllm", "").startswith(v.version),
+                 needed=lambda snap: not desired.venv_current(p, snap.data["venvs"].get(venv, {})),
                  command=venv_command(p))
     files = vllm_files(p)
     for f in files:

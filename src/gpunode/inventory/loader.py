@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from gpunode.model import NodeProfile, check_fleet, check_profile
+from gpunode.model.profile import FROM_LOCK
 from gpunode.model.site import GROUP_NAME, SITE_KEYS, SiteMeta
 
 DEFAULT_SITE = Path("inventory/site.yaml")
@@ -414,8 +415,9 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
         meta = SiteMeta()
 
     bad_layers: set[tuple[Any, ...]] = set()  # layers with type errors (already reported)
+    # `name` comes from the key, FROM_LOCK from <site>.lock: none is written in a site
     layers: list[tuple[list[Any], Any, frozenset[str]]] = [(["defaults"], defaults,
-                                                          frozenset({"name", "groups"}))]
+                                                          frozenset({"name", "groups", *FROM_LOCK}))]
     for gname, gdata in groups.items():
         if not isinstance(gname, str) or not re.fullmatch(GROUP_NAME, gname):
             report(["groups", gname], f"groups.{gname}", "group names are lower-case letters, "
@@ -429,12 +431,12 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
         if gdata is not None and not isinstance(gdata, dict):
             report(["groups", gname], f"groups.{gname}", "must be a mapping")
             continue
-        layers.append((["groups", gname], gdata or {}, frozenset({"name", "groups"})))
+        layers.append((["groups", gname], gdata or {}, frozenset({"name", "groups", *FROM_LOCK})))
     for nname, ndata in nodes.items():
         if ndata is not None and not isinstance(ndata, dict):
             report(["nodes", nname], f"nodes.{nname}", "must be a mapping")
             continue
-        layers.append((["nodes", nname], ndata or {}, frozenset({"name"})))
+        layers.append((["nodes", nname], ndata or {}, frozenset({"name", *FROM_LOCK})))
     for keys, data, skip in layers:
         prefix = ".".join(str(k) for k in keys)
         for field_path, sub_keys, message in unknown_keys(data, NodeProfile, prefix, skip):

@@ -26,6 +26,21 @@ from gpunode.model.parts import (
     Vllm,
     VmSpec,
 )
+from gpunode.model.types import DebName, DebVersion, PyName, PyVersion, WheelHash
+
+#: The apt groups a lock pins package by package (the driver set is pinned by its version).
+LockedGroup = Literal["cuda", "nccl", "cudnn", "container-toolkit", "dcgm"]
+
+#: NodeProfile fields gpunode fills from <site>.lock; a site file never sets them.
+FROM_LOCK = ("locked", "locked_vllm")
+
+
+class PyPin(Strict):
+    """One Python distribution of a locked vLLM set."""
+
+    version: PyVersion = Field(description="Exact version.")
+    hashes: list[WheelHash] = Field(min_length=1, description="sha256 of each fitting wheel.")
+
 
 #: Memory kept free for the OS and model loading when huge pages are reserved (MiB).
 HUGEPAGE_HEADROOM_MIB = 8192
@@ -60,6 +75,14 @@ class NodeProfile(Strict):
     vllm: Vllm = Field(default_factory=Vllm, description="vLLM services.")
     vm: VmSpec | None = Field(None, description="VM spec (kind pve-guest).")
     pve: PveHost | None = Field(None, description="Proxmox host preparation (kind pve-host).")
+    # Not a site key (the loader refuses it there, the site schema leaves it out): gpunode
+    # fills it from <site>.lock, and the engines receive it with the rest of the profile.
+    locked: dict[LockedGroup, dict[DebName, DebVersion]] = Field(
+        default_factory=dict, description="Exact apt versions from the site's lock, per group "
+        "(the group's packages and their dependencies from the same repository).")
+    locked_vllm: dict[PyName, PyPin] = Field(
+        default_factory=dict, description="The vLLM venv's exact set from the site's lock "
+        "(installed with --require-hashes; an empty map: vLLM at its version).")
 
     @property
     def distro(self) -> str:

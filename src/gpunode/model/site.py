@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from gpunode.model.parts import Strict
-from gpunode.model.profile import NodeProfile
+from gpunode.model.profile import FROM_LOCK, NodeProfile
 from gpunode.model.types import Text
 
 #: Top-level keys of a site file.
@@ -31,6 +31,9 @@ class SiteSchema:
         layer = copy.deepcopy(profile)
         layer.pop("required", None)
         layer["properties"].pop("name", None)
+        for key in FROM_LOCK:  # from <site>.lock, never written in a site
+            layer["properties"].pop(key, None)
+        defs.pop("PyPin", None)  # only `locked_vllm` uses it
         layer["title"] = "Layer"
         layer["description"] = ("A partial node profile; defaults -> groups (in the order a "
                                 "node lists them) -> node are merged: maps merge key by key, "

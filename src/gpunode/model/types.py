@@ -33,6 +33,13 @@ REVISION = r"^[0-9a-f]{40}$"
 #: spaces or tabs (e.g. "4096 87380 6291456"); no pipes, quotes, newlines.
 SYSCTL_VALUE = r"^[A-Za-z0-9_.:/+%-]+([ \t][A-Za-z0-9_.:/+%-]+)*$"
 SIZE = r"^[0-9]+[KMGT]?$"
+#: Debian package names and versions (Debian Policy 5.6.1, 5.6.12), as a lock file pins them.
+DEB_NAME = r"^[a-z0-9][a-z0-9+.-]{1,127}$"
+DEB_VERSION = r"^([0-9]+:)?[0-9][A-Za-z0-9.+~-]{0,127}$"
+#: Python distributions as a lock pins them: PEP 503 names, PEP 440 versions, wheel hashes.
+PY_NAME = r"^[a-z0-9]([a-z0-9-]{0,126}[a-z0-9])?$"
+PY_VERSION = r"^[0-9][A-Za-z0-9.+!_-]{0,63}$"
+WHEEL_HASH = r"^sha256:[0-9a-f]{64}$"
 
 #: System directories a service's data must never be, nor live under (the deploy hands the
 #: directory to the service user).
@@ -192,6 +199,11 @@ Quoted = Annotated[str, Field(max_length=4096), AfterValidator(no_control_chars)
 Text = Annotated[str, Field(max_length=1024), AfterValidator(no_control)]
 Word = Annotated[str, Field(max_length=128), AfterValidator(_word)]
 Revision = Annotated[str, Field(pattern=REVISION)]
+DebName = Annotated[str, Field(pattern=DEB_NAME)]
+DebVersion = Annotated[str, Field(pattern=DEB_VERSION)]
+PyName = Annotated[str, Field(pattern=PY_NAME)]
+PyVersion = Annotated[str, Field(pattern=PY_VERSION)]
+WheelHash = Annotated[str, Field(pattern=WHEEL_HASH)]
 SysctlValue = Annotated[str, Field(pattern=SYSCTL_VALUE, max_length=256)]
 #: Integers only (YAML true/false are not 1/0).
 Int = StrictInt
