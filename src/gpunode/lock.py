@@ -24,7 +24,8 @@ from gpunode import desired
 from gpunode.model import NodeProfile
 
 FORMAT = 1
-GROUPS = ("nvidia", "cuda", "nccl", "cudnn", "container-toolkit", "dcgm", "vllm", "models")
+GROUPS = ("nvidia", "cuda", "nccl", "cudnn", "container-toolkit", "dcgm", "vllm", "models",
+          "image")
 HEADER = ("# gpunode lock: exact versions for this site, written by `gpunode lock`.\n"
           "# Review and commit it with the site. Deploys install these versions and refuse\n"
           "# to run when the site disagrees; `gpunode lock --update [GROUP|PACKAGE...]`\n"
@@ -377,6 +378,8 @@ class Sources:
     apt: dict[str, list[Deb]] = field(default_factory=dict)  # repo URL -> stanzas
     listing: Callable[[str, str], list[Dist]] = lambda index, name: []
     metadata: Callable[[Dist], list[str]] = lambda dist: []
+    #: a pve-guest's image or template as the PVE API shows it (proxmox.state.image_identity)
+    image: Callable[[NodeProfile], dict[str, Any] | None] = lambda p: None
 
 
 def cuda_repo_url(p: NodeProfile) -> str:
@@ -426,6 +429,11 @@ def group_inputs(p: NodeProfile, group: str) -> dict[str, Any] | None:
     if group == "models":
         return ({f"vllm.services[{s.name}]": {"model": s.model, "revision": s.revision}
                  for s in p.vllm.services} if p.vllm.services else None)
+    if group == "image":
+        vm = p.vm
+        return ({"vm.pve_node": vm.pve_node, "vm.cloud_image": vm.cloud_image,
+                 "vm.template_vmid": vm.template_vmid}
+                if p.kind == "pve-guest" and vm is not None else None)
     raise ValueError(group)
 
 
@@ -500,6 +508,13 @@ def resolve_group(p: NodeProfile, group: str, src: Sources) -> dict[str, Any] | 
         out["mirror"] = index_url
         out["dependency_hash"] = py.dependency_hash()
         out["packages"] = py.packages
+        return out
+    if group == "image":
+        identity = src.image(p)
+        if identity is None:
+            raise LockError([f"{where}.vm: {p.vm.cloud_image or f'template {p.vm.template_vmid}'}"  # type: ignore[union-attr]
+                             f" is not on PVE node {p.vm.pve_node}"])  # type: ignore[union-attr]
+        out["identity"] = identity
         return out
     # models: revisions are pinned by the site model (40-hex); the lock records them
     out["services"] = {s.name: {"model": s.model, "revision": s.revision}
@@ -582,7 +597,8 @@ def check_lock(site: Any, doc: dict[str, Any], path: Path) -> list[str]:
 def _enabler(group: str, field_: str) -> str:
     return {"cuda": "cuda.enabled", "nccl": "nccl.enabled", "cudnn": "cudnn.enabled",
             "container-toolkit": "container_toolkit.enabled", "dcgm": "dcgm.enabled",
-            "vllm": "vllm.services", "models": "vllm.services"}.get(group, field_ or group)
+            "vllm": "vllm.services", "models": "vllm.services",
+            "image": "vm"}.get(group, field_ or group)
 
 
 def _show(value: Any) -> str:
@@ -597,7 +613,8 @@ EXACT_GROUPS = ("cuda", "nccl", "cudnn", "container-toolkit", "dcgm")
 def apply_lock(site: Any, doc: dict[str, Any], path: Path | None = None) -> Any:
     """The site as both engines receive it: the lock's driver version where the site leaves
     it open, every package of the exact groups at its locked version (`locked`) and the vLLM
-    venv's exact set with its wheel hashes (`locked_vllm`). A lock
+    venv's exact set with its wheel hashes (`locked_vllm`), and a pve-guest's image identity
+    (`locked_image`: `provision` creates its VM from that image only). A lock
     edited into something that is not a package name or version is refused (SiteError)."""
     from pydantic import ValidationError
 
@@ -620,6 +637,9 @@ def apply_lock(site: Any, doc: dict[str, Any], path: Path | None = None) -> Any:
         py = ((entry.get("vllm") or {}).get("packages") or {}) if p.vllm.services else {}
         if py:
             update["locked_vllm"] = py
+        image = (entry.get("image") or {}).get("identity")
+        if image and p.kind == "pve-guest":
+            update["locked_image"] = image
         if update:
             try:
                 p = NodeProfile.model_validate(p.model_dump() | update)

@@ -86,9 +86,39 @@ class Fetcher:
                 meta = zf.read(name)
         return lk.requires_dist(meta.decode("utf-8", "replace"))
 
-    def sources(self, profiles: list[Any]) -> lk.Sources:
+    def sources(self, profiles: list[Any], site: Any = None) -> lk.Sources:
         apt = {url: self.packages(url) for p in profiles for url in lk.repo_urls(p)}
-        return lk.Sources(apt=apt, listing=self.listing, metadata=self.metadata)
+        return lk.Sources(apt=apt, listing=self.listing, metadata=self.metadata,
+                          image=pve_images(site) if site is not None else lambda p: None)
+
+
+def pve_images(site: Any) -> Any:
+    """A pve-guest's image or template as its PVE API shows it, read with the credentials
+    `provision` uses (endpoints and logins made on the first node that needs one)."""
+    from gpunode.proxmox import run
+    from gpunode.proxmox.client import Pve
+    from gpunode.proxmox.errors import PveError, PveInputError
+    from gpunode.proxmox.state import image_identity, read_vm
+
+    logins: dict[str, Any] = {}
+
+    def image(p: Any) -> dict[str, Any] | None:
+        try:
+            ep = run.endpoints_for(site, [p.name])[0]
+            t = ep.targets[0]
+            if ep.label not in logins:
+                logins[ep.label] = Pve(ep.creds)
+            pve = logins[ep.label]
+            template = (read_vm(pve, t.pve_node, t.template_vmid) if t.template_vmid
+                        else None)
+            return image_identity(pve, t.pve_node, t.cloud_image, template)
+        except run.InputProblems as exc:
+            raise lk.LockError(exc.lines) from None
+        except (PveError, PveInputError) as exc:
+            raise lk.LockError([f"nodes.{p.name}.vm: reading its image from PVE: {exc}"]) \
+                from None
+
+    return image
 
 
 def lock_command(
@@ -123,7 +153,7 @@ def lock_command(
     nodes: dict[str, Any] = {}
     try:
         fetcher = Fetcher(via)
-        src = fetcher.sources(list(loaded.nodes.values()))
+        src = fetcher.sources(list(loaded.nodes.values()), loaded)
         for name, p in loaded.nodes.items():
             keep = dict(old.get(name) or {})
             if update and not packages:

@@ -171,6 +171,52 @@ def test_lifecycle_with_a_token(pve, token, tmp_path):
     assert gpunode("destroy", "gpuvm1", "--site", str(site)).returncode == 0
 
 
+def _lock_image(site: Path) -> dict[str, Any]:
+    """<site>.lock as `gpunode lock` writes it for this site's VM: the image group read
+    through PVE (the same code path), the other groups recording their site values only
+    (their mirrors are not part of this module)."""
+    from gpunode import lock as lk
+    from gpunode.lock_cli import pve_images
+
+    loaded = load_site(site)
+    src = lk.Sources(image=pve_images(loaded))
+    nodes = {name: {g: {"site": lk.group_inputs(p, g)} for g in lk.GROUPS
+                    if lk.group_inputs(p, g) is not None and g != "image"}
+             for name, p in loaded.nodes.items()}
+    nodes["gpuvm1"]["image"] = lk.resolve_group(loaded.nodes["gpuvm1"], "image", src)
+    site.with_suffix(".lock").write_text(lk.dump_lock(nodes, site.name))
+    return nodes["gpuvm1"]["image"]["identity"]
+
+
+def test_a_new_vm_comes_from_the_locked_image_only(pve, token, tmp_path):
+    """With a lock, `provision` creates a VM only from the image the lock records: the
+    same name holding another image (re-imported, say) is refused before anything is
+    created, naming what moved and how to accept it."""
+    site = write_site(tmp_path, pve, token)
+    identity = _lock_image(site)
+    assert identity["volid"] == "local:import/debian-12.qcow2"
+    assert identity["format"] == "qcow2" and identity["size"] > 0 and identity["ctime"] > 0
+    assert plan_of(site)[0] == ("create", "")
+    other = tmp_path / "other.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), "2G"], check=True)
+    original = tmp_path / "original.qcow2"
+    try:
+        pve.import_image(other, "debian-12.qcow2")
+        proc = gpunode("provision", "--no-wait", "--site", str(site))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        out = " ".join((proc.stdout + proc.stderr).split())
+        assert "is not the image the lock records" in out and "size" in out, out
+        assert "gpunode lock --update image" in out
+        assert vm_config(pve, 201) is None
+        _lock_image(site)                  # accepted: the lock now records the new image
+        assert plan_of(site)[0] == ("create", "")
+    finally:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(original), "1G"],
+                       check=True)
+        pve.import_image(original, "debian-12.qcow2")
+        site.with_suffix(".lock").unlink()
+
+
 def test_restart_held_when_the_site_says_never(pve, token, tmp_path):
     site = write_site(tmp_path, pve, token)
     assert gpunode("provision", "--no-wait", "--site", str(site)).returncode == 0

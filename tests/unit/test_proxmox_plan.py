@@ -243,3 +243,27 @@ def test_plan_mappings_updates_when_the_iommu_group_changed(site):
     assert [c.action for c in changes] == ["mapping-update"]
     new_map = updated_map(rows[0], "pve1", changes[0].new)
     assert new_map[0].startswith("node=pve2") and new_map[1].endswith("iommugroup=14")
+
+
+def test_a_clone_comes_only_from_the_template_the_lock_records(site):
+    """With a lock, the template's identity (PVE's config digest) must be the locked one:
+    another digest (the template edited or re-created under its id) or no template is a
+    problem before any change."""
+    import dataclasses
+
+    from gpunode.proxmox.state import image_identity
+
+    t = target(site, "gpuvm2")
+    assert t.source == "clone"
+    tpl = VmState(t.template_vmid, t.pve_node, "stopped",
+                  {"template": 1, "name": "debian-12-tpl", "digest": "ab" * 20})
+    identity = image_identity(None, t.pve_node, None, tpl)
+    assert identity == {"template_vmid": t.template_vmid, "digest": "ab" * 20}
+    locked = dataclasses.replace(t, image=identity)
+    assert not plan_vm(locked, None, tpl, identity).problems
+    assert plan_vm(t, None, tpl, None).changes[0].action == "clone"     # no lock: as before
+    moved = {**identity, "digest": "cd" * 20}
+    plan = plan_vm(locked, None, tpl, moved)
+    assert plan.changes == [] and "digest " + "ab" * 20 + " -> " + "cd" * 20 in plan.problems[0]
+    assert "gpunode lock --update image" in plan.problems[0]
+    assert "is not on" in plan_vm(locked, None, None, None).problems[0]

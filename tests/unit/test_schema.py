@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from gpunode.model import NodeProfile, SiteSchema
+from gpunode.model.profile import FROM_LOCK
 from gpunode.model.site import SITE_KEYS
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -37,7 +38,7 @@ def test_schema_shape(repo: Path) -> None:
     assert set(schema["properties"]) == set(SITE_KEYS)
     assert schema["required"] == ["nodes"]
     layer = schema["$defs"]["Layer"]["properties"]
-    assert set(layer) == set(NodeProfile.model_fields) - {"name"}
+    assert set(layer) == set(NodeProfile.model_fields) - {"name", *FROM_LOCK}
     assert "groups" not in schema["$defs"]["GroupLayer"]["properties"]
     for name, prop in layer.items():
         assert prop.get("description"), f"Layer.{name} has no description"

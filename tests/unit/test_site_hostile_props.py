@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from gpunode.files import node_files
 from gpunode.hostcmd import user_command, venv_command
 from gpunode.inventory import SiteError, load_site
+from gpunode.model.profile import FROM_LOCK
 from gpunode.topology import Gpu
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +67,8 @@ def base_nodes() -> dict[str, dict[str, Any]]:
     for example, names in (("bare-metal.yaml", ["gpu01"]), ("proxmox.yaml", ["pve1", "gpuvm1"])):
         site = load_site(EXAMPLES / example)
         for name in names:
-            data = site.nodes[name].model_dump(mode="json", exclude_none=True)
+            data = site.nodes[name].model_dump(mode="json", exclude_none=True,
+                                               exclude=set(FROM_LOCK))  # not site keys
             data["groups"] = []  # resolved already
             for (section, key), value in OPTIONAL.items():
                 data.setdefault(section, {}).setdefault(key, value)

@@ -32,7 +32,7 @@ from gpunode.model.types import DebName, DebVersion, PyName, PyVersion, WheelHas
 LockedGroup = Literal["cuda", "nccl", "cudnn", "container-toolkit", "dcgm"]
 
 #: NodeProfile fields gpunode fills from <site>.lock; a site file never sets them.
-FROM_LOCK = ("locked", "locked_vllm")
+FROM_LOCK = ("locked", "locked_vllm", "locked_image")
 
 
 class PyPin(Strict):
@@ -40,6 +40,19 @@ class PyPin(Strict):
 
     version: PyVersion = Field(description="Exact version.")
     hashes: list[WheelHash] = Field(min_length=1, description="sha256 of each fitting wheel.")
+
+
+class ImagePin(Strict):
+    """What a pve-guest's VM is made from, as the lock records it (proxmox.state)."""
+
+    volid: str | None = Field(None, pattern=r"^[a-zA-Z][a-zA-Z0-9._-]*:[A-Za-z0-9._/+-]+$",
+                              description="Cloud image volume (storage:path).")
+    format: str | None = Field(None, pattern=r"^[a-z0-9]{0,16}$", description="Its format.")
+    size: StrictInt | None = Field(None, ge=0, description="Its size in bytes.")
+    ctime: StrictInt | None = Field(None, ge=0, description="Its creation time (epoch s).")
+    template_vmid: StrictInt | None = Field(None, ge=100, description="Template VM id.")
+    digest: str | None = Field(None, pattern=r"^[0-9a-f]{0,64}$",
+                               description="PVE's digest of the template's config.")
 
 
 #: Memory kept free for the OS and model loading when huge pages are reserved (MiB).
@@ -83,6 +96,8 @@ class NodeProfile(Strict):
     locked_vllm: dict[PyName, PyPin] = Field(
         default_factory=dict, description="The vLLM venv's exact set from the site's lock "
         "(installed with --require-hashes; an empty map: vLLM at its version).")
+    locked_image: ImagePin | None = Field(
+        None, description="The image or template a new VM must come from (the site's lock).")
 
     @property
     def distro(self) -> str:

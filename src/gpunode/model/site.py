@@ -33,7 +33,8 @@ class SiteSchema:
         layer["properties"].pop("name", None)
         for key in FROM_LOCK:  # from <site>.lock, never written in a site
             layer["properties"].pop(key, None)
-        defs.pop("PyPin", None)  # only `locked_vllm` uses it
+        for name in ("PyPin", "ImagePin"):  # only the lock fields use them
+            defs.pop(name, None)
         layer["title"] = "Layer"
         layer["description"] = ("A partial node profile; defaults -> groups (in the order a "
                                 "node lists them) -> node are merged: maps merge key by key, "

@@ -26,6 +26,7 @@ from gpunode.proxmox.spec import VmTarget, parse_props
 from gpunode.proxmox.state import (
     cluster_vm,
     guest_addresses,
+    image_identity,
     read_mappings,
     read_pci,
     read_vm,
@@ -123,7 +124,10 @@ def read_plan(pve: Any, t: VmTarget,
     template = None
     if current is None and t.source == "clone" and t.template_vmid is not None:
         template = read_vm(pve, t.pve_node, t.template_vmid, rows)
-    return plan_vm(t, current, template)
+    image = None
+    if current is None and t.image:  # a new VM from a lock: from the locked image only
+        image = image_identity(pve, t.pve_node, t.cloud_image, template)
+    return plan_vm(t, current, template, image)
 
 
 def _note(result: VmResult, st: dict[str, Any], what: str) -> None:

@@ -138,8 +138,23 @@ def disk_changes(t: VmTarget, config: dict[str, Any] | None) -> list[Change]:
                    applied=False)]
 
 
+def image_problem(t: VmTarget, image: dict[str, Any] | None) -> str | None:
+    """Why a VM created now would not come from the image the site's lock records (None:
+    it would, or there is no lock)."""
+    if not t.image or image == t.image:
+        return None
+    what = t.cloud_image or f"template {t.template_vmid}"
+    if image is None:
+        return f"{_where(t)}: the locked image {what} is not on {t.pve_node}"
+    moved = ", ".join(f"{k} {t.image.get(k)} -> {image.get(k)}"
+                      for k in sorted(set(t.image) | set(image)) if t.image.get(k) != image.get(k))
+    return (f"{_where(t)}: {what} is not the image the lock records ({moved}); a rebuild from "
+            "it would not reproduce the node. Check it, then `gpunode lock --update image`")
+
+
 def plan_vm(t: VmTarget, current: VmState | None,
-            template: VmState | None = None) -> VmPlan:
+            template: VmState | None = None,
+            image: dict[str, Any] | None = None) -> VmPlan:
     """Ordered changes that take the VM from ``current`` (None: absent) to ``t``.
 
     For a clone that does not exist yet, ``template`` (the template's state) stands in for
@@ -148,6 +163,10 @@ def plan_vm(t: VmTarget, current: VmState | None,
     where = _where(t)
     add = plan.changes.append
     if current is None:
+        problem = image_problem(t, image)
+        if problem:
+            plan.problems.append(problem)
+            return plan
         if t.source == "import":
             add(Change(where, "create", "", None, t.cloud_image,
                        f"import the cloud image; {len(t.config)} settings in the create call"))

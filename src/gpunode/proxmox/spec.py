@@ -83,6 +83,7 @@ class VmTarget:
     start_timeout_s: int
     agent_timeout_s: int
     mappings: list[str] = field(default_factory=list)
+    image: dict[str, Any] | None = None  # the locked image identity (state.image_identity)
 
     def create_params(self) -> dict[str, Any]:
         """``POST /nodes/{node}/qemu`` for an import: the whole config in one call."""
@@ -166,7 +167,8 @@ def desired_vm(profile: Any, host: Any | None) -> VmTarget:
         disk_gib=vm.disk_gib, config=cfg, may_restart=profile.reboot == "auto",
         on_start_failure=vm.on_start_failure,
         start_timeout_s=start_timeout(cfg), agent_timeout_s=vm.agent_timeout_s,
-        mappings=mappings)
+        mappings=mappings, image=(profile.locked_image.model_dump(exclude_none=True)
+                                  if profile.locked_image else None))
 
 
 def start_timeout(cfg: dict[str, Any]) -> int:

@@ -104,3 +104,21 @@ def guest_addresses(agent_result: Any) -> list[tuple[str, str, str]]:
                 continue
             out.append((str(iface.get("name", "")), mac, ip))
     return out
+
+
+def image_identity(pve: Any, pve_node: str, cloud_image: str | None,
+                   template: VmState | None) -> dict[str, Any] | None:
+    """What a new VM would be made from, as a lock records it: a cloud image's volume
+    (volid, format, size, ctime from ``GET /nodes/{node}/storage/{storage}/content``) or a
+    template's config digest (PVE's sha1 of its config; any change to the template changes
+    it). None: the image or template is not there."""
+    if cloud_image:
+        storage = cloud_image.split(":", 1)[0]
+        for row in pve.get(f"nodes/{pve_node}/storage/{storage}/content") or []:
+            if row.get("volid") == cloud_image:
+                return {"volid": cloud_image, "format": str(row.get("format", "")),
+                        "size": int(row.get("size", 0)), "ctime": int(row.get("ctime", 0))}
+        return None
+    if template is None:
+        return None
+    return {"template_vmid": template.vmid, "digest": str(template.config.get("digest", ""))}
