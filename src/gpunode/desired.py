@@ -132,7 +132,14 @@ def _locked(p: NodeProfile, group: str, pkgs: list[Pkg]) -> list[Pkg]:
     """A group's packages as the site's lock pins them (every package of its dependency
     closure in NVIDIA's repository, exact), or as the site names them without a lock."""
     locked = p.locked.get(group)  # type: ignore[call-overload]
-    return [Pkg(n, v) for n, v in sorted(locked.items())] if pkgs and locked else pkgs
+    if not pkgs or not locked:
+        return pkgs
+    own = {x.name for x in pkgs}
+    # a driver package in a closure (a library some CUDA or DCGM package depends on) stays
+    # with the driver's own pin (nvidia.version): installing it at the version the lock saw
+    # could fight that pin
+    return [Pkg(n, v) for n, v in sorted(locked.items())
+            if n in own or not any(fnmatch.fnmatch(n, pat) for pat in DRIVER_PATTERNS)]
 
 
 def cuda_packages(p: NodeProfile) -> list[Pkg]:

@@ -250,6 +250,10 @@ def test_the_locked_closure_is_what_both_engines_install_hold_and_check(tmp_path
     assert dcgm["datacenter-gpu-manager-exporter"] and None not in dcgm.values()
     assert set(desired.held_packages(p)) >= set(dcgm)
     assert lk.apply_lock(site, doc).nodes["gpu01"].locked == p.locked  # deterministic
+    # a driver library in a closure stays with the driver's pin; the group's own names stay
+    p2 = p.model_copy(update={"locked": p.locked | {"dcgm": {
+        **p.locked["dcgm"], "libnvidia-ml1": "580.95.05-1"}}})
+    assert "libnvidia-ml1" not in {x.name for x in desired.dcgm_packages(p2)}
 
 
 def test_the_locked_vllm_set_is_installed_hash_checked_and_judged_whole(tmp_path):
