@@ -391,6 +391,8 @@ def ctk_repo_url(p: NodeProfile) -> str:
 
 
 def repo_urls(p: NodeProfile) -> list[str]:
+    if p.kind == "pve-host":
+        return []
     urls = [cuda_repo_url(p)] if p.nvidia.source == "cuda-repo" else []
     if p.container_toolkit.enabled:
         urls.append(ctk_repo_url(p))
@@ -399,7 +401,9 @@ def repo_urls(p: NodeProfile) -> list[str]:
 
 def group_inputs(p: NodeProfile, group: str) -> dict[str, Any] | None:
     """The site values a group is resolved from (field path -> value); None: the group is
-    not part of this node."""
+    not part of this node (a Proxmox host installs none of them: its GPUs go to VMs)."""
+    if p.kind == "pve-host":
+        return None
     n = p.nvidia
     if group == "nvidia":
         return {"os": p.os, "nvidia.source": n.source, "nvidia.branch": n.branch,

@@ -476,3 +476,16 @@ def test_closure_follows_a_virtual_dependency_to_its_provider():
     prefer_old = lk.closure(lk.AptIndex(debs), {dkms.name: dkms},
                             prefer=lambda d: d.version.startswith("580.76."))
     assert prefer_old["nvidia-kernel-support"].version == "580.76.05-1"
+
+
+def test_a_proxmox_host_has_nothing_to_lock_and_its_guests_lock_their_image():
+    site = load_site(Path(__file__).resolve().parents[1] / "fixtures" / "proxmox" / "site.yaml")
+    host, guest = site.nodes["pve1"], site.nodes["gpuvm1"]
+    assert all(lk.group_inputs(host, g) is None for g in lk.GROUPS)
+    assert lk.repo_urls(host) == []                      # no mirror read for it
+    assert lk.resolve_node(host, lk.Sources()) == {}
+    assert lk.group_inputs(guest, "image") == {
+        "vm.pve_node": guest.vm.pve_node, "vm.cloud_image": guest.vm.cloud_image,
+        "vm.template_vmid": guest.vm.template_vmid}
+    with pytest.raises(lk.LockError, match="is not on PVE node"):
+        lk.resolve_group(guest, "image", lk.Sources())    # PVE does not list it
