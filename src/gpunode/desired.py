@@ -226,12 +226,26 @@ def vllm_requirements(p: NodeProfile) -> str | None:
                    for n, pin in sorted(p.locked_vllm.items()))
 
 
+def normalize_dist(name: str) -> str:
+    """PEP 503 project name (dist-info directories spell `typing_extensions`, locks
+    `typing-extensions`)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def venv_off_lock(p: NodeProfile, installed: dict[str, str]) -> list[str]:
+    """How a venv (distribution -> version, as the snapshot reads it) differs from the
+    locked set, one `name installed (locked version)` line each; [] without a lock."""
+    have = {normalize_dist(n): v for n, v in installed.items()}
+    want = {n: pin.version for n, pin in p.locked_vllm.items()}
+    return [f"{n} {have.get(n) or 'missing'} (locked {want.get(n) or 'nothing'})"
+            for n in sorted(set(have) | set(want)) if have.get(n) != want.get(n)]
+
+
 def venv_current(p: NodeProfile, installed: dict[str, str]) -> bool:
-    """Whether a venv (distribution -> version, as the snapshot reads it) is what the site
-    wants: with a lock, exactly the locked set; without, vLLM at the site's version."""
+    """Whether a venv is what the site wants: with a lock, exactly the locked set; without,
+    vLLM at the site's version."""
     if p.locked_vllm:
-        have = {re.sub(r"[-_.]+", "-", n).lower(): v for n, v in installed.items()}
-        return have == {n: pin.version for n, pin in p.locked_vllm.items()}
+        return not venv_off_lock(p, installed)
     return installed.get("vllm", "").startswith(p.vllm.version)
 
 

@@ -16,12 +16,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
 from gpunode import desired
 from gpunode.model import NodeProfile
+from gpunode.model.profile import LockedGroup
 
 FORMAT = 1
 GROUPS = ("nvidia", "cuda", "nccl", "cudnn", "container-toolkit", "dcgm", "vllm", "models",
@@ -233,9 +234,7 @@ class Dist:
     sha256: str
 
 
-def normalize(name: str) -> str:
-    """PEP 503 project name."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+normalize = desired.normalize_dist  # PEP 503 project name
 
 
 _WHEEL = re.compile(r"^(?P<name>.+?)-(?P<ver>[^-]+)(-\d[^-]*)?-(?P<py>[^-]+)-(?P<abi>[^-]+)"
@@ -611,7 +610,7 @@ def _show(value: Any) -> str:
 
 #: Groups whose every locked package the deploy installs at its locked version (the
 #: driver set is pinned through `nvidia.version` and apt preferences).
-EXACT_GROUPS = ("cuda", "nccl", "cudnn", "container-toolkit", "dcgm")
+EXACT_GROUPS: tuple[str, ...] = get_args(LockedGroup)
 
 
 def apply_lock(site: Any, doc: dict[str, Any], path: Path | None = None) -> Any:

@@ -276,6 +276,8 @@ def test_the_locked_vllm_set_is_installed_hash_checked_and_judged_whole(tmp_path
     assert not desired.venv_current(p, {n: v for n, v in exact.items() if n != "pyyaml"})
     assert not desired.venv_current(p, exact | {"pyyaml": "6.0.2"})
     assert not desired.venv_current(p, exact | {"colorama": "0.4.6"})  # an extra package
+    assert desired.venv_off_lock(p, exact | {"colorama": "0.4.6", "pyyaml": "6.0.2"}) == [
+        "colorama 0.4.6 (locked nothing)", f"pyyaml 6.0.2 (locked {py['pyyaml']['version']})"]
     assert desired.venv_current(plain, {"vllm": "0.33.0"})
 
 

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from gpunode.model.types import (
+    VOLID,
     ControlPath,
     DataDir,
     HostName,
@@ -480,7 +481,7 @@ class VmSpec(Strict):
                           "pve.node_name, else its inventory name).")
     vmid: StrictInt = Field(ge=100, le=999999999, description="VM id.")
     template_vmid: StrictInt | None = Field(None, ge=100, description="Template to clone.")
-    cloud_image: str | None = Field(None, pattern=r"^[a-zA-Z][a-zA-Z0-9._-]*:[A-Za-z0-9._/+-]+$",
+    cloud_image: str | None = Field(None, pattern=VOLID,
                                     description="Cloud image volume (storage:path) to import "
                                     "instead.")
     cores: StrictInt = Field(8, ge=1, le=512, description="vCPU cores.")

@@ -26,7 +26,7 @@ from gpunode.model.parts import (
     Vllm,
     VmSpec,
 )
-from gpunode.model.types import DebName, DebVersion, PyName, PyVersion, WheelHash
+from gpunode.model.types import VOLID, DebName, DebVersion, PyName, PyVersion, WheelHash
 
 #: The apt groups a lock pins package by package (the driver set is pinned by its version).
 LockedGroup = Literal["cuda", "nccl", "cudnn", "container-toolkit", "dcgm"]
@@ -45,7 +45,7 @@ class PyPin(Strict):
 class ImagePin(Strict):
     """What a pve-guest's VM is made from, as the lock records it (proxmox.state)."""
 
-    volid: str | None = Field(None, pattern=r"^[a-zA-Z][a-zA-Z0-9._-]*:[A-Za-z0-9._/+-]+$",
+    volid: str | None = Field(None, pattern=VOLID,
                               description="Cloud image volume (storage:path).")
     format: str | None = Field(None, pattern=r"^[a-z0-9]{0,16}$", description="Its format.")
     size: StrictInt | None = Field(None, ge=0, description="Its size in bytes.")

@@ -33,6 +33,8 @@ REVISION = r"^[0-9a-f]{40}$"
 #: spaces or tabs (e.g. "4096 87380 6291456"); no pipes, quotes, newlines.
 SYSCTL_VALUE = r"^[A-Za-z0-9_.:/+%-]+([ \t][A-Za-z0-9_.:/+%-]+)*$"
 SIZE = r"^[0-9]+[KMGT]?$"
+#: A PVE volume id (storage:path), e.g. local:import/debian-12.qcow2.
+VOLID = r"^[a-zA-Z][a-zA-Z0-9._-]*:[A-Za-z0-9._/+-]+$"
 #: Debian package names and versions (Debian Policy 5.6.1, 5.6.12), as a lock file pins them.
 DEB_NAME = r"^[a-z0-9][a-z0-9+.-]{1,127}$"
 DEB_VERSION = r"^([0-9]+:)?[0-9][A-Za-z0-9.+~-]{0,127}$"
