@@ -129,7 +129,13 @@ def venv_command(p: NodeProfile) -> str:
         if v.index_url.startswith("http://"):
             pip_index += f" --trusted-host {q(host_name)}"
             uv_index += f" --allow-insecure-host {q(host_name)}"
-    downloads = "never" if v.index_url else "automatic"
+    # With a package index override uv must not fetch Python from the internet: the OS's
+    # python3 (validated against vllm.python), or a build from the site's Python mirror.
+    # A Python uv installs goes below the prefix (root's home is closed to the service user).
+    env = (f"UV_PYTHON_DOWNLOADS={'never' if v.index_url and not v.python_mirror else 'automatic'}"
+           f" UV_PYTHON_INSTALL_DIR={q(prefix + '/python')}")
+    if v.python_mirror:
+        env += f" UV_PYTHON_INSTALL_MIRROR={q(v.python_mirror)}"
     uv_dir, venv, uv = q(f"{prefix}/uv"), q(f"{prefix}/venv"), q(f"{prefix}/uv/bin/uv")
     python = q(prefix + "/venv/bin/python")
     requirements = desired.vllm_requirements(p)
@@ -137,17 +143,17 @@ def venv_command(p: NodeProfile) -> str:
         req = q(f"{prefix}/requirements.lock")
         data = base64.b64encode(requirements.encode()).decode()
         install = [f"printf %s {data} | base64 -d > {req}",
-                   f"UV_PYTHON_DOWNLOADS={downloads} {uv} pip sync -q --require-hashes "
+                   f"{env} {uv} pip sync -q --require-hashes "
                    f"--python {python} {uv_index} {req}"]
     else:
-        install = [f"UV_PYTHON_DOWNLOADS={downloads} {uv} pip install -q "
+        install = [f"{env} {uv} pip install -q "
                    f"--python {python} {uv_index} {q('vllm==' + v.version)}"]
     return " && ".join([
         f"install -d -m 755 {q(prefix)}",
         f"(test -x {uv} || python3 -m venv {uv_dir})",
         f"{q(prefix + '/uv/bin/python')} -m pip install -q --disable-pip-version-check "
         f"{pip_index} {q('uv==' + v.uv_version)}",
-        f"UV_PYTHON_DOWNLOADS={downloads} {uv} venv -q --allow-existing "
+        f"{env} {uv} venv -q --allow-existing "
         f"--python {q(v.python)} {venv}",
         *install,
     ])

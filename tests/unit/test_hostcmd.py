@@ -112,3 +112,18 @@ def test_initramfs_rebuild_only_when_an_image_predates_the_blacklist(tmp_path):
     assert current() == 1
     assert hostcmd.STAMP_COMMANDS["initramfs"].startswith(hostcmd.initramfs_current())
     assert hostcmd.STAMP_COMMANDS["initramfs"].endswith("|| update-initramfs -u -k all")
+
+
+def test_uv_downloads_python_only_without_an_index_override_or_from_the_python_mirror():
+    def env(**vllm):
+        command = hostcmd.venv_command(profile(vllm=vllm))
+        venv = next(c for c in command.split(" && ") if " venv -q " in c)
+        return venv
+    index = "http://10.0.2.2:18087/pypi/simple/"
+    assert "UV_PYTHON_DOWNLOADS=automatic" in env()
+    assert "UV_PYTHON_DOWNLOADS=never" in env(index_url=index, python="3.11")
+    mirrored = env(index_url=index, python_mirror="http://10.0.2.2:18087/pbs")
+    assert "UV_PYTHON_DOWNLOADS=automatic" in mirrored
+    assert "UV_PYTHON_INSTALL_MIRROR=http://10.0.2.2:18087/pbs" in mirrored
+    # the interpreter uv installs lives below the prefix, readable by the service user
+    assert "UV_PYTHON_INSTALL_DIR=/opt/vllm/python" in mirrored

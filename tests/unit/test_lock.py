@@ -315,7 +315,8 @@ def test_lock_fields_are_not_site_keys(tmp_path, key):
 @pytest.mark.parametrize(("old", "new", "field", "group"), [
     ("branch: 580,", "branch: 590,", "nvidia.branch", "nvidia"),
     ("nccl: {enabled: true}", "nccl: {enabled: true, version: 2.27.7}", "nccl.version", "nccl"),
-    ('python: "3.11"', 'python: "3.12"', "vllm.python", "vllm"),
+    ('python: "3.11"', f'python: "3.12"\n    python_mirror: {MIRROR}/pbs', "vllm.python",
+     "vllm"),
 ])
 def test_disagreement_names_the_field_and_the_update(tmp_path, old, new, field, group):
     _, doc = _lock(tmp_path)

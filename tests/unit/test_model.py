@@ -285,3 +285,30 @@ def test_sysctl_keys_checked() -> None:
     profile(tuning={"sysctl": {"vm.max_map_count": 1048576, "net.core.somaxconn": "4096"}})
     with pytest.raises(ValidationError):
         profile(tuning={"sysctl": {"NotASysctl": 1}})
+
+
+MIRROR_INDEX = "http://10.0.2.2:18087/pypi/simple/"
+
+
+@pytest.mark.parametrize(("os", "python"), [("debian-12", "3.12"), ("ubuntu-24.04", "3.11"),
+                                            ("ubuntu-22.04", "3.12")])
+def test_a_python_the_os_lacks_is_refused_when_uv_cannot_download_one(os: str,
+                                                                      python: str) -> None:
+    p = profile(os=os, vllm={"python": python, "index_url": MIRROR_INDEX})
+    message = problems(p)["vllm.python"]
+    assert f"{os} ships Python" in message and "vllm.python_mirror" in message
+    if os == "ubuntu-22.04":  # 3.10 is too old for vLLM: a mirror is the only way
+        assert "use python" not in message
+    else:
+        assert 'use python "3.1' in message
+
+
+def test_the_os_python_or_a_python_mirror_or_downloads_are_accepted() -> None:
+    for os, python in (("debian-12", "3.11"), ("ubuntu-24.04", "3.12")):
+        assert "vllm.python" not in problems(
+            profile(os=os, vllm={"python": python, "index_url": MIRROR_INDEX}))
+    mirrored = {"python": "3.12", "index_url": MIRROR_INDEX,
+                "python_mirror": "http://10.0.2.2:18087/python-build-standalone"}
+    assert "vllm.python" not in problems(profile(os="ubuntu-22.04", vllm=mirrored))
+    # no index override: uv downloads the interpreter itself
+    assert "vllm.python" not in problems(profile(os="ubuntu-22.04", vllm={"python": "3.12"}))

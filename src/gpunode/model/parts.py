@@ -73,6 +73,9 @@ IPCONFIG = (r"^(ip=(dhcp|[0-9.]+/[0-9]{1,2})(,gw=[0-9.]+)?)?(,?ip6=(dhcp|auto|[0
             r"(,gw6=[0-9a-fA-F:]+)?)?$")
 
 OsName = Literal["ubuntu-22.04", "ubuntu-24.04", "debian-12", "debian-13"]
+#: The Python 3 each OS ships as python3 (its distribution package).
+OS_PYTHON: dict[str, str] = {"ubuntu-22.04": "3.10", "ubuntu-24.04": "3.12", "debian-12": "3.11",
+                             "debian-13": "3.13"}
 #: The Debian releases Proxmox VE 8 and 9 are built on.
 PVE_OS = ("debian-12", "debian-13")
 NodeKind = Literal["bare-metal", "pve-guest", "pve-host"]
@@ -435,7 +438,11 @@ class Vllm(Strict):
     version: str = Field("0.33.0", pattern=r"^\d+\.\d+\.\d+$", description="Pinned vLLM version.")
     python: VllmPython = Field("3.12", description="Python for the vLLM venv (>=3.11).")
     index_url: Url | None = Field(None,
-                                  description="Python package index override (air-gapped/lab).")
+                                  description="Python package index override (air-gapped/lab); "
+                                  "turns uv's Python downloads off.")
+    python_mirror: Url | None = Field(
+        None, description="Mirror of uv's managed Python builds (UV_PYTHON_INSTALL_MIRROR): "
+        "lets uv install a vllm.python the OS does not ship while index_url is set.")
     uv_version: str = Field("0.13.9", pattern=r"^\d+\.\d+\.\d+$", description="Pinned uv version.")
     user: ServiceUser = Field("vllm", description="System user running the services (its own "
                               "account: not root, not a shared system account).")

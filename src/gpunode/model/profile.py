@@ -9,6 +9,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, StrictInt
 
 from gpunode.model.parts import (
+    OS_PYTHON,
     PVE_OS,
     Connection,
     ContainerToolkit,
@@ -145,10 +146,13 @@ def check_profile(p: NodeProfile) -> list[Problem]:
     if p.vllm.services and p.nvidia.branch < 580:
         add("nvidia.branch", f"vLLM {p.vllm.version} needs CUDA 13, i.e. driver branch 580 or "
             f"newer (branch is {p.nvidia.branch})")
-    if p.os == "ubuntu-22.04" and p.vllm.python == "3.10":
-        add("vllm.python", "vLLM needs Python >= 3.11")
-    if p.nccl.enabled and not p.cuda.version.startswith("13") and p.nvidia.branch >= 580:
-        pass  # NCCL follows cuda.version; any CUDA major works with R580
+    os_python = OS_PYTHON[p.os]
+    if (p.kind != "pve-host" and p.vllm.python != os_python and p.vllm.index_url
+            and not p.vllm.python_mirror):
+        use = f'use python "{os_python}" or ' if int(os_python.split(".")[1]) >= 11 else ""
+        add("vllm.python", f"{p.os} ships Python {os_python}, not {p.vllm.python}, and uv "
+            "cannot download one: vllm.index_url turns its Python downloads off; "
+            f"{use}set vllm.python_mirror to a mirror of uv's Python builds")
 
     if p.vm is not None:
         for i, dev in enumerate(p.vm.hostpci):
