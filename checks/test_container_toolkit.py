@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import tomllib
@@ -42,6 +43,19 @@ def _has_nvidia_runtime(data: object) -> bool:
     return False
 
 
+def _containerd_imports(facts, drop_in: str) -> list[str]:
+    """containerd reads the nvidia drop-in only when its config.toml imports it."""
+    top = desired.CONTAINERD_CONFIG
+    text = facts.content(top)
+    try:
+        imports = tomllib.loads(text or "").get("imports", [])
+    except tomllib.TOMLDecodeError as exc:
+        return [f"containerd: {top} does not parse: {exc}"]
+    if not any(fnmatch.fnmatch(drop_in, pattern) for pattern in imports):
+        return [f"containerd: {top} does not import {drop_in} (imports: {imports})"]
+    return []
+
+
 def test_runtimes_configured(node, facts):
     problems = []
     for runtime in node.container_toolkit.runtimes:
@@ -59,6 +73,8 @@ def test_runtimes_configured(node, facts):
             continue
         if not _has_nvidia_runtime(data):
             problems.append(f"{runtime}: {path} defines no 'nvidia' runtime")
+        if runtime == "containerd":
+            problems += _containerd_imports(facts, path)
     assert not problems, expect.explain("container runtimes not configured", problems)
 
 

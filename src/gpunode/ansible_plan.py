@@ -97,14 +97,9 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
                        else "leave"),
         "dkms": p.nvidia.source == "cuda-repo",
         "keyring_command": keyring_install(p),
-        "secure_boot_stop": (
-            f"{p.name}: Secure Boot is on and the CUDA repository builds unsigned DKMS modules "
-            "that will not load. Either disable Secure Boot, use nvidia.source: "
-            "ubuntu-archive (Canonical-signed modules, Ubuntu), or set nvidia.secure_boot: "
-            "mok and enrol the DKMS key with `mokutil --import /var/lib/dkms/mok.pub` at the "
-            "next boot"),
-        "no_keyring_checksum": f"{p.name}: no published checksum for {url}; set "
-                               "nvidia.keyring_sha256",
+        "secure_boot_stop": d.secure_boot_stop(p),
+        "secure_boot_notice": d.secure_boot_notice(p),
+        "no_keyring_checksum": d.no_keyring_checksum(p),
         "os": dict(zip(("id", "version_id"), OS_IDS[p.os], strict=True)),
         "apt_env": APT_ENV_VARS,
         "dpkg_configure_pending": dpkg_configure_pending(p),

@@ -11,11 +11,19 @@ from dataclasses import dataclass
 from gpunode.model import NodeProfile
 
 KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
-#: Published checksums of cuda-keyring_1.1-1_all.deb per distro (research/nvidia-repo.md §1.1).
+#: Published checksums of cuda-keyring_1.1-1_all.deb for every distro a GPU node may run
+#: (debian-13 is for Proxmox hosts only, which install no NVIDIA packages). Sources: the
+#: checksums pinned for these exact URLs in public install scripts (research/nvidia-repo.md
+#: §1.1 for debian12 and ubuntu2404; ubuntu2204 agreed on by three independent scripts
+#: found through the code index, ids 56395263608, 60806462609, 68522267718).
 UPSTREAM_KEYRING_SHA256 = {
     "debian12": "e7f219eab6fe4819cdb5c15b98233dc3420302d9c00883219cd3d896857cf48d",
+    "ubuntu2204": "d93190d50b98ad4699ff40f4f7af50f16a76dac3bb8da1eaaf366d47898ff8df",
     "ubuntu2404": "d2a6b11c096396d868758b86dab1823b25e14d70333f1dfa74da5ddaf6a06dba",
 }
+#: The certificate DKMS signs its modules with, which Secure Boot needs enrolled: Ubuntu's
+#: shim-signed MOK, Debian's dkms-generated key.
+DKMS_MOK_CERT = {"ubuntu": "/var/lib/shim-signed/mok/MOK.der", "debian": "/var/lib/dkms/mok.pub"}
 CUDA_KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
 #: gpunode's nouveau blacklist (copied into the initramfs by update-initramfs).
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
@@ -46,6 +54,28 @@ def keyring_sha256(p: NodeProfile) -> str | None:
     return p.nvidia.keyring_sha256 or UPSTREAM_KEYRING_SHA256.get(p.distro)
 
 
+def no_keyring_checksum(p: NodeProfile) -> str:
+    return f"{p.name}: no published checksum for {keyring_url(p)}; set nvidia.keyring_sha256"
+
+
+def mok_cert(p: NodeProfile) -> str:
+    return DKMS_MOK_CERT[p.os.split("-")[0]]
+
+
+def secure_boot_stop(p: NodeProfile) -> str:
+    """Why a Secure Boot host with DKMS modules stops (nvidia.secure_boot: stop)."""
+    return (f"{p.name}: Secure Boot is on and the CUDA repository builds unsigned DKMS modules "
+            "that will not load. Either disable Secure Boot, use nvidia.source: ubuntu-archive "
+            "(Canonical-signed modules, Ubuntu), or set nvidia.secure_boot: mok and enrol the "
+            f"DKMS key with `mokutil --import {mok_cert(p)}` at the next boot")
+
+
+def secure_boot_notice(p: NodeProfile) -> str:
+    """What a Secure Boot host with DKMS modules must do (nvidia.secure_boot: mok)."""
+    return (f"Secure Boot is on: enrol {mok_cert(p)} with `mokutil --import` and reboot, or "
+            "the DKMS modules will not load")
+
+
 def cuda_repo_line(p: NodeProfile) -> str:
     return (f"deb [signed-by={CUDA_KEYRING}] {p.nvidia.repo_url.rstrip('/')}/{p.distro}/"
             "x86_64/ /")
@@ -55,9 +85,13 @@ def cuda_repo_list_path(p: NodeProfile) -> str:
     return f"/etc/apt/sources.list.d/cuda-{p.distro}-x86_64.list"
 
 
+#: Where `nvidia-ctk runtime configure` (toolkit 1.18) puts the nvidia runtime: docker's
+#: daemon.json in place; drop-ins for containerd (imported from its config.toml) and CRI-O.
 RUNTIME_CONFIG = {"docker": "/etc/docker/daemon.json",
-                  "containerd": "/etc/containerd/config.toml",
-                  "crio": "/etc/crio/crio.conf.d/99-nvidia.toml"}
+                  "containerd": "/etc/containerd/conf.d/99-nvidia.toml",
+                  "crio": "/etc/crio/conf.d/99-nvidia.toml"}
+#: containerd's own configuration, which must import RUNTIME_CONFIG["containerd"].
+CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 
 
 def runtime_probe(path: str) -> str:

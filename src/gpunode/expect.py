@@ -350,6 +350,8 @@ def core_spec(p: NodeProfile) -> dict[str, Any]:
     contents = managed_paths(p)
     if p.container_toolkit.enabled:
         contents += [RUNTIME_CONFIG[r] for r in p.container_toolkit.runtimes if r in RUNTIME_CONFIG]
+        if "containerd" in p.container_toolkit.runtimes:
+            contents.append(desired.CONTAINERD_CONFIG)
     return {"contents": contents, "units": checked_units(p), "unit_props": UNIT_PROPS,
             "commands": commands, "mtimes": ["/boot/initrd.img-*", NOUVEAU_BLACKLISTS],
             "listeners": bool(p.vllm.services)}

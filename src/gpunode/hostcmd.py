@@ -78,13 +78,21 @@ def apt_mark(p: NodeProfile, action: str, names: list[str]) -> str:
 
 def keyring_install(p: NodeProfile) -> str | None:
     """Download cuda-keyring, check its published SHA-256, install it (None: no checksum
-    is known for the URL, and the deploy must stop)."""
+    is known for the URL, and the deploy must stop). A mismatch names the field, the OS and
+    both checksums on stderr."""
     url, sha = desired.keyring_url(p), desired.keyring_sha256(p)
     if sha is None:
         return None
     deb = f"/tmp/{desired.KEYRING_DEB}"
+    whose = ("the site's value" if p.nvidia.keyring_sha256 else
+             f"the checksum NVIDIA publishes for {p.distro}")
+    mismatch = shlex.quote(f"nvidia.keyring_sha256 ({p.os}): %s has sha256 %s, expected {sha} "
+                           f"({whose}); a mirror serving another keyring needs its own "
+                           "nvidia.keyring_sha256\n")
     return (f"curl -fsSL --retry 3 -o {deb} {shlex.quote(url)} && "
-            f"echo {sha}' '{deb} | sha256sum -c --quiet - && "
+            f"got=$(sha256sum {deb} | cut -d' ' -f1) && "
+            f"{{ [ \"$got\" = {sha} ] || {{ printf {mismatch} {shlex.quote(url)} \"$got\" >&2; "
+            f"rm -f {deb}; false; }}; }} && "
             f"{apt_get(p, f'install --reinstall {deb}')} && rm -f {deb}")
 
 
@@ -171,8 +179,7 @@ def managed_paths(p: NodeProfile) -> list[str]:
     paths += [f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf" for s in p.vllm.services]
     paths += [credential_path(s.name) for s in p.vllm.services if s.api_key_file]
     paths += ["/etc/systemd/system/irqbalance.service.d/gpunode.conf", desired.CUDA_KEYRING,
-              desired.CTK_KEYRING, "/etc/cdi/nvidia.yaml", "/etc/docker/daemon.json",
-              "/etc/containerd/config.toml", "/etc/crio/crio.conf.d/99-nvidia.toml"]
+              desired.CTK_KEYRING, "/etc/cdi/nvidia.yaml", *desired.RUNTIME_CONFIG.values()]
     paths += ["/etc/vllm", "/etc/vllm/credentials", "/var/lib/vllm", p.vllm.model_cache]
     paths += [stamp_path(name) for name in ("initramfs", "grub", "cdi", "vllm-venv")]
     paths.append(f"{STAMPS}/manifest.json")  # gpunode.manifest.MANIFEST_PATH

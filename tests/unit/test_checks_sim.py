@@ -126,3 +126,28 @@ def test_dcgm_and_cuda_versions(sim, profile):
     assert re.search(r"release (\d+\.\d+)", nvcc).group(1) == profile.cuda.version
     ctk = re.search(r"version (\S+)", sim.run("nvidia-ctk --version")).group(1)
     assert ctk == "1.18.1"
+
+
+def test_containerd_counts_as_configured_only_when_its_config_imports_the_nvidia_drop_in(sim):
+    """toolkit 1.18 writes containerd's nvidia runtime into a drop-in; the check proves the
+    drop-in defines it and that containerd's config.toml imports it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ctk_checks", REPO / "checks" /
+                                                  "test_container_toolkit.py")
+    assert spec is not None and spec.loader is not None
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+
+    class Facts:
+        def content(self, path):
+            f = sim.root / path.lstrip("/")
+            return f.read_text() if f.exists() else None
+
+    sim.write(desired.CONTAINERD_CONFIG, "version = 2\n")
+    sim.run("nvidia-ctk runtime configure --runtime=containerd")
+    drop_in = desired.RUNTIME_CONFIG["containerd"]
+    assert checks._containerd_imports(Facts(), drop_in) == []
+    sim.write(desired.CONTAINERD_CONFIG, "version = 2\n")  # imports removed by hand
+    assert checks._containerd_imports(Facts(), drop_in) == [
+        f"containerd: {desired.CONTAINERD_CONFIG} does not import {drop_in} (imports: [])"]

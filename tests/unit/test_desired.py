@@ -67,6 +67,23 @@ def test_repo_and_keyring():
                                            nvidia={"source": "ubuntu-archive"})) is None
 
 
+def test_every_os_a_gpu_node_may_run_has_a_published_keyring_checksum():
+    from typing import get_args
+
+    from gpunode.model.parts import OsName
+    gpu_node_os = [o for o in get_args(OsName) if o != "debian-13"]  # debian-13: pve-host only
+    for os in gpu_node_os:
+        assert desired.keyring_sha256(profile(os=os)), os
+
+
+def test_the_secure_boot_hint_names_the_key_dkms_signs_with_on_each_os():
+    ubuntu, debian = profile(os="ubuntu-24.04"), profile(os="debian-12")
+    assert "mokutil --import /var/lib/shim-signed/mok/MOK.der" in desired.secure_boot_stop(ubuntu)
+    assert "enrol /var/lib/shim-signed/mok/MOK.der" in desired.secure_boot_notice(ubuntu)
+    assert "mokutil --import /var/lib/dkms/mok.pub" in desired.secure_boot_stop(debian)
+    assert "enrol /var/lib/dkms/mok.pub" in desired.secure_boot_notice(debian)
+
+
 def test_matched_sets_follow_cuda():
     p = profile(cuda={"enabled": True, "version": "13.0"}, nccl={"enabled": True},
                 cudnn={"enabled": True})

@@ -24,7 +24,7 @@ def test_every_apt_and_apt_mark_command_waits_for_the_lock_as_long_as_the_profil
     assert "until apt-mark unhold libcuda1 nvidia-driver-cuda;" in move
     assert "DPkg::Lock::Timeout=42" in move and "--allow-downgrades libcuda1 nvidia-driver-cuda" in move
     keyring = hostcmd.keyring_install(p)
-    assert keyring is not None and "sha256sum -c" in keyring
+    assert keyring is not None and "sha256sum /tmp/cuda-keyring_1.1-1_all.deb" in keyring
     assert "DPkg::Lock::Timeout=42" in keyring and "dpkg -i" not in keyring
 
 
@@ -33,7 +33,7 @@ def test_the_keyring_is_checked_against_the_profiles_checksum_when_given():
     p = profile(nvidia={"repo_url": "http://mirror.invalid/cuda/repos", "keyring_sha256": sha})
     command = hostcmd.keyring_install(p)
     assert command is not None
-    assert f"echo {sha}' '/tmp/cuda-keyring_1.1-1_all.deb | sha256sum -c" in command
+    assert f'[ "$got" = {sha} ]' in command
     assert "http://mirror.invalid/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb" in command
 
 
@@ -127,3 +127,36 @@ def test_uv_downloads_python_only_without_an_index_override_or_from_the_python_m
     assert "UV_PYTHON_INSTALL_MIRROR=http://10.0.2.2:18087/pbs" in mirrored
     # the interpreter uv installs lives below the prefix, readable by the service user
     assert "UV_PYTHON_INSTALL_DIR=/opt/vllm/python" in mirrored
+
+
+def keyring_run(tmp_path, p: NodeProfile, served: bytes) -> subprocess.CompletedProcess[str]:
+    """The keyring command with curl serving `served` and apt-get recording its call."""
+    (tmp_path / "served.deb").write_bytes(served)
+    fake(tmp_path / "curl", f'while [ "$1" != -o ]; do shift; done; cp {tmp_path}/served.deb "$2"')
+    fake(tmp_path / "apt-get", f"echo \"$@\" > {tmp_path}/apt-get.called")
+    command = hostcmd.keyring_install(p)
+    assert command is not None
+    return run_sh(command, tmp_path)
+
+
+def test_a_keyring_checksum_mismatch_names_the_field_the_os_and_both_checksums(tmp_path):
+    import hashlib
+    bogus = b"not the keyring"
+    got = hashlib.sha256(bogus).hexdigest()
+    p = NodeProfile.model_validate({"name": "n", "connection": {"address": "h"},
+                                    "os": "ubuntu-22.04"})
+    published = hostcmd.desired.UPSTREAM_KEYRING_SHA256["ubuntu2204"]
+    r = keyring_run(tmp_path, p, bogus)
+    assert r.returncode != 0 and not (tmp_path / "apt-get.called").exists()
+    assert r.stderr == (
+        "nvidia.keyring_sha256 (ubuntu-22.04): https://developer.download.nvidia.com/compute/"
+        f"cuda/repos/ubuntu2204/x86_64/cuda-keyring_1.1-1_all.deb has sha256 {got}, expected "
+        f"{published} (the checksum NVIDIA publishes for ubuntu2204); a mirror serving another "
+        "keyring needs its own nvidia.keyring_sha256\n")
+    # the site's own value, matching what the mirror serves: installed
+    mirror = profile(nvidia={"repo_url": "http://mirror.invalid/cuda/repos",
+                             "keyring_sha256": got})
+    ok = keyring_run(tmp_path, mirror, bogus)
+    assert ok.returncode == 0, ok.stderr
+    assert "install --reinstall /tmp/cuda-keyring_1.1-1_all.deb" in (
+        tmp_path / "apt-get.called").read_text()

@@ -420,12 +420,21 @@ def test_ctk_runtime_configure_and_cdi(a6000: Guest) -> None:
     assert r.returncode == 0, r.stderr
     import tomllib
 
-    doc = tomllib.loads(a6000.read("/etc/containerd/config.toml"))
+    # toolkit 1.18: the runtime goes into a drop-in, which the main config imports
+    top = tomllib.loads(a6000.read("/etc/containerd/config.toml"))
+    assert top["imports"] == ["/etc/containerd/conf.d/*.toml"]
+    assert top["plugins"]["io.containerd.grpc.v1.cri"]["containerd"] == {"snapshotter": "overlayfs"}
+    doc = tomllib.loads(a6000.read("/etc/containerd/conf.d/99-nvidia.toml"))
     ctd = doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
-    assert ctd["snapshotter"] == "overlayfs" and ctd["default_runtime_name"] == "nvidia"
+    assert ctd["default_runtime_name"] == "nvidia"
     assert ctd["runtimes"]["nvidia"]["options"]["BinaryName"] == "/usr/bin/nvidia-container-runtime"
+    again = a6000.run("nvidia-ctk", "runtime", "configure", "--runtime=containerd")
+    assert again.returncode == 0 and tomllib.loads(
+        a6000.read("/etc/containerd/config.toml"))["imports"] == ["/etc/containerd/conf.d/*.toml"]
     r = a6000.run("nvidia-ctk", "runtime", "configure", "--runtime=crio")
-    assert "runtime_path" in a6000.read("/etc/crio/crio.conf.d/99-nvidia.toml")
+    assert r.returncode == 0, r.stderr
+    assert "runtime_path" in a6000.read("/etc/crio/conf.d/99-nvidia.toml")
+    assert not (a6000.root / "etc/crio/crio.conf").exists()  # the main file is left alone
     r = a6000.run("nvidia-ctk", "cdi", "generate", "--output=/etc/cdi/nvidia.yaml")
     assert r.returncode == 0, r.stderr
     listed = a6000.run("nvidia-ctk", "cdi", "list").stdout.splitlines()
@@ -588,3 +597,15 @@ def test_q_memory_utilization_sections_as_probed(h100: Guest) -> None:
     assert h100.smi("topo").returncode == 0
     info = h100.read("/proc/driver/nvidia/gpus/0000:00:06.0/information")
     assert "GPU Firmware: \t 580.159.04\n" in info and info.startswith("Model: \t\t NVIDIA H100")
+
+
+@pytest.mark.parametrize("runtime", ["docker", "containerd", "crio"])
+def test_the_deploys_runtime_probe_reads_the_file_nvidia_ctk_writes(a6000: Guest, runtime: str) -> None:
+    """The deploys configure a runtime when its probe file lacks nvidia; reading the wrong
+    file (CRI-O's crio.conf.d, containerd's config.toml before 1.18) reconfigures and
+    restarts the runtime on every run."""
+    from gpunode import desired
+
+    r = a6000.run("nvidia-ctk", "runtime", "configure", f"--runtime={runtime}")
+    assert r.returncode == 0, r.stderr
+    assert "nvidia" in a6000.read(desired.RUNTIME_CONFIG[runtime])

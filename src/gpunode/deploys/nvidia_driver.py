@@ -20,15 +20,9 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
     dkms = p.nvidia.source == "cuda-repo"
     if dkms and snap.data["secure_boot"] and not snap.driver_installed(p):
         if p.nvidia.secure_boot == "stop":
-            ops.fail(name="Stop: Secure Boot with DKMS modules",
-                     message=f"{p.name}: Secure Boot is on and the CUDA repository builds "
-                     "unsigned DKMS modules that will not load. Either disable Secure Boot, "
-                     "use nvidia.source: ubuntu-archive (Canonical-signed modules, Ubuntu), "
-                     "or set nvidia.secure_boot: mok and enrol the DKMS key with "
-                     "`mokutil --import /var/lib/dkms/mok.pub` at the next boot")
+            ops.fail(name="Stop: Secure Boot with DKMS modules", message=desired.secure_boot_stop(p))
             return
-        host.noop("Secure Boot is on: enrol /var/lib/dkms/mok.pub with "
-                  "`mokutil --import` and reboot, or the DKMS modules will not load")
+        host.noop(desired.secure_boot_notice(p))
 
     headers = desired.header_packages(p, snap.data["kernel"], snap.data["kernels"])
     ops.apt_install(name="Install kernel headers for the running and newest kernel", p=p,
@@ -38,9 +32,7 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
     if dkms:
         install = keyring_install(p)
         if install is None:
-            ops.fail(name="Stop: no keyring checksum",
-                     message=f"{p.name}: no published checksum for {desired.keyring_url(p)}; "
-                     "set nvidia.keyring_sha256")
+            ops.fail(name="Stop: no keyring checksum", message=desired.no_keyring_checksum(p))
             return
         ops.run_when(
             name="Install cuda-keyring (checksum-verified)", p=p, tag="keyring",
