@@ -42,7 +42,6 @@ from gpunode.topology import Gpu
 
 #: Templates rendered once per vLLM service (their scope holds `service`).
 SERVICE_TEMPLATES = ("vllm/service.yaml.j2", "vllm/service.env.j2", "vllm/instance.conf.j2")
-GRUB_CFG = "/etc/default/grub.d/60-gpunode.cfg"
 IRQ_DROPIN = "/etc/systemd/system/irqbalance.service.d/gpunode.conf"
 TEMPLATE_UNITS = ("/etc/systemd/system/vllm@.service",
                   "/etc/systemd/system/vllm-prefetch@.service")
@@ -124,7 +123,6 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
         "ctk_key_command": ctk_key_install(p),
         "runtimes": [{"name": r, "config": d.RUNTIME_CONFIG[r], "command": runtime_configure(r)}
                      for r in p.container_toolkit.runtimes if r != "podman"],
-        "grub_cfg": GRUB_CFG,
         "irq_dropin": IRQ_DROPIN,
         "vllm": {
             "venv": f"{p.vllm.prefix}/venv",
@@ -204,11 +202,12 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         if not files_ok[job["path"]] and job["parent"] not in parents[job["concern"]]:
             parents[job["concern"]].append(job["parent"])
     stamps = {}
-    grub = next(j for j in want["files"]["tuning"] if j["path"] == GRUB_CFG)
+    grub = next(j for j in want["files"]["tuning"] if j["path"] == d.GRUB_CFG)
     blacklist = next(j for j in want["files"]["nvidia_driver"]
                      if j["path"].endswith("blacklist-nouveau.conf"))
     cdi_key = (gpus[0].driver_version + " " + ",".join(g.uuid for g in gpus)) if gpus else None
-    for name, key in (("grub", grub["sha256"]), ("initramfs", blacklist["sha256"]),
+    for name, key in (("grub", plan.grub_key(data, grub["sha256"])),
+                      ("initramfs", blacklist["sha256"]),
                       ("cdi", cdi_key)):
         stamp = stamp_path(name)
         needed = key is not None and not _file_ok(snap, stamp, sha256(key + "\n"), "0644",
@@ -239,9 +238,7 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
     }
     return {
         "os": data["os"],
-        "os_ok": (data["os"]["id"], data["os"]["version_id"]) == OS_IDS[p.os],
-        "os_message": f"{p.name}: the profile says {p.os} but the host runs "
-                      f"{data['os']['id']} {data['os']['version_id']}; nothing was changed",
+        "refusal": plan.host_refusal(p, data),
         "virt": data["virt"],
         "cpufreq": data["cpufreq"],
         "smi_ok": snap.smi_ok,

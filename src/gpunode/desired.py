@@ -25,6 +25,8 @@ UPSTREAM_KEYRING_SHA256 = {
 #: shim-signed MOK, Debian's dkms-generated key.
 DKMS_MOK_CERT = {"ubuntu": "/var/lib/shim-signed/mok/MOK.der", "debian": "/var/lib/dkms/mok.pub"}
 CUDA_KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
+#: gpunode's GRUB drop-in with the kernel arguments it keeps (GPU nodes).
+GRUB_CFG = "/etc/default/grub.d/60-gpunode.cfg"
 #: gpunode's nouveau blacklist (copied into the initramfs by update-initramfs).
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
 CTK_KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"

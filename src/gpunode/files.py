@@ -94,7 +94,7 @@ def container_toolkit_files(p: NodeProfile) -> list[ManagedFile]:
 def tuning_files(p: NodeProfile, gpus: list[Gpu] | None = None) -> list[ManagedFile]:
     files = [
         _file("tuning", "/etc/sysctl.d/60-gpunode.conf", "tuning/60-gpunode.conf.j2", p),
-        _file("tuning", "/etc/default/grub.d/60-gpunode.cfg", "tuning/60-gpunode-grub.cfg.j2", p),
+        _file("tuning", desired.GRUB_CFG, "tuning/60-gpunode-grub.cfg.j2", p),
         _file("tuning", "/etc/tmpfiles.d/gpunode-tuning.conf", "tuning/gpunode-tuning.conf.j2", p),
         _file("tuning", "/etc/security/limits.d/60-gpunode.conf",
               "tuning/60-gpunode-limits.conf.j2", p),

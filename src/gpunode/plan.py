@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from gpunode import desired as d
 from gpunode.facts import Snapshot
+from gpunode.hostcmd import OS_IDS
 from gpunode.model import NodeProfile
 
 StepKind = Literal["file", "command", "reboot", "stop"]
@@ -97,6 +98,32 @@ def planner(concern: str) -> Callable[[NodeProfile, Snapshot], list[Step]]:
     if concern not in planners:
         raise ValueError(f"no plan for concern {concern!r} (plans: {', '.join(planners)})")
     return planners[concern]
+
+
+# Refusals and GRUB (GPU nodes) -----------------------------------------------------------
+
+def host_refusal(p: NodeProfile, data: dict[str, Any]) -> str | None:
+    """Why gpunode must not touch this host at all (None: it may). Decided from the first
+    snapshot, before anything changes."""
+    found = data["os"]
+    if (found["id"], found["version_id"]) != OS_IDS[p.os]:
+        return (f"{p.name}: the profile says {p.os} but the host runs {found['id']} "
+                f"{found['version_id']}; nothing was changed")
+    missing = d.missing_kernel_args(p, data["cmdline"])
+    boot = data["boot"]
+    if missing and "grub" not in boot:
+        return (f"{p.name}: the kernel command line lacks {' '.join(missing)}, and gpunode "
+                "sets kernel arguments through GRUB, which this host does not have (no "
+                "update-grub or grub-mkconfig; found: "
+                f"{', '.join(boot) or 'no boot loader gpunode knows'}); nothing was changed. "
+                "Add them through the host's boot loader and reboot, or install GRUB")
+    return None
+
+
+def grub_key(data: dict[str, Any], grub_cfg_sha256: str) -> str | None:
+    """The GRUB stamp's key: the drop-in's hash, or None (nothing to run) on a host without
+    GRUB, which host_refusal let through only because its command line is complete."""
+    return grub_cfg_sha256 if "grub" in data["boot"] else None
 
 
 # Package sets and apt lists (GPU nodes) -------------------------------------------------

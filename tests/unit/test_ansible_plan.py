@@ -24,7 +24,7 @@ def fresh_snapshot() -> dict:
     return {"os": {"id": "debian", "version_id": "12"}, "kernel": "6.1.0-30-amd64",
             "kernels": ["6.1.0-30-amd64"], "cmdline": "BOOT_IMAGE=/vmlinuz root=/dev/vda1",
             "virt": "kvm", "cpufreq": False, "governors": [], "secure_boot": False,
-            "efi": True, "modules": ["nouveau"], "reboot_required": False,
+            "efi": True, "boot": ["grub"], "modules": ["nouveau"], "reboot_required": False,
             "reboot_required_pkgs": [], "nvidia_proc_version": None,
             "packages": {"python3": "3.11.2-1+b1"}, "holds": [], "apt_lists_mtime": 0,
             "files": {}, "units": {}, "sysctl": {"vm.swappiness": "60"},
@@ -36,7 +36,7 @@ def fresh_snapshot() -> dict:
 def test_fresh_host_needs_everything(profile):
     plan = ansible_plan.observed(profile, fresh_snapshot())
     want = ansible_plan.desired(profile)
-    assert plan["os_ok"]
+    assert plan["refusal"] is None
     assert not any(plan["files_ok"].values())
     assert plan["todo"]["base"] == [p for p in desired.base_packages(profile) if p != "python3"]
     assert plan["todo"]["driver"] == desired.driver_packages(profile)
@@ -54,9 +54,28 @@ def test_wrong_os_is_refused_with_the_pyinfra_words(profile):
     data = fresh_snapshot()
     data["os"] = {"id": "ubuntu", "version_id": "24.04"}
     plan = ansible_plan.observed(profile, data)
-    assert not plan["os_ok"]
-    assert plan["os_message"] == (f"{profile.name}: the profile says debian-12 but the host "
-                                  "runs ubuntu 24.04; nothing was changed")
+    assert plan["refusal"] == (f"{profile.name}: the profile says debian-12 but the host "
+                               "runs ubuntu 24.04; nothing was changed")
+
+
+def test_a_host_without_grub_is_refused_while_its_kernel_arguments_are_missing(profile):
+    """Was: the deploy wrote the GRUB drop-in and died on `grub-mkconfig: not found`."""
+    data = fresh_snapshot()
+    data["boot"] = ["systemd-boot", "/etc/kernel/cmdline"]
+    plan = ansible_plan.observed(profile, data)
+    missing = " ".join(desired.missing_kernel_args(profile, data["cmdline"]))
+    assert plan["refusal"] == (
+        f"{profile.name}: the kernel command line lacks {missing}, and gpunode sets kernel "
+        "arguments through GRUB, which this host does not have (no update-grub or "
+        "grub-mkconfig; found: systemd-boot, /etc/kernel/cmdline); nothing was changed. Add "
+        "them through the host's boot loader and reboot, or install GRUB")
+    # arguments already on the command line: nothing to refuse, and no GRUB update to run
+    data["cmdline"] += " " + " ".join(desired.kernel_args(profile))
+    plan = ansible_plan.observed(profile, data)
+    assert plan["refusal"] is None and not plan["stamps"]["grub"]["needed"]
+    data["boot"] = []
+    assert "found: no boot loader gpunode knows" in ansible_plan.observed(
+        profile, {**data, "cmdline": ""})["refusal"]
 
 
 def test_files_already_right_are_reported_ok_unless_told_not_to(profile):
@@ -78,7 +97,7 @@ def test_stamp_is_satisfied_by_the_content_its_command_writes(profile):
     plan = ansible_plan.observed(profile, fresh_snapshot())
     grub = plan["stamps"]["grub"]
     key = next(j for j in ansible_plan.desired(profile)["files"]["tuning"]
-               if j["path"] == ansible_plan.GRUB_CFG)["sha256"]
+               if j["path"] == desired.GRUB_CFG)["sha256"]
     assert f"printf '%s\\n' {key} > {grub['path']}" in grub["command"]
     data = fresh_snapshot()
     data["files"][grub["path"]] = {"sha256": hashlib.sha256(f"{key}\n".encode()).hexdigest(),

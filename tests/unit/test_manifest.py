@@ -101,7 +101,7 @@ def test_deploys_name_the_manifest_concern():
 def _fresh() -> dict:
     return {"os": {"id": "debian", "version_id": "12"}, "kernel": "6.1.0-30-amd64",
             "kernels": ["6.1.0-30-amd64"], "cmdline": "", "virt": "kvm", "cpufreq": False,
-            "governors": [], "secure_boot": False, "efi": True, "modules": [],
+            "governors": [], "secure_boot": False, "efi": True, "boot": ["grub"], "modules": [],
             "reboot_required": False, "reboot_required_pkgs": [], "nvidia_proc_version": None,
             "packages": {}, "holds": [], "apt_lists_mtime": 0, "files": {}, "units": {},
             "sysctl": {}, "thp": {}, "hugepages": {}, "memory_kib": 1, "nvidia_smi":

@@ -8,20 +8,18 @@ from pyinfra.api import deploy
 from gpunode import desired, plan
 from gpunode.deploys import ops
 from gpunode.files import base_files
-from gpunode.hostcmd import OS_IDS, apt_get, dpkg_configure_pending
+from gpunode.hostcmd import apt_get, dpkg_configure_pending
 from gpunode.model import NodeProfile
 
 
 @deploy("Base")
 def deploy_base(p: NodeProfile) -> bool:
-    """Queue the base operations; False (and a failing operation) when the host does not
-    run the profile's OS, so that nothing else is queued for it."""
-    found = ops.snapshot(p).data["os"]
-    want = OS_IDS[p.os]
-    if (found["id"], found["version_id"]) != want:
-        ops.fail(name="Refuse an unsupported or unexpected OS",
-                 message=f"{p.name}: the profile says {p.os} but the host runs "
-                 f"{found['id']} {found['version_id']}; nothing was changed")
+    """Queue the base operations; False (and a failing operation) when the host is refused
+    (not the profile's OS, or kernel arguments it cannot take), so that nothing else is
+    queued for it."""
+    refusal = plan.host_refusal(p, ops.snapshot(p).data)
+    if refusal:
+        ops.fail(name="Refuse this host", message=refusal)
         return False
     ops.run_when(name="Finish an interrupted dpkg run", p=p, tag="dpkg-configure",
                  needed=lambda snap: bool(snap.data.get("dpkg_unfinished")),

@@ -5,12 +5,11 @@ pinned to vLLM services. What the platform lacks (cpufreq in VMs) is skipped vis
 from pyinfra import host
 from pyinfra.api import deploy
 
-from gpunode import desired
+from gpunode import desired, plan
 from gpunode.deploys import ops
 from gpunode.files import ManagedFile, render, tuning_files
 from gpunode.model import NodeProfile
 
-GRUB_CFG = "/etc/default/grub.d/60-gpunode.cfg"
 IRQ_DROPIN = "/etc/systemd/system/irqbalance.service.d/gpunode.conf"
 
 
@@ -31,9 +30,9 @@ def deploy_tuning(p: NodeProfile) -> None:
     if p.tuning.governor and not snap.data["cpufreq"]:
         host.noop(f"CPU governor {p.tuning.governor} skipped: no cpufreq on this host "
                   f"({snap.data['virt']})")
-    grub = next(f for f in files if f.path == GRUB_CFG)
+    grub = next(f for f in files if f.path == desired.GRUB_CFG)
     ops.stamped(name="Update the GRUB configuration", p=p, stamp_name="grub",
-                key=ops.sha256(grub.content))
+                key=lambda snap: plan.grub_key(snap.data, ops.sha256(grub.content)))
 
 
 def _runtime_differs(p: NodeProfile, snap) -> bool:

@@ -127,7 +127,7 @@ def reboot_reasons(p: NodeProfile, snap: Snapshot) -> list[str]:
         pkgs = ", ".join(data["reboot_required_pkgs"]) or "packages"
         reasons.append(f"/run/reboot-required is set (by {pkgs})")
     missing = desired.missing_kernel_args(p, data["cmdline"])
-    if missing and data["files"].get("/etc/default/grub.d/60-gpunode.cfg"):
+    if missing and data["files"].get(desired.GRUB_CFG):
         reasons.append(f"kernel command line lacks {' '.join(missing)} (set in GRUB, "
                        "applies at the next boot)")
     for gpu in snap.gpus:

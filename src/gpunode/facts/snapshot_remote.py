@@ -27,6 +27,26 @@ def read(path, default=None):
         return default
 
 
+def boot_loaders():
+    """The boot loader tools found on the host, by name (kernel arguments go through
+    the first: GRUB's update-grub or grub-mkconfig)."""
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin:/bin"
+    tool = lambda name: any(os.access(os.path.join(d, name), os.X_OK)  # noqa: E731
+                            for d in path.split(":") if d)
+    found = []
+    if tool("update-grub") or tool("grub-mkconfig"):
+        found.append("grub")
+    if any(os.path.exists(p + "/loader/loader.conf") for p in ("/boot/efi", "/efi", "/boot")):
+        found.append("systemd-boot")
+    if tool("proxmox-boot-tool"):
+        found.append("proxmox-boot-tool")
+    if tool("extlinux") or os.path.exists("/boot/extlinux/extlinux.conf"):
+        found.append("extlinux")
+    if os.path.exists("/etc/kernel/cmdline"):
+        found.append("/etc/kernel/cmdline")
+    return found
+
+
 def file_info(path):
     try:
         st = os.stat(path)
@@ -116,6 +136,7 @@ def main():
         sb = bool(data[-1]) if data else None
     out["secure_boot"] = sb
     out["efi"] = os.path.isdir("/sys/firmware/efi")
+    out["boot"] = boot_loaders()
     mods = [line.split()[0] for line in (read("/proc/modules", "") or "").splitlines() if line]
     out["modules"] = sorted(m for m in mods if m.startswith(("nouveau", "nvidia", "vfio")))
     out["reboot_required"] = os.path.exists("/run/reboot-required")
