@@ -369,7 +369,9 @@ def vllm_config(service: dict) -> dict:
 
 def vllm_environment(p_vllm: dict, service: dict) -> dict[str, str]:
     """Environment of one service (no secrets: the API key arrives as a credential). The
-    site's extra_env comes first and gpunode's own values last, so they always win."""
+    site's extra_env comes first and gpunode's own values last, so they always win. Only
+    variables vLLM or its libraries know: vLLM warns about unknown VLLM_* names, and host
+    and port are flags in the service's config."""
     env = dict(service.get("extra_env", {}))
     env |= {
         "HF_HOME": p_vllm["model_cache"],
@@ -378,8 +380,6 @@ def vllm_environment(p_vllm: dict, service: dict) -> dict[str, str]:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "PYTHONUNBUFFERED": "1",
-        "VLLM_HTTP_PORT": str(service["port"]),
-        "VLLM_HTTP_HOST": "127.0.0.1" if service["host"] in ("0.0.0.0", "::") else service["host"],
     }
     return dict(sorted(env.items()))
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from gpunode import hostcmd
 from gpunode.model import NodeProfile
 
@@ -160,3 +162,25 @@ def test_a_keyring_checksum_mismatch_names_the_field_the_os_and_both_checksums(t
     assert ok.returncode == 0, ok.stderr
     assert "install --reinstall /tmp/cuda-keyring_1.1-1_all.deb" in (
         tmp_path / "apt-get.called").read_text()
+
+
+@pytest.mark.parametrize(("host", "url"), [("0.0.0.0", "http://127.0.0.1:8123/health"),
+                                           ("::", "http://127.0.0.1:8123/health"),
+                                           ("10.1.2.3", "http://10.1.2.3:8123/health"),
+                                           ("fd00::7", "http://[fd00::7]:8123/health")])
+def test_the_readiness_gate_probes_the_address_in_the_services_own_config(tmp_path, host, url):
+    """Host and port come from the YAML vLLM serves from (was: VLLM_HTTP_HOST/PORT in the
+    unit's environment, variables vLLM does not know and warns about)."""
+    from gpunode.files import node_files
+    from gpunode.filters import to_yaml_block
+
+    p = profile(gpus={"count": 1}, vllm={"services": [
+        {"name": "a", "model": "/m", "gpus": [0], "port": 8123, "host": host}]})
+    gate = next(f for f in node_files(p) if f.path.endswith("/vllm-wait-ready"))
+    (tmp_path / "gate").write_text(gate.content)
+    config = tmp_path / "a.yaml"
+    config.write_text(to_yaml_block({"host": host, "model": "/m", "port": 8123}) + "\n")
+    fake(tmp_path / "curl", f'echo "$@" >> {tmp_path}/curl.called')
+    r = run_sh(f"sh {tmp_path}/gate '' {config}", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "curl.called").read_text().split()[-1] == url

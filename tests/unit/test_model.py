@@ -312,3 +312,24 @@ def test_the_os_python_or_a_python_mirror_or_downloads_are_accepted() -> None:
     assert "vllm.python" not in problems(profile(os="ubuntu-22.04", vllm=mirrored))
     # no index override: uv downloads the interpreter itself
     assert "vllm.python" not in problems(profile(os="ubuntu-22.04", vllm={"python": "3.12"}))
+
+
+def test_extra_env_takes_only_the_vllm_variables_the_release_reads() -> None:
+    """vLLM warns about an unknown VLLM_* name and goes on without it: a typo, or a name
+    such as VLLM_HTTP_PORT (gpunode's units used to set it), would silently do nothing."""
+    with pytest.raises(ValidationError, match="VLLM_HTTP_PORT is not a variable vLLM 0.33.0 "
+                                              "reads"):
+        VllmService(name="a", model="/m", gpus=[0], extra_env={"VLLM_HTTP_PORT": "8000"})
+    with pytest.raises(ValidationError, match="did you mean 'VLLM_LOGGING_LEVEL'"):
+        VllmService(name="a", model="/m", gpus=[0], extra_env={"VLLM_LOGING_LEVEL": "x"})
+    VllmService(name="a", model="/m", gpus=[0], extra_env={"VLLM_LOGGING_LEVEL": "DEBUG"})
+
+
+def test_the_service_environment_holds_no_variable_vllm_does_not_read() -> None:
+    from gpunode import desired
+    from gpunode.vllm_flags import ENV_VARS
+
+    p = profile(vllm={"services": [svc("a", port=8001, host="0.0.0.0")]})
+    env = desired.vllm_environment(p.vllm.model_dump(), p.vllm.services[0].model_dump())
+    unknown = [k for k in env if k.startswith("VLLM_") and k not in ENV_VARS]
+    assert unknown == []

@@ -50,9 +50,9 @@ SECRET_ENV = re.compile(r"(^|_)(TOKEN|API_KEY|ACCESS_KEY|ACCESS_KEY_ID)$|SECRET|
 MANAGED_ENV = frozenset({"HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
                          "TRANSFORMERS_CACHE", "CUDA_DEVICE_ORDER", "CUDA_VISIBLE_DEVICES",
                          "NVIDIA_VISIBLE_DEVICES", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK",
-                         "PYTHONUNBUFFERED", "VLLM_HTTP_PORT", "VLLM_HTTP_HOST",
-                         "CREDENTIALS_DIRECTORY", "VLLM_CACHE_ROOT", "XDG_CACHE_HOME", "HOME",
-                         "PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP"})
+                         "PYTHONUNBUFFERED", "CREDENTIALS_DIRECTORY", "VLLM_CACHE_ROOT",
+                         "XDG_CACHE_HOME", "HOME", "PATH", "PYTHONPATH", "PYTHONHOME",
+                         "PYTHONSTARTUP"})
 #: Variables that change which code a process loads.
 RISKY_ENV = re.compile(r"^(LD_|GLIBC_TUNABLES$|GCONV_PATH$|MALLOC_|PYTHONPATH$|BASH_ENV$|ENV$)",
                        re.IGNORECASE)
@@ -367,6 +367,8 @@ class VllmService(Strict):
     @field_validator("extra_env")
     @classmethod
     def _no_secret_env(cls, value: dict[str, str]) -> dict[str, str]:
+        from gpunode.vllm_flags import ENV_VARS, VLLM_VERSION
+
         for key in value:
             if key in MANAGED_ENV or key.upper() in MANAGED_ENV:
                 raise ValueError(f"{key} is set by gpunode (from the service's fields and the "
@@ -379,6 +381,11 @@ class VllmService(Strict):
                 raise ValueError(f"{key} carries a secret; secrets never go into unit or "
                                  "environment files: the API key belongs in api_key_file "
                                  "(passed as a systemd credential)")
+            if key.upper().startswith("VLLM_") and key not in ENV_VARS:
+                close = difflib.get_close_matches(key.upper(), sorted(ENV_VARS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"{key} is not a variable vLLM {VLLM_VERSION} reads (it would "
+                                 f"warn and go on without it){hint}")
         return value
 
     @property
