@@ -123,8 +123,10 @@ def driver_packages(p: NodeProfile) -> list[str]:
     """Driver packages to install, by source, OS, module flavour and compute-only split."""
     n, b, open_ = p.nvidia, p.nvidia.branch, p.nvidia.open_kernel_modules
     if n.source == "ubuntu-archive":
+        # Canonical's signed prebuilt modules: the -no-dkms userspace, so DKMS (and its
+        # unsigned builds) never comes in through nvidia-headless-*.
         flavour = "-open" if open_ else ""
-        return [f"nvidia-headless-{b}-server{flavour}", f"nvidia-utils-{b}-server",
+        return [f"nvidia-headless-no-dkms-{b}-server{flavour}", f"nvidia-utils-{b}-server",
                 f"linux-modules-nvidia-{b}-server{flavour}-generic"]
     if p.os == "debian-12":
         if n.compute_only:
@@ -229,13 +231,35 @@ def base_packages(p: NodeProfile) -> list[str]:
     return pkgs
 
 
+#: The kernel series each Ubuntu release ships as its GA kernel; a newer series on the
+#: generic or lowlatency flavour is the HWE kernel, with its own meta-packages.
+UBUNTU_GA_SERIES = {"ubuntu-22.04": "5.15", "ubuntu-24.04": "6.8"}
+
+
+def headers_meta(p: NodeProfile, release: str) -> str:
+    """The headers meta-package that follows the flavour of kernel `release` (uname -r)
+    through its updates, so DKMS builds the driver for every kernel the host will boot:
+    Debian's linux-headers-<flavour> (amd64, cloud-amd64, rt-amd64), Ubuntu's
+    linux-headers-<flavour> (generic, lowlatency, aws, nvidia, ...) or, for an HWE
+    kernel, linux-headers-<flavour>-hwe-<release>."""
+    m = re.match(r"^(\d+\.\d+)\.\d+-\d+-([a-z0-9][a-z0-9-]*)$", release)
+    if not m:  # a kernel named outside the distribution's scheme: the default flavour
+        return "linux-headers-amd64" if p.os.startswith("debian") else "linux-headers-generic"
+    series, flavour = m.groups()
+    if p.os.startswith("ubuntu") and flavour in ("generic", "lowlatency") and (
+            series != UBUNTU_GA_SERIES[p.os]):
+        return f"linux-headers-{flavour}-hwe-{p.os.removeprefix('ubuntu-')}"
+    return f"linux-headers-{flavour}"
+
+
 def header_packages(p: NodeProfile, running: str, installed_kernels: list[str]) -> list[str]:
-    """Kernel headers for the running kernel and the newest installed one."""
-    meta = "linux-headers-amd64" if p.os == "debian-12" else "linux-headers-generic"
+    """Kernel headers for the running kernel and the newest installed one, and the
+    meta-packages that keep headers coming for their flavours."""
     kernels = {running}
     if installed_kernels:
         kernels.add(newest_kernel(installed_kernels))
-    return [meta, *sorted(f"linux-headers-{k}" for k in kernels)]
+    metas = sorted({headers_meta(p, k) for k in kernels})
+    return [*metas, *sorted(f"linux-headers-{k}" for k in kernels)]
 
 
 def newest_kernel(kernels: list[str]) -> str:

@@ -27,10 +27,10 @@ def profile(**over) -> NodeProfile:
       "nvidia-persistenced"]),
     ("ubuntu-22.04", "cuda-repo", False, False, ["cuda-drivers-580"]),
     ("ubuntu-24.04", "ubuntu-archive", True, True,
-     ["nvidia-headless-580-server-open", "nvidia-utils-580-server",
+     ["nvidia-headless-no-dkms-580-server-open", "nvidia-utils-580-server",
       "linux-modules-nvidia-580-server-open-generic"]),
     ("ubuntu-22.04", "ubuntu-archive", False, True,
-     ["nvidia-headless-580-server", "nvidia-utils-580-server",
+     ["nvidia-headless-no-dkms-580-server", "nvidia-utils-580-server",
       "linux-modules-nvidia-580-server-generic"]),
 ])
 def test_driver_packages(os_, source, open_, compute, expected):
@@ -149,3 +149,29 @@ def test_gpu_settings_drift_names_the_difference():
     drift = desired.gpu_settings_drift(p, [gpu])
     assert drift == ["GPU 0: power limit 300.00 W, want 280 W",
                      "GPU 0: ECC pending Disabled, want Enabled"]
+
+
+@pytest.mark.parametrize(("os", "release", "meta"), [
+    ("debian-12", "6.1.0-30-amd64", "linux-headers-amd64"),
+    ("debian-12", "6.1.0-30-cloud-amd64", "linux-headers-cloud-amd64"),
+    ("debian-12", "6.1.0-30-rt-amd64", "linux-headers-rt-amd64"),
+    ("ubuntu-24.04", "6.8.0-45-generic", "linux-headers-generic"),
+    ("ubuntu-24.04", "6.14.0-29-generic", "linux-headers-generic-hwe-24.04"),
+    ("ubuntu-22.04", "6.8.0-60-generic", "linux-headers-generic-hwe-22.04"),
+    ("ubuntu-22.04", "5.15.0-140-lowlatency", "linux-headers-lowlatency"),
+    ("ubuntu-24.04", "6.8.0-1020-nvidia", "linux-headers-nvidia"),
+    ("ubuntu-24.04", "6.8.0-1030-aws", "linux-headers-aws"),
+])
+def test_headers_follow_the_running_kernels_flavour(os, release, meta):
+    """Was: linux-headers-generic on every Ubuntu host, so an HWE or cloud kernel's next
+    update came without headers, DKMS built nothing and the GPUs vanished at the reboot."""
+    assert desired.header_packages(profile(os=os), release, [release]) == [
+        meta, f"linux-headers-{release}"]
+
+
+def test_headers_for_a_newer_kernel_of_another_flavour_come_with_its_meta_package():
+    p = profile(os="ubuntu-24.04")
+    assert desired.header_packages(p, "6.8.0-45-generic", ["6.8.0-45-generic",
+                                                           "6.14.0-29-generic"]) == [
+        "linux-headers-generic", "linux-headers-generic-hwe-24.04",
+        "linux-headers-6.14.0-29-generic", "linux-headers-6.8.0-45-generic"]
