@@ -367,6 +367,20 @@ def vllm_units(p: NodeProfile) -> list[str]:
     return [vllm_unit(s.name) for s in p.vllm.services]
 
 
+def start_after(p_vllm: dict, service: dict) -> list[str]:
+    """The units of the services listed before `service` that share a GPU with it (profile
+    JSON data): it starts after them, so vLLM's memory profiling on a shared GPU measures
+    one server at a time instead of racing the other."""
+    mine = set(service["gpus"])
+    before = []
+    for other in p_vllm["services"]:
+        if other["name"] == service["name"]:
+            break
+        if mine & set(other["gpus"]):
+            before.append(vllm_unit(other["name"]))
+    return before
+
+
 def vllm_config(service: dict) -> dict:
     """The YAML given to `vllm serve --config` for one service (profile JSON data)."""
     cfg: dict = {

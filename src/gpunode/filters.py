@@ -147,6 +147,12 @@ def service_environment(service: dict[str, Any], node: dict[str, Any]) -> dict[s
     return desired.vllm_environment(node["vllm"], service)
 
 
+def service_start_after(service: dict[str, Any], node: dict[str, Any]) -> list[str]:
+    from gpunode import desired
+
+    return desired.start_after(node["vllm"], service)
+
+
 FILTERS = {
     "node_sysctls": node_sysctls,
     "node_kernel_args": node_kernel_args,
@@ -157,6 +163,7 @@ FILTERS = {
     "node_tuning_profile": node_tuning_profile,
     "service_config": service_config,
     "service_environment": service_environment,
+    "service_start_after": service_start_after,
     "sysctl_value": to_sysctl_value,
     "systemd_bool": to_systemd_bool,
     "yaml_block": to_yaml_block,

@@ -175,3 +175,22 @@ def test_headers_for_a_newer_kernel_of_another_flavour_come_with_its_meta_packag
                                                            "6.14.0-29-generic"]) == [
         "linux-headers-generic", "linux-headers-generic-hwe-24.04",
         "linux-headers-6.14.0-29-generic", "linux-headers-6.8.0-45-generic"]
+
+
+def test_services_sharing_a_gpu_start_one_after_the_other():
+    """Was: both started at once, and vLLM's memory profiling on the shared GPU raced."""
+    from gpunode.files import vllm_files
+
+    gpus = [Gpu(index=i, uuid=f"GPU-{i}", name="NVIDIA RTX A6000", bus_id=f"00000000:0{i}:00.0",
+                memory_mib=49140, driver_version="580.95.05", cpus=[0, 1], numa_node=0)
+            for i in range(2)]
+    svc = lambda name, gpus, port: {"name": name, "model": "/m", "gpus": gpus,  # noqa: E731
+                                    "port": port, "gpu_memory_utilization": 0.3}
+    p = profile(vllm={"services": [svc("a", [0], 8001), svc("b", [1], 8002),
+                                   svc("c", [0, 1], 8003)]})
+    drop_ins = {f.path.split("@")[1].split(".")[0]: f.content for f in vllm_files(p, gpus)
+                if f.path.endswith(".service.d/gpunode.conf")}
+    assert "[Unit]" not in drop_ins["a"] and "[Unit]" not in drop_ins["b"]
+    assert "\n[Unit]\n" in drop_ins["c"]
+    assert "\nAfter=vllm@a.service vllm@b.service\n" in drop_ins["c"]
+    assert drop_ins["c"].index("[Unit]") < drop_ins["c"].index("[Service]")
