@@ -117,10 +117,22 @@ def test_download_skips_pip_when_cached(tmp_path: Path, monkeypatch: pytest.Monk
     pyindex.download([f"uv=={pyindex.UV_VERSION}"], tmp_path, deps=False)
     assert calls == []
     pyindex.download(["PyYAML==6.0.3"], tmp_path, deps=False)
+    assert [a[a.index("--python-version") + 1] for a in calls] == list(pyindex.GUEST_PYTHONS)
     args = calls[0]
     assert args[:2] == ["download", "--only-binary=:all:"]
-    assert args[args.index("--python-version") + 1] == "3.11"
     assert "manylinux2014_x86_64" in args and "--no-deps" in args and args[-1] == "PyYAML==6.0.3"
+
+
+def test_a_compiled_wheel_counts_only_for_its_python(tmp_path: Path) -> None:
+    """Ubuntu 24.04's guests run CPython 3.12: a cp311 wheel in the cache does not serve
+    them (was: one wheel of any tag satisfied every guest, and 3.12 could not install)."""
+    compiled = make_wheel(tmp_path, "PyYAML", "6.0.3")
+    compiled.rename(tmp_path / "pyyaml-6.0.3-cp311-cp311-manylinux_2_17_x86_64.whl")
+    assert pyindex._have(tmp_path, "PyYAML==6.0.3", "3.11")
+    assert not pyindex._have(tmp_path, "PyYAML==6.0.3", "3.12")
+    abi3 = tmp_path / "cryptography-46.0.0-cp38-abi3-manylinux_2_28_x86_64.whl"
+    abi3.write_bytes(b"")
+    assert pyindex._fits(abi3, "3.12") and pyindex._fits(abi3, "3.11")
 
 
 def test_wheel_requirements_skip_extras(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ Layout under the www root:
     pypi/files/*.whl
 
 Contents: the vLLM stand-in wheel (built from sim/vllm_standin/ with `pip wheel --no-deps`)
-and wheels downloaded once for the guest (Debian 12: CPython 3.11, manylinux x86_64) into
-`~/.cache/gpunode/lab/wheels`: uv, PyYAML and the stand-in's own requirements.
+and wheels downloaded once for each guest OS's Python (GUEST_PYTHONS, manylinux x86_64)
+into `~/.cache/gpunode/lab/wheels`: uv, PyYAML and the stand-in's own requirements.
 
 Guests have no HTTPS that verifies, so uv reaches them over this index, e.g.
 
@@ -43,7 +43,8 @@ from gpunode.lab.sim.repo import locked
 
 UV_VERSION = "0.13.9"
 PYYAML_VERSION = "6.0.3"
-GUEST_PYTHON = "3.11"  # Debian 12
+#: The python3 of each lab guest OS (gpunode.model.parts.OS_PYTHON): Debian 12, Ubuntu 24.04.
+GUEST_PYTHONS = ("3.11", "3.12")
 GUEST_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 BASE_REQUIREMENTS = (f"uv=={UV_VERSION}", f"PyYAML=={PYYAML_VERSION}")
 STANDIN_DIR = Path(__file__).resolve().parent / "vllm_standin"
@@ -87,34 +88,47 @@ def _wheel_name(path: Path) -> tuple[str, str]:
     return normalize(parts[0]), parts[1]
 
 
-def _have(cache: Path, requirement: str) -> bool:
-    """True if the cache already holds a wheel satisfying the requirement."""
+def _fits(wheel: Path, python: str) -> bool:
+    """Whether a wheel installs on CPython `python` (its python tag: py3, cpXY, abi3)."""
+    tags = wheel.name[:-4].split("-")
+    pytags, abi = tags[-3].split("."), tags[-2]
+    cp = f"cp{python.replace('.', '')}"
+    if abi == "abi3":
+        return any(t.startswith("cp3") and int(t[3:]) <= int(cp[3:]) for t in pytags)
+    return "py3" in pytags or cp in pytags
+
+
+def _have(cache: Path, requirement: str, python: str = GUEST_PYTHONS[0]) -> bool:
+    """True if the cache already holds a wheel satisfying the requirement on `python`."""
     try:
         req = Requirement(requirement)
     except InvalidRequirement:
         return False
     for wheel in cache.glob("*.whl"):
         project, version = _wheel_name(wheel)
-        if project == normalize(req.name) and req.specifier.contains(version, prereleases=True):
+        if (project == normalize(req.name) and req.specifier.contains(version, prereleases=True)
+                and _fits(wheel, python)):
             return True
     return False
 
 
 def download(requirements: list[str], cache: Path | None = None, deps: bool = True) -> None:
-    """pip download binary wheels for the guest interpreter/platform into the cache."""
+    """pip download binary wheels for each guest interpreter/platform into the cache."""
     cache = cache or wheels_cache()
     cache.mkdir(parents=True, exist_ok=True)
-    missing = [r for r in requirements if not _have(cache, r)]
-    if not missing:
-        return
-    args = ["download", "--only-binary=:all:", "--python-version", GUEST_PYTHON,
-            "--implementation", "cp", "--abi", f"cp{GUEST_PYTHON.replace('.', '')}",
-            "--dest", str(cache)]
-    for plat in GUEST_PLATFORMS:
-        args += ["--platform", plat]
-    if not deps:
-        args.append("--no-deps")
-    _run_pip(args + missing, f"downloading {', '.join(missing)} for the lab guests")
+    for python in GUEST_PYTHONS:
+        missing = [r for r in requirements if not _have(cache, r, python)]
+        if not missing:
+            continue
+        args = ["download", "--only-binary=:all:", "--python-version", python,
+                "--implementation", "cp", "--abi", f"cp{python.replace('.', '')}",
+                "--dest", str(cache)]
+        for plat in GUEST_PLATFORMS:
+            args += ["--platform", plat]
+        if not deps:
+            args.append("--no-deps")
+        _run_pip(args + missing,
+                 f"downloading {', '.join(missing)} for the lab guests' Python {python}")
 
 
 def build_standin(dest: Path, source: Path = STANDIN_DIR) -> Path | None:
