@@ -88,6 +88,7 @@ def test_unsupported_os_is_refused_before_any_change(fresh, tmp_path):
     naming both, and no file under the paths the deploy manages changed."""
     site = copy.deepcopy(fresh.site_doc)
     site["nodes"][fresh.name]["os"] = "ubuntu-24.04"
+    site["nodes"][fresh.name]["vllm"] = {"python": "3.12"}  # valid for the OS it claims
     vm = fresh.vm
     vm.check("touch /tmp/gpunode-before-refusal && sleep 1")
     rc, results, _ = deploy(write(site, tmp_path / "site.yaml"), [fresh.name])
