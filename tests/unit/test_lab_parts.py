@@ -129,3 +129,80 @@ def test_cli_bad_forward_and_status(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "no VMs" in res.output
     res = runner.invoke(app, ["down", "--state-dir", str(tmp_path)])
     assert res.exit_code == 2 and "--all" in res.output
+
+
+def test_the_lab_site_gives_each_guest_its_os_keyring_and_python(tmp_path: Path) -> None:
+    """An Ubuntu 24.04 guest gets the simulated ubuntu2404 repository's keyring checksum and
+    Python 3.12 (was: Debian's checksum and 3.11 for every guest, which validate refuses)."""
+    import yaml
+
+    from gpunode.inventory import load_site
+    from gpunode.lab import labsite
+    from gpunode.lab.core import Lab
+
+    lab = Lab(tmp_path / "lab")
+
+    class Vm:
+        def __init__(self, name: str, os: str) -> None:
+            self.name, self.os, self.running = name, os, True
+
+    vms = [Vm("labgpu1", "debian-12"), Vm("labubu1", "ubuntu-24.04")]
+    lab.status = lambda: vms  # type: ignore[method-assign]
+
+    def site(base):
+        nodes = dict(base.get("nodes") or {})
+        for vm in vms:
+            node = dict(nodes.get(vm.name) or {"groups": ["lab"]})
+            node["connection"] = {"address": "127.0.0.1", "port": 2222, "user": "gpunode",
+                                  "key": str(tmp_path / "key"), "become": True}
+            if vm.os != "debian-12":
+                node["os"] = vm.os
+            nodes[vm.name] = node
+        return {**base, "nodes": nodes}
+
+    lab.site = site  # type: ignore[method-assign]
+    facts = {"nvidia_repo_url": "http://10.0.2.2:18087/compute/cuda/repos",
+             "keyring_sha256": "d" * 64,
+             "keyring_sha256_by_distro": {"debian12": "d" * 64, "ubuntu2204": "2" * 64,
+                                          "ubuntu2404": "4" * 64},
+             "driver_versions": ["580.82.07", "580.95.05"],
+             "container_toolkit_repo_url": "http://10.0.2.2:18087/libnvidia-container/"
+                                           "stable/deb/$(ARCH)",
+             "container_toolkit_versions": ["1.18.1-1"],
+             "pypi_index_url": "http://10.0.2.2:18087/pypi/simple/", "uv_version": "0.13.9"}
+    doc = labsite.lab_site(lab, facts, key_dir=tmp_path / "keys")
+    (tmp_path / "key").write_text("k\n")
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    nodes = load_site(path).nodes
+    assert nodes["labubu1"].os == "ubuntu-24.04"
+    assert nodes["labubu1"].nvidia.keyring_sha256 == "4" * 64
+    assert nodes["labubu1"].vllm.python == "3.12"
+    assert nodes["labgpu1"].nvidia.keyring_sha256 == "d" * 64
+    assert nodes["labgpu1"].vllm.python == "3.11"
+
+
+def test_the_ubuntu_image_trusts_only_the_pinned_archive_key(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """debootstrap checks noble's Release files against a keyring holding exactly the key
+    whose fingerprint the lab pins; a keyring package without it is refused."""
+    import subprocess
+
+    from gpunode.lab.errors import LabError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    try:
+        keyring = image.ubuntu_keyring()
+    except LabError as exc:
+        if "cannot be reached" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    listed = subprocess.run(["gpg", "--batch", "--with-colons", "--import-options", "show-only",
+                             "--homedir", str(tmp_path), "--import", str(keyring)],
+                            capture_output=True, text=True, check=True).stdout
+    assert [ln.split(":")[9] for ln in listed.splitlines() if ln.startswith("fpr:")] == [
+        image.UBUNTU_ARCHIVE_KEY]
+    keyring.unlink()
+    monkeypatch.setattr(image, "UBUNTU_ARCHIVE_KEY", "0" * 40)
+    with pytest.raises(LabError, match="does not hold the Ubuntu archive key 0000"):
+        image.ubuntu_keyring()

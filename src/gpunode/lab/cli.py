@@ -81,16 +81,20 @@ def up(
         help="Emulated VT-d IOMMU (interrupt remapping) and PCI stand-ins for passthrough "
              "GPUs (a lab Proxmox host); kept by the VM (default: what it has, off when new)"
     )] = None,
+    os_name: Annotated[str, typer.Option(
+        "--os", help=f"Guest OS of a new VM: {', '.join(lab_image.LAB_OS)} (an existing VM "
+                     "keeps its own)")] = "debian-12",
     state_dir: StateDir = None,
 ) -> None:
-    """Start VMs (creating them from the base image), wait for SSH."""
+    """Start VMs (creating them from their OS's base image), wait for SSH."""
     lab = Lab(state_dir)
     fwd = _guard(lambda: _parse_forward(forward))
     if state_dir is not None:
         remember(lab.dir)
     for name in names:
         vm = _guard(lambda n=name: lab.up(n, cpus=cpus, memory_mib=memory, numa=numa,  # type: ignore[misc]
-                                          disk_gib=disk, forward=fwd, iommu=iommu))
+                                          disk_gib=disk, forward=fwd, iommu=iommu,
+                                          os_name=os_name))
         extra = "".join(f" {g}->127.0.0.1:{h}" for g, h in vm.forwards.items())
         typer.echo(f"{vm.name}: up, ssh {vm.user}@{vm.address} -p {vm.ssh_port}{extra}")
 
@@ -378,9 +382,11 @@ def deps(
 @app.command("image")
 def image_cmd(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Build even when cached")] = False,
+    os_name: Annotated[str, typer.Option(
+        "--os", help=f"Guest OS: {', '.join(lab_image.LAB_OS)}")] = "debian-12",
 ) -> None:
-    """Build the Debian 12 base image (cached by recipe hash) and print its path."""
-    path = _guard(lambda: lab_image.ensure_image(rebuild=rebuild))
+    """Build an OS's base image (cached by recipe hash) and print its path."""
+    path = _guard(lambda: lab_image.ensure_image(rebuild=rebuild, os_name=os_name))
     typer.echo(str(path))
 
 

@@ -59,6 +59,7 @@ class VMConfig:
     instance_id: str
     origin: dict[str, str]  # {"kind": "base"} or {"kind": "snapshot", "name": ...}
     iommu: bool = False  # emulated VT-d + GPU stand-ins (qemu.IOMMU_STANDINS)
+    os: str = "debian-12"  # the guest OS (image.LAB_OS), fixed when the VM is created
 
     @classmethod
     def load(cls, path: Path) -> VMConfig:
@@ -94,6 +95,7 @@ class VM:
     known_hosts: Path
     control_path: Path
     iommu: bool = False
+    os: str = "debian-12"
     _ssh_base: list[str] = field(repr=False, default_factory=list)
 
     @property
@@ -223,7 +225,7 @@ class Lab:
             numa=cfg.numa, disk_gib=cfg.disk_gib, serial_log=d / "serial.log",
             qga_socket=self.sock_dir / f"{cfg.name}.qga", qmp_socket=self.sock_dir /
             f"{cfg.name}.qmp", known_hosts=d / "known_hosts",
-            control_path=self.sock_dir / f"{cfg.name}.ssh", iommu=cfg.iommu,
+            control_path=self.sock_dir / f"{cfg.name}.ssh", iommu=cfg.iommu, os=cfg.os,
         )
         vm._ssh_base = [
             "ssh", "-F", "/dev/null", "-p", str(cfg.ssh_port), "-i", str(self.key_path),
@@ -244,8 +246,10 @@ class Lab:
     def up(self, name: str, cpus: int = 2, memory_mib: int = 2048, numa: int = 2,
            disk_gib: int = 8, forward: Mapping[int, int] | Iterable[int] | None = None,
            *, ssh_port: int | None = None, wait: bool = True,
-           timeout: float = BOOT_TIMEOUT_S, iommu: bool | None = None) -> VM:
-        """Start VM `name` (creating it from the base image when new) and wait for SSH.
+           timeout: float = BOOT_TIMEOUT_S, iommu: bool | None = None,
+           os_name: str = "debian-12") -> VM:
+        """Start VM `name` (creating it from the base image of `os_name` when new) and
+        wait for SSH.
 
         `forward` maps guest TCP ports to host ports on 127.0.0.1 (host port 0 = pick a free
         one); an iterable of guest ports picks host ports for all of them. An existing VM
@@ -276,8 +280,9 @@ class Lab:
                                     f"{disk_gib}G"], check=True, capture_output=True)
                     cfg.disk_gib = disk_gib
             else:
+                image.recipe(os_name)  # a lab OS, or a clear error before anything is made
                 cfg = self._create(name, cpus, memory_mib, numa, disk_gib, {"kind": "base"},
-                                   iommu=bool(iommu))
+                                   iommu=bool(iommu), os_name=os_name)
             vm = self._start(cfg, forward, ssh_port, False, timeout)
         if wait:
             return self.wait_ssh(name, timeout)
@@ -296,13 +301,14 @@ class Lab:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def _create(self, name: str, cpus: int, memory_mib: int, numa: int, disk_gib: int,
-                origin: dict[str, str], iommu: bool = False) -> VMConfig:
+                origin: dict[str, str], iommu: bool = False,
+                os_name: str = "debian-12") -> VMConfig:
         d = self.vm_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         cfg = VMConfig(name=name, cpus=cpus, memory_mib=memory_mib, numa=numa,
                        disk_gib=disk_gib, ssh_port=0, forwards={},
                        instance_id=f"{name}-{uuid.uuid4().hex[:12]}", origin=origin,
-                       iommu=iommu)
+                       iommu=iommu, os=os_name)
         try:
             self._fresh_disk(cfg)
         except BaseException:
@@ -311,18 +317,18 @@ class Lab:
         cfg.save(d / "vm.json")
         return cfg
 
-    def _backing(self, origin: dict[str, str]) -> Path:
+    def _backing(self, origin: dict[str, str], os_name: str) -> Path:
         if origin.get("kind") == "snapshot":
             snap = self.snapshot_path(origin["name"])
             if not snap.is_file():
                 raise LabError(f"snapshot {origin['name']!r} ({snap}) no longer exists")
             return snap
-        return image.ensure_image()
+        return image.ensure_image(os_name=os_name)
 
     def _fresh_disk(self, cfg: VMConfig) -> None:
         """A pristine overlay on the VM's origin, a fresh UEFI store, a new seed."""
         d = self.vm_dir(cfg.name)
-        backing = self._backing(cfg.origin)
+        backing = self._backing(cfg.origin, cfg.os)
         disk = d / "disk.qcow2"
         disk.unlink(missing_ok=True)
         res = subprocess.run(
@@ -599,7 +605,7 @@ class Lab:
         target.with_suffix(".json").write_text(json.dumps({
             "source": name, "cpus": cfg.cpus, "memory_mib": cfg.memory_mib,
             "numa": cfg.numa, "disk_gib": cfg.disk_gib, "iommu": cfg.iommu,
-            "created": time.time(),
+            "os": cfg.os, "created": time.time(),
         }, indent=2) + "\n")
         res = subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(target),
@@ -639,7 +645,8 @@ class Lab:
         _check_sizes(c, m, n, meta["disk_gib"])
         cfg = self._create(new_name, c, m, n, meta["disk_gib"],
                            {"kind": "snapshot", "name": snap},
-                           iommu=bool(meta.get("iommu", False)) if iommu is None else iommu)
+                           iommu=bool(meta.get("iommu", False)) if iommu is None else iommu,
+                           os_name=meta.get("os", "debian-12"))
         return self._start(cfg, forward, None, wait, timeout)
 
     # ---- site file -------------------------------------------------------------------
@@ -656,6 +663,8 @@ class Lab:
                 node["groups"] = ["lab"]
             node["connection"] = {"address": vm.address, "port": vm.ssh_port,
                                   "user": vm.user, "key": str(vm.key_path), "become": True}
+            if vm.os != "debian-12" or "os" in node:
+                node["os"] = vm.os
             nodes[vm.name] = node
         doc["nodes"] = nodes
         return doc

@@ -1,8 +1,9 @@
-"""The lab's base image: Debian 12 built with debootstrap, booted by GRUB through OVMF.
+"""The lab's base images: Debian 12 or Ubuntu 24.04 built with debootstrap from the
+distribution's archive (its signing key verified), booted by GRUB through OVMF.
 
-Built once into `~/.cache/gpunode/lab/images/<recipe-hash>.qcow2`; every lab VM is a qcow2
-overlay on top of it. The hash covers the recipe below and this file's source, so any change
-to how the image is made produces a new image.
+Built once per OS into `~/.cache/gpunode/lab/images/<recipe-hash>.qcow2`; every lab VM is a
+qcow2 overlay on top of one. The hash covers the OS's recipe below and this file's source,
+so any change to how an image is made produces a new image.
 
 Disk layout (GPT): partition 1 = EFI system partition (FAT32, GRUB installed to the removable
 path EFI/BOOT/BOOTX64.EFI), partition 2 = ext4 root (last, so cloud-init can grow it).
@@ -23,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +36,14 @@ from gpunode.lab.errors import LabError
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+#: The OSes the lab builds guests of (gpunode.model OS names).
+LAB_OS = ("debian-12", "ubuntu-24.04")
+UBUNTU_MIRROR = "http://archive.ubuntu.com/ubuntu"
+#: The Ubuntu archive's signing key (2018), which signs noble's Release files: the trust
+#: anchor of an Ubuntu build. Its key comes out of the archive's ubuntu-keyring package and
+#: counts only when its fingerprint is exactly this.
+UBUNTU_ARCHIVE_KEY = "F6ECB3762474EDA9D21B7022871920D1991BC93C"
+UBUNTU_KEYRING_DEB = "pool/main/u/ubuntu-keyring/ubuntu-keyring_2023.11.28.1_all.deb"
 
 PACKAGES = [
     # boot and base system
@@ -53,6 +63,11 @@ PACKAGES = [
 # its compiler and the kernel headers). A fresh real host downloads these during the deploy;
 # the lab carries them so that every CI run does not spend minutes on them under TCG.
 PRESEED_PACKAGES = ["dkms", "linux-headers-amd64", "python3-venv", "pciutils", "irqbalance"]
+
+# Ubuntu 24.04: the same guest, with the virtual kernel (no firmware packages) plus its
+# extra modules (nouveau), from main and universe (qemu-guest-agent).
+UBUNTU_PACKAGES = [p if p != "linux-image-amd64" else "linux-image-virtual" for p in PACKAGES]
+UBUNTU_PRESEED = ["dkms", "linux-headers-generic", "python3-venv", "pciutils", "irqbalance"]
 
 # Written last (after every package install in the chroot, whose initramfs must keep all
 # modules): initramfs rebuilds inside a lab VM include only the modules it uses.
@@ -125,6 +140,15 @@ FILES: dict[str, str] = {
     "etc/hostname": "debian\n",
     "etc/hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
 }
+UBUNTU_FILES: dict[str, str] = {
+    **FILES,
+    "etc/apt/sources.list": (
+        "deb http://archive.ubuntu.com/ubuntu noble main universe\n"
+        "deb http://archive.ubuntu.com/ubuntu noble-updates main universe\n"
+        "deb http://security.ubuntu.com/ubuntu noble-security main universe\n"
+    ),
+    "etc/hostname": "ubuntu\n",
+}
 
 # Timers that would wake up under TCG in the middle of a test and eat scarce CPU.
 MASKED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
@@ -140,21 +164,44 @@ RECIPE = {
     "preseed": PRESEED_PACKAGES,
     "late_files": LATE_FILES,
 }
+#: Per lab OS: the debootstrap suite, components and script, packages, files, the
+#: distributor's name in the boot menu, and the extra kernel modules package to add.
+RECIPES: dict[str, dict] = {
+    "debian-12": RECIPE,
+    "ubuntu-24.04": {
+        **RECIPE,
+        "os": "ubuntu-24.04",
+        "suite": "noble",
+        "components": ["main", "universe"],
+        "script": "gutsy",  # debootstrap's script for every Ubuntu release since 7.10
+        "packages": UBUNTU_PACKAGES,
+        "files": UBUNTU_FILES,
+        "preseed": UBUNTU_PRESEED,
+        "kernel_extra": "linux-modules-extra-",
+        "distributor": "Ubuntu",
+    },
+}
 
 
-def recipe_hash() -> str:
-    """Hash of the recipe and of the functions that build the image (not of error texts or
-    helpers elsewhere, so editing those does not force a rebuild)."""
+def recipe(os_name: str) -> dict:
+    if os_name not in RECIPES:
+        raise LabError(f"the lab builds guests of {', '.join(LAB_OS)}, not {os_name}")
+    return RECIPES[os_name]
+
+
+def recipe_hash(os_name: str = "debian-12") -> str:
+    """Hash of the OS's recipe and of the functions that build the image (not of error
+    texts or helpers elsewhere, so editing those does not force a rebuild)."""
     h = hashlib.sha256()
-    h.update(json.dumps(RECIPE, sort_keys=True).encode())
+    h.update(json.dumps(recipe(os_name), sort_keys=True).encode())
     for fn in (_build, _configure, _fstab, _install_grub, _write_grub_cfg):
         h.update(inspect.getsource(fn).encode())
     h.update(" ".join(GRUB_MODULES).encode())
     return h.hexdigest()[:16]
 
 
-def image_path() -> Path:
-    return paths.images_dir() / f"{recipe_hash()}.qcow2"
+def image_path(os_name: str = "debian-12") -> Path:
+    return paths.images_dir() / f"{recipe_hash(os_name)}.qcow2"
 
 
 def host_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
@@ -217,9 +264,11 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_image(rebuild: bool = False, mirror: str | None = None) -> Path:
-    """Return the cached base image, building it first when missing (or when `rebuild`)."""
-    target = image_path()
+def ensure_image(rebuild: bool = False, mirror: str | None = None,
+                 os_name: str = "debian-12") -> Path:
+    """Return the OS's cached base image, building it first when missing (or when
+    `rebuild`)."""
+    target = image_path(os_name)
     with _lock(paths.images_dir() / ".build.lock"):
         if target.exists() and not rebuild:
             return target
@@ -229,11 +278,56 @@ def ensure_image(rebuild: bool = False, mirror: str | None = None) -> Path:
                 "(debootstrap, loop devices). Run once as root: "
                 "`sudo .venv/bin/python -m gpunode.lab.cli image`"
             )
-        _build(target, mirror or host_mirror())
+        if os_name == "debian-12":
+            _build(target, mirror or host_mirror(), RECIPE, None)
+        else:
+            _build(target, mirror or UBUNTU_MIRROR, recipe(os_name), ubuntu_keyring())
     return target
 
 
-def _build(target: Path, mirror: str) -> None:
+def ubuntu_keyring() -> Path:
+    """The Ubuntu archive's signing key as a keyring for debootstrap (cached): taken from
+    the archive's ubuntu-keyring package, kept only when its fingerprint is
+    UBUNTU_ARCHIVE_KEY."""
+    out = paths.cache_root() / "keyrings" / f"ubuntu-archive-{UBUNTU_ARCHIVE_KEY[-8:]}.gpg"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # gpg's home is short (its sockets' paths are limited) and private (gpg insists).
+    work = Path(tempfile.mkdtemp(prefix="gpunode-keyring-"))
+    try:
+        deb = work / "ubuntu-keyring.deb"
+        url = f"{UBUNTU_MIRROR}/{UBUNTU_KEYRING_DEB}"
+        res = subprocess.run(["curl", "-fsSL", "--retry", "3", "-o", str(deb), url],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise LabError(f"the Ubuntu archive cannot be reached ({url}: "
+                           f"{res.stderr.strip() or 'curl exit ' + str(res.returncode)})")
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(work / "x")], check=True,
+                       capture_output=True)
+        gpg = ["gpg", "--batch", "--no-default-keyring", "--homedir", str(work),
+               "--keyring", str(work / "all.gpg")]
+        subprocess.run([*gpg, "--import",
+                        str(work / "x/usr/share/keyrings/ubuntu-archive-keyring.gpg")],
+                       check=True, capture_output=True)
+        key = subprocess.run([*gpg, "--export", UBUNTU_ARCHIVE_KEY], check=True,
+                             capture_output=True).stdout
+        listed = subprocess.run(["gpg", "--batch", "--with-colons", "--import-options",
+                                 "show-only", "--homedir", str(work), "--import"], input=key,
+                                capture_output=True).stdout.decode() if key else ""
+        fprs = [ln.split(":")[9] for ln in listed.splitlines() if ln.startswith("fpr:")]
+        if not fprs or fprs[0] != UBUNTU_ARCHIVE_KEY:
+            raise LabError(f"{url} does not hold the Ubuntu archive key {UBUNTU_ARCHIVE_KEY} "
+                           f"(found {fprs or 'none'}); refusing to build from it")
+        tmp = out.with_suffix(".tmp")
+        tmp.write_bytes(key)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _build(target: Path, mirror: str, r: dict, keyring: Path | None) -> None:
     work = target.with_suffix(".build")
     if work.exists():
         _cleanup_mounts(work / "mnt")
@@ -270,16 +364,20 @@ def _build(target: Path, mirror: str) -> None:
         # builds the initrd during debootstrap.
         (mnt / "etc").mkdir()
         (mnt / "etc/fstab").write_text(_fstab(root_uuid, esp_uuid))
-        debs = paths.cache_root() / "debs"
+        debs = paths.cache_root() / ("debs" if r["suite"] == SUITE else f"debs-{r['suite']}")
         debs.mkdir(parents=True, exist_ok=True)
+        options = [f"--components={','.join(r['components'])}"] if r.get("components") else []
+        options += [f"--keyring={keyring}"] if keyring else []
+        script = [f"/usr/share/debootstrap/scripts/{r['script']}"] if r.get("script") else []
         try:
-            _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                  f"--cache-dir={debs}", SUITE, str(mnt), mirror], log)
+            _run(["debootstrap", "--variant=minbase", *options,
+                  f"--include={','.join(r['packages'])}", f"--cache-dir={debs}", r["suite"],
+                  str(mnt), mirror, *script], log)
         except LabError as exc:
             dlog = mnt / "debootstrap/debootstrap.log"
             detail = dlog.read_text(errors="replace").splitlines()[-30:] if dlog.exists() else []
             raise LabError(f"{exc}\nLast lines of debootstrap.log:\n" + "\n".join(detail)) from None
-        _configure(mnt, root_uuid, esp_uuid, log)
+        _configure(mnt, root_uuid, esp_uuid, log, r)
         efi = mnt / "boot/grub/BOOTX64.EFI"
         os.environ.setdefault("MTOOLS_SKIP_CHECK", "1")
         _run(["mmd", "-i", esp_loop, "::/EFI", "::/EFI/BOOT"], log)
@@ -303,8 +401,8 @@ def _fstab(root_uuid: str, esp_uuid: str) -> str:
             f"UUID={esp_uuid} /boot/efi vfat umask=0077 0 2\n")
 
 
-def _configure(mnt: Path, root_uuid: str, esp_uuid: str, log: Path) -> None:
-    for rel, text in FILES.items():
+def _configure(mnt: Path, root_uuid: str, esp_uuid: str, log: Path, r: dict) -> None:
+    for rel, text in r["files"].items():
         dest = mnt / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_symlink():
@@ -325,18 +423,21 @@ def _configure(mnt: Path, root_uuid: str, esp_uuid: str, log: Path) -> None:
                "DEBIAN_FRONTEND": "noninteractive"}
         _run([*chroot, "systemctl", "enable", "systemd-networkd", "qemu-guest-agent"], log,
              env=env)
-        _run([*chroot, "systemctl", "mask", *MASKED_UNITS], log, env=env)
+        _run([*chroot, "systemctl", "mask", *r["masked"]], log, env=env)
         apt = [*chroot, "apt-get", "-q", "-y", "--no-install-recommends"]
         _run([*chroot, "apt-get", "-q", "update"], log, env=env)
         _run([*apt, "dist-upgrade"], log, env=env)
-        _run([*apt, "install", *PRESEED_PACKAGES], log, env=env)
+        _run([*apt, "install", *r["preseed"]], log, env=env)
+        if r.get("kernel_extra"):  # the newest kernel's modules beyond the virtual set
+            _run([*chroot, "sh", "-c", "apt-get -q -y --no-install-recommends install "
+                  f"{r['kernel_extra']}$(ls /lib/modules | sort -V | tail -1)"], log, env=env)
         # Keep one kernel (the newest): every initramfs rebuild in a VM covers each kernel.
         _run([*chroot, "sh", "-c", "newest=$(ls /lib/modules | sort -V | tail -1); "
-              "old=$(dpkg-query -W -f '${Package}\\n' 'linux-image-[0-9]*' | "
-              "grep -v -- \"$newest\" || true); "
+              "old=$(dpkg-query -W -f '${Package}\\n' 'linux-image-[0-9]*' "
+              "'linux-modules-[0-9]*' 2>/dev/null | grep -v -- \"${newest%-*}-\" || true); "
               "[ -z \"$old\" ] || apt-get -q -y purge $old"], log, env=env)
         _install_grub(mnt, root_uuid, log, env)
-        _write_grub_cfg(mnt, root_uuid)
+        _write_grub_cfg(mnt, root_uuid, r)
         _run([*chroot, "apt-get", "clean"], log, env=env)
         for rel, text in LATE_FILES.items():
             (mnt / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -378,7 +479,7 @@ def _install_grub(mnt: Path, root_uuid: str, log: Path, env: dict[str, str]) -> 
     (mnt / "boot/grub/early.cfg").unlink()
 
 
-def _write_grub_cfg(mnt: Path, root_uuid: str) -> None:
+def _write_grub_cfg(mnt: Path, root_uuid: str, r: dict) -> None:
     """The first boot's grub.cfg.
 
     `update-grub` cannot be used at build time: its 10_linux script skips root file systems
@@ -389,7 +490,7 @@ def _write_grub_cfg(mnt: Path, root_uuid: str) -> None:
     if not kernels:
         raise LabError("lab image build: no kernel in /boot")
     version = kernels[-1].name.removeprefix("vmlinuz-")
-    grub = FILES["etc/default/grub"]
+    grub = r["files"]["etc/default/grub"]
     args = " ".join(m.group(1) for m in re.finditer(
         r'^GRUB_CMDLINE_LINUX(?:_DEFAULT)?="([^"]*)"', grub, re.M) if m.group(1))
     (mnt / "boot/grub/grub.cfg").write_text(
@@ -403,7 +504,7 @@ def _write_grub_cfg(mnt: Path, root_uuid: str) -> None:
         "insmod ext2\n"
         "insmod gzio\n"
         f"search --no-floppy --fs-uuid --set=root {root_uuid}\n"
-        f"menuentry 'Debian GNU/Linux, with Linux {version}' {{\n"
+        f"menuentry '{r.get('distributor', 'Debian GNU/Linux')}, with Linux {version}' {{\n"
         f"\tlinux /boot/vmlinuz-{version} root=UUID={root_uuid} ro {args}\n"
         f"\tinitrd /boot/initrd.img-{version}\n"
         "}\n"
