@@ -387,3 +387,14 @@ def test_demo_client_reads_the_stream(server) -> None:
     assert seen[-1] == chat.text and len(seen) > 3     # it arrived piece by piece
     with pytest.raises(StepFailed, match="HTTP 401"):
         stream_chat(f"http://127.0.0.1:{port}", "wrong", "llama8b", seen.append)
+
+
+def test_the_products_flag_table_is_the_release_list_the_stand_in_accepts(standin) -> None:
+    """gpunode validates extra_args against gpunode.vllm_flags; the stand-in accepts its own
+    table: both are vLLM 0.33.0's list (tests/fixtures/vllm), so neither drifts alone."""
+    from gpunode.vllm_flags import SERVE_FLAGS
+
+    listed = {ln.strip().removeprefix("--") for ln in FLAGS_FILE.read_text().splitlines()
+              if ln.strip()}
+    standin_flags = {f.removeprefix("--") for f in standin.serve_flags.SERVE_FLAGS}
+    assert SERVE_FLAGS == listed == standin_flags
