@@ -1,7 +1,7 @@
 # gpunode: `make test` sets up what it needs (venv, Debian packages for the lab) and runs
 # every test, lab integration included, with one lab path per concern; `make test-matrix`
-# runs the further lab paths (marker `matrix`: driver upgrade, rebuild). `make test-fast`
-# runs the unit and parity tests.
+# runs the further lab paths (marker `matrix`: driver upgrade, rebuild, Ubuntu 24.04
+# guest). `make test-fast` runs the unit and parity tests.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
