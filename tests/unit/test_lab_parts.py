@@ -155,8 +155,7 @@ def test_the_lab_site_gives_each_guest_its_os_keyring_and_python(tmp_path: Path)
             node = dict(nodes.get(vm.name) or {"groups": ["lab"]})
             node["connection"] = {"address": "127.0.0.1", "port": 2222, "user": "gpunode",
                                   "key": str(tmp_path / "key"), "become": True}
-            if vm.os != "debian-12":
-                node["os"] = vm.os
+            node["os"] = vm.os
             nodes[vm.name] = node
         return {**base, "nodes": nodes}
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 
@@ -31,8 +32,7 @@ def boot_loaders():
     """The boot loader tools found on the host, by name (kernel arguments go through
     the first: GRUB's update-grub or grub-mkconfig)."""
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin:/bin"
-    tool = lambda name: any(os.access(os.path.join(d, name), os.X_OK)  # noqa: E731
-                            for d in path.split(":") if d)
+    tool = lambda name: shutil.which(name, path=path) is not None  # noqa: E731
     found = []
     if tool("update-grub") or tool("grub-mkconfig"):
         found.append("grub")

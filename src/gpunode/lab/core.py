@@ -651,7 +651,7 @@ class Lab:
 
     # ---- site file -------------------------------------------------------------------
     def site(self, base: dict[str, Any] | None = None) -> dict[str, Any]:
-        """`base` (a loaded site YAML) with a connection for every running lab VM."""
+        """`base` (a loaded site YAML) with a connection and the OS of every running lab VM."""
         doc: dict[str, Any] = dict(base or {})
         nodes = dict(doc.get("nodes") or {})
         has_lab_group = "lab" in (doc.get("groups") or {})
@@ -663,8 +663,7 @@ class Lab:
                 node["groups"] = ["lab"]
             node["connection"] = {"address": vm.address, "port": vm.ssh_port,
                                   "user": vm.user, "key": str(vm.key_path), "become": True}
-            if vm.os != "debian-12" or "os" in node:
-                node["os"] = vm.os
+            node["os"] = vm.os
             nodes[vm.name] = node
         doc["nodes"] = nodes
         return doc

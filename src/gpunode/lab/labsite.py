@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from gpunode.lab.core import VM, Lab
-from gpunode.model.parts import OS_PYTHON
+from gpunode.model.parts import OS_PYTHON, distro_of
 
 REPO = Path(__file__).resolve().parents[3]
 LAB_EXAMPLE = REPO / "inventory" / "examples" / "lab.yaml"
@@ -102,16 +102,13 @@ def lab_site(lab: Lab, facts: dict[str, Any], base_path: Path = LAB_EXAMPLE,
     doc["nodes"] = {name: node for name, node in (doc.get("nodes") or {}).items()
                     if name in running}
     doc = lab.site(doc)
-    # Per guest OS: the simulated repository's keyring for its distro, and its own python3
-    # (the lab's index serves wheels for each; uv downloads nothing).
-    default_os = (doc.get("defaults") or {}).get("os", "ubuntu-24.04")
+    # Per guest OS (lab.site wrote each VM's): the simulated repository's keyring for its
+    # distro, and its own python3 (the lab's index serves wheels for each; uv downloads
+    # nothing).
+    by_distro = facts["keyring_sha256_by_distro"]
     for node in doc["nodes"].values():
-        os_name = node.get("os") or group.get("os") or default_os
-        if os_name == "debian-12" and "os" not in node:
-            continue  # the example's own values
-        distro = os_name.replace("-", "").replace(".", "")
-        node.setdefault("nvidia", {})["keyring_sha256"] = facts["keyring_sha256_by_distro"][distro]
-        node.setdefault("vllm", {})["python"] = OS_PYTHON[os_name]
+        node.setdefault("nvidia", {})["keyring_sha256"] = by_distro[distro_of(node["os"])]
+        node.setdefault("vllm", {})["python"] = OS_PYTHON[node["os"]]
     return doc
 
 

@@ -73,6 +73,11 @@ IPCONFIG = (r"^(ip=(dhcp|[0-9.]+/[0-9]{1,2})(,gw=[0-9.]+)?)?(,?ip6=(dhcp|auto|[0
             r"(,gw6=[0-9a-fA-F:]+)?)?$")
 
 OsName = Literal["ubuntu-22.04", "ubuntu-24.04", "debian-12", "debian-13"]
+def distro_of(os_name: str) -> str:
+    """NVIDIA's repository name for an OS: ubuntu2204, ubuntu2404, debian12."""
+    return os_name.replace("-", "").replace(".", "")
+
+
 #: The Python 3 each OS ships as python3 (its distribution package).
 OS_PYTHON: dict[str, str] = {"ubuntu-22.04": "3.10", "ubuntu-24.04": "3.12", "debian-12": "3.11",
                              "debian-13": "3.13"}

@@ -26,6 +26,7 @@ from gpunode.model.parts import (
     Tuning,
     Vllm,
     VmSpec,
+    distro_of,
 )
 from gpunode.model.types import VOLID, DebName, DebVersion, PyName, PyVersion, WheelHash
 
@@ -103,7 +104,7 @@ class NodeProfile(Strict):
     @property
     def distro(self) -> str:
         """NVIDIA's repository name for the OS: ubuntu2204, ubuntu2404, debian12."""
-        return self.os.replace("-", "").replace(".", "")
+        return distro_of(self.os)
 
     @property
     def numa_balancing(self) -> bool:
