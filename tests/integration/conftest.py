@@ -1,4 +1,5 @@
-"""Fixtures for integration tests: real Debian 12 lab VMs under qemu (gpunode.lab).
+"""Fixtures for integration tests: real lab VMs under qemu (gpunode.lab), Debian 12 unless
+a fixture says otherwise.
 
 - `lab` (session): a Lab in `.lab/pytest/run-<pid>/` (gitignored), or in
   `$GPUNODE_TEST_LAB_DIR` when set (kept afterwards, for debugging). qemu processes are tied
@@ -8,7 +9,8 @@
   forwarded). Tests that change it say so and leave it usable.
 - `fresh_vm` (function): a pristine VM (reset to the base image) for tests that break things.
 - `converged_lab` (session): `labgpu1` converged by the pyinfra deploy, and `paransible`
-  converged by the Ansible one in the background meanwhile (see ConvergedLab).
+  converged by the Ansible one in the background meanwhile (see ConvergedLab), both on
+  Ubuntu 24.04 (convergence.CONVERGED_OS; `$GPUNODE_TEST_CONVERGED_OS` picks another lab OS).
 
 Missing lab dependencies fail the session with the command to run; they never skip.
 After the session, any qemu left behind by this run fails it.
@@ -153,8 +155,6 @@ CONVERGED_VM = "labgpu1"
 ANSIBLE_VM = "paransible"
 CONVERGED_SHAPE = {"cpus": 2, "memory_mib": 3072, "numa": 2, "disk_gib": 8}
 TINY_MODEL = "/var/lib/vllm/models/tiny-sim"
-
-
 class ConvergedLab:
     """Two fresh, identical lab VMs with the simulated NVIDIA stack. `labgpu1` is converged
     here by `gpunode deploy` (pyinfra); `paransible` by `gpunode deploy --engine ansible`,
@@ -165,7 +165,7 @@ class ConvergedLab:
 
     def __init__(self, lab: Lab):
         import yaml
-        from convergence import gpunode_cli, state_dump
+        from convergence import converged_os, gpunode_cli, state_dump
 
         from gpunode.deploy_cli import run_pyinfra
         from gpunode.inventory import load_site
@@ -173,10 +173,11 @@ class ConvergedLab:
 
         self.lab = lab
         self.name = CONVERGED_VM
+        self.os, self.os_fallback = converged_os()
         self.facts = labsite.prepare_lab(lab.dir)
         # Started from this (the main) thread: a qemu dies with the thread that started it.
         for name in (CONVERGED_VM, ANSIBLE_VM):
-            lab.up(name, wait=False, **CONVERGED_SHAPE)
+            lab.up(name, wait=False, os_name=self.os, **CONVERGED_SHAPE)
         with ThreadPoolExecutor(2) as pool:
             self.vm, self.ansible_vm = pool.map(self._ready, (CONVERGED_VM, ANSIBLE_VM))
         self.site = labsite.write_lab_site(lab, self.facts, lab.dir / "site.yaml")
@@ -242,8 +243,10 @@ def converged_lab(lab: Lab) -> Iterator[ConvergedLab]:
         if converged.first_rc != 0:
             pytest.fail(f"the first deploy of {CONVERGED_VM} failed: "
                         f"{converged.first_results[CONVERGED_VM].errors}", pytrace=False)
-        print(f"\nfresh deploy of {CONVERGED_VM}: {converged.first_seconds:.0f} s "
-              f"(while {ANSIBLE_VM} was converged by Ansible)")
+        print(f"\nfresh deploy of {CONVERGED_VM} ({converged.os}): "
+              f"{converged.first_seconds:.0f} s (while {ANSIBLE_VM} was converged by Ansible)"
+              + (f"; {converged.os_fallback}" if converged.os_fallback
+                 else ""))
         yield converged
     finally:
         converged.stop_ansible()

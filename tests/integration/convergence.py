@@ -28,6 +28,30 @@ RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\
 HOST_SPECIFIC = ("MainPID",)
 
 
+#: The OS of the converged pair: the one most users run on their GPU hosts. Debian 12's GPU
+#: node path runs in `make test` through the Proxmox end-to-end test (full deploy and checks)
+#: and converges as the pair does in `make test-matrix` (test_other_os.py).
+CONVERGED_OS = "ubuntu-24.04"
+
+
+def converged_os() -> tuple[str, str]:
+    """The converged pair's OS, and why it is not CONVERGED_OS ("" when it is): without
+    Ubuntu's archive no Ubuntu guest can be built, and the pair runs on Debian 12 instead
+    (the Ubuntu-specific test then skips with that reason)."""
+    from gpunode.lab import image
+    from gpunode.lab.errors import LabError
+
+    wanted = os.environ.get("GPUNODE_TEST_CONVERGED_OS", CONVERGED_OS)
+    if wanted.startswith("ubuntu"):
+        try:
+            image.ubuntu_keyring()
+        except LabError as exc:
+            if "cannot be reached" in str(exc):
+                return "debian-12", str(exc)
+            raise
+    return wanted, "" if wanted == CONVERGED_OS else f"$GPUNODE_TEST_CONVERGED_OS={wanted}"
+
+
 def gpunode_cli(*args: str, timeout: float = 1800) -> tuple[int, str, float]:
     """`gpunode ARGS...` in the repository: (exit code, output, seconds)."""
     started = time.monotonic()

@@ -3,8 +3,8 @@ its own): the manifest the deploy wrote is there and readable; a lock resolved f
 SIMULATED mirrors agrees with the node; `gpunode drift` names a hand-edited managed file and
 a manually installed other version of a package; the VM is restored afterwards.
 
-It runs before test_deploy.py (file order) and in `make test` only: the driver upgrade
-test (`make test-matrix`) moves the same VM to another driver."""
+It runs before test_deploy.py (file order): the driver upgrade test there moves the same VM
+to another driver."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import yaml
 from convergence import drift, gpunode_cli, lab_via, lock, manifest
 
+from gpunode import desired
 from gpunode.manifest import MANIFEST_PATH
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,7 +43,7 @@ def test_manifest_lock_and_drift_on_the_converged_node(converged_lab, tmp_path):
     assert m["driver_module"] == p.nvidia.version
     assert len(m["gpus"]) == p.gpus.count and all(g["uuid"].startswith("GPU-") and g["vbios"]
                                                   for g in m["gpus"])
-    assert m["packages"]["nvidia-driver-cuda"].startswith(p.nvidia.version)
+    assert m["packages"][desired.driver_packages(p)[0]] == desired.driver_deb_version(p)
     assert m["vllm"]["version"].startswith(p.vllm.version) and m["vllm"]["dependency_hash"]
     assert EDITED in m["files"]
     assert vm.check(f"stat -c %a {MANIFEST_PATH}").strip() == "644"
@@ -50,7 +51,7 @@ def test_manifest_lock_and_drift_on_the_converged_node(converged_lab, tmp_path):
     # a lock from the lab's mirrors (guests see them at 10.0.2.2, this machine at 127.0.0.1)
     entry = lock(site)[node]
     assert entry["nvidia"]["driver"] == p.nvidia.version
-    assert entry["nvidia"]["packages"][OTHER]["version"] == f"{p.nvidia.version}-1"
+    assert entry["nvidia"]["packages"][OTHER]["version"] == desired.driver_deb_version(p)
     assert entry["nvidia"]["packages"][OTHER]["mirror"].startswith(lab_via().split("=")[0] + "/")
 
     rc, findings = drift(site, node)
@@ -66,7 +67,7 @@ def test_manifest_lock_and_drift_on_the_converged_node(converged_lab, tmp_path):
         rc, findings = drift(site, node)
         assert rc == 1
         got = {(f["kind"], f["item"]): f for f in findings}
-        assert got[("lock", OTHER)]["expected"] == f"{p.nvidia.version}-1"
+        assert got[("lock", OTHER)]["expected"] == desired.driver_deb_version(p)
         assert got[("lock", OTHER)]["live"] == newer
         assert ("file", EDITED) in got
         rc, out, _ = gpunode_cli("drift", node, "--site", str(site), timeout=600)
@@ -74,7 +75,7 @@ def test_manifest_lock_and_drift_on_the_converged_node(converged_lab, tmp_path):
     finally:
         vm.check(f"sudo mv /root/gpunode-test-saved.conf {EDITED}")
         vm.check(f"sudo DEBIAN_FRONTEND=noninteractive apt-get -q -y --allow-downgrades "
-                 f"--allow-change-held-packages install {OTHER}={p.nvidia.version}-1 && "
+                 f"--allow-change-held-packages install {OTHER}={desired.driver_deb_version(p)} && "
                  f"sudo apt-mark hold {OTHER}", timeout=600)
     rc, findings = drift(site, node)
     assert [f for f in findings if f["kind"] in ("lock", "file")] == [], findings

@@ -24,6 +24,7 @@ from gpunode.files import placements
 from gpunode.lab.sim import repo
 from gpunode.lock import compare_versions
 from gpunode.manifest import managed_package
+from gpunode.model.parts import OS_PYTHON
 from gpunode.topology import NVIDIA_SMI_QUERY, attach_topology, parse_query_gpu, parse_topo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -83,18 +84,31 @@ def test_services_are_healthy_and_pinned(fresh):
         assert key not in vm.check(f"sudo cat /proc/{pid}/cmdline")
 
 
+def test_the_converged_pair_runs_the_os_most_users_run(fresh):
+    if fresh.os_fallback:
+        pytest.skip(f"the converged pair runs {fresh.os}: {fresh.os_fallback}")
+    assert fresh.os == "ubuntu-24.04" and fresh.profile.os == fresh.os
+    assert "Ubuntu 24.04" in fresh.vm.check("cat /etc/os-release")
+
+
+#: For each lab OS, another that a wrong profile may claim, and how the host names itself.
+CLAIMS = {"ubuntu-24.04": ("debian-12", "ubuntu 24.04"),
+          "debian-12": ("ubuntu-24.04", "debian 12")}
+
+
 def test_unsupported_os_is_refused_before_any_change(fresh, tmp_path):
-    """The profile says Ubuntu 24.04, the host runs Debian 12: the host fails with a message
+    """The profile names one OS, the host runs another: the host fails with a message
     naming both, and no file under the paths the deploy manages changed."""
+    claimed, found = CLAIMS[fresh.os]
     site = copy.deepcopy(fresh.site_doc)
-    site["nodes"][fresh.name]["os"] = "ubuntu-24.04"
-    site["nodes"][fresh.name]["vllm"] = {"python": "3.12"}  # valid for the OS it claims
+    site["nodes"][fresh.name]["os"] = claimed
+    site["nodes"][fresh.name]["vllm"] = {"python": OS_PYTHON[claimed]}  # valid for the claim
     vm = fresh.vm
     vm.check("touch /tmp/gpunode-before-refusal && sleep 1")
     rc, results, _ = deploy(write(site, tmp_path / "site.yaml"), [fresh.name])
     assert rc == 1
     errors = "\n".join(results[fresh.name].errors)
-    assert "ubuntu-24.04" in errors and "debian 12" in errors, results
+    assert claimed in errors and found in errors, results
     changed = vm.check("sudo find /etc /opt /usr /var/lib/dpkg /var/lib/gpunode "
                        "-newer /tmp/gpunode-before-refusal -print 2>/dev/null || true")
     assert changed.strip() == "", f"changed by a refused deploy:\n{changed}"
@@ -114,14 +128,15 @@ def test_unreachable_host_fails_alone(fresh, tmp_path):
 def test_pins_and_holds_keep_the_driver_from_upgrading(fresh):
     """Two driver versions are in the (simulated) NVIDIA repository; the node stays on its
     pinned one: apt's candidate is the pin, and an upgrade leaves the held packages alone."""
-    vm, version = fresh.vm, fresh.profile.nvidia.version
-    policy = vm.check("apt-cache policy nvidia-driver-cuda")
-    assert f"Candidate: {version}-1" in policy, policy
-    assert all(v in policy for v in fresh.facts["driver_deb_versions"]), policy
+    vm, p = fresh.vm, fresh.profile
+    driver = desired.driver_packages(p)[0]
+    policy = vm.check(f"apt-cache policy {driver}")
+    assert f"Candidate: {desired.driver_deb_version(p)}" in policy, policy
+    assert all(f" {v}-" in policy for v in fresh.facts["driver_versions"]), policy
     plan = vm.check("sudo apt-get -s -o Debug::NoLocking=1 dist-upgrade")
     assert not [line for line in plan.splitlines()
                 if line.startswith("Inst ") and "nvidia" in line], plan
-    assert "nvidia-driver-cuda" in vm.check("apt-mark showhold").split()
+    assert driver in vm.check("apt-mark showhold").split()
 
 
 def test_stand_in_rejects_a_removed_vllm_flag(fresh):
@@ -258,7 +273,12 @@ def test_removed_service_is_stopped_and_removed(fresh, tmp_path):
 PUBLISHED_LATER = "580.105.08"
 
 
-@pytest.mark.matrix
+def _deb(p, version: str) -> str:
+    """The Debian version string of driver `version` in p's source and OS."""
+    return desired.driver_deb_version(
+        p.model_copy(update={"nvidia": p.nvidia.model_copy(update={"version": version})}))
+
+
 def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):
     """The site opens the driver version (branch 580 only) and `gpunode lock` picks the
     newest release the (simulated) repository has; the deploy from that lock upgrades
@@ -295,7 +315,9 @@ def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):
     smi = fresh.vm.check("nvidia-smi --query-gpu=driver_version --format=csv,noheader")
     assert set(smi.split()) == {new}
     holds = fresh.vm.check("apt-mark showhold").split()
-    assert "nvidia-driver-cuda" in holds and "libcuda1" in holds
+    driver = desired.driver_packages(fresh.profile)[0]
+    assert set(desired.driver_packages(fresh.profile)) <= set(holds), holds
+    assert any(h.startswith(("libcuda1", "libnvidia-compute")) for h in holds), holds
     # deployed from the lock: every locked NVIDIA package at its locked version, nothing off
     m = manifest(path, fresh.name)
     want = {n: i["version"] for n, i in locked[fresh.name]["nvidia"]["packages"].items()
@@ -314,15 +336,16 @@ def test_driver_bump_upgrades_through_holds_and_a_reboot(fresh, tmp_path):
     repo.build(www, base_url=base, driver_versions=(*versions, PUBLISHED_LATER))
     try:
         fresh.vm.check("sudo apt-get -q update", timeout=600)
-        assert f"{PUBLISHED_LATER}-1" in fresh.vm.check("apt-cache madison nvidia-driver-cuda")
+        later = _deb(fresh.profile, PUBLISHED_LATER)
+        assert later in fresh.vm.check(f"apt-cache madison {driver}")
         rc, results, _ = deploy(path, [fresh.name])
         assert rc == 0 and results[fresh.name].changed == [], results
-        assert fresh.vm.check("dpkg-query -W -f '${Version}' nvidia-driver-cuda") == f"{new}-1"
+        assert fresh.vm.check(f"dpkg-query -W -f '${{Version}}' {driver}") == \
+            _deb(fresh.profile, new)
         assert lock(path) == locked, "`gpunode lock` without --update moved something"
         moved = lock(path, "nvidia")[fresh.name]
         assert moved["nvidia"]["driver"] == PUBLISHED_LATER
-        assert moved["nvidia"]["packages"]["nvidia-driver-cuda"]["version"] == \
-            f"{PUBLISHED_LATER}-1"
+        assert moved["nvidia"]["packages"][driver]["version"] == later
         assert {g: e for g, e in moved.items() if g != "nvidia"} == \
             {g: e for g, e in locked[fresh.name].items() if g != "nvidia"}
     finally:

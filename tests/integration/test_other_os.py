@@ -1,0 +1,76 @@
+"""Every lab OS the converged pair does not run (`make test-matrix`): a lab guest of that OS
+converged with the SIMULATED NVIDIA stack from its simulated repository: the full pyinfra
+deploy, `gpunode check`, and a second run that changes nothing. With the pair on Ubuntu
+24.04 (convergence.CONVERGED_OS) this is Debian 12.
+
+An Ubuntu guest is skipped, with the reason, when Ubuntu's archive cannot be reached from
+this machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from convergence import converged_os, gpunode_cli
+
+from gpunode.deploy_cli import run_pyinfra
+from gpunode.lab import image, labsite
+from gpunode.lab.core import Lab
+from gpunode.lab.errors import LabError
+from gpunode.model.parts import OS_PYTHON
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.matrix]
+
+SHAPE = {"cpus": 2, "memory_mib": 3072, "numa": 2, "disk_gib": 8}  # as the converged VMs'
+TINY_MODEL = "/var/lib/vllm/models/tiny-sim"
+RELEASE = {"debian-12": "Debian GNU/Linux 12", "ubuntu-24.04": "Ubuntu 24.04"}
+
+
+def _vm(lab: Lab, os_name: str):
+    if os_name.startswith("ubuntu"):
+        try:
+            image.ubuntu_keyring()
+        except LabError as exc:
+            if "cannot be reached" in str(exc):
+                pytest.skip(str(exc))
+            raise
+    try:
+        return lab.up("lab" + os_name.replace("-", "").replace(".", ""), os_name=os_name,
+                      **SHAPE)
+    except LabError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.mark.parametrize("os_name", image.LAB_OS)
+def test_a_guest_of_another_os_converges_passes_its_checks_and_stays_converged(
+        lab, tmp_path, os_name):
+    if os_name == converged_os()[0]:
+        pytest.skip(f"{os_name} is the converged pair's OS (tests/integration/conftest.py), "
+                    "proven in make test")
+    vm = _vm(lab, os_name)
+    facts = labsite.prepare_lab(lab.dir)
+    labsite.prepare_guest(vm, models=(TINY_MODEL,))
+    assert RELEASE[os_name] in vm.check("cat /etc/os-release")
+    doc = labsite.lab_site(lab, facts)
+    doc["nodes"] = {vm.name: doc["nodes"][vm.name]}
+    site = Path(tmp_path / "site.yaml")
+    site.write_text(yaml.safe_dump(doc, sort_keys=False))
+    node = doc["nodes"][vm.name]
+    assert node["os"] == os_name and node["vllm"]["python"] == OS_PYTHON[os_name]
+
+    rc, results, seconds = run_pyinfra(site, [vm.name])
+    assert rc == 0, results[vm.name].errors
+    print(f"\nfresh deploy of the {os_name} guest: {seconds:.0f} s")
+    assert "Open Kernel Module" in vm.check("cat /proc/driver/nvidia/version")
+    assert "nouveau" not in vm.check("cat /proc/modules")
+    python = vm.check(f"{doc['groups']['lab']['vllm'].get('prefix', '/opt/vllm')}"
+                      "/venv/bin/python --version")
+    assert python.split()[1].startswith(OS_PYTHON[os_name] + "."), python
+
+    rc, out, _ = gpunode_cli("check", vm.name, "--site", str(site))
+    assert rc == 0, out
+
+    rc, results, _ = run_pyinfra(site, [vm.name])
+    assert rc == 0, results[vm.name].errors
+    assert not results[vm.name].changed, results[vm.name].changed
