@@ -223,7 +223,8 @@ def nccl_cudas(nccl: str) -> list[str]:
 class Nccl(Strict):
     enabled: StrictBool = Field(False, description="Install host NCCL (libnccl2, libnccl-dev).")
     version: str = Field("2.28.3", pattern=r"^\d+\.\d+\.\d+$", description="NCCL version; "
-                         "the package version is <version>-1+cuda<cuda.version>.")
+                         "the package version is <version>-1+cuda<cuda.version>, a build "
+                         "NVIDIA publishes for that CUDA.")
 
 
 class Cudnn(Strict):
