@@ -96,6 +96,38 @@ def keyring_install(p: NodeProfile) -> str | None:
             f"{apt_get(p, f'install --reinstall {deb}')} && rm -f {deb}")
 
 
+#: Prints the distinct libnccl2 versions the host's apt metadata offers, one a line.
+_NCCL_OFFERED = ("apt-cache madison libnccl2 2>/dev/null "
+                 "| awk -F'|' '{gsub(/[ \\t]/, \"\", $2); if ($2 != \"\") print $2}' | sort -uV")
+
+
+def _joined(suffix: str) -> str:
+    """awk: the lines ending in `suffix` (every line when empty), joined with ", "."""
+    return (f"awk -v s={shlex.quote(suffix)} 'substr($0, length($0) - length(s) + 1) == s "
+            "{o = o (n++ ? \", \" : \"\") $0} END {print o}'")
+
+
+def nccl_available(p: NodeProfile) -> str | None:
+    """Exits 0 when the host's apt metadata offers the pinned libnccl2 (None: NCCL is off).
+    Otherwise names the host, the fields, the wanted version and the builds the host's
+    repositories offer for the pinned CUDA (and all of them) on stderr and fails: apt-get
+    install would only say the version was not found, after the install had begun."""
+    pkg = next((x for x in desired.nccl_packages(p) if x.name == "libnccl2" and x.version),
+               None)
+    if pkg is None:
+        return None
+    cuda = p.cuda.version
+    head = (f"{p.name}: nccl.version {p.nccl.version} with cuda.version {cuda}: "
+            f"libnccl2={pkg.version} is not in this host's apt repositories; "
+            f"they offer for CUDA {cuda}: ")
+    return (f"have=$({_NCCL_OFFERED}); "
+            f"printf '%s\\n' \"$have\" | grep -qxF -- {shlex.quote(pkg.version)} || {{ "
+            f"for_cuda=$(printf '%s\\n' \"$have\" | {_joined('+cuda' + cuda)}); "
+            f"all=$(printf '%s\\n' \"$have\" | {_joined('')}); "
+            f"printf '%s%s (all libnccl2 builds: %s)\\n' {shlex.quote(head)} "
+            "\"${for_cuda:-none}\" \"${all:-none}\" >&2; false; }")
+
+
 def ctk_key_install(p: NodeProfile) -> str:
     """Fetch the container toolkit repository's signing key into its keyring file."""
     base = p.container_toolkit.repo_url.rstrip("/")

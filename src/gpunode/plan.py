@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from gpunode import desired as d
 from gpunode.facts import Snapshot
-from gpunode.hostcmd import OS_IDS
+from gpunode.hostcmd import OS_IDS, nccl_available
 from gpunode.model import NodeProfile
 
 StepKind = Literal["file", "command", "reboot", "stop"]
@@ -156,6 +156,14 @@ def packages_todo(p: NodeProfile, snap: Snapshot) -> dict[str, list[str]]:
         "dcgm": [x.spec for x in d.dcgm_packages(p)],
     }
     return {k: todo(snap, v) for k, v in sets.items()}
+
+
+def nccl_check(p: NodeProfile, snap: Snapshot) -> str | None:
+    """The command that stops the host before the CUDA set's install when its repositories
+    lack the pinned libnccl2 (hostcmd.nccl_available); None once that build is installed,
+    so a converged host runs nothing."""
+    lib = [x.spec for x in d.nccl_packages(p) if x.name == "libnccl2"]
+    return nccl_available(p) if todo(snap, lib) else None
 
 
 def apt_refresh_needed(p: NodeProfile, snap: Snapshot, now: float) -> bool:

@@ -126,3 +126,22 @@ def test_held_driver_packages_and_stale_versions(profile):
     plan = ansible_plan.observed(profile, data)
     assert plan["stale_driver"] == ["nvidia-driver-cuda"]
     assert plan["missing_holds"]["driver"] == ["nvidia-driver-cuda"]
+
+
+def test_the_nccl_check_runs_only_while_the_pinned_libnccl2_is_to_install(profile):
+    """Both engines take it from plan.nccl_check: before installing, never on a host that
+    already has the build (its repository may since have dropped it)."""
+    from gpunode import hostcmd
+
+    def nccl(enabled: bool):
+        return profile.model_copy(update={"nccl": profile.nccl.model_copy(
+            update={"enabled": enabled})})
+
+    assert ansible_plan.observed(nccl(False), fresh_snapshot())["nccl_check"] is None
+    p = nccl(True)
+    data = fresh_snapshot()
+    check = ansible_plan.observed(p, data)["nccl_check"]
+    assert check == hostcmd.nccl_available(p) and check is not None
+    lib = next(x for x in desired.nccl_packages(p) if x.name == "libnccl2")
+    data["packages"][lib.name] = lib.version
+    assert ansible_plan.observed(p, data)["nccl_check"] is None

@@ -51,6 +51,10 @@ BAD: list[tuple[str, str, list[str]]] = [
     ("no-nodes", "site: {name: empty}\n", ["nodes: a site needs at least one node"]),
     ("duplicate-key", NODE + "    os: debian-12\n    os: ubuntu-24.04\n",
      ["site.yaml:7:5: YAML syntax error: duplicate key 'os'"]),
+    ("nccl-without-build", NODE + "    cuda: {version: '12.4'}\n"
+     "    nccl: {enabled: true, version: 2.28.9}\n",
+     ["nodes.gpu01.nccl.version: NCCL 2.28.9 is not built for CUDA 12.4 "
+      "(libnccl2=2.28.9-1+cuda12.4 does not exist): NVIDIA builds it for CUDA 12.9, 13.0"]),
     ("no-revision", NODE + SVC + "        - {name: a, model: org/m, gpus: [0]}\n",
      ["nodes.gpu01.vllm.services[0].revision: a Hugging Face model needs a pinned revision"]),
 ]

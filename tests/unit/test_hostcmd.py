@@ -184,3 +184,43 @@ def test_the_readiness_gate_probes_the_address_in_the_services_own_config(tmp_pa
     r = run_sh(f"sh {tmp_path}/gate '' {config}", tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "curl.called").read_text().split()[-1] == url
+
+
+REPO_LINE = "https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64  Packages"
+#: `apt-cache madison libnccl2` with the same build from two sources (a mirror too).
+MADISON = "".join(f"  libnccl2 | {v} | {src}\n" for v, src in (
+    ("2.28.9-1+cuda13.0", REPO_LINE), ("2.28.9-1+cuda12.9", REPO_LINE),
+    ("2.27.7-1+cuda13.0", REPO_LINE),
+    ("2.28.9-1+cuda13.0", "http://mirror.invalid/cuda/repos/debian12/x86_64  Packages")))
+
+
+def nccl_run(tmp_path, p: NodeProfile, madison: str) -> subprocess.CompletedProcess[str]:
+    """The NCCL check with apt-cache answering `madison libnccl2` with `madison`."""
+    (tmp_path / "madison.txt").write_text(madison)
+    fake(tmp_path / "apt-cache", f'[ "$1 $2" = "madison libnccl2" ] && cat {tmp_path}/madison.txt')
+    command = hostcmd.nccl_available(p)
+    assert command is not None
+    return run_sh(command, tmp_path)
+
+
+def test_a_pinned_nccl_build_the_hosts_repositories_lack_stops_with_what_they_offer(tmp_path):
+    p = profile(name="gpu07", nccl={"enabled": True, "version": "2.28.7"})
+    r = nccl_run(tmp_path, p, MADISON)
+    assert r.returncode != 0
+    assert r.stderr == (
+        "gpu07: nccl.version 2.28.7 with cuda.version 13.0: libnccl2=2.28.7-1+cuda13.0 is not "
+        "in this host's apt repositories; they offer for CUDA 13.0: 2.27.7-1+cuda13.0, "
+        "2.28.9-1+cuda13.0 (all libnccl2 builds: 2.27.7-1+cuda13.0, 2.28.9-1+cuda12.9, "
+        "2.28.9-1+cuda13.0)\n")
+    # nothing offered at all (no NVIDIA repository, or lists not refreshed)
+    r = nccl_run(tmp_path, p, "")
+    assert r.returncode != 0 and r.stderr.endswith(
+        "they offer for CUDA 13.0: none (all libnccl2 builds: none)\n")
+    # the pinned build is there: silent success
+    ok = nccl_run(tmp_path, profile(nccl={"enabled": True, "version": "2.28.9"}), MADISON)
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
+    # a build of another CUDA with the same prefix does not count
+    cuda12 = profile(cuda={"version": "12.9"}, nccl={"enabled": True, "version": "2.27.7"})
+    r = nccl_run(tmp_path, cuda12, MADISON)
+    assert r.returncode != 0 and "they offer for CUDA 12.9: 2.28.9-1+cuda12.9 (" in r.stderr
+    assert hostcmd.nccl_available(profile()) is None  # NCCL off: nothing to check

@@ -205,3 +205,21 @@ def test_the_ubuntu_image_trusts_only_the_pinned_archive_key(tmp_path: Path,
     monkeypatch.setattr(image, "UBUNTU_ARCHIVE_KEY", "0" * 40)
     with pytest.raises(LabError, match="does not hold the Ubuntu archive key 0000"):
         image.ubuntu_keyring()
+
+
+def test_the_sim_serves_the_default_nccl_build_and_only_builds_validate_knows() -> None:
+    """A lab deploy with the model's default nccl.version and cuda.version must find its
+    libnccl2 in the sim, and the sim must not serve a pair that NVIDIA never built
+    (validate's table, model.parts.NCCL_BUILDS, refuses those)."""
+    from gpunode import desired
+    from gpunode.lab.sim import packages as cat
+    from gpunode.model import NodeProfile
+    from gpunode.model.parts import NCCL_BUILDS
+
+    served = {(x.name, x.version) for x in cat.nccl()}
+    default = NodeProfile.model_validate({"name": "n", "connection": {"address": "h"},
+                                         "nccl": {"enabled": True}})
+    assert {(x.name, x.version) for x in desired.nccl_packages(default)} <= served
+    for name, version in served:
+        nccl, _, cuda = version.partition("-1+cuda")
+        assert nccl in NCCL_BUILDS.get(cuda, ()), (name, version)

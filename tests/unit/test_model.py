@@ -333,3 +333,34 @@ def test_the_service_environment_holds_no_variable_vllm_does_not_read() -> None:
     env = desired.vllm_environment(p.vllm.model_dump(), p.vllm.services[0].model_dump())
     unknown = [k for k in env if k.startswith("VLLM_") and k not in ENV_VARS]
     assert unknown == []
+
+
+
+def test_an_nccl_release_the_table_knows_is_refused_for_a_cuda_it_is_not_built_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """libnccl2=<nccl>-1+cuda<cuda> is formed from both fields; a release NVIDIA never built
+    for the pinned CUDA used to fail deep in apt."""
+    from gpunode.model.parts import NCCL_BUILDS, nccl_cudas
+
+    known = NCCL_BUILDS["13.0"][0]
+    cudas = nccl_cudas(known)
+    other = next(c for c in ("12.4", "11.8", "13.9") if c not in cudas)
+    msg = problems(profile(cuda={"version": other},
+                           nccl={"enabled": True, "version": known}))["nccl.version"]
+    assert f"NCCL {known} is not built for CUDA {other}" in msg
+    assert f"libnccl2={known}-1+cuda{other} does not exist" in msg
+    assert f"builds it for CUDA {', '.join(cudas)}" in msg
+    assert f"NCCL builds for CUDA {other}: none known" in msg
+    # the NCCL versions that exist for the pinned CUDA are listed
+    monkeypatch.setitem(NCCL_BUILDS, other, ("2.20.3", "2.21.5"))
+    msg = problems(profile(cuda={"version": other},
+                           nccl={"enabled": True, "version": known}))["nccl.version"]
+    assert f"NCCL builds for CUDA {other}: 2.20.3, 2.21.5. Change" in msg
+    # a pair the table has, NCCL off, or a release the table does not know: no problem
+    for cuda in cudas:
+        assert "nccl.version" not in problems(
+            profile(cuda={"version": cuda}, nccl={"enabled": True, "version": known}))
+    assert "nccl.version" not in problems(
+        profile(cuda={"version": other}, nccl={"enabled": False, "version": known}))
+    assert "nccl.version" not in problems(
+        profile(cuda={"version": other}, nccl={"enabled": True, "version": "2.99.1"}))

@@ -463,6 +463,34 @@ def test_version_pin_package_pins_the_older_driver(apt_debian12: tuple[PrivateAp
     assert apt.candidate("libnccl2") == (cat.NCCL_DEB_VERSION, "500")
 
 
+def test_the_deploys_nccl_check_reads_the_sim_repo_through_real_apt(
+        apt_debian12: tuple[PrivateApt, Path]) -> None:
+    """hostcmd.nccl_available parses real `apt-cache madison` output of the sim repo: the
+    default build passes, a release validate knows but the repository lacks stops."""
+    from gpunode import hostcmd
+    from gpunode.model import NodeProfile
+
+    apt, _ = apt_debian12
+    apt.run("apt-get", "update")
+
+    def check(nccl: str) -> subprocess.CompletedProcess[str]:
+        p = NodeProfile.model_validate({"name": "lab1", "connection": {"address": "h"},
+                                        "nccl": {"enabled": True, "version": nccl}})
+        command = hostcmd.nccl_available(p)
+        assert command is not None
+        return apt.run("sh", "-c", command, check=False)
+
+    ok = check(cat.NCCL_VERSION)
+    assert (ok.returncode, ok.stderr) == (0, "")
+    lacking = check("2.28.9")
+    assert lacking.returncode == 1
+    assert lacking.stderr == (
+        f"lab1: nccl.version 2.28.9 with cuda.version {cat.CUDA_MINOR}: libnccl2=2.28.9-1+cuda"
+        f"{cat.CUDA_MINOR} is not in this host's apt repositories; they offer for CUDA "
+        f"{cat.CUDA_MINOR}: {cat.NCCL_DEB_VERSION} (all libnccl2 builds: "
+        f"{cat.NCCL_DEB_VERSION})\n")
+
+
 def test_branch_pin_package_follows_the_branch(apt_debian12: tuple[PrivateApt, Path]) -> None:
     apt, www = apt_debian12
     apt.run("apt-get", "update")

@@ -3,7 +3,7 @@ sets and held."""
 
 from pyinfra.api import deploy
 
-from gpunode import desired
+from gpunode import desired, plan
 from gpunode.deploys import ops
 from gpunode.model import NodeProfile
 
@@ -13,7 +13,8 @@ def deploy_cuda(p: NodeProfile) -> None:
     pkgs = desired.cuda_packages(p) + desired.nccl_packages(p) + desired.cudnn_packages(p)
     if not pkgs:
         return
-    ops.apt_install(name="Install the CUDA toolkit, NCCL and cuDNN (pinned)", p=p, packages=pkgs)
+    ops.apt_install(name="Install the CUDA toolkit, NCCL and cuDNN (pinned)", p=p, packages=pkgs,
+                    check=plan.nccl_check)
     held = [pkg.name for pkg in pkgs if pkg.version]
     if held and p.nvidia.hold:
         ops.apt_hold(name="Hold NCCL and cuDNN", p=p, names=held)

@@ -123,15 +123,20 @@ def apt_update(p: NodeProfile, when_changed: tuple[str, ...]):
 
 
 @operation()
-def apt_install(p: NodeProfile, packages: list[desired.Pkg], unhold: bool = False):
+def apt_install(p: NodeProfile, packages: list[desired.Pkg], unhold: bool = False,
+                check: Callable[[NodeProfile, Snapshot], str | None] | None = None):
     """Install packages (at exact versions where given); unhold first when a held
-    package must change version, then hold it again."""
+    package must change version, then hold it again. `check` (a plan.py function) gives a
+    command that must succeed first, or None."""
     snap = snapshot(p)
     missing = set(todo(snap, [pkg.spec for pkg in packages]))
     pkgs = [pkg for pkg in packages if pkg.spec in missing]
     if not pkgs:
         return
+    first = check(p, snap) if check else None
     changing("apt:" + ",".join(pkg.name for pkg in pkgs))
+    if first:
+        yield StringCommand(first)
     held = [pkg.name for pkg in pkgs if pkg.name in snap.holds]
     specs = " ".join(shlex.quote(pkg.spec) for pkg in pkgs)
     if held:

@@ -198,10 +198,33 @@ class Cuda(Strict):
     version: str = Field("13.0", pattern=r"^\d+\.\d+$", description="CUDA major.minor.")
 
 
+#: libnccl2 builds NVIDIA's CUDA repository publishes, per CUDA major.minor (the Debian
+#: version is <nccl>-1+cuda<cuda>). Each NCCL release listed here is listed for every CUDA it
+#: is built for; a release not listed at all is not refused (this table cannot be complete),
+#: the deploy checks the node's own apt metadata before installing. Sources:
+#: research/nvidia-repo.md §4.3 (2.27.7, 2.28.7, 2.28.9 for CUDA 13.0, from pinned
+#: installs); 2.28.3-1+cuda13.0 from NVIDIA-repo pins in public Dockerfiles and the H100
+#: capture's /usr/include/nccl.h beside libcudart.so.13 (tests/fixtures/nvidia/h100_580.159.04);
+#: the CUDA 12.9 builds of the same four releases from public install scripts pinning
+#: libnccl2=<v>-1+cuda12.9 from the ubuntu2204 repository (2.28.3: NVIDIA's
+#: nccl_2.28.3-1+cuda12.9 archive of the same build). No other CUDA build of these four
+#: releases was found; add one here (with its source) when the repository shows it.
+NCCL_BUILDS: dict[str, tuple[str, ...]] = {
+    "12.9": ("2.27.7", "2.28.3", "2.28.7", "2.28.9"),
+    "13.0": ("2.27.7", "2.28.3", "2.28.7", "2.28.9"),
+}
+
+
+def nccl_cudas(nccl: str) -> list[str]:
+    """The CUDA versions NCCL_BUILDS knows a build of `nccl` for (empty: unknown release)."""
+    return [cuda for cuda, versions in NCCL_BUILDS.items() if nccl in versions]
+
+
 class Nccl(Strict):
     enabled: StrictBool = Field(False, description="Install host NCCL (libnccl2, libnccl-dev).")
     version: str = Field("2.28.3", pattern=r"^\d+\.\d+\.\d+$", description="NCCL version; "
-                         "the package version is <version>-1+cuda<cuda.version>.")
+                         "the package version is <version>-1+cuda<cuda.version>, a build "
+                         "NVIDIA publishes for that CUDA.")
 
 
 class Cudnn(Strict):

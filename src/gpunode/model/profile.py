@@ -9,6 +9,7 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, StrictInt
 
 from gpunode.model.parts import (
+    NCCL_BUILDS,
     OS_PYTHON,
     PVE_OS,
     Connection,
@@ -27,6 +28,7 @@ from gpunode.model.parts import (
     Vllm,
     VmSpec,
     distro_of,
+    nccl_cudas,
 )
 from gpunode.model.types import VOLID, DebName, DebVersion, PyName, PyVersion, WheelHash
 
@@ -147,6 +149,13 @@ def check_profile(p: NodeProfile) -> list[Problem]:
     if p.vllm.services and p.nvidia.branch < 580:
         add("nvidia.branch", f"vLLM {p.vllm.version} needs CUDA 13, i.e. driver branch 580 or "
             f"newer (branch is {p.nvidia.branch})")
+    cudas = nccl_cudas(p.nccl.version)
+    if p.nccl.enabled and cudas and p.cuda.version not in cudas:
+        known = ", ".join(NCCL_BUILDS.get(p.cuda.version, ())) or "none known"
+        add("nccl.version", f"NCCL {p.nccl.version} is not built for CUDA {p.cuda.version} "
+            f"(libnccl2={p.nccl.version}-1+cuda{p.cuda.version} does not exist): NVIDIA "
+            f"builds it for CUDA {', '.join(cudas)}; NCCL builds for CUDA {p.cuda.version}: "
+            f"{known}. Change nccl.version or cuda.version")
     os_python = OS_PYTHON[p.os]
     if (p.kind != "pve-host" and p.vllm.python != os_python and p.vllm.index_url
             and not p.vllm.python_mirror):

@@ -30,8 +30,11 @@ CUDA_TOOLKIT = "13.0.2"  # cuda-toolkit-13-0 13.0.2-1 (pairs with 580.95.05)
 NVCC_VERSION = "13.0.88"
 CUDART_VERSION = "13.0.96"
 CCCL_VERSION = "13.0.85"
+CUDA_MINOR = ".".join(CUDA_TOOLKIT.split(".")[:2])  # 13.0, the toolkit's major.minor
+# NCCL's default release, built for the toolkit's CUDA as NVIDIA builds it (a pair that
+# gpunode.model.parts.NCCL_BUILDS lists: validate takes both from there)
 NCCL_VERSION = "2.28.3"
-NCCL_DEB_VERSION = f"{NCCL_VERSION}-1+cuda13.0"
+NCCL_DEB_VERSION = f"{NCCL_VERSION}-1+cuda{CUDA_MINOR}"
 DCGM_VERSION = "4.4.2"
 DCGM_DEB_VERSION = f"1:{DCGM_VERSION}-1"  # the epoch is in Version, not in the file name
 CTK_VERSIONS: tuple[str, ...] = ("1.17.8", "1.18.1")  # container toolkit, oldest first
