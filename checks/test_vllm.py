@@ -1,5 +1,5 @@
-"""vLLM services: version, units, listening address, API answers, placement on GPU-local
-CPUs and NUMA nodes, the API key kept secret, unit hardening."""
+"""vLLM services: version, Triton's C toolchain, units, listening address, API answers,
+placement on GPU-local CPUs and NUMA nodes, the API key kept secret, unit hardening."""
 
 from __future__ import annotations
 
@@ -50,6 +50,17 @@ def test_vllm_version(node, facts):
     python = facts.cmd("venv_python")["out"].strip()
     assert python.startswith(f"Python {node.vllm.python}."), (
         f"{venv} runs {python or 'no python'}, expected Python {node.vllm.python}")
+
+
+def test_triton_can_build_its_launchers(node, facts):
+    """Triton compiles small C launcher modules at run time with the system C compiler
+    against the venv Python's headers: the toolchain gpunode installs is there and a
+    trivial extension builds and imports the same way (else the first request fails)."""
+    missing = [n for n in desired.vllm_build_packages(node) if n not in facts.packages]
+    assert not missing, f"packages Triton compiles with are not installed: {', '.join(missing)}"
+    r = facts.cmd("triton_build")
+    assert r["rc"] == 0, (f"{node.vllm.prefix}/venv/bin/python cannot build a C extension the "
+                          f"way Triton does: {(r['err'] or r['out']).strip()[-800:]}")
 
 
 def test_units_enabled_and_active(node, facts):

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from gpunode.model import NodeProfile
+from gpunode.model.parts import OS_PYTHON
 
 KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
 #: Published checksums of cuda-keyring_1.1-1_all.deb for every distro a GPU node may run
@@ -276,6 +277,23 @@ def held_packages(p: NodeProfile) -> list[str]:
     return [pkg.name for pkg in (nccl_packages(p) + cudnn_packages(p)
                                  + container_toolkit_packages(p) + dcgm_packages(p))
             if pkg.version]
+
+
+def vllm_build_packages(p: NodeProfile) -> list[str]:
+    """What Triton needs on a vLLM node to compile its small C launcher modules at run time
+    (with $CC, else gcc, against the venv Python's sysconfig include directory): gcc, and
+    libc6-dev for libc's headers and crt files (gcc only recommends it, and gpunode installs
+    no recommends). Not build-essential: Triton needs neither g++ nor make nor dpkg-dev.
+    Python.h comes from python3.X-dev only when the venv runs the OS's Python: uv prefers
+    an installed Python to a download, so it takes the OS's python3 when that is
+    vllm.python; any other vllm.python is a python-build-standalone build (downloaded or
+    from vllm.python_mirror), which carries its own include directory."""
+    if not p.vllm.services:
+        return []
+    pkgs = ["gcc", "libc6-dev"]
+    if p.vllm.python == OS_PYTHON[p.os]:
+        pkgs.append(f"python{p.vllm.python}-dev")
+    return pkgs
 
 
 def vllm_requirements(p: NodeProfile) -> str | None:

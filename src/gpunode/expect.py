@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import shlex
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -321,6 +322,48 @@ PCIE_QUERY = ("nvidia-smi --query-gpu=index,pcie.link.gen.max,pcie.link.width.ma
 NOUVEAU_BLACKLISTS = "/etc/modprobe.d/*nouveau*.conf"
 
 
+#: Builds and imports a trivial C extension the way Triton builds its launchers at run time
+#: (triton/runtime/build.py): $CC, else gcc, else clang; the include directory of the
+#: default sysconfig scheme (posix_prefix where Debian's Python says posix_local);
+#: -O3 -shared -fPIC -Wno-psabi. Run by the venv's Python in a temporary directory that it
+#: removes again; exits non-zero with the compiler's words when something is missing.
+TRITON_BUILD_PROBE = r"""
+import importlib.util, os, shutil, subprocess, sys, sysconfig, tempfile
+cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+if cc is None:
+    sys.exit("no C compiler: $CC is unset and neither gcc nor clang is on PATH")
+scheme = sysconfig.get_default_scheme()
+include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+source = '''#include <Python.h>
+static PyObject *answer(PyObject *self, PyObject *args) { return PyLong_FromLong(42); }
+static PyMethodDef methods[] = {{"answer", answer, METH_NOARGS, NULL}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "gpunode_cc_probe", NULL, -1, methods};
+PyMODINIT_FUNC PyInit_gpunode_cc_probe(void) { return PyModule_Create(&module); }
+'''
+with tempfile.TemporaryDirectory(prefix="gpunode-cc-") as tmp:
+    src = os.path.join(tmp, "main.c")
+    so = os.path.join(tmp, "gpunode_cc_probe" + sysconfig.get_config_var("EXT_SUFFIX"))
+    with open(src, "w") as f:
+        f.write(source)
+    r = subprocess.run([cc, src, "-O3", "-shared", "-fPIC", "-Wno-psabi", "-o", so,
+                        "-I" + tmp, "-I" + include], capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"{cc} -I{include} failed (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
+    spec = importlib.util.spec_from_file_location("gpunode_cc_probe", so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if module.answer() != 42:
+        sys.exit(f"the module {cc} built answers {module.answer()!r}, not 42")
+print(f"{cc} built and {sys.executable} imported a C extension (-I{include})")
+"""
+
+
+def triton_build_command(p: NodeProfile) -> str:
+    """The venv's Python running TRITON_BUILD_PROBE (every path quoted)."""
+    python = f"{p.vllm.prefix}/venv/bin/python"
+    return f"{shlex.quote(python)} -c {shlex.quote(TRITON_BUILD_PROBE)}"
+
+
 def checked_units(p: NodeProfile) -> list[str]:
     units = [PERSISTENCED_UNIT, GPU_SETTINGS_UNIT, IRQBALANCE_UNIT, *desired.vllm_units(p)]
     if p.dcgm.enabled:
@@ -347,6 +390,7 @@ def core_spec(p: NodeProfile) -> dict[str, Any]:
         commands["nvcc"] = f"/usr/local/cuda-{p.cuda.version}/bin/nvcc --version"
     if p.vllm.services:
         commands["venv_python"] = f"{p.vllm.prefix}/venv/bin/python --version"
+        commands["triton_build"] = triton_build_command(p)
     contents = managed_paths(p)
     if p.container_toolkit.enabled:
         contents += [RUNTIME_CONFIG[r] for r in p.container_toolkit.runtimes if r in RUNTIME_CONFIG]

@@ -154,6 +154,7 @@ def packages_todo(p: NodeProfile, snap: Snapshot) -> dict[str, list[str]]:
                  + d.cudnn_packages(p)],
         "container_toolkit": [x.spec for x in d.container_toolkit_packages(p)],
         "dcgm": [x.spec for x in d.dcgm_packages(p)],
+        "vllm": d.vllm_build_packages(p),
     }
     return {k: todo(snap, v) for k, v in sets.items()}
 

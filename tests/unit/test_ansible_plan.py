@@ -41,6 +41,7 @@ def test_fresh_host_needs_everything(profile):
     assert plan["todo"]["base"] == [p for p in desired.base_packages(profile) if p != "python3"]
     assert plan["todo"]["driver"] == desired.driver_packages(profile)
     assert plan["todo"]["headers"] == ["linux-headers-amd64", "linux-headers-6.1.0-30-amd64"]
+    assert plan["todo"]["vllm"] == ["gcc", "libc6-dev", "python3.11-dev"]  # Triton's toolchain
     assert plan["sysctl_differs"] and plan["runtime_differs"] and plan["user_missing"]
     assert all(s["needed"] for name, s in plan["stamps"].items() if name != "cdi")
     assert plan["stamps"]["cdi"] == {"path": "/var/lib/gpunode/cdi.stamp", "needed": False,
@@ -48,6 +49,20 @@ def test_fresh_host_needs_everything(profile):
     assert plan["placement_files"] == {"tuning": [], "vllm": []}
     assert set(plan["parents_needed"]["vllm"]) >= {"/etc/vllm", "/usr/local/lib/gpunode"}
     assert want["files"]["nvidia_driver"][0]["template"].startswith("nvidia_driver/")
+
+
+def test_a_host_lacking_only_the_triton_toolchain_refreshes_apt_and_installs_it(profile):
+    """Was: no set held gcc, libc6-dev or python3.X-dev, so neither engine installed them."""
+    data = fresh_snapshot()
+    todo = ansible_plan.observed(profile, data)["todo"]
+    for name, specs in todo.items():
+        if name != "vllm":
+            for spec in specs:
+                pkg, _, version = spec.partition("=")
+                data["packages"][pkg] = version or "1"
+    plan = ansible_plan.observed(profile, data)
+    assert plan["todo"] == {**dict.fromkeys(todo, []), "vllm": desired.vllm_build_packages(profile)}
+    assert plan["apt_refresh"]
 
 
 def test_wrong_os_is_refused_with_the_pyinfra_words(profile):

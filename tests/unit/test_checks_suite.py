@@ -281,3 +281,59 @@ def test_a_proxmox_host_gets_only_its_own_checks(write_site, tmp_path):
     others = [r for r in records if r["concern"] != "pve_host"]
     assert others and all(r["outcome"] == "skipped" for r in others)
     assert any("test_pve_host.py only" in r["message"] for r in others)
+
+
+def _checks_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, CHECKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+class _Facts:
+    """What test_vllm's toolchain check reads: dpkg's packages and one command's result."""
+
+    def __init__(self, packages: dict[str, str], result: dict) -> None:
+        self.packages = packages
+        self.result = result
+
+    def cmd(self, key: str) -> dict:
+        return self.result if key == "triton_build" else {"rc": None, "out": "", "err": "not run"}
+
+
+def _probe(python: str, **env: str) -> dict:
+    """TRITON_BUILD_PROBE run as host_facts runs a command, by `python` on this machine."""
+    import os
+
+    from gpunode import expect
+
+    res = subprocess.run([python, "-c", expect.TRITON_BUILD_PROBE], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, **env})
+    return {"rc": res.returncode, "out": res.stdout, "err": res.stderr}
+
+
+def test_triton_toolchain_check_builds_an_extension_as_triton_does(tmp_path):
+    """The check runs a real C extension build: it passes where the compiler and Python.h
+    are, and fails with the compiler's words where the build fails or a package is missing."""
+    import shutil
+    import sysconfig
+
+    from gpunode import desired, expect
+    from gpunode.inventory import load_site
+
+    if not (shutil.which("gcc") and Path(sysconfig.get_paths()["include"], "Python.h").exists()):
+        pytest.skip("this machine has no gcc or no Python.h for this Python")
+    p = load_site(REPO / "inventory" / "examples" / "lab.yaml").nodes["labgpu1"]
+    assert expect.core_spec(p)["commands"]["triton_build"] == expect.triton_build_command(p)
+    assert expect.triton_build_command(p).startswith(f"{p.vllm.prefix}/venv/bin/python -c ")
+    check = _checks_module("test_vllm").test_triton_can_build_its_launchers
+    installed = dict.fromkeys(desired.vllm_build_packages(p), "1")
+    ok = _probe(sys.executable, TMPDIR=str(tmp_path))
+    assert ok["rc"] == 0 and "imported a C extension" in ok["out"], ok
+    check(p, _Facts(installed, ok))
+    with pytest.raises(AssertionError, match="cannot build a C extension the way Triton does"):
+        check(p, _Facts(installed, _probe(sys.executable, CC=str(tmp_path / "no-cc"),
+                                                   TMPDIR=str(tmp_path))))
+    with pytest.raises(AssertionError, match="not installed: gcc"):
+        check(p, _Facts({k: v for k, v in installed.items() if k != "gcc"}, ok))
+    assert not list(tmp_path.glob("gpunode-cc-*"))  # the probe leaves nothing behind

@@ -194,3 +194,25 @@ def test_services_sharing_a_gpu_start_one_after_the_other():
     assert "\n[Unit]\n" in drop_ins["c"]
     assert "\nAfter=vllm@a.service vllm@b.service\n" in drop_ins["c"]
     assert drop_ins["c"].index("[Unit]") < drop_ins["c"].index("[Service]")
+
+
+@pytest.mark.parametrize("os_, python, mirror, expected", [
+    # the venv runs the OS's python3: that Python's headers (Python.h) from the archive
+    ("debian-12", "3.11", None, ["gcc", "libc6-dev", "python3.11-dev"]),
+    ("ubuntu-24.04", "3.12", None, ["gcc", "libc6-dev", "python3.12-dev"]),
+    ("debian-12", "3.11", "http://mirror.example/python", ["gcc", "libc6-dev", "python3.11-dev"]),
+    # a python-build-standalone build (uv download or the site's mirror) has its own headers
+    ("debian-12", "3.12", "http://mirror.example/python", ["gcc", "libc6-dev"]),
+    ("ubuntu-22.04", "3.12", None, ["gcc", "libc6-dev"]),
+    ("ubuntu-24.04", "3.11", None, ["gcc", "libc6-dev"]),
+])
+def test_triton_toolchain_follows_the_venv_python(os_, python, mirror, expected):
+    """Was: nothing installed a C compiler or Python.h, so Triton's first launcher build
+    (at the first request) failed on hosts without them."""
+    svc = {"name": "a", "model": "/m", "gpus": [0]}
+    p = profile(os=os_, vllm={"python": python, "python_mirror": mirror, "services": [svc]})
+    assert desired.vllm_build_packages(p) == expected
+
+
+def test_no_triton_toolchain_without_vllm_services():
+    assert desired.vllm_build_packages(profile()) == []

@@ -1,8 +1,9 @@
-"""vLLM: a system user, a uv-managed venv at the pinned version (index override honoured),
-`vllm@<service>` units from the shared template with per-service YAML config, environment
-and a drop-in with GPU UUIDs and GPU-local CPU/NUMA placement, API keys as systemd
-credentials (0600, never on a command line). Services restart only when their inputs
-changed; services removed from the profile are stopped and removed."""
+"""vLLM: the C toolchain Triton compiles with at run time, a system user, a uv-managed
+venv at the pinned version (index override honoured), `vllm@<service>` units from the shared
+template with per-service YAML config, environment and a drop-in with GPU UUIDs and
+GPU-local CPU/NUMA placement, API keys as systemd credentials (0600, never on a command
+line). Services restart only when their inputs changed; services removed from the profile
+are stopped and removed."""
 
 from pathlib import Path
 
@@ -45,6 +46,8 @@ def deploy_vllm(p: NodeProfile) -> None:
                               p=p)
     if not v.services:
         return
+    ops.apt_install(name="Install the C compiler and headers Triton builds its launchers with",
+                    p=p, packages=[desired.Pkg(n) for n in desired.vllm_build_packages(p)])
     ops.run_when(name=f"Create the {v.user} system user", p=p, tag="user",
                  needed=lambda snap: v.user not in snap.data["users"],
                  command=user_command(p))
