@@ -52,7 +52,8 @@ def test_sysctls(node, facts):
 
 
 def test_kernel_arguments(node, facts):
-    missing = desired.missing_kernel_args(node, facts.snap.data["cmdline"])
+    missing = desired.missing_kernel_args(node, facts.snap.data["cmdline"],
+                                          facts.snap.thp_default)
     assert not missing, (f"kernel command line lacks {missing} (it is "
                          f"{facts.snap.data['cmdline']!r}); reboot after the deploy")
 

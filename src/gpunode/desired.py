@@ -335,9 +335,12 @@ def sysctls(p: NodeProfile) -> dict[str, str]:
     return dict(sorted(values.items()))
 
 
-def kernel_args(p: NodeProfile) -> list[str]:
-    """Tokens gpunode keeps on the kernel command line."""
-    args = [f"transparent_hugepage={p.tuning.thp}"]
+def kernel_args(p: NodeProfile, thp_default: str | None = None) -> list[str]:
+    """Tokens gpunode keeps on the kernel command line. THP's mode only where it differs
+    from the running kernel's built-in default (`thp_default`, from its config; None:
+    unknown, so it is asked for): asking for the default only costs a GRUB change and a
+    reboot. The runtime setting (tmpfiles) applies it either way."""
+    args = [] if p.tuning.thp == thp_default else [f"transparent_hugepage={p.tuning.thp}"]
     hp = p.tuning.hugepages
     if hp.size == "1G" and hp.count:
         args += ["default_hugepagesz=1G", "hugepagesz=1G", f"hugepages={hp.count}"]
@@ -348,9 +351,10 @@ def kernel_args(p: NodeProfile) -> list[str]:
     return seen
 
 
-def missing_kernel_args(p: NodeProfile, cmdline: str) -> list[str]:
+def missing_kernel_args(p: NodeProfile, cmdline: str, thp_default: str | None = None
+                        ) -> list[str]:
     current = set(cmdline.split())
-    return [t for t in kernel_args(p) if t not in current]
+    return [t for t in kernel_args(p, thp_default) if t not in current]
 
 
 # --- units -------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def host_refusal(p: NodeProfile, data: dict[str, Any]) -> str | None:
     if (found["id"], found["version_id"]) != OS_IDS[p.os]:
         return (f"{p.name}: the profile says {p.os} but the host runs {found['id']} "
                 f"{found['version_id']}; nothing was changed")
-    missing = d.missing_kernel_args(p, data["cmdline"])
+    missing = d.missing_kernel_args(p, data["cmdline"], Snapshot(data).thp_default)
     boot = data["boot"]
     if missing and "grub" not in boot:
         return (f"{p.name}: the kernel command line lacks {' '.join(missing)}, and gpunode "

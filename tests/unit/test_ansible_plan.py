@@ -126,3 +126,30 @@ def test_held_driver_packages_and_stale_versions(profile):
     plan = ansible_plan.observed(profile, data)
     assert plan["stale_driver"] == ["nvidia-driver-cuda"]
     assert plan["missing_holds"]["driver"] == ["nvidia-driver-cuda"]
+
+
+def test_grub_drop_in_follows_the_kernel_thp_default_like_the_pyinfra_deploy(profile):
+    """Was: transparent_hugepage=<thp> always, so an Ubuntu kernel (madvise built in) got a
+    GRUB change and a reboot for nothing. The role writes `tuning_files` (with the host's
+    kernel default) and the GRUB stamp follows the same content as tuning_files does."""
+    from gpunode.files import tuning_files
+
+    data = {**fresh_snapshot(), "boot": [], "thp_default": profile.tuning.thp}
+    plan = ansible_plan.observed(profile, data)
+    assert plan["refusal"] is None  # nothing to ask for on the command line
+    grub = next(j for j in plan["tuning_files"] if j["path"] == desired.GRUB_CFG)
+    pyinfra = next(f for f in tuning_files(profile, thp_default=profile.tuning.thp)
+                   if f.path == desired.GRUB_CFG)
+    assert grub["sha256"] == hashlib.sha256(pyinfra.content.encode()).hexdigest()
+    assert grub["scope"] == {"kernel_args": ""} and "transparent_hugepage" not in pyinfra.content
+    assert [j["path"] for j in plan["tuning_files"]] == [
+        j["path"] for j in ansible_plan.desired(profile)["files"]["tuning"]]
+    data["files"][desired.GRUB_CFG] = {"sha256": grub["sha256"], "mode": "0644",
+                                       "owner": "root", "group": "root"}
+    assert ansible_plan.observed(profile, data)["files_ok"][desired.GRUB_CFG]
+    # a kernel built with another default, or none known: the argument is asked for
+    for other in ("always", None):
+        plan = ansible_plan.observed(profile, {**data, "boot": ["grub"], "thp_default": other})
+        grub = next(j for j in plan["tuning_files"] if j["path"] == desired.GRUB_CFG)
+        assert grub["scope"] == {"kernel_args": f"transparent_hugepage={profile.tuning.thp}"}
+        assert not plan["files_ok"][desired.GRUB_CFG] and plan["stamps"]["grub"]["needed"]

@@ -16,7 +16,7 @@ IRQ_DROPIN = "/etc/systemd/system/irqbalance.service.d/gpunode.conf"
 @deploy("Tuning")
 def deploy_tuning(p: NodeProfile) -> None:
     snap = ops.snapshot(p)
-    files = tuning_files(p)
+    files = tuning_files(p, thp_default=snap.thp_default)
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
     sysctls = desired.sysctls(p)
