@@ -130,6 +130,8 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None,
         "runtimes": [{"name": r, "config": d.RUNTIME_CONFIG[r], "command": runtime_configure(r)}
                      for r in p.container_toolkit.runtimes if r != "podman"],
         "irq_dropin": IRQ_DROPIN,
+        "cpu_governor": ({"unit": d.CPU_GOVERNOR_UNIT, "path": d.CPU_GOVERNOR_UNIT_PATH}
+                         if p.tuning.governor else None),
         "vllm": {
             "venv": f"{p.vllm.prefix}/venv",
             "venv_command": venv_command(p),
@@ -221,11 +223,6 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         stamps[name] = {"path": stamp, "needed": needed, "command":
                         stamped_command(STAMP_COMMANDS[name], name, key) if key else None}
     sysctls = d.sysctls(p)
-    thp = data["thp"]
-    govs = data["governors"]
-    runtime_differs = (thp.get("enabled") not in (None, p.tuning.thp)
-                       or thp.get("defrag") not in (None, p.tuning.thp_defrag)
-                       or bool(p.tuning.governor and govs and govs != [p.tuning.governor]))
     version = p.nvidia.version
     stale_driver = sorted(
         n for n, v in snap.packages.items() if version and d.is_driver_package(n)
@@ -269,7 +266,8 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "ctk_key_needed": not snap.file(d.CTK_KEYRING),
         "sysctl_differs": any(data["sysctl"].get(k) != " ".join(v.split())
                               for k, v in sysctls.items()),
-        "runtime_differs": runtime_differs,
+        "thp_differs": plan.thp_differs(p, data),
+        "governor_differs": plan.governor_differs(p, data),
         "stamps": stamps,
         "units": units,
         "stale_daemon": any(snap.unit(u).get("NeedDaemonReload") == "yes"

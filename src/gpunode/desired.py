@@ -27,6 +27,9 @@ DKMS_MOK_CERT = {"ubuntu": "/var/lib/shim-signed/mok/MOK.der", "debian": "/var/l
 CUDA_KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
 #: gpunode's GRUB drop-in with the kernel arguments it keeps (GPU nodes).
 GRUB_CFG = "/etc/default/grub.d/60-gpunode.cfg"
+#: The oneshot unit that sets the CPU governor late in boot (after what else sets it).
+CPU_GOVERNOR_UNIT = "gpunode-cpu-governor.service"
+CPU_GOVERNOR_UNIT_PATH = f"/etc/systemd/system/{CPU_GOVERNOR_UNIT}"
 #: gpunode's nouveau blacklist (copied into the initramfs by update-initramfs).
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
 CTK_KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"

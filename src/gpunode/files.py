@@ -102,6 +102,9 @@ def tuning_files(p: NodeProfile, gpus: list[Gpu] | None = None,
         _file("tuning", "/etc/security/limits.d/60-gpunode.conf",
               "tuning/60-gpunode-limits.conf.j2", p),
     ]
+    if p.tuning.governor:
+        files.append(_file("tuning", desired.CPU_GOVERNOR_UNIT_PATH,
+                           "tuning/gpunode-cpu-governor.service.j2", p))
     if gpus is not None and p.tuning.irqbalance == "ban-service-cpus":
         cpus = banned_cpus(p, gpus)
         if cpus:

@@ -126,6 +126,19 @@ def grub_key(data: dict[str, Any], grub_cfg_sha256: str) -> str | None:
     return grub_cfg_sha256 if "grub" in data["boot"] else None
 
 
+def thp_differs(p: NodeProfile, data: dict[str, Any]) -> bool:
+    """THP's runtime mode differs from the profile (the tmpfiles file applies it now)."""
+    thp = data["thp"]
+    return (thp.get("enabled") not in (None, p.tuning.thp)
+            or thp.get("defrag") not in (None, p.tuning.thp_defrag))
+
+
+def governor_differs(p: NodeProfile, data: dict[str, Any]) -> bool:
+    """Some CPU's governor differs from the profile (the governor unit runs again)."""
+    govs = data["governors"]
+    return bool(p.tuning.governor and govs and govs != [p.tuning.governor])
+
+
 # Package sets and apt lists (GPU nodes) -------------------------------------------------
 
 APT_LISTS_MAX_AGE_S = 3600
