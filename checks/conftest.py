@@ -166,9 +166,9 @@ class HostFacts:
         """Managed files of one concern compared with gpunode.files.node_files."""
         problems = []
         try:
-            files = node_files(self.profile, self.gpus)
+            files = node_files(self.profile, self.gpus, self.snap.thp_default)
         except ValueError as exc:  # the host lacks GPUs a service needs
-            files = node_files(self.profile, None)
+            files = node_files(self.profile, None, self.snap.thp_default)
             plain = {f.path for f in files}
             if any(f.concern == concern and f.path not in plain
                    for f in node_files(self.profile, expect.placeholder_gpus(self.profile))):

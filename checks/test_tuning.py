@@ -10,9 +10,16 @@ from gpunode.files import banned_cpus
 
 
 def test_cpu_governor(node, facts):
+    """sysfs has the profile's governor, and the unit that sets it late in every boot (after
+    what else sets governors) is enabled and has run."""
     want = node.tuning.governor
     if want is None:
         pytest.skip("the profile sets no CPU governor")
+    unit = facts.unit(desired.CPU_GOVERNOR_UNIT)
+    state = (unit.get("UnitFileState"), unit.get("ActiveState"))
+    assert state == ("enabled", "active"), (
+        f"{desired.CPU_GOVERNOR_UNIT}: expected enabled/active, is "
+        f"{'/'.join(str(s) for s in state)}")
     data = facts.snap.data
     if not data["cpufreq"]:
         pytest.skip(f"no cpufreq on this host (virtualization: {data['virt']}): the governor "
@@ -52,7 +59,8 @@ def test_sysctls(node, facts):
 
 
 def test_kernel_arguments(node, facts):
-    missing = desired.missing_kernel_args(node, facts.snap.data["cmdline"])
+    missing = desired.missing_kernel_args(node, facts.snap.data["cmdline"],
+                                          facts.snap.thp_default)
     assert not missing, (f"kernel command line lacks {missing} (it is "
                          f"{facts.snap.data['cmdline']!r}); reboot after the deploy")
 

@@ -49,10 +49,13 @@ CONCERNS = ("base", "tuning", "nvidia_driver", "gpu_settings", "container_toolki
 SCRIPTS = ("/usr/local/lib/gpunode/vllm-start", "/usr/local/lib/gpunode/vllm-wait-ready")
 
 
-def _scope(p: NodeProfile, f: ManagedFile, gpus: list[Gpu] | None) -> dict[str, Any]:
+def _scope(p: NodeProfile, f: ManagedFile, gpus: list[Gpu] | None,
+           thp_default: str | None) -> dict[str, Any]:
     """The per-instance template variables of one managed file (besides node and header)."""
     if f.template == "tuning/irqbalance.conf.j2":
         return {"banned_cpus": banned_cpus(p, gpus or [])}
+    if f.template == "tuning/60-gpunode-grub.cfg.j2":
+        return {"kernel_args": " ".join(d.kernel_args(p, thp_default))}
     if f.template not in SERVICE_TEMPLATES:
         return {}
     data = p.model_dump(mode="json")["vllm"]["services"]
@@ -65,12 +68,13 @@ def _scope(p: NodeProfile, f: ManagedFile, gpus: list[Gpu] | None) -> dict[str, 
     return scope
 
 
-def file_jobs(p: NodeProfile, gpus: list[Gpu] | None = None) -> list[dict[str, Any]]:
+def file_jobs(p: NodeProfile, gpus: list[Gpu] | None = None,
+              thp_default: str | None = None) -> list[dict[str, Any]]:
     """gpunode.files.node_files as template jobs: path, template, mode, owner, group,
     concern, scope (the per-instance variables), sha256 of gpunode's rendering."""
     jobs = []
-    for f in node_files(p, gpus):
-        scope = _scope(p, f, gpus)
+    for f in node_files(p, gpus, thp_default):
+        scope = _scope(p, f, gpus, thp_default)
         jobs.append({"concern": f.concern, "path": f.path, "template": f.template,
                      "mode": f"{f.mode:04o}", "owner": f.owner, "group": f.group,
                      "parent": str(PurePosixPath(f.path).parent),
@@ -78,10 +82,12 @@ def file_jobs(p: NodeProfile, gpus: list[Gpu] | None = None) -> list[dict[str, A
     return jobs
 
 
-def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
-    """Host-independent values for the roles (`gpunode_desired` facts)."""
+def desired(p: NodeProfile, gpus: list[Gpu] | None = None,
+            thp_default: str | None = None) -> dict[str, Any]:
+    """Host-independent values for the roles (`gpunode_desired` facts); `observed` calls it
+    again with the host's facts for the files that depend on them."""
     files: dict[str, list[dict[str, Any]]] = {c: [] for c in CONCERNS}
-    for job in file_jobs(p, gpus):
+    for job in file_jobs(p, gpus, thp_default):
         files[job["concern"]].append(job)
     cuda = d.cuda_packages(p) + d.nccl_packages(p) + d.cudnn_packages(p)
     ctk = d.container_toolkit_packages(p)
@@ -124,6 +130,8 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None) -> dict[str, Any]:
         "runtimes": [{"name": r, "config": d.RUNTIME_CONFIG[r], "command": runtime_configure(r)}
                      for r in p.container_toolkit.runtimes if r != "podman"],
         "irq_dropin": IRQ_DROPIN,
+        "cpu_governor": ({"unit": d.CPU_GOVERNOR_UNIT, "path": d.CPU_GOVERNOR_UNIT_PATH}
+                         if p.tuning.governor else None),
         "vllm": {
             "venv": f"{p.vllm.prefix}/venv",
             "venv_command": venv_command(p),
@@ -175,14 +183,14 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
     from the same snapshot. skip_unchanged=False reports no file as already right, so every
     template task runs (and compares on the host)."""
     snap = Snapshot(data)
-    want = desired(p)
+    want = desired(p, thp_default=snap.thp_default)
     gpus = snap.gpus
     files_ok = {job["path"]: _file_ok(snap, job["path"], job["sha256"], job["mode"],
                                       job["owner"], job["group"])
                 for jobs in want["files"].values() for job in jobs}
     placement_files: dict[str, list[dict[str, Any]]] = {"tuning": [], "vllm": []}
     if gpus:
-        for job in file_jobs(p, gpus):
+        for job in file_jobs(p, gpus, snap.thp_default):
             if job["path"] == IRQ_DROPIN or job["template"] == "vllm/instance.conf.j2":
                 if job["path"] == IRQ_DROPIN and not job["scope"]["banned_cpus"]:
                     continue
@@ -215,11 +223,6 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         stamps[name] = {"path": stamp, "needed": needed, "command":
                         stamped_command(STAMP_COMMANDS[name], name, key) if key else None}
     sysctls = d.sysctls(p)
-    thp = data["thp"]
-    govs = data["governors"]
-    runtime_differs = (thp.get("enabled") not in (None, p.tuning.thp)
-                       or thp.get("defrag") not in (None, p.tuning.thp_defrag)
-                       or bool(p.tuning.governor and govs and govs != [p.tuning.governor]))
     version = p.nvidia.version
     stale_driver = sorted(
         n for n, v in snap.packages.items() if version and d.is_driver_package(n)
@@ -245,6 +248,8 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "secure_boot": bool(data["secure_boot"]),
         "driver_installed": snap.driver_installed(p),
         "files_ok": files_ok,
+        # the GRUB drop-in depends on the kernel's built-in THP mode: the role writes these
+        "tuning_files": want["files"]["tuning"],
         "placement_files": placement_files,
         "parents_needed": parents,
         "todo": plan.packages_todo(p, snap),
@@ -262,7 +267,8 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "ctk_key_needed": not snap.file(d.CTK_KEYRING),
         "sysctl_differs": any(data["sysctl"].get(k) != " ".join(v.split())
                               for k, v in sysctls.items()),
-        "runtime_differs": runtime_differs,
+        "thp_differs": plan.thp_differs(p, data),
+        "governor_differs": plan.governor_differs(p, data),
         "stamps": stamps,
         "units": units,
         "stale_daemon": any(snap.unit(u).get("NeedDaemonReload") == "yes"

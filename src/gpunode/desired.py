@@ -28,6 +28,9 @@ DKMS_MOK_CERT = {"ubuntu": "/var/lib/shim-signed/mok/MOK.der", "debian": "/var/l
 CUDA_KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
 #: gpunode's GRUB drop-in with the kernel arguments it keeps (GPU nodes).
 GRUB_CFG = "/etc/default/grub.d/60-gpunode.cfg"
+#: The oneshot unit that sets the CPU governor late in boot (after what else sets it).
+CPU_GOVERNOR_UNIT = "gpunode-cpu-governor.service"
+CPU_GOVERNOR_UNIT_PATH = f"/etc/systemd/system/{CPU_GOVERNOR_UNIT}"
 #: gpunode's nouveau blacklist (copied into the initramfs by update-initramfs).
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
 CTK_KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"
@@ -353,9 +356,12 @@ def sysctls(p: NodeProfile) -> dict[str, str]:
     return dict(sorted(values.items()))
 
 
-def kernel_args(p: NodeProfile) -> list[str]:
-    """Tokens gpunode keeps on the kernel command line."""
-    args = [f"transparent_hugepage={p.tuning.thp}"]
+def kernel_args(p: NodeProfile, thp_default: str | None = None) -> list[str]:
+    """Tokens gpunode keeps on the kernel command line. THP's mode only where it differs
+    from the running kernel's built-in default (`thp_default`, from its config; None:
+    unknown, so it is asked for): asking for the default only costs a GRUB change and a
+    reboot. The runtime setting (tmpfiles) applies it either way."""
+    args = [] if p.tuning.thp == thp_default else [f"transparent_hugepage={p.tuning.thp}"]
     hp = p.tuning.hugepages
     if hp.size == "1G" and hp.count:
         args += ["default_hugepagesz=1G", "hugepagesz=1G", f"hugepages={hp.count}"]
@@ -366,9 +372,10 @@ def kernel_args(p: NodeProfile) -> list[str]:
     return seen
 
 
-def missing_kernel_args(p: NodeProfile, cmdline: str) -> list[str]:
+def missing_kernel_args(p: NodeProfile, cmdline: str, thp_default: str | None = None
+                        ) -> list[str]:
     current = set(cmdline.split())
-    return [t for t in kernel_args(p) if t not in current]
+    return [t for t in kernel_args(p, thp_default) if t not in current]
 
 
 # --- units -------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from gpunode.files import node_files
 from gpunode.lock import GROUPS, locked_packages, normalize
 from gpunode.manifest import MANIFEST_PATH, managed_package
 from gpunode.model import NodeProfile
-from gpunode.topology import Gpu
 
 #: Manifest fields compared between siblings (host-specific ones, UUIDs and file hashes of
 #: GPU-placement files, are not).
@@ -73,8 +72,9 @@ def against_files(p: NodeProfile, snapshot: dict[str, Any], written: dict[str, A
     host facts, not what the last deploy recorded in the manifest)."""
     from gpunode.facts import Snapshot
 
-    gpus: list[Gpu] | None = Snapshot(snapshot).gpus or None
-    expected = {f.path: _sha(f.content) for f in node_files(p, gpus)}
+    snap = Snapshot(snapshot)
+    expected = {f.path: _sha(f.content) for f in node_files(p, snap.gpus or None,
+                                                           snap.thp_default)}
     for path, digest in ((written or {}).get("files") or {}).items():
         expected.setdefault(path, digest)
     out = []

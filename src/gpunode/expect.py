@@ -366,6 +366,8 @@ def triton_build_command(p: NodeProfile) -> str:
 
 def checked_units(p: NodeProfile) -> list[str]:
     units = [PERSISTENCED_UNIT, GPU_SETTINGS_UNIT, IRQBALANCE_UNIT, *desired.vllm_units(p)]
+    if p.tuning.governor:
+        units.append(desired.CPU_GOVERNOR_UNIT)
     if p.dcgm.enabled:
         units.append(DCGM_UNIT)
     return units

@@ -2,7 +2,8 @@
 
 The deploys ship exactly these, `gpunode render` writes them for review and the checks
 compare hosts against them. Files that depend on host facts (GPU UUIDs, GPU-local CPUs)
-are included only when the facts are given."""
+are included only when the facts are given; the GRUB drop-in depends on the kernel's
+built-in THP mode (`thp_default`, None: unknown, so it asks for the profile's)."""
 
 from __future__ import annotations
 
@@ -91,14 +92,19 @@ def container_toolkit_files(p: NodeProfile) -> list[ManagedFile]:
                   "container_toolkit/nvidia-container-toolkit.list.j2", p)]
 
 
-def tuning_files(p: NodeProfile, gpus: list[Gpu] | None = None) -> list[ManagedFile]:
+def tuning_files(p: NodeProfile, gpus: list[Gpu] | None = None,
+                 thp_default: str | None = None) -> list[ManagedFile]:
     files = [
         _file("tuning", "/etc/sysctl.d/60-gpunode.conf", "tuning/60-gpunode.conf.j2", p),
-        _file("tuning", desired.GRUB_CFG, "tuning/60-gpunode-grub.cfg.j2", p),
+        _file("tuning", desired.GRUB_CFG, "tuning/60-gpunode-grub.cfg.j2", p,
+              kernel_args=" ".join(desired.kernel_args(p, thp_default))),
         _file("tuning", "/etc/tmpfiles.d/gpunode-tuning.conf", "tuning/gpunode-tuning.conf.j2", p),
         _file("tuning", "/etc/security/limits.d/60-gpunode.conf",
               "tuning/60-gpunode-limits.conf.j2", p),
     ]
+    if p.tuning.governor:
+        files.append(_file("tuning", desired.CPU_GOVERNOR_UNIT_PATH,
+                           "tuning/gpunode-cpu-governor.service.j2", p))
     if gpus is not None and p.tuning.irqbalance == "ban-service-cpus":
         cpus = banned_cpus(p, gpus)
         if cpus:
@@ -136,9 +142,10 @@ def vllm_files(p: NodeProfile, gpus: list[Gpu] | None = None) -> list[ManagedFil
     return files
 
 
-def node_files(p: NodeProfile, gpus: list[Gpu] | None = None) -> list[ManagedFile]:
+def node_files(p: NodeProfile, gpus: list[Gpu] | None = None,
+               thp_default: str | None = None) -> list[ManagedFile]:
     """All files for a node, in deploy order."""
-    return (base_files(p) + tuning_files(p, gpus) + driver_files(p) + gpu_settings_files(p)
+    return (base_files(p) + tuning_files(p, gpus, thp_default) + driver_files(p) + gpu_settings_files(p)
             + container_toolkit_files(p) + vllm_files(p, gpus))
 
 

@@ -99,12 +99,6 @@ def node_sysctls(node: dict[str, Any]) -> dict[str, str]:
     return desired.sysctls(_profile(node))
 
 
-def node_kernel_args(node: dict[str, Any]) -> str:
-    from gpunode import desired
-
-    return " ".join(desired.kernel_args(_profile(node)))
-
-
 def node_cuda_repo_line(node: dict[str, Any]) -> str:
     from gpunode import desired
 
@@ -155,7 +149,6 @@ def service_start_after(service: dict[str, Any], node: dict[str, Any]) -> list[s
 
 FILTERS = {
     "node_sysctls": node_sysctls,
-    "node_kernel_args": node_kernel_args,
     "node_cuda_repo_line": node_cuda_repo_line,
     "node_ctk_repo_line": node_ctk_repo_line,
     "node_driver_preferences": node_driver_preferences,

@@ -221,5 +221,6 @@ def managed_paths(p: NodeProfile) -> list[str]:
 def unit_names(p: NodeProfile) -> list[str]:
     """Every unit the snapshot reports on."""
     units = ["nvidia-persistenced.service", "gpunode-gpu-settings.service", "irqbalance.service",
-             "nvidia-dcgm.service", "docker.service", "containerd.service"]
+             "nvidia-dcgm.service", "docker.service", "containerd.service",
+             desired.CPU_GOVERNOR_UNIT]
     return units + desired.vllm_units(p)

@@ -109,7 +109,7 @@ def host_refusal(p: NodeProfile, data: dict[str, Any]) -> str | None:
     if (found["id"], found["version_id"]) != OS_IDS[p.os]:
         return (f"{p.name}: the profile says {p.os} but the host runs {found['id']} "
                 f"{found['version_id']}; nothing was changed")
-    missing = d.missing_kernel_args(p, data["cmdline"])
+    missing = d.missing_kernel_args(p, data["cmdline"], Snapshot(data).thp_default)
     boot = data["boot"]
     if missing and "grub" not in boot:
         return (f"{p.name}: the kernel command line lacks {' '.join(missing)}, and gpunode "
@@ -124,6 +124,19 @@ def grub_key(data: dict[str, Any], grub_cfg_sha256: str) -> str | None:
     """The GRUB stamp's key: the drop-in's hash, or None (nothing to run) on a host without
     GRUB, which host_refusal let through only because its command line is complete."""
     return grub_cfg_sha256 if "grub" in data["boot"] else None
+
+
+def thp_differs(p: NodeProfile, data: dict[str, Any]) -> bool:
+    """THP's runtime mode differs from the profile (the tmpfiles file applies it now)."""
+    thp = data["thp"]
+    return (thp.get("enabled") not in (None, p.tuning.thp)
+            or thp.get("defrag") not in (None, p.tuning.thp_defrag))
+
+
+def governor_differs(p: NodeProfile, data: dict[str, Any]) -> bool:
+    """Some CPU's governor differs from the profile (the governor unit runs again)."""
+    govs = data["governors"]
+    return bool(p.tuning.governor and govs and govs != [p.tuning.governor])
 
 
 # Package sets and apt lists (GPU nodes) -------------------------------------------------

@@ -42,7 +42,7 @@ def test_fresh_host_needs_everything(profile):
     assert plan["todo"]["driver"] == desired.driver_packages(profile)
     assert plan["todo"]["headers"] == ["linux-headers-amd64", "linux-headers-6.1.0-30-amd64"]
     assert plan["todo"]["vllm"] == ["gcc", "libc6-dev", "python3.11-dev"]  # Triton's toolchain
-    assert plan["sysctl_differs"] and plan["runtime_differs"] and plan["user_missing"]
+    assert plan["sysctl_differs"] and plan["thp_differs"] and plan["user_missing"]
     assert all(s["needed"] for name, s in plan["stamps"].items() if name != "cdi")
     assert plan["stamps"]["cdi"] == {"path": "/var/lib/gpunode/cdi.stamp", "needed": False,
                                      "command": None}  # no GPUs visible yet
@@ -160,3 +160,59 @@ def test_the_nccl_check_runs_only_while_the_pinned_libnccl2_is_to_install(profil
     lib = next(x for x in desired.nccl_packages(p) if x.name == "libnccl2")
     data["packages"][lib.name] = lib.version
     assert ansible_plan.observed(p, data)["nccl_check"] is None
+
+
+def test_grub_drop_in_follows_the_kernel_thp_default_like_the_pyinfra_deploy(profile):
+    """Was: transparent_hugepage=<thp> always, so an Ubuntu kernel (madvise built in) got a
+    GRUB change and a reboot for nothing. The role writes `tuning_files` (with the host's
+    kernel default) and the GRUB stamp follows the same content as tuning_files does."""
+    from gpunode.files import tuning_files
+
+    data = {**fresh_snapshot(), "boot": [], "thp_default": profile.tuning.thp}
+    plan = ansible_plan.observed(profile, data)
+    assert plan["refusal"] is None  # nothing to ask for on the command line
+    grub = next(j for j in plan["tuning_files"] if j["path"] == desired.GRUB_CFG)
+    pyinfra = next(f for f in tuning_files(profile, thp_default=profile.tuning.thp)
+                   if f.path == desired.GRUB_CFG)
+    assert grub["sha256"] == hashlib.sha256(pyinfra.content.encode()).hexdigest()
+    assert grub["scope"] == {"kernel_args": ""} and "transparent_hugepage" not in pyinfra.content
+    assert [j["path"] for j in plan["tuning_files"]] == [
+        j["path"] for j in ansible_plan.desired(profile)["files"]["tuning"]]
+    data["files"][desired.GRUB_CFG] = {"sha256": grub["sha256"], "mode": "0644",
+                                       "owner": "root", "group": "root"}
+    assert ansible_plan.observed(profile, data)["files_ok"][desired.GRUB_CFG]
+    # a kernel built with another default, or none known: the argument is asked for
+    for other in ("always", None):
+        plan = ansible_plan.observed(profile, {**data, "boot": ["grub"], "thp_default": other})
+        grub = next(j for j in plan["tuning_files"] if j["path"] == desired.GRUB_CFG)
+        assert grub["scope"] == {"kernel_args": f"transparent_hugepage={profile.tuning.thp}"}
+        assert not plan["files_ok"][desired.GRUB_CFG] and plan["stamps"]["grub"]["needed"]
+
+
+def test_cpu_governor_unit_runs_on_drift_or_when_inactive(profile):
+    """The role's decisions for the governor unit are the pyinfra deploy's functions
+    (gpunode.plan.governor_differs) on the same snapshot; the unit is read by the snapshot."""
+    from gpunode import plan as planner
+    from gpunode.hostcmd import unit_names
+
+    want = ansible_plan.desired(profile)
+    assert want["cpu_governor"] == {"unit": desired.CPU_GOVERNOR_UNIT,
+                                    "path": desired.CPU_GOVERNOR_UNIT_PATH}
+    assert desired.CPU_GOVERNOR_UNIT_PATH in [j["path"] for j in want["files"]["tuning"]]
+    assert desired.CPU_GOVERNOR_UNIT in unit_names(profile)
+    data = {**fresh_snapshot(), "cpufreq": True, "governors": ["ondemand", "performance"]}
+    data["units"][desired.CPU_GOVERNOR_UNIT] = {"UnitFileState": "enabled",
+                                                "ActiveState": "active"}
+    plan = ansible_plan.observed(profile, data)
+    assert plan["governor_differs"] is planner.governor_differs(profile, data) is True
+    assert plan["units"][desired.CPU_GOVERNOR_UNIT] == {
+        "enabled": True, "static": False, "active": True, "loaded": False}
+    data["governors"] = [profile.tuning.governor]
+    assert not ansible_plan.observed(profile, data)["governor_differs"]
+    data["governors"] = []  # no cpufreq (a VM): nothing to compare
+    assert not ansible_plan.observed(profile, data)["governor_differs"]
+    none = profile.model_copy(update={"tuning": profile.tuning.model_copy(
+        update={"governor": None})})
+    assert ansible_plan.desired(none)["cpu_governor"] is None
+    assert not ansible_plan.observed(none, {**data, "governors": ["powersave"]})[
+        "governor_differs"]

@@ -5,6 +5,7 @@ import pytest
 
 from gpunode import desired
 from gpunode.facts import Snapshot, reboot_reasons
+from gpunode.files import tuning_files
 from gpunode.model import NodeProfile
 from gpunode.topology import Gpu
 
@@ -118,6 +119,56 @@ def test_kernel_args_and_pending():
                                       "hugepagesz=1G", "hugepages=4"]
     assert desired.missing_kernel_args(p, "root=/dev/vda transparent_hugepage=madvise") == [
         "default_hugepagesz=1G", "hugepagesz=1G", "hugepages=4"]
+
+
+@pytest.mark.parametrize("thp, kernel_default, asks", [
+    ("madvise", "madvise", False),  # Ubuntu's kernels: no GRUB change, no reboot
+    ("madvise", "always", True),  # Debian's kernels
+    ("never", "madvise", True),
+    ("madvise", None, True),  # no kernel config: unknown, so it is asked for
+])
+def test_thp_argument_only_where_it_differs_from_the_kernel_default(thp, kernel_default, asks):
+    p = profile(tuning={"thp": thp})
+    token = f"transparent_hugepage={thp}"
+    assert desired.kernel_args(p, kernel_default) == ([token] if asks else [])
+    assert desired.missing_kernel_args(p, "root=/dev/vda", kernel_default) == (
+        [token] if asks else [])
+    grub = next(f for f in tuning_files(p, thp_default=kernel_default)
+                if f.path == desired.GRUB_CFG)
+    assert (token in grub.content) is asks
+    assert ("GRUB_CMDLINE_LINUX_DEFAULT=" in grub.content) is asks
+
+
+def test_cpu_governor_is_set_by_a_late_oneshot_unit_not_tmpfiles():
+    """Was: a tmpfiles `w` line early in boot, which cpufreq services started later
+    (ondemand, tuned, power-profiles-daemon) overrode."""
+    files = {f.path: f.content for f in tuning_files(profile(tuning={"governor": "schedutil"}))}
+    assert "scaling_governor" not in files["/etc/tmpfiles.d/gpunode-tuning.conf"]
+    unit = files[desired.CPU_GOVERNOR_UNIT_PATH]
+    lines = unit.splitlines()
+    after = next(ln for ln in lines if ln.startswith("After=")).split("=", 1)[1].split()
+    assert {"ondemand.service", "tuned.service", "power-profiles-daemon.service"} <= set(after)
+    assert "multi-user.target" not in after and "WantedBy=multi-user.target" in lines
+    assert {"Type=oneshot", "RemainAfterExit=yes", "ProtectSystem=strict", "NoNewPrivileges=yes",
+            "CapabilityBoundingSet=", "PrivateNetwork=yes"} <= set(lines)
+    assert "ProtectKernelTunables=yes" not in lines  # it would make /sys read-only
+    start = next(ln for ln in lines if ln.startswith("ExecStart="))
+    assert "/sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_governor" in start
+    assert 'echo "schedutil" > "$$f"' in start  # $$: systemd passes a literal $ to sh
+    assert "%" not in start  # no systemd specifiers
+    no_governor = tuning_files(profile(tuning={"governor": None}))
+    assert desired.CPU_GOVERNOR_UNIT_PATH not in {f.path for f in no_governor}
+
+
+def test_reboot_reasons_use_the_kernel_thp_default():
+    p = profile(tuning={"thp": "madvise"})
+    files = {desired.GRUB_CFG: {"sha256": "x"}}
+    assert reboot_reasons(p, snap(cmdline="root=/dev/vda", files=files,
+                                  thp_default="madvise")) == []
+    assert reboot_reasons(p, snap(cmdline="root=/dev/vda", files=files,
+                                  thp_default="always")) == [
+        "kernel command line lacks transparent_hugepage=madvise (set in GRUB, applies at "
+        "the next boot)"]
 
 
 def snap(**over) -> Snapshot:

@@ -1,6 +1,7 @@
-"""Host tuning: sysctl file, THP and governor at runtime and at boot (tmpfiles), kernel
-arguments as idempotent GRUB tokens, huge pages, limits, and irqbalance kept off the CPUs
-pinned to vLLM services. What the platform lacks (cpufreq in VMs) is skipped visibly."""
+"""Host tuning: sysctl file, THP at runtime and at boot (tmpfiles), the CPU governor from a
+oneshot unit late in boot (re-run on drift), kernel arguments as idempotent GRUB tokens,
+huge pages, limits, and irqbalance kept off the CPUs pinned to vLLM services. What the
+platform lacks (cpufreq in VMs) is skipped visibly."""
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -16,7 +17,7 @@ IRQ_DROPIN = "/etc/systemd/system/irqbalance.service.d/gpunode.conf"
 @deploy("Tuning")
 def deploy_tuning(p: NodeProfile) -> None:
     snap = ops.snapshot(p)
-    files = tuning_files(p)
+    files = tuning_files(p, thp_default=snap.thp_default)
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
     sysctls = desired.sysctls(p)
@@ -24,24 +25,26 @@ def deploy_tuning(p: NodeProfile) -> None:
                  command="sysctl -q -p /etc/sysctl.d/60-gpunode.conf",
                  needed=lambda s: any(s.data["sysctl"].get(k) != " ".join(v.split())
                                       for k, v in sysctls.items()))
-    ops.run_when(name="Apply THP and CPU governor now", p=p, tag="tmpfiles",
+    ops.run_when(name="Apply THP now", p=p, tag="tmpfiles",
                  command="systemd-tmpfiles --create /etc/tmpfiles.d/gpunode-tuning.conf",
-                 needed=lambda s: _runtime_differs(p, s))
+                 needed=lambda s: plan.thp_differs(p, s.data))
+    if p.tuning.governor:
+        unit = desired.CPU_GOVERNOR_UNIT
+        ops.daemon_reload(name="Reload systemd units (CPU governor unit)", p=p,
+                          unit_paths=[desired.CPU_GOVERNOR_UNIT_PATH])
+        ops.unit(name="Enable the CPU governor unit", p=p, unit_name=unit, running=None)
+        ops.run_when(
+            name="Set the CPU governor where it differs from the profile", p=p,
+            tag="cpu-governor", command=f"systemctl restart {unit}",
+            needed=lambda s: (plan.governor_differs(p, s.data)
+                              or s.unit(unit).get("ActiveState") != "active"
+                              or ops.changed(desired.CPU_GOVERNOR_UNIT_PATH)))
     if p.tuning.governor and not snap.data["cpufreq"]:
         host.noop(f"CPU governor {p.tuning.governor} skipped: no cpufreq on this host "
                   f"({snap.data['virt']})")
     grub = next(f for f in files if f.path == desired.GRUB_CFG)
     ops.stamped(name="Update the GRUB configuration", p=p, stamp_name="grub",
                 key=lambda snap: plan.grub_key(snap.data, ops.sha256(grub.content)))
-
-
-def _runtime_differs(p: NodeProfile, snap) -> bool:
-    thp = snap.data["thp"]
-    if thp.get("enabled") not in (None, p.tuning.thp) or thp.get("defrag") not in (
-            None, p.tuning.thp_defrag):
-        return True
-    govs = snap.data["governors"]
-    return bool(p.tuning.governor and govs and govs != [p.tuning.governor])
 
 
 @deploy("IRQ placement")

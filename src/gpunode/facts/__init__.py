@@ -63,6 +63,11 @@ class Snapshot:
         return self.data["units"].get(name, {})
 
     @property
+    def thp_default(self) -> str | None:
+        """The running kernel's built-in THP mode (None: unknown, as in older snapshots)."""
+        return self.data.get("thp_default")
+
+    @property
     def smi_ok(self) -> bool:
         smi = self.data["nvidia_smi"]
         return bool(smi.get("present")) and smi.get("rc") == 0
@@ -126,7 +131,7 @@ def reboot_reasons(p: NodeProfile, snap: Snapshot) -> list[str]:
     if data["reboot_required"]:
         pkgs = ", ".join(data["reboot_required_pkgs"]) or "packages"
         reasons.append(f"/run/reboot-required is set (by {pkgs})")
-    missing = desired.missing_kernel_args(p, data["cmdline"])
+    missing = desired.missing_kernel_args(p, data["cmdline"], snap.thp_default)
     if missing and data["files"].get(desired.GRUB_CFG):
         reasons.append(f"kernel command line lacks {' '.join(missing)} (set in GRUB, "
                        "applies at the next boot)")

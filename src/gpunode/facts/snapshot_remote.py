@@ -47,6 +47,16 @@ def boot_loaders():
     return found
 
 
+def thp_default(release):
+    """The running kernel's built-in THP mode, from its config (None: no config file, or a
+    kernel without THP), so gpunode asks on the command line only for what differs."""
+    lines = set((read("/boot/config-" + release, "") or "").splitlines())
+    for mode in ("always", "madvise", "never"):
+        if f"CONFIG_TRANSPARENT_HUGEPAGE_{mode.upper()}=y" in lines:
+            return mode
+    return None
+
+
 def file_info(path):
     try:
         st = os.stat(path)
@@ -118,6 +128,7 @@ def main():
             osr[k] = v.strip('"')
     out["os"] = {"id": osr.get("ID"), "version_id": osr.get("VERSION_ID")}
     out["kernel"] = os.uname().release
+    out["thp_default"] = thp_default(out["kernel"])
     out["kernels"] = sorted(os.path.basename(d) for d in glob.glob("/lib/modules/*")
                             if os.path.exists(os.path.join(d, "modules.dep"))
                             or os.path.isdir(os.path.join(d, "kernel")))
