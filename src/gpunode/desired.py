@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from gpunode.model import NodeProfile
+from gpunode.model.parts import DCGM_EXPORTER
 
 KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
 #: Published checksums of cuda-keyring_1.1-1_all.deb for every distro a GPU node may run
@@ -212,13 +213,21 @@ def container_toolkit_packages(p: NodeProfile) -> list[Pkg]:
 
 
 def dcgm_packages(p: NodeProfile) -> list[Pkg]:
+    """What NVIDIA's install (`apt-get install --install-recommends
+    datacenter-gpu-manager-4-cuda<major>`) puts on a host, each pinned: gpunode installs
+    without Recommends, so the -proprietary packages the -cuda and -core packages recommend
+    (profiling, DCP metrics) are named here at the same version; the exporter at the
+    release built for this DCGM (model.parts.DCGM_EXPORTER)."""
     if not p.dcgm.enabled:
         return []
     v = f"1:{p.dcgm.version}-1"
     major = p.cuda.version.split(".")[0]
-    pkgs = [Pkg("datacenter-gpu-manager-4-core", v), Pkg(f"datacenter-gpu-manager-4-cuda{major}", v)]
+    parts = ["core", f"cuda{major}", "proprietary"]
+    if int(major) >= 12:  # NVIDIA builds -proprietary-cuda12 and -cuda13 only
+        parts.append(f"proprietary-cuda{major}")
+    pkgs = [Pkg(f"datacenter-gpu-manager-4-{part}", v) for part in parts]
     if p.dcgm.exporter:
-        pkgs.append(Pkg("datacenter-gpu-manager-exporter"))
+        pkgs.append(Pkg("datacenter-gpu-manager-exporter", f"{DCGM_EXPORTER[p.dcgm.version]}-1"))
     return _locked(p, "dcgm", pkgs)
 
 

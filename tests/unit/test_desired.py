@@ -194,3 +194,22 @@ def test_services_sharing_a_gpu_start_one_after_the_other():
     assert "\n[Unit]\n" in drop_ins["c"]
     assert "\nAfter=vllm@a.service vllm@b.service\n" in drop_ins["c"]
     assert drop_ins["c"].index("[Unit]") < drop_ins["c"].index("[Service]")
+
+
+def test_dcgm_is_what_nvidias_install_leaves_pinned_with_the_exporter_built_for_it():
+    """NVIDIA installs -cuda<major> with Recommends (so -proprietary and -proprietary-cuda<major>
+    come too); gpunode installs without, so it names them, at DCGM's version. The exporter
+    is the release tagged for this DCGM (NVIDIA/dcgm-exporter 4.4.2-4.7.1), not the newest."""
+    p = profile(dcgm={"enabled": True, "exporter": True})
+    v = "1:4.4.2-1"
+    assert {x.name: x.version for x in desired.dcgm_packages(p)} == {
+        "datacenter-gpu-manager-4-core": v, "datacenter-gpu-manager-4-cuda13": v,
+        "datacenter-gpu-manager-4-proprietary": v,
+        "datacenter-gpu-manager-4-proprietary-cuda13": v,
+        "datacenter-gpu-manager-exporter": "4.7.1-1"}
+    held = desired.held_packages(profile(dcgm={"enabled": True, "exporter": True},
+                                         nvidia={"hold": True}))
+    assert {"datacenter-gpu-manager-exporter", "datacenter-gpu-manager-4-proprietary"} <= set(held)
+    newer = profile(dcgm={"enabled": True, "version": "4.5.3", "exporter": True})
+    assert ("datacenter-gpu-manager-exporter", "4.8.2-1") in [
+        (x.name, x.version) for x in desired.dcgm_packages(newer)]

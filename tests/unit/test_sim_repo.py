@@ -157,6 +157,21 @@ def test_debian12_names_and_exact_relations(built: tuple[Path, dict]) -> None:
     assert ("cuda-toolkit-13-0", "13.0.2-1") in pkgs and ("cuda-nvcc-13-0", "13.0.88-1") in pkgs
 
 
+def test_dcgm_relations_as_nvidia_publishes_them(built: tuple[Path, dict]) -> None:
+    v = cat.DCGM_DEB_VERSION
+    for distro in cat.CUDA_DISTROS:
+        pkgs = index(built[0], distro)
+        cuda13 = pkgs[("datacenter-gpu-manager-4-cuda13", v)]
+        assert "datacenter-gpu-manager-4-proprietary-cuda13" in cuda13["Recommends"]
+        assert "datacenter-gpu-manager-4-proprietary" in \
+            pkgs[("datacenter-gpu-manager-4-core", v)]["Recommends"]
+        assert pkgs[("datacenter-gpu-manager-4-proprietary", v)]["Depends"] == \
+            f"datacenter-gpu-manager-4-core (= {v})"
+        for exporter in cat.DCGM_EXPORTERS:
+            needs = pkgs[("datacenter-gpu-manager-exporter", f"{exporter}-1")]["Depends"]
+            assert f"datacenter-gpu-manager-4-core (= {v})" in needs, distro
+
+
 def test_ubuntu_names_are_branch_suffixed(built: tuple[Path, dict]) -> None:
     pkgs = index(built[0], "ubuntu2404")
     uv = f"{V_NEW}-0ubuntu1"
@@ -428,6 +443,28 @@ def test_apt_update_accepts_signature_and_sees_both_versions(
     proprietary = apt.simulate("cuda-drivers")
     assert "nvidia-kernel-dkms" in proprietary and "nvidia-kernel-open-dkms" not in proprietary
     assert set(apt.simulate("cuda-toolkit-13-0")) >= {"cuda-nvcc-13-0", "cuda-cudart-13-0"}
+
+
+def test_apt_installs_what_gpunode_names_for_dcgm_as_nvidias_install_does(
+    apt_debian12: tuple[PrivateApt, Path],
+) -> None:
+    """NVIDIA's instructions install -cuda13 with Recommends; gpunode installs its own list
+    without them: apt must end with the same DCGM packages, and the exporter next to them."""
+    from gpunode import desired
+    from gpunode.model import NodeProfile
+
+    apt, _ = apt_debian12
+    apt.run("apt-get", "update")
+    p = NodeProfile.model_validate({"name": "n", "connection": {"address": "h"},
+                                    "gpus": {"count": 1}, "os": "debian-12",
+                                    "dcgm": {"enabled": True, "exporter": True}})
+    specs = [x.spec for x in desired.dcgm_packages(p)]
+    ours = apt.simulate("--no-install-recommends", *specs)
+    nvidias = apt.simulate("--install-recommends", "datacenter-gpu-manager-4-cuda13")
+    dcgm = {n: v for n, v in ours.items() if n.startswith("datacenter-gpu-manager")}
+    assert dcgm == {x.name: x.version for x in desired.dcgm_packages(p)}
+    assert {n: v for n, v in nvidias.items() if n.startswith("datacenter-gpu-manager")} == \
+        {n: v for n, v in dcgm.items() if n != "datacenter-gpu-manager-exporter"}
 
 
 def test_apt_rejects_repo_signed_by_other_key(built: tuple[Path, dict], tmp_path: Path) -> None:

@@ -224,10 +224,28 @@ class ContainerToolkit(Strict):
     )
 
 
+#: The dcgm-exporter release built for each DCGM 4 release: the newest of NVIDIA's
+#: dcgm-exporter tags `<dcgm>-<exporter>` (github.com/NVIDIA/dcgm-exporter, e.g.
+#: 4.4.2-4.7.1). Its package, datacenter-gpu-manager-exporter <exporter>-1, needs that
+#: exact DCGM ("Run DCGM Exporter with the DCGM version paired with that exporter release").
+DCGM_EXPORTER = {"4.0.0": "4.0.1", "4.1.1": "4.0.4", "4.2.0": "4.1.0", "4.2.3": "4.2.0",
+                 "4.3.1": "4.4.0", "4.4.0": "4.5.0", "4.4.1": "4.6.0", "4.4.2": "4.7.1",
+                 "4.5.1": "4.8.0", "4.5.2": "4.8.1", "4.5.3": "4.8.2"}
+
+
 class Dcgm(Strict):
     enabled: StrictBool = Field(False, description="Install DCGM 4 (datacenter-gpu-manager-4).")
     version: str = Field("4.4.2", pattern=r"^\d+\.\d+\.\d+$", description="DCGM version.")
-    exporter: StrictBool = Field(False, description="Also install dcgm-exporter.")
+    exporter: StrictBool = Field(False, description="Also install dcgm-exporter "
+                                 "(datacenter-gpu-manager-exporter), at the release built for "
+                                 "this DCGM version.")
+
+    @model_validator(mode="after")
+    def _exporter_known(self) -> Dcgm:
+        if self.exporter and self.version not in DCGM_EXPORTER:
+            raise ValueError(f"no dcgm-exporter release is known for DCGM {self.version} "
+                             f"(known: {', '.join(DCGM_EXPORTER)})")
+        return self
 
 
 class Hugepages(Strict):

@@ -34,6 +34,7 @@ NCCL_VERSION = "2.28.3"
 NCCL_DEB_VERSION = f"{NCCL_VERSION}-1+cuda13.0"
 DCGM_VERSION = "4.4.2"
 DCGM_DEB_VERSION = f"1:{DCGM_VERSION}-1"  # the epoch is in Version, not in the file name
+DCGM_EXPORTERS: tuple[str, ...] = ("4.7.0", "4.7.1")  # both tagged 4.4.2-<exporter>, oldest first
 CTK_VERSIONS: tuple[str, ...] = ("1.17.8", "1.18.1")  # container toolkit, oldest first
 KEYRING_VERSION = "1.1-1"
 SIM_BASE_VERSION = "0.1-1"
@@ -978,17 +979,34 @@ _DCGM_UNIT = (
 
 
 def dcgm() -> list[Package]:
-    """DCGM 4 with the epoch in Version (CORROBORATED); unit text INFERRED."""
+    """DCGM 4 with the epoch in Version (CORROBORATED); unit text INFERRED.
+
+    Relations: -cuda13 Depends -core (= v) (CORROBORATED; NVIDIA/DCGM cmake/packaging.cmake
+    VERIFIED, which also gives its Recommends libnuma1). `apt-cache depends` of the real
+    -cuda13 shows Recommends datacenter-gpu-manager-4-proprietary-cuda13, and NVIDIA's
+    install (--install-recommends) ends with -core, -cuda13, -proprietary and
+    -proprietary-cuda13 at one version (CORROBORATED, code index id 69595206213); -core
+    lists -proprietary as an optional (Recommends) dependency (CORROBORATED, dstack PR
+    #2399). -cuda13 Provides datacenter-gpu-manager-4 and -core Conflicts
+    datacenter-gpu-manager (VERIFIED, packaging.cmake). The -proprietary packages' own
+    Depends (= v) are INFERRED. The exporter
+    Depends -core and -proprietary (= v) of the DCGM its release is built for
+    (CORROBORATED from Microsoft's repackaged dcgm-exporter, index id 65924874804;
+    pairing from NVIDIA/dcgm-exporter tags `<dcgm>-<exporter>`)."""
     unit = "nvidia-dcgm.service"
     unit_bytes = (GUEST_DIR / unit).read_bytes() if (GUEST_DIR / unit).is_file() \
         else _DCGM_UNIT.encode()
+    v = DCGM_DEB_VERSION
+    core, prop = "datacenter-gpu-manager-4-core", "datacenter-gpu-manager-4-proprietary"
     return [
         Package(
-            name="datacenter-gpu-manager-4-core",
-            version=DCGM_DEB_VERSION,
+            name=core,
+            version=v,
             section="utils",
             description="NVIDIA® Datacenter GPU Management Tools",
             depends=("gpunode-sim-base",),
+            recommends=(prop,),
+            conflicts=("datacenter-gpu-manager",),
             files=(
                 _exe("/usr/bin/dcgmi", "dcgmi"),
                 _exe("/usr/bin/nv-hostengine", "nv-hostengine"),
@@ -1000,12 +1018,39 @@ def dcgm() -> list[Package]:
         ),
         Package(
             name="datacenter-gpu-manager-4-cuda13",
-            version=DCGM_DEB_VERSION,
+            version=v,
             section="utils",
             description="NVIDIA® Datacenter GPU Management Tools - CUDA 13 support",
-            depends=(f"datacenter-gpu-manager-4-core (= {DCGM_DEB_VERSION})",),
+            depends=(f"{core} (= {v})",),
+            recommends=("libnuma1", f"{prop}-cuda13"),
+            provides=(f"datacenter-gpu-manager-4 (= {v})",),
             files=(_doc("datacenter-gpu-manager-4-cuda13"),),
         ),
+        Package(
+            name=prop,
+            version=v,
+            section="utils",
+            description="NVIDIA® Datacenter GPU Management Tools - proprietary modules "
+                        "(profiling, DCP metrics)",
+            depends=(f"{core} (= {v})",),
+            files=(_stub_lib(f"{LIBDIR}/libdcgmmoduleprofiling.so.4"),),
+        ),
+        Package(
+            name=f"{prop}-cuda13",
+            version=v,
+            section="utils",
+            description="NVIDIA® Datacenter GPU Management Tools - proprietary CUDA 13 support",
+            depends=(f"{prop} (= {v})",),
+            files=(_doc(f"{prop}-cuda13"),),
+        ),
+        *(Package(
+            name="datacenter-gpu-manager-exporter",
+            version=f"{exporter}-1",
+            section="utils",
+            description="NVIDIA DCGM exporter for Prometheus",
+            depends=(f"{core} (= {v})", f"{prop} (= {v})"),
+            files=(_doc("datacenter-gpu-manager-exporter"),),
+        ) for exporter in DCGM_EXPORTERS),
     ]
 
 
