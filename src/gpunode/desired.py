@@ -97,6 +97,35 @@ RUNTIME_CONFIG = {"docker": "/etc/docker/daemon.json",
 CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 
 
+#: Toolkit 1.18's nvidia-cdi-refresh.service writes the CDI spec here (a tmpfs: it runs at
+#: every boot, and its .path unit starts it again when the kernel's modules.dep or nvidia-ctk
+#: change). Source: the toolkit's deployments/systemd units and .install files (research
+#: nvidia-repo.md §5.4).
+CDI_SPEC = "/var/run/cdi/nvidia.yaml"
+#: Where gpunode wrote the spec itself (`nvidia-ctk cdi generate`) before, as it still does
+#: for toolkit 1.17, which ships no refresh units. Beside CDI_SPEC it would list every
+#: device twice.
+ETC_CDI_SPEC = "/etc/cdi/nvidia.yaml"
+CDI_REFRESH_PATH = "nvidia-cdi-refresh.path"
+CDI_REFRESH_SERVICE = "nvidia-cdi-refresh.service"
+
+
+def cdi_refresh(p: NodeProfile) -> bool:
+    """Whether the toolkit keeps the CDI spec itself (1.18 and later ship the refresh units)."""
+    major, minor = (int(x) for x in p.container_toolkit.version.split(".")[:2])
+    return p.container_toolkit.enabled and p.container_toolkit.cdi and (major, minor) >= (1, 18)
+
+
+def cdi_spec(p: NodeProfile) -> str:
+    """The CDI spec file that describes the node's GPUs."""
+    return CDI_SPEC if cdi_refresh(p) else ETC_CDI_SPEC
+
+
+def cdi_refresh_units(p: NodeProfile) -> list[str]:
+    """The toolkit's units gpunode enables (none before 1.18)."""
+    return [CDI_REFRESH_PATH, CDI_REFRESH_SERVICE] if cdi_refresh(p) else []
+
+
 def runtime_probe(path: str) -> str:
     """Shell test: does a container runtime config know the nvidia runtime?"""
     return f"grep -qs nvidia {path}"

@@ -213,3 +213,16 @@ def test_dcgm_is_what_nvidias_install_leaves_pinned_with_the_exporter_built_for_
     newer = profile(dcgm={"enabled": True, "version": "4.5.3", "exporter": True})
     assert ("datacenter-gpu-manager-exporter", "4.8.2-1") in [
         (x.name, x.version) for x in desired.dcgm_packages(newer)]
+
+
+@pytest.mark.parametrize("ctk, expected", [
+    ({"enabled": True, "version": "1.18.0"}, "/var/run/cdi/nvidia.yaml"),
+    ({"enabled": True, "version": "1.18.0~rc.1"}, "/var/run/cdi/nvidia.yaml"),
+    ({"enabled": True, "version": "1.19.1"}, "/var/run/cdi/nvidia.yaml"),
+    ({"enabled": True, "version": "1.17.8"}, "/etc/cdi/nvidia.yaml"),
+])
+def test_cdi_spec_is_the_refresh_units_one_from_toolkit_118(ctk, expected):
+    p = profile(container_toolkit=ctk)
+    assert desired.cdi_spec(p) == expected
+    assert bool(desired.cdi_refresh_units(p)) == expected.startswith("/var/run")
+    assert desired.cdi_refresh_units(profile(container_toolkit={**ctk, "cdi": False})) == []

@@ -217,7 +217,10 @@ class ContainerToolkit(Strict):
         default_factory=list,
         description="Runtimes to configure (podman uses CDI only; its config is not touched).",
     )
-    cdi: StrictBool = Field(True, description="Generate the CDI spec /etc/cdi/nvidia.yaml.")
+    cdi: StrictBool = Field(True, description="Keep a CDI spec of the GPUs: from toolkit 1.18 "
+                            "its nvidia-cdi-refresh units write /var/run/cdi/nvidia.yaml "
+                            "(gpunode enables them); before, nvidia-ctk cdi generate writes "
+                            "/etc/cdi/nvidia.yaml.")
     repo_url: Url = Field(
         "https://nvidia.github.io/libnvidia-container/stable/deb",
         description="Container toolkit repository (when not served from repo_url's mirror).",

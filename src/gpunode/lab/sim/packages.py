@@ -169,7 +169,8 @@ sys.exit(gpunode_sim.boot())
 _BOOT_UNIT = """[Unit]
 Description=SIMULATION: gpunode lab simulated NVIDIA kernel module load
 After=systemd-modules-load.service local-fs.target
-Before=nvidia-persistenced.service nvidia-dcgm.service multi-user.target
+Before=nvidia-persistenced.service nvidia-dcgm.service nvidia-cdi-refresh.service
+Before=multi-user.target
 
 [Service]
 Type=oneshot
@@ -287,7 +288,9 @@ def _dkms_postinst(version: str, flavour: str) -> str:
     """Real DKMS postinsts run `dkms add/build/install` for every kernel with headers. The
     simulation builds nothing but leaves the same DKMS tree (source with dkms.conf, built
     and installed module per kernel, the kernel-<k>-<arch> link), so `dkms status` reports
-    `installed` exactly where a real build would have (kernels whose headers exist).
+    `installed` exactly where a real build would have (kernels whose headers exist), and
+    records the module in the kernel's modules.dep as dkms's depmod run does (the toolkit's
+    nvidia-cdi-refresh.service runs only when modules.dep names nvidia.ko).
 
     The kmod state itself is the dpkg-owned file installed/kmod, so upgrades and removals
     keep it right without scripts.
@@ -310,6 +313,8 @@ def _dkms_postinst(version: str, flavour: str) -> str:
         "        mkdir -p $built $dir/updates/dkms\n"
         f"        printf 'SIMULATION: {flavour} nvidia.ko %s for %s\\n' $v $k > $built/nvidia.ko\n"
         "        cp $built/nvidia.ko $dir/updates/dkms/nvidia.ko\n"
+        "        grep -qs '^updates/dkms/nvidia.ko:' $dir/modules.dep || "
+        "echo 'updates/dkms/nvidia.ko:' >> $dir/modules.dep\n"
         "        ln -sfn $v/$k/x86_64 /var/lib/dkms/nvidia/kernel-$k-x86_64\n"
         f'        echo "SIMULATION: {flavour} module $v recorded for kernel $k"\n'
         "    done\n"
@@ -325,6 +330,7 @@ def _dkms_prerm(version: str) -> str:
         '    [ "$(readlink $link 2>/dev/null | cut -d/ -f1)" = "$v" ] || continue\n'
         "    k=${link#/var/lib/dkms/nvidia/kernel-}; k=${k%-x86_64}\n"
         "    rm -f $link /lib/modules/$k/updates/dkms/nvidia.ko\n"
+        "    sed -i '/^updates\\/dkms\\/nvidia.ko:/d' /lib/modules/$k/modules.dep 2>/dev/null || true\n"
         "done\n"
         "rm -rf /var/lib/dkms/nvidia/$v /usr/src/nvidia-$v/dkms.conf\n"
     )
@@ -1107,6 +1113,7 @@ def container_toolkit(version: str) -> list[Package]:
             "                systemctl daemon-reload || true\n"
             "                systemctl enable --now nvidia-cdi-refresh.path || true\n"
             "                systemctl enable --now nvidia-cdi-refresh.service || true\n"
+            "                systemctl start nvidia-cdi-refresh.service || true\n"
             "                ;;\n        esac\n    fi\n"
         )
     base_post += "fi\n"
