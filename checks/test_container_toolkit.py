@@ -84,10 +84,21 @@ def test_cdi_spec_lists_every_gpu(node, facts):
         pytest.skip("container_toolkit.cdi is false for this node")
     assert facts.snap.smi_ok, "nvidia-smi fails, so the GPUs to expect are unknown"
     res = facts.cmd("cdi_list")
-    listed = expect.parse_cdi_list(res["out"])
-    missing = [n for n in expect.expected_cdi_devices(facts.gpus) if n not in listed]
-    assert not missing, (f"CDI spec lacks devices {missing} (nvidia-ctk cdi list: {listed}; "
-                         f"{res['err'].strip()[-300:]})")
+    problems = expect.cdi_problems(node, facts.gpus, facts.content(desired.cdi_spec(node)),
+                                   expect.parse_cdi_list(res["out"]))
+    assert not problems, expect.explain("CDI spec differs", problems)
+
+
+def test_cdi_refresh_units(node, facts):
+    units = desired.cdi_refresh_units(node)
+    if not units:
+        pytest.skip("no CDI refresh units: cdi is off or the toolkit is older than 1.18")
+    state = {u: (facts.unit(u).get("UnitFileState"), facts.unit(u).get("ActiveState"))
+             for u in units}
+    path, service = state[desired.CDI_REFRESH_PATH], state[desired.CDI_REFRESH_SERVICE]
+    assert path == ("enabled", "active") and service[0] == "enabled", (
+        f"CDI refresh units (UnitFileState, ActiveState): {state}; expected the .path unit "
+        "enabled and active, the .service enabled")
 
 
 def test_container_toolkit_files_match(node, facts):

@@ -26,6 +26,7 @@ from gpunode.hostcmd import (
     ctk_key_install,
     dpkg_configure_pending,
     driver_to_version,
+    etc_cdi_cleanup,
     keyring_install,
     runtime_configure,
     stamp_path,
@@ -129,6 +130,7 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None,
         "ctk_key_command": ctk_key_install(p),
         "runtimes": [{"name": r, "config": d.RUNTIME_CONFIG[r], "command": runtime_configure(r)}
                      for r in p.container_toolkit.runtimes if r != "podman"],
+        "cdi_refresh_units": d.cdi_refresh_units(p),
         "irq_dropin": IRQ_DROPIN,
         "cpu_governor": ({"unit": d.CPU_GOVERNOR_UNIT, "path": d.CPU_GOVERNOR_UNIT_PATH}
                          if p.tuning.governor else None),
@@ -213,13 +215,14 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
     grub = next(j for j in want["files"]["tuning"] if j["path"] == d.GRUB_CFG)
     blacklist = next(j for j in want["files"]["nvidia_driver"]
                      if j["path"].endswith("blacklist-nouveau.conf"))
-    cdi_key = (gpus[0].driver_version + " " + ",".join(g.uuid for g in gpus)) if gpus else None
-    for name, key in (("grub", plan.grub_key(data, grub["sha256"])),
-                      ("initramfs", blacklist["sha256"]),
-                      ("cdi", cdi_key)):
+    cdi_key = plan.cdi_key(snap)
+    for name, key, force in (("grub", plan.grub_key(data, grub["sha256"]), False),
+                             ("initramfs", blacklist["sha256"], False),
+                             ("cdi", cdi_key, False),
+                             ("cdi-refresh", cdi_key, plan.cdi_spec_missing(p, snap))):
         stamp = stamp_path(name)
-        needed = key is not None and not _file_ok(snap, stamp, sha256(key + "\n"), "0644",
-                                                  "root", "root")
+        needed = key is not None and (force or not _file_ok(
+            snap, stamp, sha256(key + "\n"), "0644", "root", "root"))
         stamps[name] = {"path": stamp, "needed": needed, "command":
                         stamped_command(STAMP_COMMANDS[name], name, key) if key else None}
     sysctls = d.sysctls(p)
@@ -274,6 +277,7 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "stale_daemon": any(snap.unit(u).get("NeedDaemonReload") == "yes"
                             for u in unit_names(p)),
         "gpu_drift": d.gpu_settings_drift(p, gpus) if snap.smi_ok else [],
+        "etc_cdi_cleanup": etc_cdi_cleanup() if plan.etc_cdi_cleanup_needed(p, snap) else None,
         "runtime_lacks": {r: (data["cmds"].get(f"grep:{d.RUNTIME_CONFIG[r]}") or {"rc": 1})
                           ["rc"] != 0 for r in p.container_toolkit.runtimes if r != "podman"},
         "user_missing": p.vllm.user not in data["users"],

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 
 from gpunode.model import NodeProfile
-from gpunode.model.parts import OS_PYTHON
+from gpunode.model.parts import DCGM_EXPORTER, OS_PYTHON
 
 KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
 #: Published checksums of cuda-keyring_1.1-1_all.deb for every distro a GPU node may run
@@ -98,6 +98,35 @@ RUNTIME_CONFIG = {"docker": "/etc/docker/daemon.json",
                   "crio": "/etc/crio/conf.d/99-nvidia.toml"}
 #: containerd's own configuration, which must import RUNTIME_CONFIG["containerd"].
 CONTAINERD_CONFIG = "/etc/containerd/config.toml"
+
+
+#: Toolkit 1.18's nvidia-cdi-refresh.service writes the CDI spec here (a tmpfs: it runs at
+#: every boot, and its .path unit starts it again when the kernel's modules.dep or nvidia-ctk
+#: change). Source: the toolkit's deployments/systemd units and .install files (research
+#: nvidia-repo.md §5.4).
+CDI_SPEC = "/var/run/cdi/nvidia.yaml"
+#: Where gpunode wrote the spec itself (`nvidia-ctk cdi generate`) before, as it still does
+#: for toolkit 1.17, which ships no refresh units. Beside CDI_SPEC it would list every
+#: device twice.
+ETC_CDI_SPEC = "/etc/cdi/nvidia.yaml"
+CDI_REFRESH_PATH = "nvidia-cdi-refresh.path"
+CDI_REFRESH_SERVICE = "nvidia-cdi-refresh.service"
+
+
+def cdi_refresh(p: NodeProfile) -> bool:
+    """Whether the toolkit keeps the CDI spec itself (1.18 and later ship the refresh units)."""
+    major, minor = (int(x) for x in p.container_toolkit.version.split(".")[:2])
+    return p.container_toolkit.enabled and p.container_toolkit.cdi and (major, minor) >= (1, 18)
+
+
+def cdi_spec(p: NodeProfile) -> str:
+    """The CDI spec file that describes the node's GPUs."""
+    return CDI_SPEC if cdi_refresh(p) else ETC_CDI_SPEC
+
+
+def cdi_refresh_units(p: NodeProfile) -> list[str]:
+    """The toolkit's units gpunode enables (none before 1.18)."""
+    return [CDI_REFRESH_PATH, CDI_REFRESH_SERVICE] if cdi_refresh(p) else []
 
 
 def runtime_probe(path: str) -> str:
@@ -216,13 +245,21 @@ def container_toolkit_packages(p: NodeProfile) -> list[Pkg]:
 
 
 def dcgm_packages(p: NodeProfile) -> list[Pkg]:
+    """What NVIDIA's install (`apt-get install --install-recommends
+    datacenter-gpu-manager-4-cuda<major>`) puts on a host, each pinned: gpunode installs
+    without Recommends, so the -proprietary packages the -cuda and -core packages recommend
+    (profiling, DCP metrics) are named here at the same version; the exporter at the
+    release built for this DCGM (model.parts.DCGM_EXPORTER)."""
     if not p.dcgm.enabled:
         return []
     v = f"1:{p.dcgm.version}-1"
     major = p.cuda.version.split(".")[0]
-    pkgs = [Pkg("datacenter-gpu-manager-4-core", v), Pkg(f"datacenter-gpu-manager-4-cuda{major}", v)]
+    parts = ["core", f"cuda{major}", "proprietary"]
+    if int(major) >= 12:  # NVIDIA builds -proprietary-cuda12 and -cuda13 only
+        parts.append(f"proprietary-cuda{major}")
+    pkgs = [Pkg(f"datacenter-gpu-manager-4-{part}", v) for part in parts]
     if p.dcgm.exporter:
-        pkgs.append(Pkg("datacenter-gpu-manager-exporter"))
+        pkgs.append(Pkg("datacenter-gpu-manager-exporter", f"{DCGM_EXPORTER[p.dcgm.version]}-1"))
     return _locked(p, "dcgm", pkgs)
 
 

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from gpunode import desired
 from gpunode.files import ManagedFile, node_files
 from gpunode.model import NodeProfile
@@ -145,6 +147,36 @@ def expected_cdi_devices(gpus: list[Gpu], kind: str = "nvidia.com/gpu") -> list[
     """CDI names a complete spec has for these GPUs: by index, by UUID, and 'all'."""
     names = [f"{kind}={g.index}" for g in gpus] + [f"{kind}={g.uuid}" for g in gpus]
     return [*names, f"{kind}=all"]
+
+
+def cdi_spec_devices(text: str) -> list[str]:
+    """A CDI spec file -> its device names like 'nvidia.com/gpu=0' (none if it does not
+    parse as a spec)."""
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(spec, dict) or not isinstance(spec.get("devices"), list):
+        return []
+    return [f"{spec.get('kind')}={d['name']}" for d in spec["devices"]
+            if isinstance(d, dict) and "name" in d]
+
+
+def cdi_problems(p: NodeProfile, gpus: list[Gpu], spec_text: str | None,
+                 listed: list[str]) -> list[str]:
+    """The node's CDI spec (desired.cdi_spec) names every GPU, and `nvidia-ctk cdi list`
+    (every spec in /etc/cdi and /var/run/cdi) names none twice: a second spec, such as the
+    one gpunode generated into /etc/cdi before toolkit 1.18, makes CDI injection fail."""
+    path = desired.cdi_spec(p)
+    if spec_text is None:
+        return [f"{path} is missing"]
+    have = cdi_spec_devices(spec_text)
+    problems = [f"{path} lacks {n}" for n in expected_cdi_devices(gpus) if n not in have]
+    twice = sorted(n for n, c in Counter(listed).items() if c > 1)
+    if twice:
+        problems.append(f"more than one CDI spec defines {twice} (nvidia-ctk cdi list); "
+                        f"only {path} should")
+    return problems
 
 
 DKMS_LINE = re.compile(r"^(?P<module>[^/\s]+)/(?P<version>[^,\s]+),\s*(?P<kernel>[^,\s]+),"
@@ -365,7 +397,8 @@ def triton_build_command(p: NodeProfile) -> str:
 
 
 def checked_units(p: NodeProfile) -> list[str]:
-    units = [PERSISTENCED_UNIT, GPU_SETTINGS_UNIT, IRQBALANCE_UNIT, *desired.vllm_units(p)]
+    units = [PERSISTENCED_UNIT, GPU_SETTINGS_UNIT, IRQBALANCE_UNIT, *desired.vllm_units(p),
+             *desired.cdi_refresh_units(p)]
     if p.tuning.governor:
         units.append(desired.CPU_GOVERNOR_UNIT)
     if p.dcgm.enabled:
@@ -398,6 +431,8 @@ def core_spec(p: NodeProfile) -> dict[str, Any]:
         contents += [RUNTIME_CONFIG[r] for r in p.container_toolkit.runtimes if r in RUNTIME_CONFIG]
         if "containerd" in p.container_toolkit.runtimes:
             contents.append(desired.CONTAINERD_CONFIG)
+        if p.container_toolkit.cdi:
+            contents.append(desired.cdi_spec(p))
     return {"contents": contents, "units": checked_units(p), "unit_props": UNIT_PROPS,
             "commands": commands, "mtimes": ["/boot/initrd.img-*", NOUVEAU_BLACKLISTS],
             "listeners": bool(p.vllm.services)}

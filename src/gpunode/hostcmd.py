@@ -34,12 +34,21 @@ STAMP_COMMANDS = {
     # The driver packages' dpkg trigger usually rebuilt the newest kernel's image a moment
     # ago (with the blacklist already in place): rebuild only when an image predates it.
     "initramfs": f"{initramfs_current()} || update-initramfs -u -k all",
-    "cdi": "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml",
+    "cdi": f"nvidia-ctk cdi generate --output={desired.ETC_CDI_SPEC}",  # toolkit 1.17
+    # toolkit 1.18: its own service writes the spec; a skipped start (its ExecCondition finds
+    # no nvidia.ko in modules.dep) leaves no spec, and records no stamp
+    "cdi-refresh": f"systemctl start {desired.CDI_REFRESH_SERVICE} && test -s {desired.CDI_SPEC}",
 }
 
 
 def stamp_path(name: str) -> str:
     return f"{STAMPS}/{name}.stamp"
+
+
+def etc_cdi_cleanup() -> str:
+    """Remove the spec gpunode generated into /etc/cdi (and its stamp, the sign that
+    gpunode wrote it) once the toolkit's refresh service keeps the spec in /var/run/cdi."""
+    return f"rm -f {desired.ETC_CDI_SPEC} {stamp_path('cdi')}"
 
 
 def stamped_command(command: str, name: str, key: str) -> str:
@@ -211,9 +220,11 @@ def managed_paths(p: NodeProfile) -> list[str]:
     paths += [f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf" for s in p.vllm.services]
     paths += [credential_path(s.name) for s in p.vllm.services if s.api_key_file]
     paths += ["/etc/systemd/system/irqbalance.service.d/gpunode.conf", desired.CUDA_KEYRING,
-              desired.CTK_KEYRING, "/etc/cdi/nvidia.yaml", *desired.RUNTIME_CONFIG.values()]
+              desired.CTK_KEYRING, desired.ETC_CDI_SPEC, desired.CDI_SPEC,
+              *desired.RUNTIME_CONFIG.values()]
     paths += ["/etc/vllm", "/etc/vllm/credentials", "/var/lib/vllm", p.vllm.model_cache]
-    paths += [stamp_path(name) for name in ("initramfs", "grub", "cdi", "vllm-venv")]
+    paths += [stamp_path(name) for name in ("initramfs", "grub", "cdi", "cdi-refresh",
+                                            "vllm-venv")]
     paths.append(f"{STAMPS}/manifest.json")  # gpunode.manifest.MANIFEST_PATH
     return paths
 
@@ -223,4 +234,4 @@ def unit_names(p: NodeProfile) -> list[str]:
     units = ["nvidia-persistenced.service", "gpunode-gpu-settings.service", "irqbalance.service",
              "nvidia-dcgm.service", "docker.service", "containerd.service",
              desired.CPU_GOVERNOR_UNIT]
-    return units + desired.vllm_units(p)
+    return units + desired.cdi_refresh_units(p) + desired.vllm_units(p)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from gpunode import desired as d
 from gpunode.facts import Snapshot
-from gpunode.hostcmd import OS_IDS, nccl_available
+from gpunode.hostcmd import OS_IDS, nccl_available, stamp_path
 from gpunode.model import NodeProfile
 
 StepKind = Literal["file", "command", "reboot", "stop"]
@@ -142,6 +142,25 @@ def governor_differs(p: NodeProfile, data: dict[str, Any]) -> bool:
 # Package sets and apt lists (GPU nodes) -------------------------------------------------
 
 APT_LISTS_MAX_AGE_S = 3600
+
+
+def cdi_key(snap: Snapshot) -> str | None:
+    """What the CDI spec describes, the driver version and the GPUs: the spec is made again
+    when it changes (None, nothing to make, while nvidia-smi sees no GPU)."""
+    gpus = snap.gpus
+    return (gpus[0].driver_version + " " + ",".join(g.uuid for g in gpus)) if gpus else None
+
+
+def cdi_spec_missing(p: NodeProfile, snap: Snapshot) -> bool:
+    """The toolkit's refresh service left no spec (its boot run skipped or failed): start it
+    whatever the stamp says."""
+    return d.cdi_refresh(p) and not snap.file(d.CDI_SPEC)
+
+
+def etc_cdi_cleanup_needed(p: NodeProfile, snap: Snapshot) -> bool:
+    """gpunode generated /etc/cdi/nvidia.yaml earlier (its `cdi` stamp says so) and the
+    toolkit's refresh units now keep the spec in /var/run/cdi."""
+    return d.cdi_refresh(p) and bool(snap.file(stamp_path("cdi")))
 
 
 def todo(snap: Snapshot, specs: list[str]) -> list[str]:

@@ -43,7 +43,8 @@ def test_fresh_host_needs_everything(profile):
     assert plan["todo"]["headers"] == ["linux-headers-amd64", "linux-headers-6.1.0-30-amd64"]
     assert plan["todo"]["vllm"] == ["gcc", "libc6-dev", "python3.11-dev"]  # Triton's toolchain
     assert plan["sysctl_differs"] and plan["thp_differs"] and plan["user_missing"]
-    assert all(s["needed"] for name, s in plan["stamps"].items() if name != "cdi")
+    assert all(s["needed"] for name, s in plan["stamps"].items()
+               if name not in ("cdi", "cdi-refresh"))
     assert plan["stamps"]["cdi"] == {"path": "/var/lib/gpunode/cdi.stamp", "needed": False,
                                      "command": None}  # no GPUs visible yet
     assert plan["placement_files"] == {"tuning": [], "vllm": []}
@@ -118,6 +119,72 @@ def test_stamp_is_satisfied_by_the_content_its_command_writes(profile):
     data["files"][grub["path"]] = {"sha256": hashlib.sha256(f"{key}\n".encode()).hexdigest(),
                                    "mode": "0644", "owner": "root", "group": "root"}
     assert not ansible_plan.observed(profile, data)["stamps"]["grub"]["needed"]
+
+
+UUIDS = ("GPU-12345678-1234-1234-1234-123456789abc", "GPU-12345678-1234-1234-1234-123456789abd")
+UUID = ",".join(UUIDS)  # as the CDI stamp key lists them
+
+
+def with_gpu(data: dict, driver: str = "580.95.05") -> dict:
+    """nvidia-smi answers for two GPUs (the fields the snapshot's query asks for)."""
+    from gpunode.topology import GPU_FIELDS
+
+    lines = []
+    for i, uuid in enumerate(UUIDS):
+        values = {"index": str(i), "uuid": uuid, "name": "NVIDIA RTX A6000",
+                  "pci.bus_id": f"00000000:0{i + 1}:00.0", "memory.total": "49140",
+                  "driver_version": driver}
+        lines.append(", ".join(values.get(f, "0") for f in GPU_FIELDS))
+    data["nvidia_smi"] = {"present": True, "rc": 0, "query": "\n".join(lines)}
+    return data
+
+
+def _stamp_file(key: str) -> dict:
+    return {"sha256": hashlib.sha256(f"{key}\n".encode()).hexdigest(), "mode": "0644",
+            "owner": "root", "group": "root"}
+
+
+def test_toolkit_118_keeps_the_cdi_spec_through_its_refresh_units(profile):
+    """Was: gpunode wrote /etc/cdi/nvidia.yaml itself beside the spec toolkit 1.18's
+    nvidia-cdi-refresh.service writes to /var/run/cdi (every device listed twice)."""
+    assert profile.container_toolkit.version.startswith("1.18")
+    assert ansible_plan.desired(profile)["cdi_refresh_units"] == [
+        "nvidia-cdi-refresh.path", "nvidia-cdi-refresh.service"]
+    data = with_gpu(fresh_snapshot())
+    plan = ansible_plan.observed(profile, data)
+    assert {"nvidia-cdi-refresh.path", "nvidia-cdi-refresh.service"} <= set(plan["units"])
+    refresh = plan["stamps"]["cdi-refresh"]
+    assert refresh["needed"] and refresh["command"].startswith(
+        "systemctl start nvidia-cdi-refresh.service && test -s /var/run/cdi/nvidia.yaml && ")
+    assert "/etc/cdi" not in refresh["command"] and plan["etc_cdi_cleanup"] is None
+    # refreshed for this driver and these GPUs, the spec there: nothing to do
+    data["files"][refresh["path"]] = _stamp_file(f"580.95.05 {UUID}")
+    data["files"][desired.CDI_SPEC] = {"sha256": "0" * 64, "mode": "0644", "owner": "root",
+                                       "group": "root"}
+    assert not ansible_plan.observed(profile, data)["stamps"]["cdi-refresh"]["needed"]
+    # the spec gone (its boot run skipped) or another driver: start the service again
+    del data["files"][desired.CDI_SPEC]
+    assert ansible_plan.observed(profile, data)["stamps"]["cdi-refresh"]["needed"]
+    data["files"][desired.CDI_SPEC] = {"sha256": "0" * 64}
+    assert ansible_plan.observed(profile, with_gpu(data, "580.126.09"))["stamps"][
+        "cdi-refresh"]["needed"]
+    # the spec gpunode generated into /etc/cdi earlier (its cdi stamp says so) goes
+    data["files"]["/var/lib/gpunode/cdi.stamp"] = _stamp_file(f"580.95.05 {UUID}")
+    assert ansible_plan.observed(profile, data)["etc_cdi_cleanup"] == (
+        "rm -f /etc/cdi/nvidia.yaml /var/lib/gpunode/cdi.stamp")
+
+
+def test_toolkit_117_has_no_refresh_units_so_gpunode_generates_the_spec(profile):
+    ctk = profile.container_toolkit.model_copy(update={"version": "1.17.8"})
+    p = profile.model_copy(update={"container_toolkit": ctk})
+    assert ansible_plan.desired(p)["cdi_refresh_units"] == []
+    data = with_gpu(fresh_snapshot())
+    data["files"]["/var/lib/gpunode/cdi.stamp"] = _stamp_file("580.82.07 " + UUID)
+    plan = ansible_plan.observed(p, data)
+    assert plan["stamps"]["cdi"]["needed"] and plan["etc_cdi_cleanup"] is None
+    assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in plan["stamps"]["cdi"][
+        "command"]
+    assert "nvidia-cdi-refresh.path" not in plan["units"]
 
 
 def test_reboot_reasons_and_message_match_the_pyinfra_deploy(profile):

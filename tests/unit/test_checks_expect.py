@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import expect
+from gpunode import desired, expect
 from gpunode.files import ManagedFile, node_files
 from gpunode.inventory import load_site, to_ansible
 from gpunode.topology import Gpu, Placement
@@ -95,6 +95,30 @@ def test_cdi_names():
     assert listed == ["nvidia.com/gpu=0", "nvidia.com/gpu=GPU-0", "nvidia.com/gpu=all"]
     want = expect.expected_cdi_devices(_gpus(2))
     assert [n for n in want if n not in listed] == ["nvidia.com/gpu=1", "nvidia.com/gpu=GPU-1"]
+
+
+def test_cdi_problems_read_the_spec_the_toolkit_keeps_and_refuse_a_second_one(labnode):
+    """Was: the check only asked `nvidia-ctk cdi list`, which passes with the spec gpunode
+    wrote into /etc/cdi beside toolkit 1.18's /var/run/cdi one (each device twice)."""
+    gpus = _gpus(2)
+    names = ["0", "1", "GPU-0", "GPU-1", "all"]
+    spec = ("---\ncdiVersion: 0.5.0\ndevices:\n"
+            + "".join(f"- containerEdits:\n    deviceNodes:\n    - path: /dev/nvidia0\n"
+                      f"  name: \"{n}\"\n" for n in names) + "kind: nvidia.com/gpu\n")
+    once = [f"nvidia.com/gpu={n}" for n in names]
+    assert expect.cdi_spec_devices(spec) == once
+    assert expect.cdi_problems(labnode, gpus, spec, once) == []
+    assert expect.cdi_problems(labnode, gpus, None, []) == ["/var/run/cdi/nvidia.yaml is missing"]
+    twice = expect.cdi_problems(labnode, gpus, spec, once + once)
+    assert len(twice) == 1 and "more than one CDI spec defines" in twice[0]
+    short = spec.replace('name: "1"', 'name: "7"')
+    assert expect.cdi_problems(labnode, gpus, short, once) == [
+        "/var/run/cdi/nvidia.yaml lacks nvidia.com/gpu=1"]
+    old = labnode.model_copy(update={"container_toolkit": labnode.container_toolkit.model_copy(
+        update={"version": "1.17.8"})})
+    assert expect.cdi_problems(old, gpus, None, []) == ["/etc/cdi/nvidia.yaml is missing"]
+    assert desired.cdi_spec(labnode) in expect.core_spec(labnode)["contents"]
+    assert "nvidia-cdi-refresh.path" in expect.core_spec(labnode)["units"]
 
 
 def test_dkms_status():

@@ -267,3 +267,35 @@ def test_triton_toolchain_follows_the_venv_python(os_, python, mirror, expected)
 
 def test_no_triton_toolchain_without_vllm_services():
     assert desired.vllm_build_packages(profile()) == []
+
+
+def test_dcgm_is_what_nvidias_install_leaves_pinned_with_the_exporter_built_for_it():
+    """NVIDIA installs -cuda<major> with Recommends (so -proprietary and -proprietary-cuda<major>
+    come too); gpunode installs without, so it names them, at DCGM's version. The exporter
+    is the release tagged for this DCGM (NVIDIA/dcgm-exporter 4.4.2-4.7.1), not the newest."""
+    p = profile(dcgm={"enabled": True, "exporter": True})
+    v = "1:4.4.2-1"
+    assert {x.name: x.version for x in desired.dcgm_packages(p)} == {
+        "datacenter-gpu-manager-4-core": v, "datacenter-gpu-manager-4-cuda13": v,
+        "datacenter-gpu-manager-4-proprietary": v,
+        "datacenter-gpu-manager-4-proprietary-cuda13": v,
+        "datacenter-gpu-manager-exporter": "4.7.1-1"}
+    held = desired.held_packages(profile(dcgm={"enabled": True, "exporter": True},
+                                         nvidia={"hold": True}))
+    assert {"datacenter-gpu-manager-exporter", "datacenter-gpu-manager-4-proprietary"} <= set(held)
+    newer = profile(dcgm={"enabled": True, "version": "4.5.3", "exporter": True})
+    assert ("datacenter-gpu-manager-exporter", "4.8.2-1") in [
+        (x.name, x.version) for x in desired.dcgm_packages(newer)]
+
+
+@pytest.mark.parametrize("ctk, expected", [
+    ({"enabled": True, "version": "1.18.0"}, "/var/run/cdi/nvidia.yaml"),
+    ({"enabled": True, "version": "1.18.0~rc.1"}, "/var/run/cdi/nvidia.yaml"),
+    ({"enabled": True, "version": "1.19.1"}, "/var/run/cdi/nvidia.yaml"),
+    ({"enabled": True, "version": "1.17.8"}, "/etc/cdi/nvidia.yaml"),
+])
+def test_cdi_spec_is_the_refresh_units_one_from_toolkit_118(ctk, expected):
+    p = profile(container_toolkit=ctk)
+    assert desired.cdi_spec(p) == expected
+    assert bool(desired.cdi_refresh_units(p)) == expected.startswith("/var/run")
+    assert desired.cdi_refresh_units(profile(container_toolkit={**ctk, "cdi": False})) == []

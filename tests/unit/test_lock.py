@@ -121,8 +121,10 @@ def test_pinned_sets_resolve_exactly_and_open_ones_to_the_newest(tmp_path):
     assert cuda["cuda-toolkit-13-0"]["version"] == "13.0.2-1"
     assert cuda["cuda-nvcc-13-0"]["version"] == "13.0.88-1"
     dcgm = lk.resolve_group(p, "dcgm", src)["packages"]
-    assert dcgm["datacenter-gpu-manager-exporter"]["version"] == "4.4.2-4.7.1-1"
+    # the exporter built for the site's DCGM, not the newest (4.8.2-1 needs DCGM 4.5.3)
+    assert dcgm["datacenter-gpu-manager-exporter"]["version"] == "4.7.1-1"
     assert dcgm["datacenter-gpu-manager-4-core"]["version"] == "1:4.4.2-1"
+    assert dcgm["datacenter-gpu-manager-4-proprietary-cuda13"]["version"] == "1:4.4.2-1"
 
 
 def test_missing_pinned_package_names_it(tmp_path):
@@ -237,7 +239,7 @@ def test_consistent_site_passes_and_gets_the_locked_driver(tmp_path):
 
 def test_the_locked_closure_is_what_both_engines_install_hold_and_check(tmp_path):
     """With a lock, a group's packages are its whole locked closure at exact versions (the
-    cuda-toolkit metapackage and DCGM's exporter, unversioned in the site, included)."""
+    cuda-toolkit metapackage, unversioned in the site, included)."""
     from gpunode import desired
 
     site, doc = _lock(tmp_path)
@@ -411,7 +413,7 @@ def test_lock_command_and_update_of_one_group(tmp_path):
     assert res.exit_code == 0, res.output
     doc3 = yaml.safe_load(lock.read_text())
     assert doc3["nodes"]["gpu01"]["dcgm"]["packages"]["datacenter-gpu-manager-exporter"][
-        "version"] == "4.4.2-4.7.1-1"
+        "version"] == "4.7.1-1"
     assert doc3["nodes"]["gpu01"]["cuda"] == doc["nodes"]["gpu01"]["cuda"]
 
     res = _run("lock", "--update", "no-such-thing", "--site", str(site), *via)

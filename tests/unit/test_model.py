@@ -160,6 +160,12 @@ def test_secrets_never_in_extra_env(key: str) -> None:
         VllmService(name="a", model="/m", gpus=[0], extra_env={key: "x"})
 
 
+def test_dcgm_exporter_needs_a_dcgm_version_it_is_built_for() -> None:
+    with pytest.raises(ValidationError, match="no dcgm-exporter release is known for DCGM 4.4.3"):
+        profile(dcgm={"enabled": True, "version": "4.4.3", "exporter": True})
+    profile(dcgm={"enabled": True, "version": "4.4.3"})  # DCGM alone: any version
+
+
 def test_pcie_hostpci_needs_q35() -> None:
     p = guest(machine="pc", hostpci=[{"mapping": "a6000-0"}])
     assert "q35" in problems(p)["vm.hostpci[0].pcie"]

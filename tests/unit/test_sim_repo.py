@@ -157,6 +157,21 @@ def test_debian12_names_and_exact_relations(built: tuple[Path, dict]) -> None:
     assert ("cuda-toolkit-13-0", "13.0.2-1") in pkgs and ("cuda-nvcc-13-0", "13.0.88-1") in pkgs
 
 
+def test_dcgm_relations_as_nvidia_publishes_them(built: tuple[Path, dict]) -> None:
+    v = cat.DCGM_DEB_VERSION
+    for distro in cat.CUDA_DISTROS:
+        pkgs = index(built[0], distro)
+        cuda13 = pkgs[("datacenter-gpu-manager-4-cuda13", v)]
+        assert "datacenter-gpu-manager-4-proprietary-cuda13" in cuda13["Recommends"]
+        assert "datacenter-gpu-manager-4-proprietary" in \
+            pkgs[("datacenter-gpu-manager-4-core", v)]["Recommends"]
+        assert pkgs[("datacenter-gpu-manager-4-proprietary", v)]["Depends"] == \
+            f"datacenter-gpu-manager-4-core (= {v})"
+        for exporter in cat.DCGM_EXPORTERS:
+            needs = pkgs[("datacenter-gpu-manager-exporter", f"{exporter}-1")]["Depends"]
+            assert f"datacenter-gpu-manager-4-core (= {v})" in needs, distro
+
+
 def test_ubuntu_names_are_branch_suffixed(built: tuple[Path, dict]) -> None:
     pkgs = index(built[0], "ubuntu2404")
     uv = f"{V_NEW}-0ubuntu1"
@@ -241,6 +256,63 @@ def test_kmod_and_library_packages_record_their_state(built: tuple[Path, dict],
 
 
 # ---------------------------------------------------------------------- keyring / gpg
+
+
+def test_toolkit_118_ships_and_starts_its_cdi_refresh_units(built: tuple[Path, dict],
+                                                           tmp_path: Path) -> None:
+    from gpunode import desired
+
+    d = built[0] / cat.CTK_REPO_PATH
+    deb = d / "nvidia-container-toolkit-base_1.18.1-1_amd64.deb"
+    new = extract(deb, tmp_path / "n")
+    units = new / "etc/systemd/system"
+    assert f"Environment=NVIDIA_CTK_CDI_OUTPUT_FILE_PATH={desired.CDI_SPEC}\n" in (
+        units / desired.CDI_REFRESH_SERVICE).read_text()
+    assert "PathChanged=/lib/modules/%v/modules.dep\n" in (units / desired.CDI_REFRESH_PATH
+                                                           ).read_text()
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(tmp_path / "c")], check=True)
+    post = (tmp_path / "c/postinst").read_text()
+    # as the real postinst: enable both units, then start the service once
+    assert post.index("enable --now nvidia-cdi-refresh.path") < post.index(
+        "systemctl start nvidia-cdi-refresh.service")
+    old = extract(d / "nvidia-container-toolkit-base_1.17.8-1_amd64.deb", tmp_path / "o")
+    assert not (old / "etc/systemd/system").exists()
+
+
+def test_dkms_records_the_module_where_the_cdi_refresh_condition_looks(
+        built: tuple[Path, dict], tmp_path: Path) -> None:
+    """dkms's depmod puts the module in modules.dep; nvidia-cdi-refresh.service's
+    ExecCondition greps for it there (else the service is skipped and no spec is made)."""
+    root, k = tmp_path / "root", "6.1.0-30-amd64"
+    kdir = root / "lib/modules" / k
+    (kdir / "build").mkdir(parents=True)
+    (kdir / "modules.dep").write_text("kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko\n")
+    (root / f"usr/src/nvidia-{V_NEW}").mkdir(parents=True)
+    ctl = tmp_path / "ctl"
+    subprocess.run(["dpkg-deb", "-e", str(repo_dir(built[0]) /
+                    f"nvidia-kernel-open-dkms_{DEB_NEW}_amd64.deb"), str(ctl)], check=True)
+
+    def run(script: str, *args: str) -> None:
+        text = (ctl / script).read_text()
+        for path in ("/var/lib/dkms", "/lib/modules", "/usr/src"):
+            text = text.replace(path, f"{root}{path}")
+        subprocess.run(["sh", "-c", text, script, *args], check=True, capture_output=True)
+
+    ctk = extract(built[0] / cat.CTK_REPO_PATH / "nvidia-container-toolkit-base_1.18.1-1_amd64.deb",
+                  tmp_path / "ctk")
+    unit = (ctk / "etc/systemd/system/nvidia-cdi-refresh.service").read_text()
+    pattern = unit.split("ExecCondition=/usr/bin/grep -qE '")[1].split("'")[0]
+
+    def condition() -> int:
+        return subprocess.run(["grep", "-qE", pattern, str(kdir / "modules.dep")]).returncode
+
+    assert condition() == 1
+    run("postinst", "configure")
+    run("postinst", "configure")  # once only
+    assert condition() == 0
+    assert (kdir / "modules.dep").read_text().count("nvidia.ko") == 1
+    run("prerm", "remove")
+    assert condition() == 1 and "ext4.ko" in (kdir / "modules.dep").read_text()
 
 
 def test_keyring_package_and_signatures(built: tuple[Path, dict], tmp_path: Path) -> None:
@@ -428,6 +500,28 @@ def test_apt_update_accepts_signature_and_sees_both_versions(
     proprietary = apt.simulate("cuda-drivers")
     assert "nvidia-kernel-dkms" in proprietary and "nvidia-kernel-open-dkms" not in proprietary
     assert set(apt.simulate("cuda-toolkit-13-0")) >= {"cuda-nvcc-13-0", "cuda-cudart-13-0"}
+
+
+def test_apt_installs_what_gpunode_names_for_dcgm_as_nvidias_install_does(
+    apt_debian12: tuple[PrivateApt, Path],
+) -> None:
+    """NVIDIA's instructions install -cuda13 with Recommends; gpunode installs its own list
+    without them: apt must end with the same DCGM packages, and the exporter next to them."""
+    from gpunode import desired
+    from gpunode.model import NodeProfile
+
+    apt, _ = apt_debian12
+    apt.run("apt-get", "update")
+    p = NodeProfile.model_validate({"name": "n", "connection": {"address": "h"},
+                                    "gpus": {"count": 1}, "os": "debian-12",
+                                    "dcgm": {"enabled": True, "exporter": True}})
+    specs = [x.spec for x in desired.dcgm_packages(p)]
+    ours = apt.simulate("--no-install-recommends", *specs)
+    nvidias = apt.simulate("--install-recommends", "datacenter-gpu-manager-4-cuda13")
+    dcgm = {n: v for n, v in ours.items() if n.startswith("datacenter-gpu-manager")}
+    assert dcgm == {x.name: x.version for x in desired.dcgm_packages(p)}
+    assert {n: v for n, v in nvidias.items() if n.startswith("datacenter-gpu-manager")} == \
+        {n: v for n, v in dcgm.items() if n != "datacenter-gpu-manager-exporter"}
 
 
 def test_apt_rejects_repo_signed_by_other_key(built: tuple[Path, dict], tmp_path: Path) -> None:

@@ -1,14 +1,15 @@
 """NVIDIA Container Toolkit: its repository and keyring, a pinned and held package set,
 runtimes configured by nvidia-ctk (which merges into existing configs), and the CDI spec,
-regenerated when the driver version changes."""
+made again when the driver version or the GPUs change: by the toolkit's own refresh units
+from 1.18 on, by nvidia-ctk cdi generate before."""
 
 
 from pyinfra.api import deploy
 
-from gpunode import desired
+from gpunode import desired, plan
 from gpunode.deploys import ops
 from gpunode.files import container_toolkit_files
-from gpunode.hostcmd import ctk_key_install, runtime_configure
+from gpunode.hostcmd import ctk_key_install, etc_cdi_cleanup, runtime_configure
 from gpunode.model import NodeProfile
 
 
@@ -37,10 +38,21 @@ def deploy_container_toolkit(p: NodeProfile) -> None:
             name=f"Configure the {runtime} runtime for NVIDIA", p=p, tag=f"runtime:{runtime}",
             needed=lambda snap, path=path: _lacks_nvidia(snap, path),
             command=runtime_configure(runtime))
-    if p.container_toolkit.cdi:
+    if desired.cdi_refresh(p):
+        # toolkit 1.18: its nvidia-cdi-refresh units keep /var/run/cdi/nvidia.yaml
+        ops.run_when(name=f"Remove the CDI spec gpunode generated ({desired.ETC_CDI_SPEC})",
+                     p=p, tag="cdi-cleanup",
+                     needed=lambda snap: plan.etc_cdi_cleanup_needed(p, snap),
+                     command=etc_cdi_cleanup())
+        ops.unit(name="Watch for driver and toolkit changes (CDI refresh)", p=p,
+                 unit_name=desired.CDI_REFRESH_PATH)
+        ops.unit(name="Refresh the CDI spec at boot", p=p,
+                 unit_name=desired.CDI_REFRESH_SERVICE, running=None)
+        ops.stamped(name="Refresh the CDI spec for this driver", p=p, stamp_name="cdi-refresh",
+                    key=plan.cdi_key, force=lambda snap: plan.cdi_spec_missing(p, snap))
+    elif p.container_toolkit.cdi:
         ops.stamped(name="Generate the CDI spec for this driver", p=p, stamp_name="cdi",
-                    key=lambda snap: (snap.gpus[0].driver_version + " " + ",".join(
-                        g.uuid for g in snap.gpus)) if snap.gpus else None)
+                    key=plan.cdi_key)
 
 
 def _lacks_nvidia(snap, path: str) -> bool:

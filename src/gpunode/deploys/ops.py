@@ -187,13 +187,15 @@ def decide(value: bool | Callable[[Snapshot], bool], p: NodeProfile) -> bool:
 
 
 @operation()
-def stamped(p: NodeProfile, stamp_name: str, key: str | Callable[[Snapshot], str | None]):
+def stamped(p: NodeProfile, stamp_name: str, key: str | Callable[[Snapshot], str | None],
+            force: Callable[[Snapshot], bool] | None = None):
     """Run the stamp's command (hostcmd.STAMP_COMMANDS) once per value of `key` (a stamp
     file records the last success), so an interrupted run repeats it next time. A key of
-    None means: not now."""
+    None means: not now; `force` runs it whatever the stamp says (what it made is gone)."""
     key = key(snapshot(p)) if callable(key) else key
     stamp = stamp_path(stamp_name)
-    if key is not None and file_differs(snapshot(p), stamp, key + "\n", 0o644, "root", "root"):
+    if key is not None and (file_differs(snapshot(p), stamp, key + "\n", 0o644, "root", "root")
+                            or (force is not None and force(snapshot(p)))):
         changing(f"stamp:{stamp_name}")
         yield StringCommand(stamped_command(STAMP_COMMANDS[stamp_name], stamp_name, key))
 

@@ -240,17 +240,38 @@ class ContainerToolkit(Strict):
         default_factory=list,
         description="Runtimes to configure (podman uses CDI only; its config is not touched).",
     )
-    cdi: StrictBool = Field(True, description="Generate the CDI spec /etc/cdi/nvidia.yaml.")
+    cdi: StrictBool = Field(True, description="Keep a CDI spec of the GPUs: from toolkit 1.18 "
+                            "its nvidia-cdi-refresh units write /var/run/cdi/nvidia.yaml "
+                            "(gpunode enables them); before, nvidia-ctk cdi generate writes "
+                            "/etc/cdi/nvidia.yaml.")
     repo_url: Url = Field(
         "https://nvidia.github.io/libnvidia-container/stable/deb",
         description="Container toolkit repository (when not served from repo_url's mirror).",
     )
 
 
+#: The dcgm-exporter release built for each DCGM 4 release: the newest of NVIDIA's
+#: dcgm-exporter tags `<dcgm>-<exporter>` (github.com/NVIDIA/dcgm-exporter, e.g.
+#: 4.4.2-4.7.1). Its package, datacenter-gpu-manager-exporter <exporter>-1, needs that
+#: exact DCGM ("Run DCGM Exporter with the DCGM version paired with that exporter release").
+DCGM_EXPORTER = {"4.0.0": "4.0.1", "4.1.1": "4.0.4", "4.2.0": "4.1.0", "4.2.3": "4.2.0",
+                 "4.3.1": "4.4.0", "4.4.0": "4.5.0", "4.4.1": "4.6.0", "4.4.2": "4.7.1",
+                 "4.5.1": "4.8.0", "4.5.2": "4.8.1", "4.5.3": "4.8.2"}
+
+
 class Dcgm(Strict):
     enabled: StrictBool = Field(False, description="Install DCGM 4 (datacenter-gpu-manager-4).")
     version: str = Field("4.4.2", pattern=r"^\d+\.\d+\.\d+$", description="DCGM version.")
-    exporter: StrictBool = Field(False, description="Also install dcgm-exporter.")
+    exporter: StrictBool = Field(False, description="Also install dcgm-exporter "
+                                 "(datacenter-gpu-manager-exporter), at the release built for "
+                                 "this DCGM version.")
+
+    @model_validator(mode="after")
+    def _exporter_known(self) -> Dcgm:
+        if self.exporter and self.version not in DCGM_EXPORTER:
+            raise ValueError(f"no dcgm-exporter release is known for DCGM {self.version} "
+                             f"(known: {', '.join(DCGM_EXPORTER)})")
+        return self
 
 
 class Hugepages(Strict):

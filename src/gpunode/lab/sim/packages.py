@@ -37,6 +37,7 @@ NCCL_VERSION = "2.28.3"
 NCCL_DEB_VERSION = f"{NCCL_VERSION}-1+cuda{CUDA_MINOR}"
 DCGM_VERSION = "4.4.2"
 DCGM_DEB_VERSION = f"1:{DCGM_VERSION}-1"  # the epoch is in Version, not in the file name
+DCGM_EXPORTERS: tuple[str, ...] = ("4.7.0", "4.7.1")  # both tagged 4.4.2-<exporter>, oldest first
 CTK_VERSIONS: tuple[str, ...] = ("1.17.8", "1.18.1")  # container toolkit, oldest first
 KEYRING_VERSION = "1.1-1"
 SIM_BASE_VERSION = "0.1-1"
@@ -171,7 +172,8 @@ sys.exit(gpunode_sim.boot())
 _BOOT_UNIT = """[Unit]
 Description=SIMULATION: gpunode lab simulated NVIDIA kernel module load
 After=systemd-modules-load.service local-fs.target
-Before=nvidia-persistenced.service nvidia-dcgm.service multi-user.target
+Before=nvidia-persistenced.service nvidia-dcgm.service nvidia-cdi-refresh.service
+Before=multi-user.target
 
 [Service]
 Type=oneshot
@@ -289,7 +291,9 @@ def _dkms_postinst(version: str, flavour: str) -> str:
     """Real DKMS postinsts run `dkms add/build/install` for every kernel with headers. The
     simulation builds nothing but leaves the same DKMS tree (source with dkms.conf, built
     and installed module per kernel, the kernel-<k>-<arch> link), so `dkms status` reports
-    `installed` exactly where a real build would have (kernels whose headers exist).
+    `installed` exactly where a real build would have (kernels whose headers exist), and
+    records the module in the kernel's modules.dep as dkms's depmod run does (the toolkit's
+    nvidia-cdi-refresh.service runs only when modules.dep names nvidia.ko).
 
     The kmod state itself is the dpkg-owned file installed/kmod, so upgrades and removals
     keep it right without scripts.
@@ -312,6 +316,8 @@ def _dkms_postinst(version: str, flavour: str) -> str:
         "        mkdir -p $built $dir/updates/dkms\n"
         f"        printf 'SIMULATION: {flavour} nvidia.ko %s for %s\\n' $v $k > $built/nvidia.ko\n"
         "        cp $built/nvidia.ko $dir/updates/dkms/nvidia.ko\n"
+        "        grep -qs '^updates/dkms/nvidia.ko:' $dir/modules.dep || "
+        "echo 'updates/dkms/nvidia.ko:' >> $dir/modules.dep\n"
         "        ln -sfn $v/$k/x86_64 /var/lib/dkms/nvidia/kernel-$k-x86_64\n"
         f'        echo "SIMULATION: {flavour} module $v recorded for kernel $k"\n'
         "    done\n"
@@ -327,6 +333,7 @@ def _dkms_prerm(version: str) -> str:
         '    [ "$(readlink $link 2>/dev/null | cut -d/ -f1)" = "$v" ] || continue\n'
         "    k=${link#/var/lib/dkms/nvidia/kernel-}; k=${k%-x86_64}\n"
         "    rm -f $link /lib/modules/$k/updates/dkms/nvidia.ko\n"
+        "    sed -i '/^updates\\/dkms\\/nvidia.ko:/d' /lib/modules/$k/modules.dep 2>/dev/null || true\n"
         "done\n"
         "rm -rf /var/lib/dkms/nvidia/$v /usr/src/nvidia-$v/dkms.conf\n"
     )
@@ -981,17 +988,34 @@ _DCGM_UNIT = (
 
 
 def dcgm() -> list[Package]:
-    """DCGM 4 with the epoch in Version (CORROBORATED); unit text INFERRED."""
+    """DCGM 4 with the epoch in Version (CORROBORATED); unit text INFERRED.
+
+    Relations: -cuda13 Depends -core (= v) (CORROBORATED; NVIDIA/DCGM cmake/packaging.cmake
+    VERIFIED, which also gives its Recommends libnuma1). `apt-cache depends` of the real
+    -cuda13 shows Recommends datacenter-gpu-manager-4-proprietary-cuda13, and NVIDIA's
+    install (--install-recommends) ends with -core, -cuda13, -proprietary and
+    -proprietary-cuda13 at one version (CORROBORATED, code index id 69595206213); -core
+    lists -proprietary as an optional (Recommends) dependency (CORROBORATED, dstack PR
+    #2399). -cuda13 Provides datacenter-gpu-manager-4 and -core Conflicts
+    datacenter-gpu-manager (VERIFIED, packaging.cmake). The -proprietary packages' own
+    Depends (= v) are INFERRED. The exporter
+    Depends -core and -proprietary (= v) of the DCGM its release is built for
+    (CORROBORATED from Microsoft's repackaged dcgm-exporter, index id 65924874804;
+    pairing from NVIDIA/dcgm-exporter tags `<dcgm>-<exporter>`)."""
     unit = "nvidia-dcgm.service"
     unit_bytes = (GUEST_DIR / unit).read_bytes() if (GUEST_DIR / unit).is_file() \
         else _DCGM_UNIT.encode()
+    v = DCGM_DEB_VERSION
+    core, prop = "datacenter-gpu-manager-4-core", "datacenter-gpu-manager-4-proprietary"
     return [
         Package(
-            name="datacenter-gpu-manager-4-core",
-            version=DCGM_DEB_VERSION,
+            name=core,
+            version=v,
             section="utils",
             description="NVIDIA® Datacenter GPU Management Tools",
             depends=("gpunode-sim-base",),
+            recommends=(prop,),
+            conflicts=("datacenter-gpu-manager",),
             files=(
                 _exe("/usr/bin/dcgmi", "dcgmi"),
                 _exe("/usr/bin/nv-hostengine", "nv-hostengine"),
@@ -1003,12 +1027,39 @@ def dcgm() -> list[Package]:
         ),
         Package(
             name="datacenter-gpu-manager-4-cuda13",
-            version=DCGM_DEB_VERSION,
+            version=v,
             section="utils",
             description="NVIDIA® Datacenter GPU Management Tools - CUDA 13 support",
-            depends=(f"datacenter-gpu-manager-4-core (= {DCGM_DEB_VERSION})",),
+            depends=(f"{core} (= {v})",),
+            recommends=("libnuma1", f"{prop}-cuda13"),
+            provides=(f"datacenter-gpu-manager-4 (= {v})",),
             files=(_doc("datacenter-gpu-manager-4-cuda13"),),
         ),
+        Package(
+            name=prop,
+            version=v,
+            section="utils",
+            description="NVIDIA® Datacenter GPU Management Tools - proprietary modules "
+                        "(profiling, DCP metrics)",
+            depends=(f"{core} (= {v})",),
+            files=(_stub_lib(f"{LIBDIR}/libdcgmmoduleprofiling.so.4"),),
+        ),
+        Package(
+            name=f"{prop}-cuda13",
+            version=v,
+            section="utils",
+            description="NVIDIA® Datacenter GPU Management Tools - proprietary CUDA 13 support",
+            depends=(f"{prop} (= {v})",),
+            files=(_doc(f"{prop}-cuda13"),),
+        ),
+        *(Package(
+            name="datacenter-gpu-manager-exporter",
+            version=f"{exporter}-1",
+            section="utils",
+            description="NVIDIA DCGM exporter for Prometheus",
+            depends=(f"{core} (= {v})", f"{prop} (= {v})"),
+            files=(_doc("datacenter-gpu-manager-exporter"),),
+        ) for exporter in DCGM_EXPORTERS),
     ]
 
 
@@ -1065,6 +1116,7 @@ def container_toolkit(version: str) -> list[Package]:
             "                systemctl daemon-reload || true\n"
             "                systemctl enable --now nvidia-cdi-refresh.path || true\n"
             "                systemctl enable --now nvidia-cdi-refresh.service || true\n"
+            "                systemctl start nvidia-cdi-refresh.service || true\n"
             "                ;;\n        esac\n    fi\n"
         )
     base_post += "fi\n"
