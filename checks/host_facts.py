@@ -1,7 +1,8 @@
 # Runs ON THE CHECKED HOST (python3 >= 3.10, stdlib only) and prints one JSON document:
 # what the testinfra checks need beyond gpunode.facts' snapshot, read in one command.
 # Input: argv[1] = JSON spec (see checks/conftest.py). Output never contains a secret: API
-# keys are read here only to search for them, and only booleans leave the host.
+# keys and the Hugging Face token are read here only to search for them, and only where
+# they were found leaves the host.
 import glob
 import json
 import os
@@ -102,6 +103,39 @@ def base_url(address, port):
     return f"http://{address}:{port}"
 
 
+def secret_exposure(out, prefix, path, units, cmdlines, scan_paths):
+    """Read a secret file only to look for its content where it must never be: process
+    command lines, unit files, managed files, the units' journals. Sets <prefix>_read,
+    _stat and _found_in in out (no secret leaves) and returns the secret for local use."""
+    secret = None
+    if path:
+        raw = read_bytes(path)
+        secret = raw.decode("utf-8", "replace").strip() if raw else None
+    out.update({f"{prefix}_read": bool(secret), f"{prefix}_found_in": [], f"{prefix}_stat": None})
+    if path:
+        try:
+            st = os.stat(path)
+            out[f"{prefix}_stat"] = {"mode": f"{st.st_mode & 0o7777:04o}", "uid": st.st_uid}
+        except OSError:
+            pass
+    if not secret:
+        return None
+    found = out[f"{prefix}_found_in"]
+    found += [where for where, cmdline in cmdlines.items() if secret.encode() in cmdline]
+    for unit in units:
+        if secret in run(["systemctl", "cat", "--no-pager", unit])["out"]:
+            found.append(f"unit files (systemctl cat {unit})")
+    for scan in scan_paths:
+        text = read(scan, limit=16 * 1024 * 1024)
+        if text and secret in text:
+            found.append(scan)
+    for unit in units:
+        journal = run(["journalctl", "-u", unit, "--no-pager", "-o", "cat"], timeout=120)
+        if secret in journal["out"]:
+            found.append(f"journal (journalctl -u {unit})")
+    return secret
+
+
 def probe_service(svc, timeout):
     unit = svc["unit"]
     props = unit_props([unit], ["MainPID", "ControlGroup", "ActiveState", "SubState"]).get(unit, {})
@@ -109,18 +143,8 @@ def probe_service(svc, timeout):
     pids = cgroup_pids(props.get("ControlGroup"))
     if main and main not in pids:
         pids.insert(0, main)
-    key = None
-    if svc.get("key_path"):
-        raw = read_bytes(svc["key_path"])
-        key = raw.decode("utf-8", "replace").strip() if raw else None
-    out = {"main_pid": main, "pids": {}, "key_read": bool(key), "key_found_in": [],
-           "key_stat": None}
-    if svc.get("key_path"):
-        try:
-            st = os.stat(svc["key_path"])
-            out["key_stat"] = {"mode": f"{st.st_mode & 0o7777:04o}", "uid": st.st_uid}
-        except OSError:
-            pass
+    out = {"main_pid": main, "pids": {}}
+    cmdlines = {}
     for pid in pids:
         cmdline = read_bytes(f"/proc/{pid}/cmdline")
         if cmdline is None:
@@ -131,19 +155,11 @@ def probe_service(svc, timeout):
             "policies": policy_counts(pid),
         }
         out["pids"][str(pid)] = info
-        if key and key.encode() in cmdline:
-            out["key_found_in"].append(f"/proc/{pid}/cmdline ({info['comm']})")
-    if key:
-        cat = run(["systemctl", "cat", "--no-pager", unit])
-        if key in cat["out"]:
-            out["key_found_in"].append(f"unit files (systemctl cat {unit})")
-        for path in svc.get("scan_paths", []):
-            text = read(path, limit=16 * 1024 * 1024)
-            if text and key in text:
-                out["key_found_in"].append(path)
-        journal = run(["journalctl", "-u", unit, "--no-pager", "-o", "cat"], timeout=120)
-        if key in journal["out"]:
-            out["key_found_in"].append(f"journal (journalctl -u {unit})")
+        cmdlines[f"/proc/{pid}/cmdline ({info['comm']})"] = cmdline
+    key = secret_exposure(out, "key", svc.get("key_path"), [unit], cmdlines,
+                          svc.get("scan_paths", []))
+    secret_exposure(out, "token", svc.get("token_path"), svc.get("token_units", [unit]),
+                    cmdlines, svc.get("scan_paths", []))
     sec = run(["systemd-analyze", "security", "--no-pager", unit])
     out["security"] = {"rc": sec["rc"], "out": sec["out"][-2000:], "err": sec["err"][-1000:]}
     url = base_url(svc["address"], svc["port"])

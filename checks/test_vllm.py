@@ -1,5 +1,6 @@
 """vLLM services: version, Triton's C toolchain, units, listening address, API answers,
-placement on GPU-local CPUs and NUMA nodes, the API key kept secret, unit hardening."""
+placement on GPU-local CPUs and NUMA nodes, the API key and Hugging Face token kept secret,
+unit hardening."""
 
 from __future__ import annotations
 
@@ -189,28 +190,42 @@ def test_numa_policy(node, vllm_probe, placements):
     assert not problems, expect.explain("vLLM NUMA placement differs", problems)
 
 
+def _secret_problem(probe, prefix: str, what: str) -> str | None:
+    """A credential file that is missing, not root-only, or whose content shows anywhere."""
+    if not probe[f"{prefix}_read"]:
+        return "the credential file is missing or empty"
+    st = probe[f"{prefix}_stat"] or {}
+    issues = []
+    if st.get("uid") != 0 or int(st.get("mode", "0777"), 8) & 0o077:
+        issues.append(f"credential file mode {st.get('mode')} uid {st.get('uid')}, "
+                      "expected root-owned and not group/other readable")
+    if probe[f"{prefix}_found_in"]:
+        issues.append(f"{what} visible in: {probe[f'{prefix}_found_in']}")
+    return "; ".join(issues) or None
+
+
 def test_api_key_kept_secret(node, vllm_probe):
     """The key is readable only by root on the host and appears in no command line, unit
     file, managed file or journal."""
     def check(svc):
         if not svc.api_key_file:
             return None
-        probe = vllm_probe[svc.name]
-        if not probe["key_read"]:
-            return "the credential file is missing or empty"
-        st = probe["key_stat"] or {}
-        issues = []
-        if st.get("uid") != 0 or int(st.get("mode", "0777"), 8) & 0o077:
-            issues.append(f"credential file mode {st.get('mode')} uid {st.get('uid')}, "
-                          "expected root-owned and not group/other readable")
-        if probe["key_found_in"]:
-            issues.append(f"API key visible in: {probe['key_found_in']}")
-        return "; ".join(issues) or None
+        return _secret_problem(vllm_probe[svc.name], "key", "API key")
 
     if not any(s.api_key_file for s in node.vllm.services):
         pytest.skip("no service has an API key (api_key_file)")
     problems = _check_each(node, check)
     assert not problems, expect.explain("API key exposed", problems)
+
+
+def test_hf_token_kept_secret(node, vllm_probe):
+    """The Hugging Face token is readable only by root on the host and appears in no
+    command line, environment file, unit file (server or prefetch) or journal."""
+    if not node.vllm.hf_token_file:
+        pytest.skip("no Hugging Face token (vllm.hf_token_file)")
+    problems = _check_each(
+        node, lambda svc: _secret_problem(vllm_probe[svc.name], "token", "Hugging Face token"))
+    assert not problems, expect.explain("Hugging Face token exposed", problems)
 
 
 def test_unit_exposure(node, vllm_probe):

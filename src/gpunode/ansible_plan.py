@@ -16,7 +16,15 @@ from typing import Any
 from gpunode import desired as d
 from gpunode import plan
 from gpunode.facts import Snapshot, reboot_reasons
-from gpunode.files import ManagedFile, banned_cpus, credential_path, node_files, placements
+from gpunode.files import (
+    HF_TOKEN_PATH,
+    ManagedFile,
+    banned_cpus,
+    credential_path,
+    credentials,
+    node_files,
+    placements,
+)
 from gpunode.hostcmd import (
     APT_ENV_VARS,
     OS_IDS,
@@ -140,13 +148,14 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None,
             "user_command": user_command(p),
             "units": [{"name": s.name, "unit": d.vllm_unit(s.name),
                        "dropin": f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf",
-                       "credential": credential_path(s.name) if s.api_key_file else None,
-                       "api_key_file": (str(Path(s.api_key_file).expanduser().resolve())
-                                        if s.api_key_file else None),
                        "inputs": [f"/etc/vllm/{s.name}.yaml", f"/etc/vllm/{s.name}.env",
                                   f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf",
-                                  credential_path(s.name), *TEMPLATE_UNITS, *SCRIPTS]}
+                                  credential_path(s.name), HF_TOKEN_PATH, *TEMPLATE_UNITS,
+                                  *SCRIPTS]}
                       for s in p.vllm.services],
+            # paths only: the role reads each source on the controller (no_log)
+            "credentials": [{"path": c.path, "source": str(Path(c.source).expanduser().resolve())}
+                            for c in credentials(p)],
             "directories": [
                 {"path": "/var/lib/vllm", "mode": "0755", "owner": p.vllm.user,
                  "group": p.vllm.user},
@@ -199,11 +208,10 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
                 placement_files[job["concern"]].append(job)
                 files_ok[job["path"]] = _file_ok(snap, job["path"], job["sha256"], job["mode"],
                                                  job["owner"], job["group"])
-    for unit in want["vllm"]["units"]:
-        if unit["credential"]:
-            key = _read_key(unit["api_key_file"])
-            files_ok[unit["credential"]] = key is not None and _file_ok(
-                snap, unit["credential"], sha256(key), "0600", "root", "root")
+    for cred in want["vllm"]["credentials"]:
+        key = _read_key(cred["source"])
+        files_ok[cred["path"]] = key is not None and _file_ok(
+            snap, cred["path"], sha256(key), "0600", "root", "root")
     if not skip_unchanged:
         files_ok = dict.fromkeys(files_ok, False)
     parents: dict[str, list[str]] = {c: [] for c in CONCERNS}

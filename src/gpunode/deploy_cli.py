@@ -46,6 +46,10 @@ def preflight(site: Site, names: list[str]) -> list[str]:
     """Input problems found before any host is touched (one line each)."""
     problems = []
     for p in site.select(names):
+        token = p.vllm.hf_token_file
+        if token and p.vllm.services and not Path(token).expanduser().is_file():
+            problems.append(f"{site.path}: nodes.{p.name}.vllm.hf_token_file: {token} is not "
+                            "a readable file on this machine")
         for i, svc in enumerate(p.vllm.services):
             if svc.api_key_file and not Path(svc.api_key_file).expanduser().is_file():
                 problems.append(f"{site.path}: nodes.{p.name}.vllm.services[{i}].api_key_file: "

@@ -439,8 +439,9 @@ def core_spec(p: NodeProfile) -> dict[str, Any]:
 
 
 def vllm_spec(p: NodeProfile, http_timeout: int = 30) -> dict[str, Any]:
-    """The host_facts.py spec probing every vLLM service (HTTP, processes, key exposure)."""
-    from gpunode.files import credential_path, vllm_files
+    """The host_facts.py spec probing every vLLM service (HTTP, processes, key and token
+    exposure)."""
+    from gpunode.files import HF_TOKEN_PATH, credential_path, vllm_files
 
     managed = [f.path for f in vllm_files(p, placeholder_gpus(p))]
     services = []
@@ -449,6 +450,9 @@ def vllm_spec(p: NodeProfile, http_timeout: int = 30) -> dict[str, Any]:
             "name": s.name, "unit": desired.vllm_unit(s.name),
             "address": probe_address(s.host), "port": s.port, "served": s.names,
             "key_path": credential_path(s.name) if s.api_key_file else None,
+            # the node's Hugging Face token: searched for in both units of the service
+            "token_path": HF_TOKEN_PATH if p.vllm.hf_token_file else None,
+            "token_units": [desired.vllm_unit(s.name), desired.prefetch_unit(s.name)],
             # the service's own managed files (config, environment, drop-ins)
             "scan_paths": [path for path in managed
                            if f"/{s.name}." in path or f"@{s.name}." in path],

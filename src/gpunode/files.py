@@ -151,3 +151,29 @@ def node_files(p: NodeProfile, gpus: list[Gpu] | None = None,
 
 def credential_path(service_name: str) -> str:
     return f"/etc/vllm/credentials/{service_name}.key"
+
+
+#: The node's Hugging Face token (vllm.hf_token_file) as a credential of the prefetch and
+#: server units; no ".key" suffix, so no service's API key can share its path.
+HF_TOKEN_PATH = "/etc/vllm/credentials/hf-token"
+
+
+@dataclass(frozen=True)
+class Credential:
+    path: str  # on the node: root-only (0600), handed to units by LoadCredential=
+    source: str  # on the control machine; its content never leaves it except into path
+    what: str  # for task names
+    field: str  # the site field naming source, for messages
+
+
+def credentials(p: NodeProfile) -> list[Credential]:
+    """The secret files the vLLM concern installs; both engines install exactly these."""
+    if not p.vllm.services:
+        return []
+    out = [Credential(credential_path(s.name), s.api_key_file, f"the API key of {s.name}",
+                      f"vllm service {s.name}: api_key_file")
+           for s in p.vllm.services if s.api_key_file]
+    if p.vllm.hf_token_file:
+        out.append(Credential(HF_TOKEN_PATH, p.vllm.hf_token_file, "the Hugging Face token",
+                              "vllm.hf_token_file"))
+    return out

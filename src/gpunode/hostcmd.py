@@ -9,7 +9,7 @@ import shlex
 from urllib.parse import urlparse
 
 from gpunode import desired
-from gpunode.files import credential_path, node_files
+from gpunode.files import credentials, node_files
 from gpunode.model import NodeProfile
 
 OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04"),
@@ -218,7 +218,7 @@ def managed_paths(p: NodeProfile) -> list[str]:
     """Every path the snapshot reports on (files, drop-ins, credentials, stamps)."""
     paths = [f.path for f in node_files(p)]
     paths += [f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf" for s in p.vllm.services]
-    paths += [credential_path(s.name) for s in p.vllm.services if s.api_key_file]
+    paths += [c.path for c in credentials(p)]
     paths += ["/etc/systemd/system/irqbalance.service.d/gpunode.conf", desired.CUDA_KEYRING,
               desired.CTK_KEYRING, desired.ETC_CDI_SPEC, desired.CDI_SPEC,
               *desired.RUNTIME_CONFIG.values()]

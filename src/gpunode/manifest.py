@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gpunode import desired
-from gpunode.files import ManagedFile, credential_path
+from gpunode.files import HF_TOKEN_PATH, ManagedFile, credential_path
 from gpunode.model import NodeProfile
 
 MANIFEST_PATH = "/var/lib/gpunode/manifest.json"
@@ -59,7 +59,7 @@ def file_paths(p: NodeProfile) -> list[str]:
     """Managed files whose sha256 the manifest records (secrets and itself excluded)."""
     from gpunode.hostcmd import managed_paths
 
-    secrets = {credential_path(s.name) for s in p.vllm.services}
+    secrets = {credential_path(s.name) for s in p.vllm.services} | {HF_TOKEN_PATH}
     return sorted({x for x in managed_paths(p) if x not in secrets and x != MANIFEST_PATH})
 
 

@@ -155,6 +155,29 @@ def test_host_facts_probe_keeps_the_key_on_the_host(tmp_path, api):
     assert listening and expect.bound_ok("127.0.0.1", listening[0].address)
 
 
+def test_host_facts_probe_finds_the_hf_token_and_keeps_it_on_the_host(tmp_path, api):
+    token = "hf_probeTestToken0123456789abc"
+    token_file = tmp_path / "hf-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o644)  # group/other readable: the check must see the mode
+    leaky = tmp_path / "tiny.env"
+    leaky.write_text(f"HF_TOKEN={token}\n")
+    spec = {"services": [{"name": "tiny", "unit": "vllm@gpunode-test-absent.service",
+                          "address": "127.0.0.1", "port": api, "served": ["tiny-sim"],
+                          "key_path": None, "token_path": str(token_file),
+                          "token_units": ["vllm@gpunode-test-absent.service",
+                                          "vllm-prefetch@gpunode-test-absent.service"],
+                          "scan_paths": [str(leaky)]}]}
+    res = subprocess.run([sys.executable, str(CHECKS / "host_facts.py"), json.dumps(spec)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert token not in res.stdout + res.stderr
+    probe = json.loads(res.stdout)["services"]["tiny"]
+    assert probe["token_read"] and probe["token_stat"]["mode"] == "0644"
+    assert probe["token_found_in"] == [str(leaky)]
+    assert not probe["key_read"] and probe["key_found_in"] == []
+
+
 def test_host_facts_http_reports_refused_connections():
     hf = _host_facts()
     r = hf.http("GET", "http://127.0.0.1:9/health", timeout=2)
@@ -337,3 +360,15 @@ def test_triton_toolchain_check_builds_an_extension_as_triton_does(tmp_path):
     with pytest.raises(AssertionError, match="not installed: gcc"):
         check(p, _Facts({k: v for k, v in installed.items() if k != "gcc"}, ok))
     assert not list(tmp_path.glob("gpunode-cc-*"))  # the probe leaves nothing behind
+
+
+def test_secret_check_names_mode_and_where_the_token_shows():
+    module = _checks_module("test_vllm")
+    good = {"token_read": True, "token_stat": {"mode": "0600", "uid": 0}, "token_found_in": []}
+    assert module._secret_problem(good, "token", "Hugging Face token") is None
+    loose = good | {"token_stat": {"mode": "0640", "uid": 0}}
+    assert "mode 0640" in module._secret_problem(loose, "token", "Hugging Face token")
+    shown = good | {"token_found_in": ["/etc/vllm/tiny.env"]}
+    assert "Hugging Face token visible in: ['/etc/vllm/tiny.env']" == module._secret_problem(
+        shown, "token", "Hugging Face token")
+    assert "missing" in module._secret_problem(good | {"token_read": False}, "token", "x")

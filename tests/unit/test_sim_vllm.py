@@ -143,12 +143,36 @@ def test_unknown_flags_are_rejected_like_argparse(guest: Path, tmp_path: Path) -
 # ----------------------------------------------------------------- GPU checks
 
 
-def test_refuses_unknown_cuda_visible_devices(guest: Path) -> None:
-    r = _vllm(guest, "m", "--api-key", KEY, CUDA_VISIBLE_DEVICES="0,5")
+def test_cuda_visible_devices_takes_indices_and_uuids_like_cuda(standin) -> None:
+    cli = standin.cli
+    gpus = [cli.Gpu(g.index, g.uuid, "NVIDIA RTX A6000", 49140, 0, 49140)
+            for g in simgpus.default_a6000x2()]
+    u0, u1 = gpus[0].uuid, gpus[1].uuid
+    unknown = "GPU-00000000-0000-0000-0000-000000000000"
+    assert cli.visible_gpus(gpus, None) == gpus
+    assert cli.visible_gpus(gpus, f"{u1},{u0}") == [gpus[1], gpus[0]]  # in the listed order
+    assert cli.visible_gpus(gpus, f"1,{u0}") == [gpus[1], gpus[0]]  # indices and UUIDs mixed
+    # CUDA: enumeration stops at the first entry that names no device
+    assert cli.visible_gpus(gpus, f"{u1},{unknown},{u0}") == [gpus[1]]
+    assert cli.visible_gpus(gpus, "0,5,1") == [gpus[0]]
+    assert cli.visible_gpus(gpus, "1,-1,0") == [gpus[1]]
+    for nothing in ("", unknown, f"{unknown},0"):
+        with pytest.raises(cli.StandinError, match="No CUDA GPUs are available"):
+            cli.visible_gpus(gpus, nothing)
+    # a unique UUID prefix: CUDA takes it, vLLM's NVML lookup by UUID does not
+    with pytest.raises(cli.StandinError) as info:
+        cli.visible_gpus(gpus, u1[:12])
+    assert info.value.kind == "pynvml.NVMLError_NotFound"
+
+
+def test_an_unknown_uuid_hides_the_devices_after_it(guest: Path) -> None:
+    u0, u1 = (g.uuid for g in simgpus.default_a6000x2())
+    unknown = "GPU-00000000-0000-0000-0000-000000000000"
+    r = _vllm(guest, "m", "--api-key", KEY, "-tp", "2", CUDA_VISIBLE_DEVICES=f"{u0},{unknown},{u1}")
     assert r.returncode == 1
-    assert "CUDA_VISIBLE_DEVICES=0,5 names GPU '5'" in r.stdout
+    assert "World size (2) is larger than the number of available GPUs (1)" in r.stdout
     assert "non-default args: {" in r.stdout and KEY not in r.stdout + r.stderr
-    r = _vllm(guest, "m", CUDA_VISIBLE_DEVICES="GPU-00000000-0000-0000-0000-000000000000")
+    r = _vllm(guest, "m", CUDA_VISIBLE_DEVICES=unknown)
     assert r.returncode == 1 and "No CUDA GPUs are available" in r.stdout
 
 

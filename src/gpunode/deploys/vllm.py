@@ -1,9 +1,9 @@
 """vLLM: the C toolchain Triton compiles with at run time, a system user, a uv-managed
 venv at the pinned version (index override honoured), `vllm@<service>` units from the shared
 template with per-service YAML config, environment and a drop-in with GPU UUIDs and
-GPU-local CPU/NUMA placement, API keys as systemd credentials (0600, never on a command
-line). Services restart only when their inputs changed; services removed from the profile
-are stopped and removed."""
+GPU-local CPU/NUMA placement, API keys and the Hugging Face token as systemd credentials
+(0600, never on a command line). Services restart only when their inputs changed; services
+removed from the profile are stopped and removed."""
 
 from pathlib import Path
 
@@ -11,7 +11,14 @@ from pyinfra.api import deploy
 
 from gpunode import desired
 from gpunode.deploys import ops
-from gpunode.files import ManagedFile, credential_path, placements, vllm_files
+from gpunode.files import (
+    HF_TOKEN_PATH,
+    ManagedFile,
+    credential_path,
+    credentials,
+    placements,
+    vllm_files,
+)
 from gpunode.hostcmd import user_command, venv_command
 from gpunode.model import NodeProfile
 from gpunode.render import render
@@ -68,22 +75,22 @@ def deploy_vllm(p: NodeProfile) -> None:
         ops.placement_file(name=f"Place vllm@{svc.name} on its GPUs' CPUs", p=p,
                            path=f"/etc/systemd/system/vllm@{svc.name}.service.d/gpunode.conf",
                            build=lambda snap, name=svc.name: instance_dropin(p, name, snap))
-        if svc.api_key_file:
-            key = read_key(svc.api_key_file)
-            if key is None:
-                ops.fail(name=f"Stop: API key file of {svc.name} missing",
-                         message=f"{p.name}: vllm service {svc.name}: api_key_file "
-                         f"{svc.api_key_file} cannot be read on this machine")
-                return
-            ops.secret_file(name=f"Install the API key credential of {svc.name}", p=p,
-                            path=credential_path(svc.name), content=key)
+    for cred in credentials(p):
+        key = read_key(cred.source)
+        if key is None:
+            ops.fail(name=f"Stop: the file of {cred.what} missing",
+                     message=f"{p.name}: {cred.field} {cred.source} cannot be read on this "
+                     "machine")
+            return
+        ops.secret_file(name=f"Install {cred.what} as a credential", p=p, path=cred.path,
+                        content=key)
     dropins = [f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf" for s in v.services]
     ops.daemon_reload(name="Reload systemd units", p=p,
                       unit_paths=[*TEMPLATE_UNITS, *dropins])
     for svc in v.services:
         inputs = (f"/etc/vllm/{svc.name}.yaml", f"/etc/vllm/{svc.name}.env",
                   f"/etc/systemd/system/vllm@{svc.name}.service.d/gpunode.conf",
-                  credential_path(svc.name), *TEMPLATE_UNITS, *SCRIPTS, "venv")
+                  credential_path(svc.name), HF_TOKEN_PATH, *TEMPLATE_UNITS, *SCRIPTS, "venv")
         ops.unit(name=f"Run vllm@{svc.name} (waits for /health)", p=p,
                  unit_name=desired.vllm_unit(svc.name), running=lambda snap: snap.smi_ok,
                  restart_when=inputs)

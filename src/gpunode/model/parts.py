@@ -404,7 +404,8 @@ class VllmService(Strict):
             if SECRET_FLAG.search(flag):
                 raise ValueError(f"{key!r} carries a secret; secrets never go into a "
                                  "service's files or arguments: the API key belongs in "
-                                 "api_key_file (passed as a systemd credential)")
+                                 "api_key_file, a Hugging Face token in vllm.hf_token_file "
+                                 "(passed as systemd credentials)")
             if flag in managed:
                 raise ValueError(f"{key!r} has its own field; set it there")
             if flag not in SERVE_FLAGS:
@@ -428,8 +429,9 @@ class VllmService(Strict):
                                  "root, so it is not accepted here")
             if SECRET_ENV.search(key.upper()):
                 raise ValueError(f"{key} carries a secret; secrets never go into unit or "
-                                 "environment files: the API key belongs in api_key_file "
-                                 "(passed as a systemd credential)")
+                                 "environment files: the API key belongs in api_key_file, "
+                                 "a Hugging Face token in vllm.hf_token_file (passed as "
+                                 "systemd credentials)")
             if key.upper().startswith("VLLM_") and key not in ENV_VARS:
                 close = difflib.get_close_matches(key.upper(), sorted(ENV_VARS), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -510,6 +512,10 @@ class Vllm(Strict):
     bind_privileged_ports: StrictBool = Field(
         False, description="Let services listen on ports below 1024 (grants "
         "CAP_NET_BIND_SERVICE to the vLLM units).")
+    hf_token_file: ControlPath | None = Field(
+        None, description="File on the control machine holding a Hugging Face token for gated "
+        "models (copied into the prefetch and server units' credentials; never on a command "
+        "line or in an environment file).")
     services: list[VllmService] = Field(default_factory=list, description="vLLM services.")
 
 

@@ -272,7 +272,11 @@ def probe_gpus() -> list[Gpu]:
 
 
 def visible_gpus(all_gpus: list[Gpu], env: str | None) -> list[Gpu]:
-    """Apply CUDA_VISIBLE_DEVICES (indices or GPU UUIDs), refusing names the host lacks."""
+    """The GPUs CUDA enumerates under CUDA_VISIBLE_DEVICES, in its order. An entry is an
+    nvidia-smi index or a GPU UUID as nvidia-smi -L prints it (GPU-...); at the first entry
+    that names no GPU enumeration stops, as in CUDA (0,2,-1,1 makes 0 and 2 visible). CUDA
+    also takes a unique UUID prefix (GPU-8932f937), but vLLM looks UUIDs up with
+    nvmlDeviceGetHandleByUUID, which wants the whole UUID, and fails on it."""
     if env is None:
         return all_gpus
     out: list[Gpu] = []
@@ -281,12 +285,10 @@ def visible_gpus(all_gpus: list[Gpu], env: str | None) -> list[Gpu]:
             continue
         match = [g for g in all_gpus if item == str(g.index) or item == g.uuid]
         if not match:
-            have = ", ".join(f"{g.index}={g.uuid}" for g in all_gpus) or "none"
-            raise StandinError(
-                "RuntimeError",
-                f"CUDA_VISIBLE_DEVICES={env} names GPU {item!r}, which this machine does not have "
-                f"(/etc/gpunode-sim/gpus.json: {have}). No CUDA GPUs are available",
-            )
+            prefixed = [g for g in all_gpus if item.startswith("GPU-") and g.uuid.startswith(item)]
+            if len(prefixed) == 1:
+                raise StandinError("pynvml.NVMLError_NotFound", "Not Found")
+            break  # this device and every one after it stay invisible
         out.append(match[0])
     if not out:
         raise StandinError("RuntimeError", "No CUDA GPUs are available")
