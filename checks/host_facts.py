@@ -6,6 +6,7 @@
 import glob
 import json
 import os
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -37,6 +38,13 @@ def read_bytes(path):
             return f.read()
     except OSError:
         return None
+
+
+def is_char_device(path):
+    try:
+        return stat.S_ISCHR(os.stat(path).st_mode)
+    except OSError:
+        return None  # absent
 
 
 def unit_props(units, props):
@@ -190,6 +198,7 @@ def main():
             except OSError:
                 pass
     out["mtimes"] = mtimes
+    out["char_devices"] = {p: is_char_device(p) for p in spec.get("char_devices", [])}
     out["cpus_online"] = (read("/sys/devices/system/cpu/online") or "").strip()
     out["numa_nodes_online"] = (read("/sys/devices/system/node/online") or "").strip()
     if spec.get("listeners"):

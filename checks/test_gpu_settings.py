@@ -98,6 +98,17 @@ def test_gpu_settings_unit(facts):
         f"{'/'.join(str(s) for s in state)}")
 
 
+def test_uvm_device_nodes(facts):
+    """CUDA needs /dev/nvidia-uvm{,-tools}; the GPU settings unit creates them at boot
+    (nvidia-modprobe -u -c=0) from the nvidia-uvm module that modules-load.d loads."""
+    nodes = facts.extra.get("char_devices", {})
+    wrong = {p: "absent" if nodes.get(p) is None else "not a character device"
+             for p in desired.UVM_DEVICES if not nodes.get(p)}
+    assert not wrong, (f"NVIDIA unified memory device nodes missing: {wrong}; CUDA fails with "
+                       f"'CUDA unknown error' (check {desired.MODULES_LOAD} and "
+                       f"{expect.GPU_SETTINGS_UNIT})")
+
+
 def test_gpu_settings_files_match(node, facts):
     problems = facts.file_problems("gpu_settings")
     assert not problems, expect.explain("GPU settings files differ from the profile", problems)

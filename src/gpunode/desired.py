@@ -33,6 +33,10 @@ CPU_GOVERNOR_UNIT = "gpunode-cpu-governor.service"
 CPU_GOVERNOR_UNIT_PATH = f"/etc/systemd/system/{CPU_GOVERNOR_UNIT}"
 #: gpunode's nouveau blacklist (copied into the initramfs by update-initramfs).
 NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
+# nvidia.ko creates no /dev/nvidia-uvm*: nvidia-uvm is loaded at boot from this file and
+# the GPU settings unit creates the nodes (nvidia-modprobe -u -c=0) before any vLLM unit.
+MODULES_LOAD = "/etc/modules-load.d/gpunode-nvidia.conf"
+UVM_DEVICES = ("/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 CTK_KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"
 #: Name patterns of driver packages (holds, unattended-upgrades blacklist, checks).
 DRIVER_PATTERNS = ("nvidia-*", "libnvidia-*", "libcuda1", "libcudadebugger1",
@@ -153,7 +157,13 @@ def driver_deb_version(p: NodeProfile) -> str | None:
 
 
 def driver_packages(p: NodeProfile) -> list[str]:
-    """Driver packages to install, by source, OS, module flavour and compute-only split."""
+    """Driver packages to install, by source, OS, module flavour and compute-only split,
+    and always nvidia-modprobe: the GPU settings unit runs it to create /dev/nvidia-uvm
+    (CUDA cannot do it from a NoNewPrivileges= service), and not every set depends on it."""
+    return [*_driver_set(p), "nvidia-modprobe"]
+
+
+def _driver_set(p: NodeProfile) -> list[str]:
     n, b, open_ = p.nvidia, p.nvidia.branch, p.nvidia.open_kernel_modules
     if n.source == "ubuntu-archive":
         # Canonical's signed prebuilt modules: the -no-dkms userspace, so DKMS (and its
@@ -172,6 +182,12 @@ def driver_packages(p: NodeProfile) -> list[str]:
         return [f"libnvidia-compute{suffix}", kmod, f"nvidia-utils{suffix}",
                 "nvidia-persistenced"]
     return [f"nvidia-open{suffix}" if open_ else f"cuda-drivers{suffix}"]
+
+
+def driver_own_version_packages(p: NodeProfile) -> frozenset[str]:
+    """Driver-named packages that carry their own version, not the driver's: Ubuntu's
+    archive builds nvidia-modprobe from its own source package (535.54.03-1 on noble)."""
+    return frozenset({"nvidia-modprobe"}) if p.nvidia.source == "ubuntu-archive" else frozenset()
 
 
 def pinning_package(p: NodeProfile) -> str | None:

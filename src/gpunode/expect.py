@@ -435,6 +435,7 @@ def core_spec(p: NodeProfile) -> dict[str, Any]:
             contents.append(desired.cdi_spec(p))
     return {"contents": contents, "units": checked_units(p), "unit_props": UNIT_PROPS,
             "commands": commands, "mtimes": ["/boot/initrd.img-*", NOUVEAU_BLACKLISTS],
+            "char_devices": list(desired.UVM_DEVICES) if p.gpus.count else [],
             "listeners": bool(p.vllm.services)}
 
 

@@ -64,6 +64,7 @@ def driver_files(p: NodeProfile) -> list[ManagedFile]:
               "nvidia_driver/blacklist-nouveau.conf.j2", p),
         _file("nvidia_driver", "/etc/systemd/system/nvidia-persistenced.service.d/gpunode.conf",
               "nvidia_driver/nvidia-persistenced.conf.j2", p),
+        _file("nvidia_driver", desired.MODULES_LOAD, "nvidia_driver/gpunode-nvidia.conf.j2", p),
     ]
     if p.nvidia.source == "cuda-repo":
         files.append(_file("nvidia_driver", desired.cuda_repo_list_path(p),

@@ -236,6 +236,23 @@ def test_process_placement_is_read_from_proc():
         proc.wait()
 
 
+def test_char_devices_read_back(tmp_path):
+    """host_facts tells a character device (what nvidia-modprobe makes) from a plain file
+    and from a missing path, and the shared read asks for the uvm nodes on a GPU node."""
+    from gpunode import desired, expect
+
+    hf = _host_facts()
+    (tmp_path / "plain").write_text("")
+    assert hf.is_char_device("/dev/null") is True
+    assert hf.is_char_device(str(tmp_path / "plain")) is False
+    assert hf.is_char_device(str(tmp_path / "absent")) is None
+    site = REPO / "inventory" / "examples" / "lab.yaml"
+    from gpunode.inventory import load_site
+
+    node = load_site(site).nodes["labgpu1"]
+    assert expect.core_spec(node)["char_devices"] == list(desired.UVM_DEVICES)
+
+
 def _offline_security_supported() -> bool:
     import shutil
 

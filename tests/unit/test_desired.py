@@ -19,25 +19,36 @@ def profile(**over) -> NodeProfile:
 
 @pytest.mark.parametrize("os_, source, open_, compute, expected", [
     ("debian-12", "cuda-repo", True, True,
-     ["nvidia-driver-cuda", "nvidia-kernel-open-dkms", "nvidia-persistenced"]),
+     ["nvidia-driver-cuda", "nvidia-kernel-open-dkms", "nvidia-persistenced", "nvidia-modprobe"]),
     ("debian-12", "cuda-repo", False, True,
-     ["nvidia-driver-cuda", "nvidia-kernel-dkms", "nvidia-persistenced"]),
-    ("debian-12", "cuda-repo", True, False, ["nvidia-open"]),
+     ["nvidia-driver-cuda", "nvidia-kernel-dkms", "nvidia-persistenced", "nvidia-modprobe"]),
+    ("debian-12", "cuda-repo", True, False, ["nvidia-open", "nvidia-modprobe"]),
     ("ubuntu-24.04", "cuda-repo", True, True,
      ["libnvidia-compute-580", "nvidia-dkms-580-open", "nvidia-utils-580",
-      "nvidia-persistenced"]),
-    ("ubuntu-22.04", "cuda-repo", False, False, ["cuda-drivers-580"]),
+      "nvidia-persistenced", "nvidia-modprobe"]),
+    ("ubuntu-22.04", "cuda-repo", False, False, ["cuda-drivers-580", "nvidia-modprobe"]),
     ("ubuntu-24.04", "ubuntu-archive", True, True,
      ["nvidia-headless-no-dkms-580-server-open", "nvidia-utils-580-server",
-      "linux-modules-nvidia-580-server-open-generic"]),
+      "linux-modules-nvidia-580-server-open-generic", "nvidia-modprobe"]),
     ("ubuntu-22.04", "ubuntu-archive", False, True,
      ["nvidia-headless-no-dkms-580-server", "nvidia-utils-580-server",
-      "linux-modules-nvidia-580-server-generic"]),
+      "linux-modules-nvidia-580-server-generic", "nvidia-modprobe"]),
 ])
 def test_driver_packages(os_, source, open_, compute, expected):
     p = profile(os=os_, nvidia={"source": source, "open_kernel_modules": open_,
                                 "compute_only": compute})
     assert desired.driver_packages(p) == expected
+
+
+@pytest.mark.parametrize("os_, source", [("debian-12", "cuda-repo"), ("ubuntu-22.04", "cuda-repo"),
+                                         ("ubuntu-24.04", "cuda-repo"),
+                                         ("ubuntu-24.04", "ubuntu-archive")])
+@pytest.mark.parametrize("compute", [True, False])
+def test_driver_packages_install_nvidia_modprobe(os_, source, compute):
+    """The GPU settings unit runs /usr/bin/nvidia-modprobe to create /dev/nvidia-uvm; no
+    driver set may leave it to a dependency that the set does not have."""
+    p = profile(os=os_, nvidia={"source": source, "compute_only": compute})
+    assert "nvidia-modprobe" in desired.driver_packages(p)
 
 
 def test_branch_590_drops_suffix_on_ubuntu():

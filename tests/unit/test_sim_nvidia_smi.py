@@ -350,7 +350,7 @@ def test_boot_writes_proc_version_and_device_nodes(a6000: Guest) -> None:
         r"\(\S+@\S+\)  \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d UTC \d{4}\nGCC version:  gcc version .* \n",
         text,
     )
-    for dev in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
+    for dev in ("nvidia0", "nvidia1", "nvidiactl"):
         assert (a6000.root / "dev" / dev).exists()
     a6000.install("580.95.05", "proprietary")
     a6000.boot()
@@ -609,3 +609,103 @@ def test_the_deploys_runtime_probe_reads_the_file_nvidia_ctk_writes(a6000: Guest
     r = a6000.run("nvidia-ctk", "runtime", "configure", f"--runtime={runtime}")
     assert r.returncode == 0, r.stderr
     assert "nvidia" in a6000.read(desired.RUNTIME_CONFIG[runtime])
+
+
+# ---------------------------------------------------------------- nvidia-uvm (SIMULATION)
+
+UVM = ("/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+
+
+def _exists(g: Guest, rel: str) -> bool:
+    return (g.root / rel.lstrip("/")).exists()
+
+
+def test_nvidia_module_alone_creates_no_uvm_node(a6000: Guest) -> None:
+    """nvidia.ko loading makes /dev/nvidia<N> and nvidiactl here, never nvidia-uvm."""
+    assert _exists(a6000, "/dev/nvidiactl")
+    assert not any(_exists(a6000, n) for n in UVM)
+    assert not _exists(a6000, "/run/gpunode-sim/loaded-uvm")
+
+
+@pytest.mark.parametrize("listing", ["/etc/modules-load.d/gpunode-nvidia.conf",
+                                     "/usr/lib/modules-load.d/x.conf", "/etc/modules"])
+def test_modules_load_loads_uvm_and_nvidia_modprobe_creates_its_nodes(a6000: Guest, listing):
+    a6000.write(listing, "# comment\nnvidia-uvm\n")
+    a6000.boot()
+    assert _exists(a6000, "/run/gpunode-sim/loaded-uvm")
+    assert not any(_exists(a6000, n) for n in UVM)  # NVIDIA's Debian packages: no udev rule
+    assert a6000.run("nvidia-modprobe", "-u", "-c=0").returncode == 0
+    assert all(_exists(a6000, n) for n in UVM)
+    a6000.write(listing, "# nvidia-uvm\n")
+    a6000.boot()  # a reboot starts with an empty /dev
+    assert not any(_exists(a6000, n) for n in UVM)
+
+
+def test_nvidia_modprobe_loads_uvm_on_demand(a6000: Guest) -> None:
+    assert a6000.run("nvidia-modprobe", "-u").returncode == 0
+    assert _exists(a6000, "/run/gpunode-sim/loaded-uvm")
+    assert not _exists(a6000, UVM[0])
+    assert a6000.run("nvidia-modprobe", "-c0", "-u").returncode == 0
+    assert all(_exists(a6000, n) for n in UVM)
+
+
+def test_nvidia_modprobe_fails_without_the_nvidia_module(a6000: Guest) -> None:
+    (a6000.root / "run/gpunode-sim/loaded-kmod").unlink()
+    assert a6000.run("nvidia-modprobe", "-u", "-c=0").returncode == 1
+    assert not _exists(a6000, UVM[0])
+
+
+def test_ubuntu_udev_rule_loads_uvm_and_creates_its_nodes_at_boot(a6000: Guest) -> None:
+    from gpunode.lab.sim import packages
+
+    a6000.write("/lib/udev/rules.d/71-nvidia.rules", packages._UBUNTU_UDEV_RULES)
+    a6000.boot()
+    assert _exists(a6000, "/run/gpunode-sim/loaded-uvm")
+    assert all(_exists(a6000, n) for n in UVM)
+
+
+def test_nvidia_modprobe_does_nothing_for_a_user_under_no_new_privs(a6000, monkeypatch):
+    """The setuid bit is ignored under no_new_privs (NoNewPrivileges=): a non-root caller
+    cannot load nvidia-uvm nor create its nodes; root (an ExecStartPre=+ line) can."""
+    monkeypatch.setenv("GPUNODE_SIM_ROOT", str(a6000.root))
+    monkeypatch.syspath_prepend(str(GUEST))
+    import gpunode_sim
+
+    monkeypatch.setattr(gpunode_sim, "no_new_privs", lambda: True)
+    monkeypatch.setattr(gpunode_sim.os, "geteuid", lambda: 1000)
+    assert gpunode_sim.modprobe(["-u", "-c=0"]) == 1
+    assert not _exists(a6000, "/run/gpunode-sim/loaded-uvm") and not _exists(a6000, UVM[0])
+    monkeypatch.setattr(gpunode_sim, "no_new_privs", lambda: False)  # setuid root works
+    assert gpunode_sim.modprobe(["-u", "-c=0"]) == 0
+    assert all(_exists(a6000, n) for n in UVM)
+
+
+def test_modprobe_nvidia_uvm_runs_the_simulated_load(a6000: Guest) -> None:
+    """gpunode-sim-base's modprobe.d install line: `modprobe nvidia-uvm` in a lab VM."""
+    from gpunode.lab.sim import packages
+
+    conf = {f.path: f for f in packages.sim_base().files}["/lib/modprobe.d/gpunode-sim.conf"]
+    line = [ln for ln in conf.data.decode().splitlines() if ln.startswith("install ")]
+    assert line[0].split()[:3] == ["install", "nvidia_uvm",
+                                   "/usr/lib/gpunode-sim/gpunode-sim-boot"]
+    assert a6000.run("gpunode-sim-boot", *line[0].split()[3:]).returncode == 0
+    assert _exists(a6000, "/run/gpunode-sim/loaded-uvm")
+
+
+def test_proc_devices_shows_the_nvidia_majors(tmp_path: Path, monkeypatch) -> None:
+    """The text bind-mounted over /proc/devices in lab VMs, so DeviceAllow=char-nvidia-uvm
+    resolves: the real list plus the NVIDIA majors, nvidia-uvm on the highest free dynamic
+    major, block devices untouched."""
+    monkeypatch.setenv("GPUNODE_SIM_ROOT", str(tmp_path))
+    monkeypatch.syspath_prepend(str(GUEST))
+    import gpunode_sim
+
+    real = "Character devices:\n  1 mem\n254 gpiochip\n\nBlock devices:\n  8 sd\n"
+    gpunode_sim.write_text(gpunode_sim.PROC_DEVICES + ".orig", real)
+    assert gpunode_sim.uvm_major() == 253
+    text = gpunode_sim._proc_devices(gpunode_sim.uvm_major())
+    assert text == ("Character devices:\n  1 mem\n195 nvidia\n253 nvidia-uvm\n"
+                    "254 gpiochip\n\nBlock devices:\n  8 sd\n")
+    assert "nvidia-uvm" not in gpunode_sim._proc_devices(None)
+    gpunode_sim.write_text(gpunode_sim.LOADED_KMOD, "580.95.05 proprietary\n")
+    assert "195 nvidia-frontend\n" in gpunode_sim._proc_devices(None)

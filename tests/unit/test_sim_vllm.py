@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "src/gpunode/lab/sim/vllm_standin"
 SMI = REPO / "src/gpunode/lab/sim/guest/nvidia-smi"
 BOOT = REPO / "src/gpunode/lab/sim/guest/gpunode-sim-boot"
+MODPROBE = REPO / "src/gpunode/lab/sim/guest/nvidia-modprobe"
 #: The project's copy of vLLM 0.33.0's `serve` flag list (source: tests/fixtures/vllm/README.md).
 FLAGS_FILE = REPO / "tests/fixtures/vllm/serve_flags-0.33.0.txt"
 KEY = "test-key-0123456789abcdef"
@@ -53,7 +54,10 @@ def guest(tmp_path: Path) -> Path:
     (inst / "kmod").write_text("580.95.05 open\n")
     (root / "etc/modprobe.d").mkdir()
     (root / "etc/modprobe.d/nvidia-blacklists-nouveau.conf").write_text("blacklist nouveau\n")
-    subprocess.run([sys.executable, str(BOOT)], env=dict(os.environ, GPUNODE_SIM_ROOT=str(root)), check=True)
+    env = dict(os.environ, GPUNODE_SIM_ROOT=str(root))
+    subprocess.run([sys.executable, str(BOOT)], env=env, check=True)
+    # what the GPU settings unit does before any vLLM unit starts (ExecStartPre=+ as root)
+    subprocess.run([sys.executable, str(MODPROBE), "-u", "-c=0"], env=env, check=True)
     return root
 
 
@@ -201,6 +205,28 @@ def test_refuses_when_device_nodes_are_missing(guest: Path) -> None:
     r = _vllm(guest, "m", CUDA_VISIBLE_DEVICES="1")
     assert r.returncode == 1
     assert "cannot open /dev/nvidia1" in r.stdout
+
+
+def test_fails_as_cuda_does_without_the_uvm_node(guest: Path) -> None:
+    """No /dev/nvidia-uvm and no nvidia-modprobe that can create it: cuInit fails with
+    CUDA_ERROR_UNKNOWN (999) and torch's message."""
+    for node in ("nvidia-uvm", "nvidia-uvm-tools"):
+        (guest / "dev" / node).unlink()
+    r = _vllm(guest, "m")
+    assert r.returncode == 1
+    assert "RuntimeError: CUDA unknown error - this may be due to an incorrectly set up" in r.stdout
+
+
+def test_cuda_creates_the_uvm_node_through_nvidia_modprobe(guest: Path, standin, monkeypatch):
+    """CUDA runs the (setuid) nvidia-modprobe -u -c=0 itself when the node is missing."""
+    if os.geteuid() != 0 and "NoNewPrivs:\t1" in Path("/proc/self/status").read_text():
+        pytest.skip("this test process runs under no_new_privs: the helper would refuse")
+    (guest / "dev/nvidia-uvm").unlink()
+    (guest / "usr/bin").mkdir(parents=True)
+    (guest / "usr/bin/nvidia-modprobe").symlink_to(MODPROBE)
+    monkeypatch.setenv("GPUNODE_SIM_ROOT", str(guest))
+    standin.cli.ensure_uvm(str(guest))
+    assert (guest / "dev/nvidia-uvm").exists()
 
 
 def test_model_that_does_not_fit_fails_with_vllm_message(guest: Path) -> None:

@@ -52,3 +52,29 @@ def test_prefetch_can_write_only_the_model_cache(tmp_path: Path) -> None:
     text = render("vllm/vllm-prefetch@.service.j2", p)
     assert "ProtectSystem=strict\n" in text
     assert f"ReadWritePaths={p.vllm.model_cache} /var/lib/vllm\n" in text
+
+
+def _directives(text: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(f"{key}=")]
+
+
+def test_gpu_settings_unit_creates_the_uvm_nodes_before_vllm_starts() -> None:
+    """nvidia.ko makes no /dev/nvidia-uvm and CUDA cannot create it from vLLM's
+    NoNewPrivileges= sandbox: the GPU settings unit creates it first, as root (+), with the
+    device cgroup letting it mknod (DevicePolicy= binds + commands too), and every vLLM
+    unit waits for that unit."""
+    from gpunode import desired
+    from gpunode.files import driver_files
+
+    p = load_site(REPO / "inventory" / "examples" / "lab.yaml").nodes["labgpu1"]
+    settings = render("gpu_settings/gpunode-gpu-settings.service.j2", p)
+    pre = _directives(settings, "ExecStartPre")
+    assert pre == ["+/usr/bin/nvidia-modprobe -u -c=0"]
+    assert settings.index("ExecStartPre=") < settings.index("ExecStart=/")
+    assert "char-nvidia-uvm rwm" in _directives(settings, "DeviceAllow")
+    vllm = render("vllm/vllm@.service.j2", p)
+    for key in ("After", "Wants"):
+        assert "gpunode-gpu-settings.service" in " ".join(_directives(vllm, key)).split()
+    modules = {f.path: f for f in driver_files(p)}[desired.MODULES_LOAD]
+    assert [ln for ln in modules.content.splitlines() if not ln.startswith("#")] == ["nvidia-uvm"]
+    assert "nvidia-modprobe" in desired.driver_packages(p)

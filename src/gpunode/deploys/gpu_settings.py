@@ -19,9 +19,12 @@ def deploy_gpu_settings(p: NodeProfile) -> None:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
     ops.daemon_reload(name="Reload systemd units", p=p, unit_paths=[f.path for f in files])
     ops.unit(name="Enable the GPU settings unit", p=p, unit_name=UNIT, running=None)
+    # nvidia-uvm first (modules-load.d loads it only at boot): systemd fixes the unit's
+    # DeviceAllow=char-nvidia-uvm when the unit starts, so the unit's own nvidia-modprobe
+    # could load the module but not create /dev/nvidia-uvm
     ops.run_when(
         name="Apply GPU settings where nvidia-smi differs from the profile", p=p,
-        tag="gpu-settings", command=f"systemctl restart {UNIT}",
+        tag="gpu-settings", command=f"modprobe nvidia-uvm && systemctl restart {UNIT}",
         needed=lambda snap: snap.smi_ok and (
             bool(desired.gpu_settings_drift(p, snap.gpus))
             or snap.unit(UNIT).get("ActiveState") != "active"

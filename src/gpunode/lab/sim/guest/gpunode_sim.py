@@ -22,6 +22,8 @@ LIB = "/usr/lib/gpunode-sim"
 INSTALLED = LIB + "/installed"
 RUN = "/run/gpunode-sim"
 LOADED_KMOD = RUN + "/loaded-kmod"
+LOADED_UVM = RUN + "/loaded-uvm"
+PROC_DEVICES = RUN + "/proc-devices"
 PERSISTENCED = RUN + "/persistenced.json"
 PROCS = RUN + "/procs"
 PROC_DRIVER = "/proc/driver"
@@ -326,6 +328,178 @@ def _make_node(p: str, major: int, minor: int, mode: int) -> None:
     os.chmod(full, mode)
 
 
+# ---------------------------------------------------------------- nvidia-uvm
+
+# Where systemd-modules-load reads module lists (modules-load.d(5)); Debian and Ubuntu
+# link /etc/modules-load.d/modules.conf to /etc/modules.
+MODULES_LOAD_DIRS = ("/etc/modules-load.d", "/run/modules-load.d", "/usr/local/lib/modules-load.d",
+                     "/usr/lib/modules-load.d", "/lib/modules-load.d")
+UDEV_RULES_DIRS = ("/etc/udev/rules.d", "/run/udev/rules.d", "/usr/lib/udev/rules.d",
+                   "/lib/udev/rules.d")
+UVM_NODES = ("/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+NVIDIA_MAJOR = 195
+
+
+def _config_files(dirs: tuple[str, ...], suffix: str) -> list[str]:
+    names: dict[str, str] = {}
+    for d in dirs:  # the first directory holding a name wins, as systemd's lookup does
+        try:
+            for name in os.listdir(path(d)):
+                if name.endswith(suffix):
+                    names.setdefault(name, f"{d}/{name}")
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return [names[n] for n in sorted(names)]
+
+
+def uvm_listed() -> bool:
+    """nvidia-uvm (or nvidia_uvm) is in a modules-load.d list or /etc/modules."""
+    for f in [*_config_files(MODULES_LOAD_DIRS, ".conf"), "/etc/modules"]:
+        for line in (read_text(f) or "").splitlines():
+            word = line.split("#", 1)[0].strip()
+            if word and not word.startswith(";") and word.replace("-", "_") == "nvidia_uvm":
+                return True
+    return False
+
+
+def udev_uvm() -> tuple[bool, bool]:
+    """(loads nvidia-uvm, creates its nodes) by the installed udev rules when nvidia.ko binds
+    the GPUs. Ubuntu's nvidia-kernel-common-<branch> 71-nvidia.rules does both (modprobe
+    nvidia-uvm on the driver's add event, ub-device-create on nvidia_uvm's module event);
+    NVIDIA's Debian packages ship no such rule."""
+    loads = creates = False
+    for f in _config_files(UDEV_RULES_DIRS, ".rules"):
+        for line in (read_text(f) or "").splitlines():
+            if line.lstrip().startswith("#") or 'ACTION=="add"' not in line:
+                continue
+            if "/sbin/modprobe nvidia-uvm" in line:
+                loads = True
+            if 'DEVPATH=="/module/nvidia_uvm"' in line and "RUN+=" in line:
+                creates = True
+    return loads, creates
+
+
+def uvm_loaded() -> bool:
+    return bool(read_text(LOADED_UVM))
+
+
+def _proc_devices(uvm_major: int | None) -> str:
+    """/proc/devices as the kernel shows it with the NVIDIA modules loaded: systemd resolves
+    DeviceAllow=char-nvidia* from it. The real file lacks them in a lab VM, so the boot unit
+    bind-mounts this text over it."""
+    real = read_text(PROC_DEVICES + ".orig") or ""
+    head, _, block = real.partition("\nBlock devices:")
+    lines = [ln for ln in head.splitlines() if ln.strip()]
+    # the open module registers major 195 as "nvidia", the proprietary one as
+    # "nvidia-frontend" (research/domain.md)
+    kmod = (read_text(LOADED_KMOD) or installed("kmod") or "").split()
+    name = "nvidia-frontend" if kmod[-1:] == ["proprietary"] else "nvidia"
+    extra = [f"{NVIDIA_MAJOR:3d} {name}"] + (
+        [f"{uvm_major:3d} nvidia-uvm"] if uvm_major is not None else [])
+    chars = sorted([*lines[1:], *extra], key=lambda ln: int(ln.split()[0]))
+    text = "Character devices:\n" + "\n".join(chars) + "\n"
+    return text + ("\nBlock devices:" + block if block else "")
+
+
+def uvm_major() -> int:
+    """The dynamic major nvidia-uvm gets: the highest free one in 234..254, as the kernel
+    hands them out (find_dynamic_major counts down from 254)."""
+    used = set()
+    for line in (read_text(PROC_DEVICES + ".orig") or "").partition("Block devices:")[0].splitlines():
+        w = line.split()
+        if w and w[0].isdigit():
+            used.add(int(w[0]))
+    return next((m for m in range(254, 233, -1) if m not in used), 238)
+
+
+def _show_devices() -> None:
+    """Rewrite the bind-mounted /proc/devices in place (the mount follows the inode)."""
+    if not os.path.exists(path(PROC_DEVICES)):
+        return
+    with open(path(PROC_DEVICES), "w", encoding="utf-8") as f:
+        f.write(_proc_devices(uvm_major() if uvm_loaded() else None))
+
+
+def load_uvm() -> bool:
+    """modprobe nvidia-uvm: loads only beside a loaded nvidia module; creates no node."""
+    if not read_text(LOADED_KMOD):
+        return False
+    write_text(LOADED_UVM, "nvidia_uvm\n")
+    _show_devices()
+    return True
+
+
+def make_uvm_nodes(minor: int = 0) -> None:
+    """What nvidia-modprobe -u -c=N (or Ubuntu's ub-device-create) does once nvidia-uvm is
+    loaded: /dev/nvidia-uvm (minor N) and /dev/nvidia-uvm-tools (minor N+1), mode 0666.
+    An existing node is kept (nvidia-modprobe only fixes a wrong one)."""
+    for i, node in enumerate(UVM_NODES):
+        if not os.path.lexists(path(node)):
+            _make_node(node, uvm_major(), minor + i, 0o666)
+
+
+def _mount_proc_devices(log=print) -> None:  # noqa: ANN001 - tiny logger callable
+    if not on_real_root():
+        return
+    if os.path.exists(path(PROC_DEVICES)):  # mounted earlier this boot (/run is per boot)
+        _show_devices()
+        return
+    write_text(PROC_DEVICES + ".orig", read_text("/proc/devices") or "")
+    write_text(PROC_DEVICES, _proc_devices(None))
+    if subprocess.call(["mount", "--bind", PROC_DEVICES, "/proc/devices"]) != 0:
+        log("gpunode-sim: cannot bind-mount /proc/devices; DeviceAllow=char-nvidia* "
+            "matches nothing in this VM")
+
+
+def no_new_privs() -> bool:
+    """This process runs under no_new_privs (always the real /proc, even in tests)."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return any(line.split() == ["NoNewPrivs:", "1"] for line in f)
+
+
+def modprobe(argv: list[str]) -> int:
+    """nvidia-modprobe [-u] [-c=N] (SIMULATION of the setuid root helper).
+
+    Without -u: load nvidia.ko (here: succeed when the boot unit loaded it). -u loads
+    nvidia-uvm; -c=N creates the device file(s) of minor N: with -u /dev/nvidia-uvm{,-tools},
+    else /dev/nvidia<N> and /dev/nvidiactl. The helper does its work as root, which it is
+    when run by root or through its setuid bit; under no_new_privs (NoNewPrivileges=) the
+    kernel ignores the setuid bit, so a non-root caller cannot load or create anything.
+    Exit 0 on success, 1 on failure, silent as the real one."""
+    uvm, minor = False, None
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a in ("-u", "--unified-memory"):
+            uvm = True
+        elif a.startswith(("-c=", "--create-nvidia-device-file=")):
+            minor = a.split("=", 1)[1]
+        elif a.startswith("-c") and len(a) > 2:
+            minor = a[2:]
+        elif a in ("-c", "--create-nvidia-device-file") and args:
+            minor = args.pop(0)
+    if minor is not None and not minor.isdigit():
+        return 1
+    if os.geteuid() != 0 and no_new_privs():
+        return 1  # setuid ignored: modprobe and mknod as the caller fail
+    if not read_text(LOADED_KMOD):
+        return 1  # nvidia.ko did not load (nouveau, no kmod package)
+    try:
+        if uvm:
+            if not (uvm_loaded() or load_uvm()):
+                return 1
+            if minor is not None:
+                make_uvm_nodes(int(minor))
+        elif minor is not None:
+            if not os.path.lexists(path(f"/dev/nvidia{minor}")):
+                _make_node(f"/dev/nvidia{minor}", NVIDIA_MAJOR, int(minor), 0o666)
+            if not os.path.lexists(path("/dev/nvidiactl")):
+                _make_node("/dev/nvidiactl", NVIDIA_MAJOR, 255, 0o666)
+    except OSError:  # e.g. EPERM: a unit's DevicePolicy= without m for the node
+        return 1
+    return 0
+
+
 def _mount_proc_driver() -> None:
     if not on_real_root():
         return
@@ -340,8 +514,8 @@ def _mount_proc_driver() -> None:
 def boot(log=print) -> int:  # noqa: ANN001 - tiny logger callable
     """What gpunode-sim-boot.service does once per boot (see gpunode-sim-boot)."""
     os.makedirs(path(RUN), exist_ok=True)
-    for stale in (LOADED_KMOD, PERSISTENCED):
-        if os.path.exists(path(stale)):
+    for stale in (LOADED_KMOD, LOADED_UVM, PERSISTENCED, *UVM_NODES):
+        if os.path.lexists(path(stale)):  # a real reboot starts with an empty /run and /dev
             os.remove(path(stale))
     shutil.rmtree(path(PROCS), ignore_errors=True)
     os.makedirs(path(PROCS), exist_ok=True)
@@ -391,9 +565,16 @@ def boot(log=print) -> int:  # noqa: ANN001 - tiny logger callable
     for gpu in gpus:
         _make_node(f"/dev/nvidia{gpu['index']}", 195, gpu["index"], 0o666)
     _make_node("/dev/nvidiactl", 195, 255, 0o666)
-    _make_node("/dev/nvidia-uvm", 238, 0, 0o666)
-    _make_node("/dev/nvidia-uvm-tools", 238, 1, 0o666)
-    log(f"gpunode-sim: NVIDIA kernel module {kmod} loaded; {len(gpus)} GPU(s)")
+    _mount_proc_devices(log)
+    # nvidia.ko creates no /dev/nvidia-uvm: nvidia-uvm loads from modules-load.d (the real
+    # systemd-modules-load ran before this unit, and nvidia-uvm pulls nvidia in) or from a
+    # udev rule, and its nodes come from that rule or from nvidia-modprobe -u -c=0.
+    udev_loads, udev_creates = udev_uvm()
+    if (uvm_listed() or udev_loads) and load_uvm() and udev_creates:
+        make_uvm_nodes()
+    log(f"gpunode-sim: NVIDIA kernel module {kmod} loaded; {len(gpus)} GPU(s); nvidia-uvm "
+        f"{'loaded' if uvm_loaded() else 'not loaded'}, /dev/nvidia-uvm "
+        f"{'present' if os.path.exists(path(UVM_NODES[0])) else 'absent'}")
     return 0
 
 

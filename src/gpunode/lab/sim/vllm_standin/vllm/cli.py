@@ -295,10 +295,35 @@ def visible_gpus(all_gpus: list[Gpu], env: str | None) -> list[Gpu]:
     return out
 
 
+# What torch raises when cuInit fails with CUDA_ERROR_UNKNOWN (999), as it does when
+# /dev/nvidia-uvm is missing and CUDA's nvidia-modprobe cannot create it.
+CUDA_UNKNOWN_ERROR = (
+    "CUDA unknown error - this may be due to an incorrectly set up environment, e.g. changing "
+    "env variable CUDA_VISIBLE_DEVICES after program start. Setting the available devices to "
+    "be zero."
+)
+
+
+def ensure_uvm(root: str) -> None:
+    """cuInit without /dev/nvidia-uvm runs the setuid nvidia-modprobe -u -c=0 to load
+    nvidia-uvm and create the node; when that fails (not installed, or setuid ignored under
+    NoNewPrivileges=) CUDA reports error 999 and torch sees no GPU."""
+    if os.path.lexists(os.path.join(root, "dev/nvidia-uvm")):
+        return
+    helper = os.path.join(root, "usr/bin/nvidia-modprobe")
+    ok = os.path.isfile(helper) and subprocess.run(
+        [helper, "-u", "-c=0"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, check=False).returncode == 0
+    if not (ok and os.path.lexists(os.path.join(root, "dev/nvidia-uvm"))):
+        raise StandinError("RuntimeError", CUDA_UNKNOWN_ERROR)
+
+
 def check_device_nodes(gpus: list[Gpu]) -> None:
-    """CUDA opens /dev/nvidiactl, /dev/nvidia-uvm and /dev/nvidia<N>; a sandbox that hides
-    or denies them (PrivateDevices=, DevicePolicy= without DeviceAllow=) breaks vLLM."""
+    """CUDA opens /dev/nvidiactl, /dev/nvidia-uvm and /dev/nvidia<N>; a missing nvidia-uvm
+    node, or a sandbox that hides or denies them (PrivateDevices=, DevicePolicy= without
+    DeviceAllow=), breaks vLLM."""
     root = os.environ.get("GPUNODE_SIM_ROOT", "/") or "/"
+    ensure_uvm(root)
     for dev in ["nvidiactl", "nvidia-uvm", *(f"nvidia{g.index}" for g in gpus)]:
         p = os.path.join(root, "dev", dev)
         try:
