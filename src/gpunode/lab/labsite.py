@@ -93,11 +93,9 @@ def lab_site(lab: Lab, facts: dict[str, Any], base_path: Path = LAB_EXAMPLE,
     keys.mkdir(parents=True, exist_ok=True)
     for svc in vllm.get("services", []):
         if svc.get("api_key_file"):
-            key = keys / f"{svc['name']}.key"
-            if not key.exists():
-                key.write_text(secrets.token_urlsafe(32) + "\n")
-                key.chmod(0o600)
-            svc["api_key_file"] = str(key)
+            svc["api_key_file"] = _secret(keys / f"{svc['name']}.key", "")
+    if vllm.get("hf_token_file"):  # SIMULATION: no hub is reached; shaped like a real token
+        vllm["hf_token_file"] = _secret(keys / "hf-token", "hf_")
     running = {vm.name for vm in lab.status() if vm.running}
     doc["nodes"] = {name: node for name, node in (doc.get("nodes") or {}).items()
                     if name in running}
@@ -110,6 +108,14 @@ def lab_site(lab: Lab, facts: dict[str, Any], base_path: Path = LAB_EXAMPLE,
         node.setdefault("nvidia", {})["keyring_sha256"] = by_distro[distro_of(node["os"])]
         node.setdefault("vllm", {})["python"] = OS_PYTHON[node["os"]]
     return doc
+
+
+def _secret(path: Path, prefix: str) -> str:
+    """A random secret in a 0600 file (kept across calls), for the lab site to name."""
+    if not path.exists():
+        path.write_text(prefix + secrets.token_urlsafe(32) + "\n")
+        path.chmod(0o600)
+    return str(path)
 
 
 def write_lab_site(lab: Lab, facts: dict[str, Any], out: Path,
