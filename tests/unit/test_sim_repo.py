@@ -628,5 +628,5 @@ def test_prepare_returns_site_facts(tmp_path: Path) -> None:
     assert facts["keyring_url"].endswith("/debian12/x86_64/cuda-keyring_1.1-1_all.deb")
     assert facts["driver_versions"] == list(cat.DRIVER_VERSIONS)
     assert facts["driver_deb_versions"] == [DEB_OLD, DEB_NEW]
-    assert facts["container_toolkit_versions"] == ["1.17.8-1", "1.18.1-1"]
+    assert facts["container_toolkit_versions"] == ["1.17.8-1", "1.18.0-1", "1.18.1-1"]
     assert Path(facts["manifest"]).is_file()

@@ -38,7 +38,8 @@ NCCL_DEB_VERSION = f"{NCCL_VERSION}-1+cuda{CUDA_MINOR}"
 DCGM_VERSION = "4.4.2"
 DCGM_DEB_VERSION = f"1:{DCGM_VERSION}-1"  # the epoch is in Version, not in the file name
 DCGM_EXPORTERS: tuple[str, ...] = ("4.7.0", "4.7.1")  # both tagged 4.4.2-<exporter>, oldest first
-CTK_VERSIONS: tuple[str, ...] = ("1.17.8", "1.18.1")  # container toolkit, oldest first
+# container toolkit, oldest first: 1.18.0 is the model's default container_toolkit.version
+CTK_VERSIONS: tuple[str, ...] = ("1.17.8", "1.18.0", "1.18.1")
 KEYRING_VERSION = "1.1-1"
 SIM_BASE_VERSION = "0.1-1"
 
