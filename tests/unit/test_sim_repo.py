@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -170,6 +171,62 @@ def test_dcgm_relations_as_nvidia_publishes_them(built: tuple[Path, dict]) -> No
         for exporter in cat.DCGM_EXPORTERS:
             needs = pkgs[("datacenter-gpu-manager-exporter", f"{exporter}-1")]["Depends"]
             assert f"datacenter-gpu-manager-4-core (= {v})" in needs, distro
+
+
+SIM_OS = {"debian12": "debian-12", "ubuntu2204": "ubuntu-22.04", "ubuntu2404": "ubuntu-24.04"}
+
+
+def test_every_version_the_model_defaults_to_is_served(built: tuple[Path, dict]) -> None:
+    """A site that enables everything at the model's defaults (each driver the sim serves
+    pinned) finds every package=version gpunode installs in the distro's CUDA repository
+    or the container toolkit repository."""
+    from gpunode import desired
+    from gpunode.model import NodeProfile
+
+    www = built[0]
+    ctk = {(s["Package"], s["Version"])
+           for s in parse_packages((www / cat.CTK_REPO_PATH / "Packages").read_text())}
+    assert SIM_OS.keys() == set(cat.CUDA_DISTROS)
+    for distro, os_name in SIM_OS.items():
+        served = set(index(www, distro)) | ctk
+        names = {n for n, _ in served}
+        for driver in cat.DRIVER_VERSIONS:
+            p = NodeProfile.model_validate({
+                "name": "n", "connection": {"address": "h"}, "gpus": {"count": 1},
+                "os": os_name, "nvidia": {"version": driver}, "cuda": {"enabled": True},
+                "nccl": {"enabled": True}, "cudnn": {"enabled": True},
+                "dcgm": {"enabled": True, "exporter": True},
+                "container_toolkit": {"enabled": True}})
+            deb = desired.driver_deb_version(p)
+            wanted = [desired.Pkg(n, deb) for n in desired.driver_packages(p)]
+            pin = desired.pinning_package(p)
+            assert pin is not None
+            wanted.append(desired.Pkg(pin))
+            wanted += (desired.cuda_packages(p) + desired.nccl_packages(p)
+                       + desired.cudnn_packages(p) + desired.container_toolkit_packages(p)
+                       + desired.dcgm_packages(p))
+            missing = [x.spec for x in wanted if x.name not in names
+                       or (x.version and (x.name, x.version) not in served)]
+            assert not missing, (distro, driver, missing)
+
+
+def test_cudnn_relations_and_files(built: tuple[Path, dict], tmp_path: Path) -> None:
+    v = cat.CUDNN_DEB_VERSION
+    for distro in cat.CUDA_DISTROS:
+        pkgs = index(built[0], distro)
+        assert pkgs[("libcudnn9-dev-cuda-13", v)]["Depends"] == \
+            f"libcudnn9-cuda-13 (= {v}), libcudnn9-headers-cuda-13 (= {v})"
+        assert pkgs[("libcudnn9-cuda-13", v)]["Provides"] == "libcudnn9"
+    d = repo_dir(built[0])
+    so = ".".join(cat.CUDNN_VERSION.split(".")[:3])
+    lib = extract(d / f"libcudnn9-cuda-13_{v}_amd64.deb", tmp_path / "l")
+    assert (lib / f"usr/lib/x86_64-linux-gnu/libcudnn.so.{so}").is_file()
+    assert os.readlink(lib / "usr/lib/x86_64-linux-gnu/libcudnn.so.9") == f"libcudnn.so.{so}"
+    hdr = extract(d / f"libcudnn9-headers-cuda-13_{v}_amd64.deb", tmp_path / "h")
+    major, minor, patch = so.split(".")
+    text = (hdr / "usr/include/x86_64-linux-gnu/cudnn_version_v9.h").read_text()
+    assert f"#define CUDNN_MAJOR {major}\n#define CUDNN_MINOR {minor}\n" \
+        f"#define CUDNN_PATCHLEVEL {patch}\n" in text
 
 
 def test_ubuntu_names_are_branch_suffixed(built: tuple[Path, dict]) -> None:
@@ -628,5 +685,5 @@ def test_prepare_returns_site_facts(tmp_path: Path) -> None:
     assert facts["keyring_url"].endswith("/debian12/x86_64/cuda-keyring_1.1-1_all.deb")
     assert facts["driver_versions"] == list(cat.DRIVER_VERSIONS)
     assert facts["driver_deb_versions"] == [DEB_OLD, DEB_NEW]
-    assert facts["container_toolkit_versions"] == ["1.17.8-1", "1.18.1-1"]
+    assert facts["container_toolkit_versions"] == ["1.17.8-1", "1.18.0-1", "1.18.1-1"]
     assert Path(facts["manifest"]).is_file()

@@ -144,6 +144,12 @@ def _build(tmp: Path) -> Path:
 
 
 def test_install_pin_upgrade_switch_and_purge(chroot: tuple[Chroot, str, Path]) -> None:
+    from gpunode import desired
+    from gpunode.model import NodeProfile
+
+    defaults = NodeProfile.model_validate({
+        "name": "n", "connection": {"address": "h"}, "os": "debian-12",
+        "cudnn": {"enabled": True}, "container_toolkit": {"enabled": True}})
     ch, url, www = chroot
     d = f"{url}/compute/cuda/repos/debian12/x86_64"
     ch.sh("test ! -e /root/dkms.deb || dpkg -i /root/dkms.deb")
@@ -173,6 +179,12 @@ def test_install_pin_upgrade_switch_and_purge(chroot: tuple[Chroot, str, Path]) 
     ch.sh("apt-get install -y cuda-toolkit-13-0 libnccl-dev datacenter-gpu-manager-4-cuda13")
     assert ch.read("/usr/lib/gpunode-sim/installed/cuda") == f"{cat.NVCC_VERSION}\n"
     assert os.readlink(ch.root / "usr/local/cuda") == "/etc/alternatives/cuda"
+    # cuDNN as gpunode names it (the model's defaults): -dev brings the headers it needs.
+    ch.sh("apt-get install -y " + " ".join(x.spec for x in desired.cudnn_packages(defaults)))
+    assert os.readlink(ch.root / "etc/alternatives/libcudnn") == \
+        "/usr/include/x86_64-linux-gnu/cudnn_v9.h"
+    assert "#define CUDNN_MAJOR 9" in ch.read("/usr/include/x86_64-linux-gnu/cudnn_version_v9.h")
+    assert os.readlink(ch.root / "usr/lib/x86_64-linux-gnu/libcudnn.so") == "libcudnn.so.9"
     # Container toolkit repo: its own key (the docs' gpgkey, dearmored) and $(ARCH) line.
     keyring = ch.root / cat.CTK_KEYRING_PATH.lstrip("/")
     keyring.write_bytes(subprocess.run(
@@ -180,8 +192,12 @@ def test_install_pin_upgrade_switch_and_purge(chroot: tuple[Chroot, str, Path]) 
         capture_output=True, check=True).stdout)
     (ch.root / "etc/apt/sources.list.d/nvidia-container-toolkit.list").write_text(
         f"deb [signed-by={cat.CTK_KEYRING_PATH}] {url}/libnvidia-container/stable/deb/$(ARCH) /\n")
+    # the model's default toolkit as gpunode pins it, then the newest, as an upgrade
+    ch.sh("apt-get update && apt-get install -y " + " ".join(
+        x.spec for x in desired.container_toolkit_packages(defaults)))
+    assert (ch.root / "etc/systemd/system/nvidia-cdi-refresh.path").is_file()
     ver = "1.18.1-1"
-    ch.sh(f"apt-get update && apt-get install -y nvidia-container-toolkit={ver} "
+    ch.sh(f"apt-get install -y nvidia-container-toolkit={ver} "
           f"nvidia-container-toolkit-base={ver} libnvidia-container-tools={ver} "
           f"libnvidia-container1={ver}")
     assert (ch.root / "etc/nvidia-container-runtime/config.toml").is_file()

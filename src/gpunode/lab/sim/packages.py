@@ -38,7 +38,12 @@ NCCL_DEB_VERSION = f"{NCCL_VERSION}-1+cuda{CUDA_MINOR}"
 DCGM_VERSION = "4.4.2"
 DCGM_DEB_VERSION = f"1:{DCGM_VERSION}-1"  # the epoch is in Version, not in the file name
 DCGM_EXPORTERS: tuple[str, ...] = ("4.7.0", "4.7.1")  # both tagged 4.4.2-<exporter>, oldest first
-CTK_VERSIONS: tuple[str, ...] = ("1.17.8", "1.18.1")  # container toolkit, oldest first
+# container toolkit, oldest first: 1.18.0 is the model's default container_toolkit.version
+CTK_VERSIONS: tuple[str, ...] = ("1.17.8", "1.18.0", "1.18.1")
+# cuDNN 9 for the toolkit's CUDA major at the model's default cudnn.version, the build
+# research/nvidia-repo.md §4.2 pairs with cuda 13.0.2
+CUDNN_VERSION = "9.15.0.58"
+CUDNN_DEB_VERSION = f"{CUDNN_VERSION}-1"
 KEYRING_VERSION = "1.1-1"
 SIM_BASE_VERSION = "0.1-1"
 
@@ -997,6 +1002,59 @@ def nccl() -> list[Package]:
     ]
 
 
+def cudnn() -> list[Package]:
+    """cuDNN 9 for CUDA 13: runtime, headers and dev at one version (names and version
+    CORROBORATED, nvidia-repo.md §4.2).
+
+    Files: the runtime puts libcudnn.so.<9.x.y> and its sub-libraries in the multiarch
+    libdir, the headers are /usr/include/x86_64-linux-gnu/cudnn*_v9.h (both VERIFIED from a
+    container layer of libcudnn9-cuda-12 / -dev-cuda-12 9.7.0, where -dev still held the
+    headers; their move to -headers, split off later, is INFERRED from the package's name).
+    -dev's postinst makes /usr/include/cudnn.h the `libcudnn` alternative for cudnn_v9.h
+    (CORROBORATED: "update-alternatives: using /usr/include/x86_64-linux-gnu/cudnn_v9.h to
+    provide /usr/include/cudnn.h (libcudnn)" while setting up libcudnn9-dev-cuda-12; its
+    priority is INFERRED). Relations: the runtime Provides libcudnn9 (CORROBORATED,
+    NVIDIA-ISAAC-ROS/isaac_ros_common issue 210); -dev Depends -headers at its exact version
+    (CORROBORATED, coreweave/nccl-tests PR 63 and public pinned installs, which must name all
+    three) and the runtime (= v) (INFERRED, as libnccl-dev does). The .so.9 links and
+    libcudnn.so in -dev are INFERRED (Debian's usual split)."""
+    v, major = CUDNN_DEB_VERSION, CUDA_MINOR.split(".")[0]
+    so = ".".join(CUDNN_VERSION.split(".")[:3])  # libcudnn.so.9.15.0
+    c_major, c_minor, c_patch = (int(x) for x in so.split("."))
+    inc = "/usr/include/x86_64-linux-gnu"
+    version_h = (
+        "/* SIMULATION stand-in for cudnn_version.h: only the version macros are real-format. */\n"
+        f"#define CUDNN_MAJOR {c_major}\n#define CUDNN_MINOR {c_minor}\n"
+        f"#define CUDNN_PATCHLEVEL {c_patch}\n\n"
+        "#define CUDNN_VERSION (CUDNN_MAJOR * 10000 + CUDNN_MINOR * 100 + CUDNN_PATCHLEVEL)\n"
+    )
+    libs = ("libcudnn", "libcudnn_adv", "libcudnn_cnn", "libcudnn_engines_precompiled",
+            "libcudnn_engines_runtime_compiled", "libcudnn_graph", "libcudnn_heuristic",
+            "libcudnn_ops")
+    headers = ("cudnn", "cudnn_adv", "cudnn_backend", "cudnn_cnn", "cudnn_graph", "cudnn_ops")
+    runtime, dev = f"libcudnn9-cuda-{major}", f"libcudnn9-dev-cuda-{major}"
+    hdrs = f"libcudnn9-headers-cuda-{major}"
+    return [
+        Package(name=runtime, version=v, section="libs", provides=("libcudnn9",),
+                description=f"cuDNN runtime libraries for CUDA {major}",
+                files=tuple(f for lib in libs for f in _lib_with_links(f"{lib}.so", so, "9"))),
+        Package(name=hdrs, version=v, section="libdevel",
+                description=f"cuDNN header files for CUDA {major}",
+                files=(*(_text(f"{inc}/{h}_v9.h", "/* SIMULATION stand-in header */\n")
+                         for h in headers),
+                       _text(f"{inc}/cudnn_version_v9.h", version_h))),
+        Package(name=dev, version=v, section="libdevel",
+                description=f"cuDNN development libraries for CUDA {major}",
+                depends=(f"{runtime} (= {v})", f"{hdrs} (= {v})"),
+                files=(File(f"{LIBDIR}/libcudnn.so", link="libcudnn.so.9"),),
+                scripts=(("postinst", _SH + 'if [ "$1" = configure ]; then\n'
+                          "    update-alternatives --install /usr/include/cudnn.h libcudnn "
+                          f"{inc}/cudnn_v9.h 90\nfi\n"),
+                         ("prerm", _SH + 'if [ "$1" = remove ] || [ "$1" = deconfigure ]; then\n'
+                          f"    update-alternatives --remove libcudnn {inc}/cudnn_v9.h\nfi\n"))),
+    ]
+
+
 _DCGM_UNIT = (
     "[Unit]\nDescription=NVIDIA DCGM service\nConflicts=dcgm.service\n\n"
     "[Service]\nUser=root\nPrivateTmp=false\n"
@@ -1198,7 +1256,7 @@ def catalogue(keyrings: dict[str, bytes], base_url: str,
         pkgs += pinning_packages(distro, driver_versions)
         for v in driver_versions:  # oldest first, as NVIDIA appends new blocks
             pkgs += debian_driver(v) if distro.startswith("debian") else ubuntu_driver(distro, v)
-        pkgs += cuda_toolkit() + nccl() + dcgm()
+        pkgs += cuda_toolkit() + nccl() + cudnn() + dcgm()
         repos.append(AptRepo(name=f"cuda-{distro}", path=cuda_repo_path(distro),
                              origin="NVIDIA", label="NVIDIA CUDA", architecture="x86_64",
                              key="cuda", packages=tuple(pkgs)))
