@@ -243,12 +243,15 @@ def nccl_packages(p: NodeProfile) -> list[Pkg]:
 
 
 def cudnn_packages(p: NodeProfile) -> list[Pkg]:
+    """cuDNN's runtime, headers and -dev at one version: -dev depends on the headers package
+    at exactly its own version, so the headers are pinned too (apt would otherwise pick the
+    newest headers and refuse the -dev the site pins)."""
     if not p.cudnn.enabled:
         return []
     major = p.cuda.version.split(".")[0]
     version = f"{p.cudnn.version}-1"
-    return _locked(p, "cudnn", [Pkg(f"libcudnn9-cuda-{major}", version),
-                                Pkg(f"libcudnn9-dev-cuda-{major}", version)])
+    return _locked(p, "cudnn", [Pkg(f"libcudnn9-{part}cuda-{major}", version)
+                                for part in ("", "headers-", "dev-")])
 
 
 def container_toolkit_packages(p: NodeProfile) -> list[Pkg]:

@@ -101,7 +101,10 @@ def test_matched_sets_follow_cuda():
                 cudnn={"enabled": True})
     assert [x.spec for x in desired.nccl_packages(p)] == [
         "libnccl2=2.28.3-1+cuda13.0", "libnccl-dev=2.28.3-1+cuda13.0"]
-    assert desired.cudnn_packages(p)[0].name == "libcudnn9-cuda-13"
+    # -dev needs the headers at its own version: pinned too, or apt takes the newest headers
+    assert [x.spec for x in desired.cudnn_packages(p)] == [
+        "libcudnn9-cuda-13=9.15.0.58-1", "libcudnn9-headers-cuda-13=9.15.0.58-1",
+        "libcudnn9-dev-cuda-13=9.15.0.58-1"]
     assert desired.cuda_packages(p)[0].name == "cuda-toolkit-13-0"
 
 
