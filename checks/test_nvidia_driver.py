@@ -1,5 +1,5 @@
 """NVIDIA driver: branch/version, kernel module flavour, holds and pins, unattended-upgrades
-exclusions, nouveau, module for the newest kernel and every kernel with headers, persistence daemon."""
+exclusions, nouveau, module for the newest kernel and every DKMS kernel with headers, persistence daemon."""
 
 from __future__ import annotations
 
@@ -133,8 +133,8 @@ def test_module_built_for_newest_kernel(node, facts):
 
 
 def test_module_present_for_every_kernel_that_may_boot(node, facts):
-    """The newest kernel (booted next) and every kernel with headers has an nvidia module,
-    so no reboot or kernel choice comes up without GPUs."""
+    """The newest kernel (booted next) and, with DKMS, every kernel with headers has an
+    nvidia module, so no reboot or kernel choice comes up without GPUs."""
     lacking = plan.kernels_without_module(node, facts.snap)
     assert not lacking, (
         f"no NVIDIA kernel module for kernel {', '.join(lacking)}: "

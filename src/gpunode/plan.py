@@ -88,13 +88,17 @@ def reboot_message(p: NodeProfile, reasons: list[str]) -> str:
 
 def kernels_without_module(p: NodeProfile, snap: Snapshot) -> list[str]:
     """Installed kernels that lack the NVIDIA module and matter: the one the host boots
-    next (the newest) and every one with headers, for which DKMS builds (or the archive
-    ships) it. Empty before the driver is installed and in snapshots without the field."""
+    next (the newest) and, with DKMS (cuda-repo), every one with headers, for which DKMS
+    should have built it. The Ubuntu archive's prebuilt modules come per kernel ABI, not
+    with headers (its meta-package follows the newest kernel; the running one gets headers
+    from gpunode). Empty before the driver is installed and in snapshots without the field."""
     mods = snap.kernel_modules
     if not mods or not snap.driver_installed(p):
         return []
     boot = d.newest_kernel(list(mods))
-    return sorted(k for k, m in mods.items() if (m["headers"] or k == boot) and not m["nvidia"])
+    dkms = p.nvidia.source == "cuda-repo"
+    return sorted(k for k, m in mods.items()
+                  if ((dkms and m["headers"]) or k == boot) and not m["nvidia"])
 
 
 def reboot_refusal(p: NodeProfile, snap: Snapshot, reasons: list[str]) -> str | None:

@@ -250,11 +250,18 @@ def test_every_kernel_with_headers_needs_the_module_one_without_only_when_booted
 def test_ubuntu_archive_refusal_names_the_prebuilt_module_package():
     p = profile(os="ubuntu-24.04", nvidia={"source": "ubuntu-archive", "branch": 580,
                                            "version": None})
-    k = "6.8.0-90-generic"
-    s = module_snap(p, {k: {"headers": False, "nvidia": None}})
+    k, running = "6.8.0-90-generic", "6.8.0-40-generic"
+    s = module_snap(p, {k: {"headers": False, "nvidia": None},
+                        running: {"headers": True, "nvidia": None}})
     flavour = "-open" if p.nvidia.open_kernel_modules else ""
+    assert (f"for kernel {k} (it boots {k} next)" in plan.reboot_refusal(
+        p, s, reboot_reasons(p, s)))
     assert (f"(apt-get install linux-modules-nvidia-580-server{flavour}-{k})"
             in plan.reboot_refusal(p, s, reboot_reasons(p, s)))
+    # prebuilt modules come for the newest kernel's ABI, not with headers: an older kernel
+    # with headers (the running one, gpunode installs them) does not hold the reboot back
+    s.kernel_modules[k] = {"headers": False, "nvidia": f"/lib/modules/{k}/kernel/nvidia-580srv/nvidia.ko"}
+    assert plan.kernels_without_module(p, s) == []
 
 
 def test_module_fix_quotes_the_host_kernel_name():
