@@ -1,5 +1,5 @@
 """NVIDIA driver: branch/version, kernel module flavour, holds and pins, unattended-upgrades
-exclusions, nouveau, module for the newest kernel, persistence daemon."""
+exclusions, nouveau, module for the newest kernel and every DKMS kernel with headers, persistence daemon."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import fnmatch
 
 import pytest
 
-from gpunode import desired, expect
+from gpunode import desired, expect, plan
 
 pytestmark = pytest.mark.gpu
 
@@ -130,6 +130,15 @@ def test_module_built_for_newest_kernel(node, facts):
         rows = [r for r in rows if r["version"] == version]
     assert rows, (f"no nvidia DKMS module {version or node.nvidia.branch} installed for the "
                   f"newest kernel {kernel}; dkms status: {status['out'].strip() or status['err']}")
+
+
+def test_module_present_for_every_kernel_that_may_boot(node, facts):
+    """The newest kernel (booted next) and, with DKMS, every kernel with headers has an
+    nvidia module, so no reboot or kernel choice comes up without GPUs."""
+    lacking = plan.kernels_without_module(node, facts.snap)
+    assert not lacking, (
+        f"no NVIDIA kernel module for kernel {', '.join(lacking)}: "
+        + "; ".join(desired.module_fix(node, k) for k in lacking))
 
 
 def test_persistence_daemon_running(node, facts):

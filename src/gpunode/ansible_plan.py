@@ -295,6 +295,7 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "directories_ok": {x["path"]: _dir_ok(snap, x) for x in want["vllm"]["directories"]},
         "reboot_reasons": reboot_reasons(p, snap),
         "reboot_message": reboot_message(p, reboot_reasons(p, snap)),
+        "reboot_refusal": plan.reboot_refusal(p, snap, reboot_reasons(p, snap)),
         "manifest": _manifest_job(p, snap),
     }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import shlex
 from dataclasses import dataclass
 
 from gpunode.model import NodeProfile
@@ -327,6 +328,21 @@ def newest_kernel(kernels: list[str]) -> str:
         return tuple(int(x) for x in "".join(c if c.isdigit() else " " for c in version).split())
 
     return max(kernels, key=key)
+
+
+def prebuilt_module_package(p: NodeProfile, kernel: str) -> str:
+    """Canonical's signed NVIDIA modules for one kernel (nvidia.source ubuntu-archive)."""
+    flavour = "-open" if p.nvidia.open_kernel_modules else ""
+    return f"linux-modules-nvidia-{p.nvidia.branch}-server{flavour}-{kernel}"
+
+
+def module_fix(p: NodeProfile, kernel: str) -> str:
+    """The commands that put the NVIDIA module into `kernel`: its prebuilt package from the
+    Ubuntu archive, else its headers and a DKMS build (kernel names quoted: host strings)."""
+    if p.nvidia.source == "ubuntu-archive":
+        return f"apt-get install {shlex.quote(prebuilt_module_package(p, kernel))}"
+    k = shlex.quote(kernel)
+    return f"apt-get install {shlex.quote('linux-headers-' + kernel)} && dkms autoinstall -k {k}"
 
 
 def held_packages(p: NodeProfile) -> list[str]:

@@ -86,6 +86,35 @@ def reboot_message(p: NodeProfile, reasons: list[str]) -> str:
             "'never': reboot it, then run the deploy again")
 
 
+def kernels_without_module(p: NodeProfile, snap: Snapshot) -> list[str]:
+    """Installed kernels that lack the NVIDIA module and matter: the one the host boots
+    next (the newest) and, with DKMS (cuda-repo), every one with headers, for which DKMS
+    should have built it. The Ubuntu archive's prebuilt modules come per kernel ABI, not
+    with headers (its meta-package follows the newest kernel; the running one gets headers
+    from gpunode). Empty before the driver is installed and in snapshots without the field."""
+    mods = snap.kernel_modules
+    if not mods or not snap.driver_installed(p):
+        return []
+    boot = d.newest_kernel(list(mods))
+    dkms = p.nvidia.source == "cuda-repo"
+    return sorted(k for k, m in mods.items()
+                  if ((dkms and m["headers"]) or k == boot) and not m["nvidia"])
+
+
+def reboot_refusal(p: NodeProfile, snap: Snapshot, reasons: list[str]) -> str | None:
+    """Why a host that needs a reboot must not reboot now (None: it may): a kernel it may
+    boot lacks the NVIDIA module, so its GPUs would be gone after the reboot."""
+    lacking = kernels_without_module(p, snap) if reasons else []
+    if not lacking:
+        return None
+    boot = d.newest_kernel(list(snap.kernel_modules))
+    fixes = "; ".join(d.module_fix(p, k) for k in lacking)
+    return (f"{p.name} needs a reboot ({'; '.join(reasons)}) but the NVIDIA kernel module is "
+            f"missing for kernel {', '.join(lacking)} (it boots {boot} next), so its GPUs "
+            f"would be gone after the reboot; not rebooting. Put the module in place ({fixes}), "
+            "then run the deploy again")
+
+
 def find(steps: list[Step], key: str) -> Step | None:
     return next((s for s in steps if s.key == key), None)
 

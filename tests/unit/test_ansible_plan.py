@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gpunode import ansible_plan, desired
 from gpunode.files import credentials
@@ -198,6 +199,52 @@ def test_reboot_reasons_and_message_match_the_pyinfra_deploy(profile):
     assert plan["reboot_message"].startswith(f"{profile.name} needs a reboot (nouveau is loaded")
     assert plan["reboot_message"].endswith(
         "and its reboot policy is 'never': reboot it, then run the deploy again")
+
+
+def test_both_engines_refuse_to_reboot_into_a_kernel_without_the_nvidia_module(
+        profile, monkeypatch):
+    """Was: both rebooted into the newest kernel though DKMS had built no module for it (no
+    headers), and the host came back without GPUs."""
+    from gpunode.deploys import ops
+    from gpunode.facts import Snapshot
+
+    data = fresh_snapshot()
+    data["packages"].update({name: f"{profile.nvidia.version}-1"
+                             for name in desired.driver_packages(profile)})
+    new = "6.1.0-31-amd64"
+    data["kernels"] = ["6.1.0-30-amd64", new]
+    data["kernel_modules"] = {
+        "6.1.0-30-amd64": {"headers": True, "nvidia": "/lib/modules/x/updates/dkms/nvidia.ko"},
+        new: {"headers": False, "nvidia": None}}
+    refusal = ansible_plan.observed(profile, data)["reboot_refusal"]
+    assert refusal.startswith(f"{profile.name} needs a reboot (nouveau is loaded")
+    assert f"missing for kernel {new} (it boots {new} next)" in refusal
+    assert f"dkms autoinstall -k {new}" in refusal
+
+    # pyinfra: the reboot operation stops the host with the same words, and does not reboot
+    monkeypatch.setattr(ops, "snapshot", lambda p: Snapshot(data))
+    commands = list(ops.reboot_if_needed._inner(p=profile))
+    assert len(commands) == 1
+    logged = []
+
+    class Host:
+        def log_styled(self, message, **kw):
+            logged.append(message)
+
+    assert commands[0].function(None, Host()) is False
+    assert logged == [ops.STOP_PREFIX + refusal]
+
+    # Ansible: the role stops on it before stopping vLLM or rebooting
+    tasks = yaml.safe_load((REPO / "roles/gpunode_reboot/tasks/main.yml").read_text())
+    stop = next(i for i, t in enumerate(tasks)
+                if "reboot_refusal" in str(t.get("ansible.builtin.fail", {}).get("msg")))
+    assert "reboot_refusal is not none" in tasks[stop]["when"]
+    assert stop < min(i for i, t in enumerate(tasks)
+                      if "ansible.builtin.reboot" in t or "ansible.builtin.shell" in t)
+
+    # the module built for every kernel that may boot: no refusal, the reboot goes ahead
+    data["kernel_modules"][new] = {"headers": True, "nvidia": "/lib/modules/y/nvidia.ko"}
+    assert ansible_plan.observed(profile, data)["reboot_refusal"] is None
 
 
 def test_held_driver_packages_and_stale_versions(profile):

@@ -389,3 +389,25 @@ def test_secret_check_names_mode_and_where_the_token_shows():
     assert "Hugging Face token visible in: ['/etc/vllm/tiny.env']" == module._secret_problem(
         shown, "token", "Hugging Face token")
     assert "missing" in module._secret_problem(good | {"token_read": False}, "token", "x")
+
+
+def test_module_check_fails_for_a_kernel_with_headers_but_no_module():
+    from types import SimpleNamespace
+
+    from gpunode import desired
+    from gpunode.facts import Snapshot
+    from gpunode.model import NodeProfile
+
+    module = _checks_module("test_nvidia_driver")
+    node = NodeProfile.model_validate({"name": "n", "os": "debian-12",
+                                       "connection": {"address": "h"}, "gpus": {"count": 1}})
+    built = {"headers": True, "nvidia": "/lib/modules/k/updates/dkms/nvidia.ko"}
+    data = {"packages": {n: "1" for n in desired.driver_packages(node)},
+            "kernel_modules": {"6.1.0-30-amd64": {"headers": True, "nvidia": None},
+                               "6.1.0-31-amd64": built}}
+    facts = SimpleNamespace(snap=Snapshot(data))
+    with pytest.raises(AssertionError, match=r"no NVIDIA kernel module for kernel 6\.1\.0-30-amd64: "
+                       r"apt-get install linux-headers-6\.1\.0-30-amd64 && dkms autoinstall"):
+        module.test_module_present_for_every_kernel_that_may_boot(node, facts)
+    data["kernel_modules"]["6.1.0-30-amd64"] = built
+    module.test_module_present_for_every_kernel_that_may_boot(node, facts)

@@ -3,7 +3,7 @@ reachable here, so its choices are proven by these tests)."""
 
 import pytest
 
-from gpunode import desired
+from gpunode import desired, plan
 from gpunode.facts import Snapshot, reboot_reasons
 from gpunode.files import tuning_files
 from gpunode.model import NodeProfile
@@ -204,6 +204,74 @@ def test_reboot_reasons():
     pending = snap(cmdline="quiet", files={"/etc/default/grub.d/60-gpunode.cfg": {"sha256": "x"}})
     assert "transparent_hugepage=madvise" in reboot_reasons(p, pending)[0]
     assert reboot_reasons(p, snap(reboot_required=True, reboot_required_pkgs=["linux-image"]))
+
+
+OLD_K, NEW_K = "6.1.0-30-amd64", "6.1.0-31-amd64"
+
+
+def module_snap(p: NodeProfile, kernels: dict[str, dict] | None = None) -> Snapshot:
+    """A host with the driver installed, nouveau loaded (a reboot is due) and `kernels`."""
+    return snap(modules=["nouveau"], packages={n: "1" for n in desired.driver_packages(p)},
+                kernel_modules=kernels)
+
+
+def kmods(old: dict, new: dict) -> dict:
+    return {OLD_K: old, NEW_K: new}
+
+
+BUILT = {"headers": True, "nvidia": "/lib/modules/k/updates/dkms/nvidia.ko"}
+
+
+def test_no_reboot_into_a_kernel_without_the_nvidia_module():
+    """Was: the deploy rebooted into the newest kernel whatever DKMS had built for it, and
+    a kernel without the module boots without GPUs."""
+    p = profile(os="debian-12")
+    s = module_snap(p, kmods(BUILT, {"headers": False, "nvidia": None}))
+    reasons = reboot_reasons(p, s)
+    assert reasons and plan.kernels_without_module(p, s) == [NEW_K]
+    refusal = plan.reboot_refusal(p, s, reasons)
+    assert refusal == (
+        f"{p.name} needs a reboot ({reasons[0]}) but the NVIDIA kernel module is missing for "
+        f"kernel {NEW_K} (it boots {NEW_K} next), so its GPUs would be gone after the reboot; "
+        f"not rebooting. Put the module in place (apt-get install linux-headers-{NEW_K} && "
+        f"dkms autoinstall -k {NEW_K}), then run the deploy again")
+    assert plan.reboot_refusal(p, s, []) is None  # no reboot due: nothing to refuse
+
+
+def test_every_kernel_with_headers_needs_the_module_one_without_only_when_booted():
+    p = profile(os="debian-12")
+    no_headers = {"headers": False, "nvidia": None}
+    assert plan.kernels_without_module(p, module_snap(p, kmods(no_headers, BUILT))) == []
+    s = module_snap(p, kmods({"headers": True, "nvidia": None}, BUILT))
+    assert plan.kernels_without_module(p, s) == [OLD_K]
+    assert plan.reboot_refusal(p, s, reboot_reasons(p, s))
+    # no driver yet (nothing to lose) or an older snapshot without the field: no refusal
+    assert plan.kernels_without_module(p, snap(kernel_modules=s.kernel_modules)) == []
+    assert plan.kernels_without_module(p, module_snap(p)) == []
+
+
+def test_ubuntu_archive_refusal_names_the_prebuilt_module_package():
+    p = profile(os="ubuntu-24.04", nvidia={"source": "ubuntu-archive", "branch": 580,
+                                           "version": None})
+    k, running = "6.8.0-90-generic", "6.8.0-40-generic"
+    s = module_snap(p, {k: {"headers": False, "nvidia": None},
+                        running: {"headers": True, "nvidia": None}})
+    flavour = "-open" if p.nvidia.open_kernel_modules else ""
+    assert (f"for kernel {k} (it boots {k} next)" in plan.reboot_refusal(
+        p, s, reboot_reasons(p, s)))
+    assert (f"(apt-get install linux-modules-nvidia-580-server{flavour}-{k})"
+            in plan.reboot_refusal(p, s, reboot_reasons(p, s)))
+    # prebuilt modules come for the newest kernel's ABI, not with headers: an older kernel
+    # with headers (the running one, gpunode installs them) does not hold the reboot back
+    s.kernel_modules[k] = {"headers": False, "nvidia": f"/lib/modules/{k}/kernel/nvidia-580srv/nvidia.ko"}
+    assert plan.kernels_without_module(p, s) == []
+
+
+def test_module_fix_quotes_the_host_kernel_name():
+    p = profile(os="debian-12")
+    assert desired.module_fix(p, "6.1.0-9-amd64; reboot") == (
+        "apt-get install 'linux-headers-6.1.0-9-amd64; reboot' && dkms autoinstall -k "
+        "'6.1.0-9-amd64; reboot'")
 
 
 def test_gpu_settings_drift_names_the_difference():

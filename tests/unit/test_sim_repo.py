@@ -372,6 +372,55 @@ def test_dkms_records_the_module_where_the_cdi_refresh_condition_looks(
     assert condition() == 1 and "ext4.ko" in (kdir / "modules.dep").read_text()
 
 
+def test_dkms_installs_the_module_for_every_kernel_with_headers_and_later_kernels(
+        built: tuple[Path, dict], tmp_path: Path) -> None:
+    """As dkms: the postinst puts nvidia.ko in updates/dkms of every kernel with headers (not
+    one without), the kernel hooks (gpunode-sim-base, beside dkms's own) do it for a kernel
+    whose image or headers come later, and the prerm takes it out of every kernel."""
+    root = tmp_path / "root"
+    old, bare, later = "6.1.0-30-amd64", "6.1.0-29-amd64", "6.1.0-31-amd64"
+    for k in (old, bare, later):
+        (root / "lib/modules" / k / "kernel").mkdir(parents=True)
+    (root / "lib/modules" / old / "build").mkdir()
+    (root / f"usr/src/nvidia-{V_NEW}").mkdir(parents=True)
+    kmod = extract(repo_dir(built[0]) / f"nvidia-kernel-open-dkms_{DEB_NEW}_amd64.deb",
+                   tmp_path / "kmod")
+    (root / cat.INSTALLED.lstrip("/")).mkdir(parents=True)
+    shutil.copy(kmod / cat.INSTALLED.lstrip("/") / "kmod", root / cat.INSTALLED.lstrip("/"))
+    ctl = tmp_path / "ctl"
+    subprocess.run(["dpkg-deb", "-e", str(repo_dir(built[0]) /
+                    f"nvidia-kernel-open-dkms_{DEB_NEW}_amd64.deb"), str(ctl)], check=True)
+    base = extract(repo_dir(built[0]) / f"gpunode-sim-base_{cat.SIM_BASE_VERSION}_all.deb",
+                   tmp_path / "base")
+
+    def run(path: Path, *args: str) -> None:
+        text = path.read_text()
+        for prefix in ("/var/lib/dkms", "/lib/modules", "/usr/src", cat.INSTALLED):
+            text = text.replace(prefix, f"{root}{prefix}")
+        subprocess.run(["sh", "-c", text, path.name, *args], check=True, capture_output=True)
+
+    def with_module() -> list[str]:
+        return sorted(k for k in (old, bare, later)
+                      if (root / "lib/modules" / k / "updates/dkms/nvidia.ko").is_file())
+
+    hooks = [base / h.lstrip("/") for h in cat.DKMS_HOOKS]
+    assert [h.stat().st_mode & 0o777 for h in hooks] == [0o755, 0o755]
+    run(ctl / "postinst", "configure")
+    assert with_module() == [old]
+    assert "open" in (root / "lib/modules" / old / "updates/dkms/nvidia.ko").read_text()
+    run(hooks[0], later, f"/boot/vmlinuz-{later}")  # the image first: no headers, no build
+    assert with_module() == [old]
+    (root / "lib/modules" / later / "build").mkdir()
+    run(hooks[1], later)  # then linux-headers-<later>
+    assert with_module() == [old, later]
+    run(ctl / "prerm", "remove")
+    assert with_module() == []
+    run(hooks[1], bare)  # the module gone from the DKMS tree: the hook builds nothing
+    (root / "lib/modules" / bare / "build").mkdir()
+    run(hooks[1], bare)
+    assert with_module() == []
+
+
 def test_keyring_package_and_signatures(built: tuple[Path, dict], tmp_path: Path) -> None:
     www, _ = built
     for distro in cat.CUDA_DISTROS:

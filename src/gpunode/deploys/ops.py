@@ -32,7 +32,15 @@ from gpunode.hostcmd import (
     unit_names,
 )
 from gpunode.model import NodeProfile
-from gpunode.plan import file_step, find, planner, reboot_message, sha256, todo
+from gpunode.plan import (
+    file_step,
+    find,
+    planner,
+    reboot_message,
+    reboot_refusal,
+    sha256,
+    todo,
+)
 
 _CACHE: dict[str, Snapshot] = {}
 _CHANGED: dict[str, set[str]] = defaultdict(set)
@@ -270,9 +278,14 @@ def fail(message: str):
 @operation()
 def reboot_if_needed(p: NodeProfile):
     """Reboot when the host needs it and the node's policy allows; otherwise stop this host
-    with the reasons (exit 1), after everything that was safe to do."""
+    with the reasons (exit 1), after everything that was safe to do. Never into a kernel
+    without the NVIDIA module (plan.reboot_refusal)."""
     reasons = reboot_reasons(p, snapshot(p))
     if not reasons:
+        return
+    refusal = reboot_refusal(p, snapshot(p), reasons)
+    if refusal:
+        yield _stop(refusal)
         return
     if p.reboot == "never":
         yield _stop(reboot_message(p, reasons))

@@ -68,6 +68,12 @@ class Snapshot:
         return self.data.get("thp_default")
 
     @property
+    def kernel_modules(self) -> dict[str, dict[str, Any]]:
+        """Per installed kernel: headers (bool) and the nvidia module's path (None: none);
+        empty in snapshots older than the field."""
+        return self.data.get("kernel_modules") or {}
+
+    @property
     def smi_ok(self) -> bool:
         smi = self.data["nvidia_smi"]
         return bool(smi.get("present")) and smi.get("rc") == 0

@@ -57,6 +57,29 @@ def thp_default(release):
     return None
 
 
+#: Where an installed kernel's nvidia module lives: DKMS builds (updates/dkms on Debian and
+#: Ubuntu; .ko, .ko.xz or .ko.zst), other updates/ installs, and Ubuntu's prebuilt
+#: linux-modules-nvidia-* (kernel/nvidia-<branch>[srv]/).
+NVIDIA_KO = ("updates/nvidia.ko*", "updates/*/nvidia.ko*", "kernel/nvidia-*/nvidia.ko*")
+
+
+def kernel_modules(kernels, root="/lib/modules"):
+    """Per installed kernel: whether it has headers (the build link DKMS builds against) and
+    the nvidia module's path (None: none), so a reboot into a kernel without it is refused.
+    modinfo finds a module elsewhere through modules.dep; its path must exist (a stale
+    modules.dep names files that are gone)."""
+    out = {}
+    for k in kernels:
+        base = os.path.join(root, k)
+        found = sorted(f for g in NVIDIA_KO for f in glob.glob(os.path.join(glob.escape(base), g)))
+        path = found[0] if found else None
+        if path is None:
+            rc, text, _ = run(["modinfo", "-k", k, "-n", "nvidia"])
+            path = text.strip() if rc == 0 and os.path.isfile(text.strip()) else None
+        out[k] = {"headers": os.path.exists(os.path.join(base, "build")), "nvidia": path}
+    return out
+
+
 def file_info(path):
     try:
         st = os.stat(path)
@@ -132,6 +155,7 @@ def main():
     out["kernels"] = sorted(os.path.basename(d) for d in glob.glob("/lib/modules/*")
                             if os.path.exists(os.path.join(d, "modules.dep"))
                             or os.path.isdir(os.path.join(d, "kernel")))
+    out["kernel_modules"] = kernel_modules(out["kernels"])
     out["cmdline"] = (read("/proc/cmdline", "") or "").strip()
     out["boot_time"] = next((int(line.split()[1]) for line in
                              (read("/proc/stat", "") or "").splitlines()

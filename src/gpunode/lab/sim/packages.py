@@ -292,13 +292,34 @@ def _unit_postrm(unit: str) -> str:
     )
 
 
+def _dkms_build() -> str:
+    """One kernel's simulated `dkms build` and `install` ($v, $flavour, $dir set; skipped
+    without the kernel's headers, as dkms does): the built and installed module,
+    modules.dep and the kernel-<k>-<arch> link, as in a real DKMS tree."""
+    return (
+        'if [ -e "$dir/build" ]; then\n'
+        '    k=${dir##*/}\n'
+        '    built="/var/lib/dkms/nvidia/$v/$k/x86_64/module"\n'
+        '    mkdir -p "$built" "$dir/updates/dkms"\n'
+        "    printf 'SIMULATION: %s nvidia.ko %s for %s\\n' \"$flavour\" \"$v\" \"$k\" "
+        '> "$built/nvidia.ko"\n'
+        '    cp "$built/nvidia.ko" "$dir/updates/dkms/nvidia.ko"\n'
+        "    grep -qs '^updates/dkms/nvidia.ko:' \"$dir/modules.dep\" || "
+        "echo 'updates/dkms/nvidia.ko:' >> \"$dir/modules.dep\"\n"
+        '    ln -sfn "$v/$k/x86_64" "/var/lib/dkms/nvidia/kernel-$k-x86_64"\n'
+        '    echo "SIMULATION: $flavour module $v recorded for kernel $k"\n'
+        "fi\n"
+    )
+
+
 def _dkms_postinst(version: str, flavour: str) -> str:
     """Real DKMS postinsts run `dkms add/build/install` for every kernel with headers. The
     simulation builds nothing but leaves the same DKMS tree (source with dkms.conf, built
     and installed module per kernel, the kernel-<k>-<arch> link), so `dkms status` reports
-    `installed` exactly where a real build would have (kernels whose headers exist), and
-    records the module in the kernel's modules.dep as dkms's depmod run does (the toolkit's
-    nvidia-cdi-refresh.service runs only when modules.dep names nvidia.ko).
+    `installed` exactly where a real build would have (kernels whose headers exist), puts
+    a stand-in nvidia.ko in /lib/modules/<k>/updates/dkms, and records the module in the
+    kernel's modules.dep as dkms's depmod run does (the toolkit's nvidia-cdi-refresh.service
+    runs only when modules.dep names nvidia.ko).
 
     The kmod state itself is the dpkg-owned file installed/kmod, so upgrades and removals
     keep it right without scripts.
@@ -306,7 +327,7 @@ def _dkms_postinst(version: str, flavour: str) -> str:
     return (
         _SH + 'if [ "$1" = configure ]; then\n'
         f'    echo "Loading new nvidia-{version} DKMS files..."\n'
-        f"    v={version}\n"
+        f"    v={version} flavour={flavour}\n"
         "    src=/usr/src/nvidia-$v\n"
         "    printf '%s\\n' 'PACKAGE_NAME=\"nvidia\"' \"PACKAGE_VERSION=\\\"$v\\\"\" \\\n"
         "        'BUILT_MODULE_NAME[0]=\"nvidia\"' 'DEST_MODULE_LOCATION[0]=\"/updates/dkms\"' \\\n"
@@ -315,17 +336,8 @@ def _dkms_postinst(version: str, flavour: str) -> str:
         "    mkdir -p /var/lib/dkms/nvidia/$v\n"
         "    ln -sfn $src /var/lib/dkms/nvidia/$v/source\n"
         "    for dir in /lib/modules/*; do\n"
-        "        k=${dir##*/}\n"
-        "        [ -e $dir/build ] || continue\n"
-        "        built=/var/lib/dkms/nvidia/$v/$k/x86_64/module\n"
-        "        mkdir -p $built $dir/updates/dkms\n"
-        f"        printf 'SIMULATION: {flavour} nvidia.ko %s for %s\\n' $v $k > $built/nvidia.ko\n"
-        "        cp $built/nvidia.ko $dir/updates/dkms/nvidia.ko\n"
-        "        grep -qs '^updates/dkms/nvidia.ko:' $dir/modules.dep || "
-        "echo 'updates/dkms/nvidia.ko:' >> $dir/modules.dep\n"
-        "        ln -sfn $v/$k/x86_64 /var/lib/dkms/nvidia/kernel-$k-x86_64\n"
-        f'        echo "SIMULATION: {flavour} module $v recorded for kernel $k"\n'
-        "    done\n"
+        + _indent(_indent(_dkms_build()))
+        + "    done\n"
         "fi\n"
     )
 
@@ -341,6 +353,29 @@ def _dkms_prerm(version: str) -> str:
         "    sed -i '/^updates\\/dkms\\/nvidia.ko:/d' /lib/modules/$k/modules.dep 2>/dev/null || true\n"
         "done\n"
         "rm -rf /var/lib/dkms/nvidia/$v /usr/src/nvidia-$v/dkms.conf\n"
+    )
+
+
+#: The simulated DKMS kernel hooks (gpunode-sim-base), beside dkms's own
+#: /etc/kernel/postinst.d/dkms (run by a new linux-image's postinst) and
+#: /etc/kernel/header_postinst.d/dkms (by linux-headers'). dkms's `autoinstall` skips the
+#: simulated module (its dkms.conf says AUTOINSTALL="no": there is no source to build), so
+#: these record it for a kernel installed later instead.
+DKMS_HOOKS = ("/etc/kernel/postinst.d/gpunode-sim-dkms",
+              "/etc/kernel/header_postinst.d/gpunode-sim-dkms")
+
+
+def _dkms_hook() -> str:
+    """`dkms autoinstall -k <kernel>` for the simulated module (kernel hooks get the kernel
+    as $1): the installed kmod package's version and flavour (installed/kmod), nothing while
+    none is installed or its module is not in the DKMS tree."""
+    return (
+        _SH + "# SIMULATION (gpunode lab): dkms's kernel hook for the simulated NVIDIA module\n"
+        f'kmod=$(cat {INSTALLED}/kmod 2>/dev/null) || exit 0\n'
+        'v=${kmod%% *} flavour=${kmod#* }\n'
+        '[ -n "$1" ] && [ -e "/var/lib/dkms/nvidia/$v/source" ] || exit 0\n'
+        'dir="/lib/modules/$1"\n'
+        + _dkms_build()
     )
 
 
@@ -373,6 +408,7 @@ def sim_base() -> Package:
             _text("/lib/modprobe.d/gpunode-sim.conf",
                   "# SIMULATION (gpunode lab): nvidia-uvm is simulated by gpunode-sim-boot\n"
                   "install nvidia_uvm /usr/lib/gpunode-sim/gpunode-sim-boot --load-uvm\n"),
+            *(_text(path, _dkms_hook(), 0o755) for path in DKMS_HOOKS),
         ),
         scripts=(
             ("postinst", _SH + _enable_unit_postinst(unit, start=False)),
