@@ -318,7 +318,8 @@ def test_services_sharing_a_gpu_start_one_after_the_other():
                 memory_mib=49140, driver_version="580.95.05", cpus=[0, 1], numa_node=0)
             for i in range(2)]
     svc = lambda name, gpus, port: {"name": name, "model": "/m", "gpus": gpus,  # noqa: E731
-                                    "port": port, "gpu_memory_utilization": 0.3}
+                                    "tensor_parallel_size": len(gpus), "port": port,
+                                    "gpu_memory_utilization": 0.3}
     p = profile(vllm={"services": [svc("a", [0], 8001), svc("b", [1], 8002),
                                    svc("c", [0, 1], 8003)]})
     drop_ins = {f.path.split("@")[1].split(".")[0]: f.content for f in vllm_files(p, gpus)

@@ -12,6 +12,7 @@ from gpunode.model import (
     Hostpci,
     NodeProfile,
     Nvidia,
+    ProfileProblems,
     VllmService,
     VmSpec,
     check_profile,
@@ -20,10 +21,19 @@ from gpunode.model.profile import HUGEPAGE_HEADROOM_MIB
 
 
 def profile(**fields: Any) -> NodeProfile:
+    """The profile, also where a cross-field rule fails: the rule tests below read
+    check_profile's list (test_model_raises_the_cross_field_problems: the model raises)."""
     data: dict[str, Any] = {"name": "gpu01", "connection": {"address": "h"},
                             "gpus": {"count": 2}}
     data.update(fields)
-    return NodeProfile.model_validate(data)
+    try:
+        return NodeProfile.model_validate(data)
+    except ValidationError as exc:
+        cross = [e["ctx"]["error"] for e in exc.errors()
+                 if isinstance((e.get("ctx") or {}).get("error"), ProfileProblems)]
+        if not cross:
+            raise
+        return cross[0].profile
 
 
 def svc(name: str = "a", gpus: list[int] | None = None, **fields: Any) -> dict[str, Any]:
@@ -96,6 +106,22 @@ def test_tp_size_must_match_gpu_count() -> None:
     # two GPUs with TP=1 would run one GPU while sizing assumed two replicas
     p = profile(vllm={"services": [svc(gpus=[0, 1], tensor_parallel_size=1)]})
     assert "set tensor_parallel_size to 2" in problems(p)["vllm.services[0].tensor_parallel_size"]
+
+
+def test_model_raises_the_cross_field_problems() -> None:
+    """NodeProfile itself runs check_profile: all problems, each with its field path."""
+    data = {"name": "gpu01", "connection": {"address": "h"}, "gpus": {"count": 2},
+            "vllm": {"services": [svc(gpus=[0, 1], tensor_parallel_size=3),
+                                  svc("b", gpus=[2], port=8001)]}}
+    with pytest.raises(ValidationError) as info:
+        NodeProfile.model_validate(data)
+    [error] = info.value.errors()
+    found = error["ctx"]["error"].problems
+    assert [pr.path for pr in found] == ["vllm.services[0].tensor_parallel_size",
+                                         "vllm.services[1].gpus"]
+    assert found == check_profile(error["ctx"]["error"].profile)
+    for pr in found:
+        assert f"{pr.path}: {pr.message}" in str(info.value)
 
 
 def test_tp_size_that_divides_is_fine() -> None:

@@ -275,16 +275,15 @@ def test_hugepage_count_change_plans_files_and_a_reboot():
 
 @pytest.mark.parametrize("kind", ["bare-metal", "pve-guest"])
 def test_debian_13_is_for_proxmox_hosts_only(kind):
-    from gpunode.model.profile import check_profile
+    from pydantic import ValidationError
 
     conn = {"address": "n1.example"}
     data = {"name": "n1", "kind": kind, "os": "debian-13", "connection": conn}
     if kind == "pve-guest":
         data["vm"] = {"pve_node": "pve1", "vmid": 200, "template_vmid": 9000}
-    problems = check_profile(NodeProfile.model_validate(data))
-    assert any(x.path == "os" and "pve-host nodes (Proxmox VE 9) only" in x.message
-               for x in problems)
-    pve = check_profile(NodeProfile.model_validate({"name": "p", "kind": "pve-host",
-                                                    "os": "ubuntu-24.04", "connection": conn}))
-    assert any(x.path == "os" and "a pve-host runs Proxmox VE on Debian" in x.message
-               for x in pve)
+    with pytest.raises(ValidationError, match="os: debian-13 is supported for pve-host "
+                       r"nodes \(Proxmox VE 9\) only"):
+        NodeProfile.model_validate(data)
+    with pytest.raises(ValidationError, match="os: a pve-host runs Proxmox VE on Debian"):
+        NodeProfile.model_validate({"name": "p", "kind": "pve-host", "os": "ubuntu-24.04",
+                                    "connection": conn})

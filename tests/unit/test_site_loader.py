@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from pydantic import ValidationError
 from site_docs import GUEST, NODE
 
 from gpunode.inventory import SiteError, load_site, merge, resolve_site_path
 from gpunode.inventory.loader import DEFAULT_SITE
+from gpunode.model import NodeProfile
+from gpunode.model.parts import PVE_OS
 
 Errors = Callable[[str], list[str]]
 
@@ -390,3 +396,49 @@ def test_one_line_for_a_bad_union_value(site_errors: Errors) -> None:
     lines = site_errors(text)
     assert len(lines) == 1, lines
     assert "nodes.gpu01.vllm.services[0].extra_args.x: " in lines[0]
+
+
+CROSS_FIELD = NODE + ("    vllm:\n      services:\n"
+                      "        - {name: a, model: /m, gpus: [0, 1], tensor_parallel_size: 3}\n"
+                      "        - {name: b, model: /m, gpus: [0], gpu_memory_utilization: 0.5}\n")
+
+
+def _action_plugin_node(node: dict) -> Any:
+    """The Ansible action plugin's load_node, fed the hostvar `node` as Ansible would."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "playbooks/action_plugins/gpunode_desired.py"
+    spec = importlib.util.spec_from_file_location("gpunode_desired_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    action = types.SimpleNamespace(_templar=types.SimpleNamespace(template=lambda v: v))
+    return module.load_node(action, {"node": node})
+
+
+@pytest.mark.parametrize("build", ["model", "action-plugin", "checks"])
+def test_a_profile_built_outside_the_loader_gets_the_cross_field_rules(
+        site_errors: Errors, build: str) -> None:
+    """The action plugin, deploy entry files and checks validate hostvars `node` directly:
+    the model raises what the loader reports, every problem with its field path."""
+    from gpunode.expect import resolve_profile
+
+    lines = site_errors(CROSS_FIELD)
+    assert len(lines) == 3  # every problem of the node (tp, port, utilization), as before
+    node = yaml.safe_load(CROSS_FIELD)["nodes"]["gpu01"] | {"name": "gpu01"}
+    with pytest.raises(ValidationError) as info:
+        if build == "model":
+            NodeProfile.model_validate(node)
+        elif build == "action-plugin":
+            _action_plugin_node(node)
+        else:
+            resolve_profile(None, "gpu01", hostvars={"node": node})
+    for line in lines:
+        assert line.split(": nodes.gpu01.", 1)[1] in str(info.value)
+
+
+def test_a_node_failing_cross_field_rules_still_counts_for_the_fleet(site_errors: Errors) -> None:
+    """pve1's own problem is reported, and vm1 still finds pve1 as its Proxmox host."""
+    lines = site_errors(GUEST.replace("    os: debian-12\n", "    os: ubuntu-24.04\n"))
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        f"nodes.pve1.os: a pve-host runs Proxmox VE on Debian ({' or '.join(PVE_OS)}), "
+        "not ubuntu-24.04"]

@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from gpunode.model import NodeProfile, check_fleet, check_profile
+from gpunode.model import NodeProfile, ProfileProblems, check_fleet
 from gpunode.model.profile import FROM_LOCK
 from gpunode.model.site import GROUP_NAME, SITE_KEYS, SiteMeta
 
@@ -483,16 +483,19 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
         try:
             profile = NodeProfile.model_validate(merged)
         except ValidationError as exc:
-            for loc, message in error_messages(exc):
-                layer = _origin_of(origin, loc) or ["nodes", nname]
-                field_path = ".".join(str(k) for k in layer) + "." + _loc_str(loc)
-                report([*layer, *loc], field_path, message)
-            continue
-        for problem in check_profile(profile):
-            keys = _keys_of(problem.path)
-            layer = _origin_of(origin, tuple(keys)) or ["nodes", nname]
-            prefix = ".".join(str(k) for k in layer)
-            report([*layer, *keys], f"{prefix}.{problem.path}", problem.message)
+            cross = _profile_problems(exc)
+            if cross is None:
+                for loc, message in error_messages(exc):
+                    layer = _origin_of(origin, loc) or ["nodes", nname]
+                    field_path = ".".join(str(k) for k in layer) + "." + _loc_str(loc)
+                    report([*layer, *loc], field_path, message)
+                continue
+            for problem in cross.problems:
+                keys = _keys_of(problem.path)
+                layer = _origin_of(origin, tuple(keys)) or ["nodes", nname]
+                prefix = ".".join(str(k) for k in layer)
+                report([*layer, *keys], f"{prefix}.{problem.path}", problem.message)
+            profile = cross.profile  # fields are valid: the fleet rules still see the node
         profiles[nname] = profile
         origins[nname] = origin
     for nname, problem in check_fleet(profiles):
@@ -509,6 +512,16 @@ def load_site(path: str | os.PathLike[str] | None = None) -> Site:
 
     use_recorded_addresses(site)
     return site
+
+
+def _profile_problems(exc: ValidationError) -> ProfileProblems | None:
+    """The cross-field problems NodeProfile's validator raised (None: field errors; the
+    validator runs only once every field is valid, so the two never come together)."""
+    for err in exc.errors():
+        error = (err.get("ctx") or {}).get("error")
+        if isinstance(error, ProfileProblems):
+            return error
+    return None
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "function-after", "literal",

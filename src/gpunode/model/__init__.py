@@ -19,11 +19,18 @@ from gpunode.model.parts import (
     VllmService,
     VmSpec,
 )
-from gpunode.model.profile import NodeProfile, Problem, check_fleet, check_profile
+from gpunode.model.profile import (
+    NodeProfile,
+    Problem,
+    ProfileProblems,
+    check_fleet,
+    check_profile,
+)
 from gpunode.model.site import SiteMeta, SiteSchema
 
 __all__ = [
     "Connection", "ContainerToolkit", "Cuda", "Cudnn", "Dcgm", "GpuExpect", "GpuSettings",
-    "Hostpci", "Hugepages", "Nccl", "NodeProfile", "Nvidia", "Problem", "PveHost", "SiteMeta",
+    "Hostpci", "Hugepages", "Nccl", "NodeProfile", "Nvidia", "Problem", "ProfileProblems",
+    "PveHost", "SiteMeta",
     "SiteSchema", "Tuning", "VmSpec", "Vllm", "VllmService", "check_fleet", "check_profile",
 ]

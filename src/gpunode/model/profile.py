@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Annotated, Literal, get_args
 
-from pydantic import Field, StrictInt
+from pydantic import Field, StrictInt, model_validator
 
 from gpunode.model.parts import (
     NCCL_BUILDS,
@@ -103,6 +103,17 @@ class NodeProfile(Strict):
     locked_image: ImagePin | None = Field(
         None, description="The image or template a new VM must come from (the site's lock).")
 
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> NodeProfile:
+        """Every path that builds a profile (loader, action plugin, deploy entry files,
+        checks) gets the rules spanning several fields; they run once field types passed.
+        Pure and cheap (no I/O): rules that read files, e.g. that api_key_file exists,
+        stay in `gpunode deploy`, which runs where the files are."""
+        problems = check_profile(self)
+        if problems:
+            raise ProfileProblems(problems, self)
+        return self
+
     @property
     def distro(self) -> str:
         """NVIDIA's repository name for the OS: ubuntu2204, ubuntu2404, debian12."""
@@ -127,8 +138,20 @@ class Problem:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
+class ProfileProblems(ValueError):
+    """check_profile's problems, raised by NodeProfile's validator. It keeps them whole
+    (field paths included) and the profile they were found in, so the loader reports each
+    on its own line and still checks the fleet; elsewhere pydantic prints one per line."""
+
+    def __init__(self, problems: list[Problem], profile: NodeProfile):
+        super().__init__("\n".join(map(str, problems)))
+        self.problems = problems
+        self.profile = profile
+
+
 def check_profile(p: NodeProfile) -> list[Problem]:
-    """Rules spanning several fields. Paths are relative to the node."""
+    """Rules spanning several fields (NodeProfile's validator runs them). Paths are
+    relative to the node."""
     problems: list[Problem] = []
     add = lambda path, msg: problems.append(Problem(path, msg))  # noqa: E731
 

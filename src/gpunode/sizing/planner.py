@@ -641,7 +641,8 @@ def check_service(
     """Validator entry point: findings for one configured service (errors = won't start).
 
     ``n_gpus_on_service`` may be a multiple of ``tp`` (data-parallel ranks of the same
-    size); every rank is sized alike.
+    size); every rank is sized alike. Whether the count fits ``tp`` is not judged here:
+    the profile's validator owns that rule.
     """
     n = tp if n_gpus_on_service is None else n_gpus_on_service
     try:
@@ -659,27 +660,9 @@ def check_service(
         )
     except SizingError as exc:
         return [Finding("error", str(exc), "invalid-input")]
-    findings = [f for f in p.findings if f.code != "tp-gpus"]
-    if n < tp:
-        findings.insert(
-            0,
-            Finding(
-                "error",
-                f"tensor_parallel_size {tp} needs {tp} GPUs but the service is given {n}",
-                "tp-gpus",
-            ),
-        )
-    elif n % max(tp, 1):
-        used = n // tp * tp
-        findings.append(
-            Finding(
-                "warning",
-                f"the service is given {n} GPUs but tensor_parallel_size {tp} groups only "
-                f"{used} of them; give it a multiple of {tp} GPUs",
-                "gpus-unused",
-            )
-        )
-    return findings
+    # How many GPUs a service lists is NodeProfile's rule (gpus lists exactly
+    # tensor_parallel_size x the other parallel sizes); sizing judges memory only.
+    return [f for f in p.findings if f.code != "tp-gpus"]
 
 
 def check_model_service(
