@@ -72,6 +72,28 @@ def test_recipe_has_what_the_lab_promises() -> None:
     assert "console=ttyS0" in image.FILES["etc/default/grub"]
 
 
+@pytest.mark.parametrize(("os_name", "suite"), [("ubuntu-22.04", "jammy"),
+                                               ("ubuntu-24.04", "noble")])
+def test_an_ubuntu_recipe_builds_its_release_from_ubuntus_archive(os_name: str,
+                                                                  suite: str) -> None:
+    """Each Ubuntu guest: debootstrap of its own release (main + universe, the gutsy script),
+    the virtual kernel plus its extra modules (nouveau), and apt sources for the release,
+    -updates and -security; one image per OS."""
+    r = image.recipe(os_name)
+    assert os_name in image.LAB_OS and r["os"] == os_name
+    assert (r["suite"], r["components"], r["script"]) == (suite, ["main", "universe"], "gutsy")
+    assert "linux-image-virtual" in r["packages"] and "linux-image-amd64" not in r["packages"]
+    assert r["kernel_extra"] == "linux-modules-extra-"
+    for pkg in ("openssh-server", "python3", "cloud-init", "qemu-guest-agent", "grub-efi-amd64"):
+        assert pkg in r["packages"]
+    assert {"dkms", "linux-headers-generic", "python3-venv"} <= set(r["preseed"])
+    assert r["files"]["etc/apt/sources.list"].splitlines() == [
+        f"deb http://archive.ubuntu.com/ubuntu {suite} main universe",
+        f"deb http://archive.ubuntu.com/ubuntu {suite}-updates main universe",
+        f"deb http://security.ubuntu.com/ubuntu {suite}-security main universe"]
+    assert len({image.recipe_hash(o) for o in image.LAB_OS}) == len(image.LAB_OS)
+
+
 def test_host_mirror_from_deb822_and_list(tmp_path: Path) -> None:
     d = tmp_path / "apt"
     (d / "sources.list.d").mkdir(parents=True)
@@ -205,6 +227,31 @@ def test_the_ubuntu_image_trusts_only_the_pinned_archive_key(tmp_path: Path,
     monkeypatch.setattr(image, "UBUNTU_ARCHIVE_KEY", "0" * 40)
     with pytest.raises(LabError, match="does not hold the Ubuntu archive key 0000"):
         image.ubuntu_keyring()
+
+
+@pytest.mark.parametrize("os_name", [o for o in image.LAB_OS if o.startswith("ubuntu")])
+def test_the_pinned_archive_key_signs_each_ubuntu_release(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          os_name: str) -> None:
+    """debootstrap trusts only the pinned key: it must be what signs the release's InRelease
+    (jammy's and noble's are signed by the 2018 key alone)."""
+    import subprocess
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    url = f"{image.UBUNTU_MIRROR}/dists/{image.recipe(os_name)['suite']}/InRelease"
+    release = tmp_path / "InRelease"
+    try:
+        keyring = image.ubuntu_keyring()
+    except LabError as exc:
+        if "cannot be reached" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    if subprocess.run(["curl", "-fsSL", "--retry", "3", "-o", str(release), url]).returncode:
+        pytest.skip(f"{url} cannot be reached")
+    res = subprocess.run(["gpgv", "--status-fd", "1", "--keyring", str(keyring), str(release)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"VALIDSIG {image.UBUNTU_ARCHIVE_KEY}" in res.stdout
 
 
 def test_the_sim_serves_the_default_nccl_build_and_only_builds_validate_knows() -> None:
