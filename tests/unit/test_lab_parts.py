@@ -155,7 +155,9 @@ def test_cli_bad_forward_and_status(tmp_path: Path) -> None:
 
 def test_the_lab_site_gives_each_guest_its_os_keyring_and_python(tmp_path: Path) -> None:
     """An Ubuntu 24.04 guest gets the simulated ubuntu2404 repository's keyring checksum and
-    Python 3.12 (was: Debian's checksum and 3.11 for every guest, which validate refuses)."""
+    Python 3.12 (was: Debian's checksum and 3.11 for every guest, which validate refuses).
+    An Ubuntu 22.04 guest (python3 3.10, too old for vLLM; the lab has no Python mirror) gets
+    its ubuntu2204 keyring and no vLLM services, and the site validates."""
     import yaml
 
     from gpunode.inventory import load_site
@@ -168,7 +170,8 @@ def test_the_lab_site_gives_each_guest_its_os_keyring_and_python(tmp_path: Path)
         def __init__(self, name: str, os: str) -> None:
             self.name, self.os, self.running = name, os, True
 
-    vms = [Vm("labgpu1", "debian-12"), Vm("labubu1", "ubuntu-24.04")]
+    vms = [Vm("labgpu1", "debian-12"), Vm("labubu1", "ubuntu-24.04"),
+           Vm("labjammy1", "ubuntu-22.04")]
     lab.status = lambda: vms  # type: ignore[method-assign]
 
     def site(base):
@@ -201,6 +204,14 @@ def test_the_lab_site_gives_each_guest_its_os_keyring_and_python(tmp_path: Path)
     assert nodes["labubu1"].vllm.python == "3.12"
     assert nodes["labgpu1"].nvidia.keyring_sha256 == "d" * 64
     assert nodes["labgpu1"].vllm.python == "3.11"
+    assert nodes["labgpu1"].vllm.services and nodes["labubu1"].vllm.services
+    jammy = nodes["labjammy1"]
+    assert jammy.os == "ubuntu-22.04" and jammy.nvidia.keyring_sha256 == "2" * 64
+    assert not jammy.vllm.services and jammy.vllm.index_url is None
+    assert jammy.vllm.hf_token_file is None
+    assert jammy.cuda.enabled and jammy.nccl.enabled
+    assert jammy.dcgm.enabled and jammy.container_toolkit.enabled
+    assert nodes["labubu1"].vllm.index_url  # the override is the 22.04 node's only
 
 
 def test_the_ubuntu_image_trusts_only_the_pinned_archive_key(tmp_path: Path,
