@@ -1,8 +1,8 @@
 # gpunode: `make test` sets up what it needs (venv, Debian packages for the lab) and runs
 # every test, lab integration included, with one lab path per concern (the converged pair
 # on Ubuntu 24.04 with its driver bump, Debian 12 through the Proxmox end-to-end path);
-# `make test-matrix` runs the further lab paths (marker `matrix`: rebuilds, a Debian 12
-# guest converged like the pair). `make test-fast` runs the unit and parity tests.
+# `make test-matrix` runs the further lab paths (marker `matrix`: rebuilds, Debian 12 and
+# Ubuntu 22.04 guests converged like the pair). `make test-fast` runs the unit and parity tests.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -72,6 +72,28 @@ def test_recipe_has_what_the_lab_promises() -> None:
     assert "console=ttyS0" in image.FILES["etc/default/grub"]
 
 
+@pytest.mark.parametrize(("os_name", "suite"), [("ubuntu-22.04", "jammy"),
+                                               ("ubuntu-24.04", "noble")])
+def test_an_ubuntu_recipe_builds_its_release_from_ubuntus_archive(os_name: str,
+                                                                  suite: str) -> None:
+    """Each Ubuntu guest: debootstrap of its own release (main + universe, the gutsy script),
+    the virtual kernel plus its extra modules (nouveau), and apt sources for the release,
+    -updates and -security; one image per OS."""
+    r = image.recipe(os_name)
+    assert os_name in image.LAB_OS and r["os"] == os_name
+    assert (r["suite"], r["components"], r["script"]) == (suite, ["main", "universe"], "gutsy")
+    assert "linux-image-virtual" in r["packages"] and "linux-image-amd64" not in r["packages"]
+    assert r["kernel_extra"] == "linux-modules-extra-"
+    for pkg in ("openssh-server", "python3", "cloud-init", "qemu-guest-agent", "grub-efi-amd64"):
+        assert pkg in r["packages"]
+    assert {"dkms", "linux-headers-generic", "python3-venv"} <= set(r["preseed"])
+    assert r["files"]["etc/apt/sources.list"].splitlines() == [
+        f"deb http://archive.ubuntu.com/ubuntu {suite} main universe",
+        f"deb http://archive.ubuntu.com/ubuntu {suite}-updates main universe",
+        f"deb http://security.ubuntu.com/ubuntu {suite}-security main universe"]
+    assert len({image.recipe_hash(o) for o in image.LAB_OS}) == len(image.LAB_OS)
+
+
 def test_host_mirror_from_deb822_and_list(tmp_path: Path) -> None:
     d = tmp_path / "apt"
     (d / "sources.list.d").mkdir(parents=True)
@@ -133,7 +155,9 @@ def test_cli_bad_forward_and_status(tmp_path: Path) -> None:
 
 def test_the_lab_site_gives_each_guest_its_os_keyring_and_python(tmp_path: Path) -> None:
     """An Ubuntu 24.04 guest gets the simulated ubuntu2404 repository's keyring checksum and
-    Python 3.12 (was: Debian's checksum and 3.11 for every guest, which validate refuses)."""
+    Python 3.12 (was: Debian's checksum and 3.11 for every guest, which validate refuses).
+    An Ubuntu 22.04 guest (python3 3.10, too old for vLLM; the lab has no Python mirror) gets
+    its ubuntu2204 keyring and no vLLM services, and the site validates."""
     import yaml
 
     from gpunode.inventory import load_site
@@ -146,7 +170,8 @@ def test_the_lab_site_gives_each_guest_its_os_keyring_and_python(tmp_path: Path)
         def __init__(self, name: str, os: str) -> None:
             self.name, self.os, self.running = name, os, True
 
-    vms = [Vm("labgpu1", "debian-12"), Vm("labubu1", "ubuntu-24.04")]
+    vms = [Vm("labgpu1", "debian-12"), Vm("labubu1", "ubuntu-24.04"),
+           Vm("labjammy1", "ubuntu-22.04")]
     lab.status = lambda: vms  # type: ignore[method-assign]
 
     def site(base):
@@ -179,6 +204,14 @@ def test_the_lab_site_gives_each_guest_its_os_keyring_and_python(tmp_path: Path)
     assert nodes["labubu1"].vllm.python == "3.12"
     assert nodes["labgpu1"].nvidia.keyring_sha256 == "d" * 64
     assert nodes["labgpu1"].vllm.python == "3.11"
+    assert nodes["labgpu1"].vllm.services and nodes["labubu1"].vllm.services
+    jammy = nodes["labjammy1"]
+    assert jammy.os == "ubuntu-22.04" and jammy.nvidia.keyring_sha256 == "2" * 64
+    assert not jammy.vllm.services and jammy.vllm.index_url is None
+    assert jammy.vllm.hf_token_file is None
+    assert jammy.cuda.enabled and jammy.nccl.enabled
+    assert jammy.dcgm.enabled and jammy.container_toolkit.enabled
+    assert nodes["labubu1"].vllm.index_url  # the override is the 22.04 node's only
 
 
 def test_the_ubuntu_image_trusts_only_the_pinned_archive_key(tmp_path: Path,
@@ -205,6 +238,31 @@ def test_the_ubuntu_image_trusts_only_the_pinned_archive_key(tmp_path: Path,
     monkeypatch.setattr(image, "UBUNTU_ARCHIVE_KEY", "0" * 40)
     with pytest.raises(LabError, match="does not hold the Ubuntu archive key 0000"):
         image.ubuntu_keyring()
+
+
+@pytest.mark.parametrize("os_name", [o for o in image.LAB_OS if o.startswith("ubuntu")])
+def test_the_pinned_archive_key_signs_each_ubuntu_release(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          os_name: str) -> None:
+    """debootstrap trusts only the pinned key: it must be what signs the release's InRelease
+    (jammy's and noble's are signed by the 2018 key alone)."""
+    import subprocess
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    url = f"{image.UBUNTU_MIRROR}/dists/{image.recipe(os_name)['suite']}/InRelease"
+    release = tmp_path / "InRelease"
+    try:
+        keyring = image.ubuntu_keyring()
+    except LabError as exc:
+        if "cannot be reached" in str(exc):
+            pytest.skip(str(exc))
+        raise
+    if subprocess.run(["curl", "-fsSL", "--retry", "3", "-o", str(release), url]).returncode:
+        pytest.skip(f"{url} cannot be reached")
+    res = subprocess.run(["gpgv", "--status-fd", "1", "--keyring", str(keyring), str(release)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert f"VALIDSIG {image.UBUNTU_ARCHIVE_KEY}" in res.stdout
 
 
 def test_the_sim_serves_the_default_nccl_build_and_only_builds_validate_knows() -> None:

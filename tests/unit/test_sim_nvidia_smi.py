@@ -709,3 +709,25 @@ def test_proc_devices_shows_the_nvidia_majors(tmp_path: Path, monkeypatch) -> No
     assert "nvidia-uvm" not in gpunode_sim._proc_devices(None)
     gpunode_sim.write_text(gpunode_sim.LOADED_KMOD, "580.95.05 proprietary\n")
     assert "195 nvidia-frontend\n" in gpunode_sim._proc_devices(None)
+
+
+def test_nvidia_ctk_runs_on_python_3_10_with_tomli(a6000: Guest, tmp_path: Path) -> None:
+    """Ubuntu 22.04 guests run the stand-ins with Python 3.10, which has no tomllib; the
+    lab image carries python3-tomli there (image.JAMMY_PRESEED). Was: nvidia-ctk died on
+    `import tomllib`, so no 22.04 guest got its container runtimes configured."""
+    from gpunode.lab import image
+
+    assert "python3-tomli" in image.recipe("ubuntu-22.04")["preseed"]
+    py310 = tmp_path / "py310"
+    py310.mkdir()
+    # Python 3.10: no tomllib. tomli (python3-tomli) has the same API; here it is tomllib.
+    (py310 / "sitecustomize.py").write_text("import sys\nsys.modules['tomllib'] = None\n")
+    (py310 / "tomli.py").write_text("import sys\ndel sys.modules['tomllib']\n"
+                                    "from tomllib import TOMLDecodeError, loads  # noqa: F401\n")
+    env = {"PYTHONPATH": str(py310)}
+    r = a6000.run("nvidia-ctk", "runtime", "configure", "--runtime=containerd", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "nvidia" in a6000.read("/etc/containerd/conf.d/99-nvidia.toml")
+    a6000.write("/etc/containerd/config.toml", "version = [\n")  # broken: refused, as before
+    r = a6000.run("nvidia-ctk", "runtime", "configure", "--runtime=containerd", env=env)
+    assert r.returncode != 0

@@ -1,4 +1,4 @@
-"""The lab's base images: Debian 12 or Ubuntu 24.04 built with debootstrap from the
+"""The lab's base images: Debian 12, Ubuntu 22.04 or 24.04 built with debootstrap from the
 distribution's archive (its signing key verified), booted by GRUB through OVMF.
 
 Built once per OS into `~/.cache/gpunode/lab/images/<recipe-hash>.qcow2`; every lab VM is a
@@ -37,10 +37,11 @@ from gpunode.lab.errors import LabError
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: The OSes the lab builds guests of (gpunode.model OS names).
-LAB_OS = ("debian-12", "ubuntu-24.04")
+LAB_OS = ("debian-12", "ubuntu-22.04", "ubuntu-24.04")
 UBUNTU_MIRROR = "http://archive.ubuntu.com/ubuntu"
-#: The Ubuntu archive's signing key (2018), which signs noble's Release files: the trust
-#: anchor of an Ubuntu build. Its key comes out of the archive's ubuntu-keyring package and
+#: The Ubuntu archive's signing key (2018), which alone signs jammy's and noble's Release
+#: files (InRelease and Release.gpg; the 2012 key signs neither): the trust anchor of an
+#: Ubuntu build. Its key comes out of the archive's ubuntu-keyring package and
 #: counts only when its fingerprint is exactly this.
 UBUNTU_ARCHIVE_KEY = "F6ECB3762474EDA9D21B7022871920D1991BC93C"
 UBUNTU_KEYRING_DEB = "pool/main/u/ubuntu-keyring/ubuntu-keyring_2023.11.28.1_all.deb"
@@ -64,10 +65,13 @@ PACKAGES = [
 # the lab carries them so that every CI run does not spend minutes on them under TCG.
 PRESEED_PACKAGES = ["dkms", "linux-headers-amd64", "python3-venv", "pciutils", "irqbalance"]
 
-# Ubuntu 24.04: the same guest, with the virtual kernel (no firmware packages) plus its
+# Ubuntu 22.04 and 24.04: the same guest, with the virtual kernel (no firmware packages) plus its
 # extra modules (nouveau), from main and universe (qemu-guest-agent).
 UBUNTU_PACKAGES = [p if p != "linux-image-amd64" else "linux-image-virtual" for p in PACKAGES]
 UBUNTU_PRESEED = ["dkms", "linux-headers-generic", "python3-venv", "pciutils", "irqbalance"]
+#: Ubuntu 22.04's python3 is 3.10, without tomllib: the simulated nvidia-ctk (sim/guest)
+#: reads TOML with tomli there (universe). Lab-only: the real nvidia-ctk is a Go binary.
+JAMMY_PRESEED = [*UBUNTU_PRESEED, "python3-tomli"]
 
 # Written last (after every package install in the chroot, whose initramfs must keep all
 # modules): initramfs rebuilds inside a lab VM include only the modules it uses.
@@ -140,15 +144,20 @@ FILES: dict[str, str] = {
     "etc/hostname": "debian\n",
     "etc/hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
 }
-UBUNTU_FILES: dict[str, str] = {
-    **FILES,
-    "etc/apt/sources.list": (
-        "deb http://archive.ubuntu.com/ubuntu noble main universe\n"
-        "deb http://archive.ubuntu.com/ubuntu noble-updates main universe\n"
-        "deb http://security.ubuntu.com/ubuntu noble-security main universe\n"
-    ),
-    "etc/hostname": "ubuntu\n",
-}
+
+
+def _ubuntu_files(suite: str) -> dict[str, str]:
+    """The Debian guest's files with the Ubuntu release's archive, -updates and -security."""
+    return {
+        **FILES,
+        "etc/apt/sources.list": (
+            f"deb http://archive.ubuntu.com/ubuntu {suite} main universe\n"
+            f"deb http://archive.ubuntu.com/ubuntu {suite}-updates main universe\n"
+            f"deb http://security.ubuntu.com/ubuntu {suite}-security main universe\n"
+        ),
+        "etc/hostname": "ubuntu\n",
+    }
+
 
 # Timers that would wake up under TCG in the middle of a test and eat scarce CPU.
 MASKED_UNITS = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
@@ -168,18 +177,19 @@ RECIPE = {
 #: distributor's name in the boot menu, and the extra kernel modules package to add.
 RECIPES: dict[str, dict] = {
     "debian-12": RECIPE,
-    "ubuntu-24.04": {
+    **{os_name: {
         **RECIPE,
-        "os": "ubuntu-24.04",
-        "suite": "noble",
+        "os": os_name,
+        "suite": suite,
         "components": ["main", "universe"],
         "script": "gutsy",  # debootstrap's script for every Ubuntu release since 7.10
         "packages": UBUNTU_PACKAGES,
-        "files": UBUNTU_FILES,
-        "preseed": UBUNTU_PRESEED,
+        "files": _ubuntu_files(suite),
+        "preseed": preseed,
         "kernel_extra": "linux-modules-extra-",
         "distributor": "Ubuntu",
-    },
+    } for os_name, suite, preseed in (("ubuntu-22.04", "jammy", JAMMY_PRESEED),
+                                      ("ubuntu-24.04", "noble", UBUNTU_PRESEED))},
 }
 
 

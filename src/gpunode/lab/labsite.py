@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from gpunode.lab.core import VM, Lab
-from gpunode.model.parts import OS_PYTHON, distro_of
+from gpunode.model.parts import OS_PYTHON, VllmPython, distro_of
 
 REPO = Path(__file__).resolve().parents[3]
 LAB_EXAMPLE = REPO / "inventory" / "examples" / "lab.yaml"
@@ -106,8 +107,28 @@ def lab_site(lab: Lab, facts: dict[str, Any], base_path: Path = LAB_EXAMPLE,
     by_distro = facts["keyring_sha256_by_distro"]
     for node in doc["nodes"].values():
         node.setdefault("nvidia", {})["keyring_sha256"] = by_distro[distro_of(node["os"])]
-        node.setdefault("vllm", {})["python"] = OS_PYTHON[node["os"]]
+        vllm_node = node.setdefault("vllm", {})
+        if _runs_vllm(OS_PYTHON[node["os"]]):
+            vllm_node["python"] = OS_PYTHON[node["os"]]
+        else:
+            # Ubuntu 22.04's python3 is 3.10 and vLLM needs 3.11 or newer: a real site runs
+            # vLLM there only with a uv-managed Python from vllm.python_mirror, a mirror of
+            # python-build-standalone, which the lab cannot fill (GitHub is out of reach and
+            # uv checks each archive against its own checksum table). Such a node gets no
+            # vLLM services, token or package index (whose python check would, rightly,
+            # refuse a Python the OS does not ship); everything else (driver, CUDA, NCCL,
+            # DCGM, container toolkit, tuning) is deployed as on the others.
+            vllm_node.update(services=[], index_url=None, hf_token_file=None)
     return doc
+
+
+def _runs_vllm(python: str) -> bool:
+    """Whether the model accepts `python` for vLLM (model.parts.VllmPython)."""
+    try:
+        TypeAdapter(VllmPython).validate_python(python)
+    except ValidationError:
+        return False
+    return True
 
 
 def _secret(path: Path, prefix: str) -> str:

@@ -43,7 +43,8 @@ from gpunode.lab.sim.repo import locked
 
 UV_VERSION = "0.13.9"
 PYYAML_VERSION = "6.0.3"
-#: The python3 of each lab guest OS (gpunode.model.parts.OS_PYTHON): Debian 12, Ubuntu 24.04.
+#: The python3 of each lab guest OS that runs vLLM (gpunode.model.parts.OS_PYTHON): Debian 12,
+#: Ubuntu 24.04 (a 22.04 guest's 3.10 is too old for vLLM; labsite gives it no services).
 GUEST_PYTHONS = ("3.11", "3.12")
 GUEST_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 BASE_REQUIREMENTS = (f"uv=={UV_VERSION}", f"PyYAML=={PYYAML_VERSION}")
