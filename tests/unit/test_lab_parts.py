@@ -153,6 +153,19 @@ def test_cli_bad_forward_and_status(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--all" in res.output
 
 
+def _ubuntu_keyring_or_skip() -> Path:
+    """The lab's Ubuntu archive keyring, or a skip with the reason when the archive cannot
+    be reached from this machine."""
+    from gpunode.lab.errors import LabError
+
+    try:
+        return image.ubuntu_keyring()
+    except LabError as exc:
+        if "cannot be reached" in str(exc):
+            pytest.skip(str(exc))
+        raise
+
+
 def test_the_lab_site_gives_each_guest_its_os_keyring_and_python(tmp_path: Path) -> None:
     """An Ubuntu 24.04 guest gets the simulated ubuntu2404 repository's keyring checksum and
     Python 3.12 (was: Debian's checksum and 3.11 for every guest, which validate refuses).
@@ -223,12 +236,7 @@ def test_the_ubuntu_image_trusts_only_the_pinned_archive_key(tmp_path: Path,
     from gpunode.lab.errors import LabError
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    try:
-        keyring = image.ubuntu_keyring()
-    except LabError as exc:
-        if "cannot be reached" in str(exc):
-            pytest.skip(str(exc))
-        raise
+    keyring = _ubuntu_keyring_or_skip()
     listed = subprocess.run(["gpg", "--batch", "--with-colons", "--import-options", "show-only",
                              "--homedir", str(tmp_path), "--import", str(keyring)],
                             capture_output=True, text=True, check=True).stdout
@@ -251,12 +259,7 @@ def test_the_pinned_archive_key_signs_each_ubuntu_release(tmp_path: Path,
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     url = f"{image.UBUNTU_MIRROR}/dists/{image.recipe(os_name)['suite']}/InRelease"
     release = tmp_path / "InRelease"
-    try:
-        keyring = image.ubuntu_keyring()
-    except LabError as exc:
-        if "cannot be reached" in str(exc):
-            pytest.skip(str(exc))
-        raise
+    keyring = _ubuntu_keyring_or_skip()
     if subprocess.run(["curl", "-fsSL", "--retry", "3", "-o", str(release), url]).returncode:
         pytest.skip(f"{url} cannot be reached")
     res = subprocess.run(["gpgv", "--status-fd", "1", "--keyring", str(keyring), str(release)],
