@@ -155,17 +155,24 @@ def _stop_break(c: Converged) -> list[str]:
     return [unit, "expected enabled/active/running", "inactive"]
 
 
+def _restart(unit: str) -> str:
+    """A deliberate restart: the unit's start limit (5 starts in 15 minutes, there to stop a
+    crash loop) is reset first, since these breaks and repairs restart it several times in a
+    few minutes on a freshly converged node."""
+    return f"systemctl reset-failed {unit}; systemctl restart {unit}"
+
+
 def _restart_clean(c: Converged) -> None:
     unit = desired.vllm_unit(_service(c))
     c.run(f"rm -f /etc/systemd/system/{unit}.d/zz-chkneg.conf && systemctl daemon-reload && "
-          f"systemctl restart {unit}")
+          f"{_restart(unit)}")
 
 
 def _dropin(c: Converged, body: str) -> None:
     unit = desired.vllm_unit(_service(c))
     path = f"/etc/systemd/system/{unit}.d/zz-chkneg.conf"
     c.run(f"printf '%s\\n' {shlex.quote(body)} > {path} && systemctl daemon-reload && "
-          f"systemctl restart {unit}")
+          f"{_restart(unit)}")
 
 
 def _expected_cpus(c: Converged) -> list[int]:
