@@ -3,6 +3,9 @@ kernel arguments through GRUB across a reboot, snapshot/fork, reset.
 
 One shared VM (`lab_vm`) carries the module; tests run in file order and the last one
 (`reset`) hands the VM back pristine. Boots: first boot, one reboot, one fork, one reset.
+The reboot, fork and reset (about 50 s each under TCG) run in `make test-matrix`: in
+`make test` the Proxmox host preparation proves kernel arguments through GRUB across a
+reboot, and no other test there forks or resets a VM.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def test_forwarded_port_reaches_guest_service(lab_vm: VM) -> None:
     assert body.strip() == TOKEN
 
 
+@pytest.mark.matrix
 def test_kernel_argument_in_grub_config_is_active_after_reboot(lab: Lab, lab_vm: VM) -> None:
     assert TOKEN not in lab_vm.check("cat /proc/cmdline")
     lab_vm.check(
@@ -101,6 +105,7 @@ def test_kernel_argument_in_grub_config_is_active_after_reboot(lab: Lab, lab_vm:
     assert TOKEN in vm.check("cat /proc/cmdline").split()
 
 
+@pytest.mark.matrix
 def test_snapshot_then_fork_keeps_disk_and_gets_own_identity(lab: Lab, lab_vm: VM) -> None:
     lab_vm.check(f"echo {TOKEN} | sudo tee {MARKER}")
     lab.snapshot(lab_vm.name, "t-snap", restart=False)
@@ -117,6 +122,7 @@ def test_snapshot_then_fork_keeps_disk_and_gets_own_identity(lab: Lab, lab_vm: V
     assert "labfork" not in lab.names()
 
 
+@pytest.mark.matrix
 def test_reset_gives_back_a_pristine_vm(lab: Lab, lab_vm: VM) -> None:
     lab.reset(lab_vm.name)
     vm = lab.up(lab_vm.name, forward=[8000])

@@ -169,8 +169,11 @@ def test_rebuild_gives_a_node_whose_checks_pass(e2e_site, lab):
     assert proc.returncode == 0 and not vm_exists(pve)
 
 
+@pytest.mark.matrix
 def test_provision_through_ansible_playbook(e2e_site):
-    """The playbook drives the same library on a VM that boots (agent, SSH)."""
+    """The playbook drives the same library on a VM that boots (agent, SSH). In
+    `make test-matrix`: `make test` runs the playbook against pvesim without a booting VM
+    (test_provision.py::test_ansible_playbook_drives_the_same_library)."""
     pve, write, refresh, tok = e2e_site
     site = write()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROXMOX_")}
