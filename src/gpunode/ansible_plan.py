@@ -266,6 +266,7 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "todo": plan.packages_todo(p, snap),
         "apt_refresh": plan.apt_refresh_needed(p, snap, time.time()),
         "nccl_check": plan.nccl_check(p, snap),
+        "dkms_refusal": plan.dkms_refusal(p, snap),
         "held": sorted(snap.holds),
         "missing_holds": missing_holds,
         "hold_command": {k: apt_mark(p, "hold", v) if v else None

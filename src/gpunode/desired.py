@@ -96,6 +96,48 @@ def cuda_repo_list_path(p: NodeProfile) -> str:
     return f"/etc/apt/sources.list.d/cuda-{p.distro}-x86_64.list"
 
 
+#: The Debian archive's contrib component, in a file of its own beside the host's sources
+#: (which gpunode leaves alone, whatever their format).
+DEBIAN_CONTRIB_SOURCES = "/etc/apt/sources.list.d/gpunode-debian-contrib.sources"
+
+
+def debian_contrib(p: NodeProfile) -> bool:
+    """debian-12 with NVIDIA's CUDA repository needs Debian's contrib component: its DKMS
+    kernel-module packages depend on contrib packages (VERIFIED: Google's Dataproc install
+    script adds "main contrib" for what nvidia-kernel-open-dkms depends on; INFERRED which:
+    nvidia-kernel-common, section contrib/kernel in bookworm's Packages index)."""
+    return p.os == "debian-12" and p.nvidia.source == "cuda-repo"
+
+
+def debian_contrib_source(p: NodeProfile) -> str:
+    """deb822 stanza: contrib of the release and its -updates at nvidia.debian_mirror. No
+    Signed-By: apt refuses one URI/suite with differing Signed-By values, and the host's
+    own entry for the same archive usually has none (debian-archive-keyring's keys are
+    in trusted.gpg.d)."""
+    return (f"Types: deb\nURIs: {p.nvidia.debian_mirror.rstrip('/')}\n"
+            "Suites: bookworm bookworm-updates\nComponents: contrib\n")
+
+
+def dkms_kernel_package(p: NodeProfile) -> str | None:
+    """The DKMS kernel-module package the driver set installs on debian-12 from the CUDA
+    repository (directly, or through nvidia-open/cuda-drivers), None elsewhere."""
+    if not debian_contrib(p):
+        return None
+    return "nvidia-kernel-open-dkms" if p.nvidia.open_kernel_modules else "nvidia-kernel-dkms"
+
+
+def dkms_unmet(p: NodeProfile, package: str, version: str, need: str,
+               available: list[str]) -> str:
+    """Why a debian-12 host stops before its driver changes: the DKMS package needs a
+    newer dkms than apt can install."""
+    have = ", ".join(available) or "none"
+    return (f"{p.name}: {package} {version} depends on {need}, which no dkms this host's "
+            f"apt repositories offer satisfies (available: {have}; bookworm ships 3.0.10). "
+            "Make a dkms that satisfies it installable (NVIDIA's repository is said to ship "
+            "one; bookworm-backports had none when checked), or pin nvidia.version to an "
+            "older driver (builds before 570.148.08 are said to accept bookworm's dkms)")
+
+
 #: Where `nvidia-ctk runtime configure` (toolkit 1.18) puts the nvidia runtime: docker's
 #: daemon.json in place; drop-ins for containerd (imported from its config.toml) and CRI-O.
 RUNTIME_CONFIG = {"docker": "/etc/docker/daemon.json",

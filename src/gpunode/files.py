@@ -69,6 +69,9 @@ def driver_files(p: NodeProfile) -> list[ManagedFile]:
     if p.nvidia.source == "cuda-repo":
         files.append(_file("nvidia_driver", desired.cuda_repo_list_path(p),
                            "nvidia_driver/cuda-repo.list.j2", p))
+    if desired.debian_contrib(p):
+        files.append(_file("nvidia_driver", desired.DEBIAN_CONTRIB_SOURCES,
+                           "nvidia_driver/gpunode-debian-contrib.sources.j2", p))
     if p.nvidia.version:
         files.append(_file("nvidia_driver", "/etc/apt/preferences.d/gpunode-nvidia-driver",
                            "nvidia_driver/gpunode-nvidia-driver.pref.j2", p))

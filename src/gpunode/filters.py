@@ -105,6 +105,12 @@ def node_cuda_repo_line(node: dict[str, Any]) -> str:
     return desired.cuda_repo_line(_profile(node))
 
 
+def node_debian_contrib_source(node: dict[str, Any]) -> str:
+    from gpunode import desired
+
+    return desired.debian_contrib_source(_profile(node)).rstrip("\n")
+
+
 def node_ctk_repo_line(node: dict[str, Any]) -> str:
     from gpunode import desired
 
@@ -151,6 +157,7 @@ FILTERS = {
     "node_sysctls": node_sysctls,
     "node_cuda_repo_line": node_cuda_repo_line,
     "node_ctk_repo_line": node_ctk_repo_line,
+    "node_debian_contrib_source": node_debian_contrib_source,
     "node_driver_preferences": node_driver_preferences,
     "node_unattended_blacklist": node_unattended_blacklist,
     "node_tuning_profile": node_tuning_profile,

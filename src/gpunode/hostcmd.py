@@ -137,6 +137,23 @@ def nccl_available(p: NodeProfile) -> str | None:
             "\"${for_cuda:-none}\" \"${all:-none}\" >&2; false; }")
 
 
+#: The snapshot command's key: what apt offers for dkms and the DKMS package's candidate.
+DKMS_OFFER_KEY = "apt:dkms"
+
+
+def dkms_offer_command(p: NodeProfile) -> str | None:
+    """Prints `dkms <version>` for every dkms build the host's apt metadata offers, then the
+    DKMS kernel-module package's candidate as `version ...` and `depends ...` (apt-cache
+    show honours the driver's preferences pin). None: not a debian-12 CUDA-repo node."""
+    pkg = desired.dkms_kernel_package(p)
+    if pkg is None:
+        return None
+    return ("apt-cache madison dkms 2>/dev/null | awk -F'|' '{gsub(/[ \\t]/, \"\", $2); "
+            "if ($2 != \"\") print \"dkms \" $2}'; "
+            f"apt-cache show --no-all-versions {pkg} 2>/dev/null "
+            "| sed -n 's/^Version: /version /p; s/^Depends: /depends /p'")
+
+
 def ctk_key_install(p: NodeProfile) -> str:
     """Fetch the container toolkit repository's signing key into its keyring file."""
     base = p.container_toolkit.repo_url.rstrip("/")

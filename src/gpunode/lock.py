@@ -107,6 +107,27 @@ def _satisfies(version: str, op: str, want: str) -> bool:
             ">": c >= 0, "<": c <= 0}[op]
 
 
+def unmet_requirement(depends: str, name: str, available: list[str]) -> str | None:
+    """The `name (op version)` relation of a Depends field that none of the `available`
+    versions satisfies (None: every relation on `name` is met, or there is none). A clause
+    with alternatives other than `name` is left to apt."""
+    for clause in filter(None, (c.strip() for c in depends.split(","))):
+        alts = [a.strip() for a in clause.split("|")]
+        if any(a.split("(")[0].split(":")[0].strip() != name for a in alts):
+            continue
+        if not any(_meets(alt, available) for alt in alts):
+            return clause
+    return None
+
+
+def _meets(alt: str, available: list[str]) -> bool:
+    _, _, rel = alt.partition("(")
+    if not rel:
+        return bool(available)
+    op, _, want = rel.rstrip(")").strip().partition(" ")
+    return any(_satisfies(v, op, want.strip()) for v in available)
+
+
 # --- apt metadata ------------------------------------------------------------------------
 
 @dataclass(frozen=True)

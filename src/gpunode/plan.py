@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from gpunode import desired as d
 from gpunode.facts import Snapshot
-from gpunode.hostcmd import OS_IDS, nccl_available, stamp_path
+from gpunode.hostcmd import DKMS_OFFER_KEY, OS_IDS, nccl_available, stamp_path
 from gpunode.model import NodeProfile
 
 StepKind = Literal["file", "command", "reboot", "stop"]
@@ -226,6 +226,36 @@ def nccl_check(p: NodeProfile, snap: Snapshot) -> str | None:
     so a converged host runs nothing."""
     lib = [x.spec for x in d.nccl_packages(p) if x.name == "libnccl2"]
     return nccl_available(p) if todo(snap, lib) else None
+
+
+def dkms_refusal(p: NodeProfile, snap: Snapshot) -> str | None:
+    """The stop message when the DKMS package about to be installed depends on a dkms that
+    no version apt can install satisfies (newer nvidia-kernel(-open)-dkms builds, 570.148.08
+    onward, need dkms >= 3.1.8 and bookworm ships 3.0.10: THIRD-PARTY CLAIM, NeuralDrive
+    docs). None when the package is installed at its candidate already, or apt knows
+    nothing yet (no lists: the install itself reports that)."""
+    from gpunode.lock import unmet_requirement
+
+    pkg = d.dkms_kernel_package(p)
+    out = (snap.data.get("cmds", {}).get(DKMS_OFFER_KEY) or {}).get("out", "")
+    if pkg is None or not out:
+        return None
+    offered: list[str] = []
+    version = depends = ""
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "dkms" and value not in offered:
+            offered.append(value)
+        elif key == "version" and not version:
+            version = value.strip()
+        elif key == "depends" and not depends:
+            depends = value.strip()
+    if not version or snap.packages.get(pkg) == version:
+        return None
+    installed = snap.packages.get("dkms")
+    available = offered + ([installed] if installed and installed not in offered else [])
+    need = unmet_requirement(depends, "dkms", available)
+    return d.dkms_unmet(p, pkg, version, need, available) if need else None
 
 
 def apt_refresh_needed(p: NodeProfile, snap: Snapshot, now: float) -> bool:

@@ -331,3 +331,18 @@ def test_cpu_governor_unit_runs_on_drift_or_when_inactive(profile):
     assert ansible_plan.desired(none)["cpu_governor"] is None
     assert not ansible_plan.observed(none, {**data, "governors": ["powersave"]})[
         "governor_differs"]
+
+
+def test_the_dkms_stop_comes_from_plan_dkms_refusal(profile):
+    """Both engines stop a debian-12 host before its driver changes with the message
+    plan.dkms_refusal gives from the snapshot (the pyinfra deploy through ops.refuse)."""
+    from gpunode import hostcmd, plan
+    from gpunode.facts import Snapshot
+
+    data = fresh_snapshot()
+    assert ansible_plan.observed(profile, data)["dkms_refusal"] is None
+    data["cmds"] = {hostcmd.DKMS_OFFER_KEY: {"rc": 0, "out": (
+        "dkms 3.0.10-8+deb12u1\nversion 580.95.05-1\ndepends dkms (>= 3.1.8)\n")}}
+    got = ansible_plan.observed(profile, data)["dkms_refusal"]
+    assert got is not None and got == plan.dkms_refusal(profile, Snapshot(data))
+    assert "depends on dkms (>= 3.1.8)" in got

@@ -7,7 +7,7 @@ persistence mode really on."""
 from pyinfra import host
 from pyinfra.api import deploy
 
-from gpunode import desired
+from gpunode import desired, plan
 from gpunode.deploys import ops
 from gpunode.files import driver_files
 from gpunode.hostcmd import keyring_install
@@ -47,6 +47,9 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
     if pin:
         # NVIDIA: install the pinning package in its own transaction, before the driver.
         ops.apt_install(name=f"Pin the driver branch ({pin})", p=p, packages=[desired.Pkg(pin)])
+    # debian-12: newer DKMS packages need a newer dkms than bookworm's (plan.dkms_refusal)
+    ops.refuse(name="Check apt offers the dkms the driver's DKMS package needs", p=p,
+               check=plan.dkms_refusal)
     ops.driver_to_version(name="Move the driver to the pinned version", p=p)
     ops.apt_install(name="Install the NVIDIA driver", p=p,
                     packages=[desired.Pkg(n) for n in desired.driver_packages(p)])

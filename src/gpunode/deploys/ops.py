@@ -270,6 +270,15 @@ def _stop(message: str) -> FunctionCommand:
 
 
 @operation()
+def refuse(p: NodeProfile, check: Callable[[NodeProfile, Snapshot], str | None]):
+    """Stop this host when `check` (a plan.py function, decided at execution time from the
+    snapshot as changed so far) gives a message."""
+    message = check(p, snapshot(p))
+    if message:
+        yield _stop(message)
+
+
+@operation()
 def fail(message: str):
     """Stop this host with a message (other hosts continue)."""
     yield _stop(message)

@@ -107,6 +107,9 @@ def node_spec(p: NodeProfile) -> dict[str, Any]:
     spec["commands"] = {f"grep:{desired.RUNTIME_CONFIG[r]}": desired.runtime_probe(
         desired.RUNTIME_CONFIG[r]) for r in p.container_toolkit.runtimes if r != "podman"}
     spec["commands"][GPU_IDS_KEY] = GPU_IDS_COMMAND  # for the manifest
+    dkms = hostcmd.dkms_offer_command(p)
+    if dkms:  # debian-12 from the CUDA repo: plan.dkms_refusal reads it
+        spec["commands"][hostcmd.DKMS_OFFER_KEY] = dkms
     return spec
 
 

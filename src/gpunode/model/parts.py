@@ -173,6 +173,12 @@ class Nvidia(Strict):
         description="Base URL of the CUDA repository (override for mirrors and the lab); "
         "<distro>/x86_64/ is appended.",
     )
+    debian_mirror: Url = Field(
+        "http://deb.debian.org/debian",
+        description="Debian archive (mirror) whose contrib component gpunode enables on "
+        "debian-12 with source cuda-repo: the driver's DKMS packages depend on contrib "
+        "packages (nvidia-kernel-common).",
+    )
     keyring_sha256: str | None = Field(
         None,
         pattern=SHA256,

@@ -1,0 +1,88 @@
+"""debian-12 from NVIDIA's CUDA repository: Debian's contrib component enabled through a
+managed sources file, and the stop before the driver changes when its DKMS package needs a
+newer dkms than apt can install (plan.dkms_refusal, compared by lock.unmet_requirement)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpunode import desired, hostcmd, lock, plan
+from gpunode.facts import Snapshot, node_spec
+from gpunode.files import driver_files
+from gpunode.model import NodeProfile
+
+
+def profile(os: str = "debian-12", **nvidia) -> NodeProfile:
+    return NodeProfile.model_validate({"name": "gpu01", "connection": {"address": "h"},
+                                       "os": os, "nvidia": nvidia})
+
+
+def contrib(p: NodeProfile) -> str | None:
+    return next((f.content for f in driver_files(p)
+                 if f.path == desired.DEBIAN_CONTRIB_SOURCES), None)
+
+
+def test_debian12_from_the_cuda_repo_gets_debians_contrib_component():
+    text = contrib(profile())
+    assert text is not None
+    lines = text.splitlines()
+    assert "Components: contrib" in lines and "URIs: http://deb.debian.org/debian" in lines
+    assert "Suites: bookworm bookworm-updates" in lines
+    assert "Signed-By" not in text  # must match the host's own entry for the same archive
+    mirror = contrib(profile(debian_mirror="http://mirror.example/debian/"))
+    assert mirror is not None and "URIs: http://mirror.example/debian\n" in mirror
+
+
+@pytest.mark.parametrize("os", ["ubuntu-24.04", "ubuntu-22.04"])
+def test_ubuntu_gets_no_debian_contrib_source(os):
+    assert contrib(profile(os)) is None
+    assert hostcmd.dkms_offer_command(profile(os)) is None
+    assert hostcmd.DKMS_OFFER_KEY not in node_spec(profile(os))["commands"]
+
+
+def test_the_snapshot_asks_apt_for_dkms_and_the_dkms_package_by_flavour():
+    assert "nvidia-kernel-open-dkms" in node_spec(profile())["commands"][hostcmd.DKMS_OFFER_KEY]
+    closed = hostcmd.dkms_offer_command(profile(open_kernel_modules=False))
+    assert closed is not None and "show --no-all-versions nvidia-kernel-dkms " in closed
+
+
+@pytest.mark.parametrize(("depends", "available", "unmet"), [
+    ("dkms (>= 3.1.8), nvidia-kernel-support--v1", ["3.0.10-8+deb12u1"], "dkms (>= 3.1.8)"),
+    ("dkms (>= 3.1.8)", ["3.0.10-8+deb12u1", "3.1.8-1"], None),
+    ("dkms (>= 3.1.8)", ["3.1.8~rc1-1"], "dkms (>= 3.1.8)"),  # ~ sorts before the release
+    ("dkms (>= 3.1.8)", ["1:3.0.10-8"], None),  # the epoch wins
+    ("dkms (>= 3.1.8-1)", ["3.1.10-1"], None),  # numeric, not string, order
+    ("dkms", [], "dkms"),
+    ("dkms, foo (>= 9)", ["3.0.10-8"], None),
+    ("dkms (>= 3.1.8) | dkms-ng", [], None),  # other alternatives: apt decides
+])
+def test_unmet_requirement_orders_like_dpkg(depends, available, unmet):
+    assert lock.unmet_requirement(depends, "dkms", available) == unmet
+
+
+def snap(out: str, **packages: str) -> Snapshot:
+    return Snapshot({"packages": packages, "cmds": {hostcmd.DKMS_OFFER_KEY: {"rc": 0,
+                                                                            "out": out}}})
+
+
+NEW = ("dkms 3.0.10-8+deb12u1\nversion 580.95.05-1\n"
+       "depends dkms (>= 3.1.8), nvidia-kernel-support--v1, nvidia-kernel-common\n")
+
+
+def test_a_dkms_package_needing_a_newer_dkms_stops_the_host_with_the_fix():
+    msg = plan.dkms_refusal(profile(), snap(NEW, dkms="3.0.10-8+deb12u1"))
+    assert msg is not None
+    assert msg.startswith("gpu01: nvidia-kernel-open-dkms 580.95.05-1 depends on dkms (>= 3.1.8)")
+    assert "available: 3.0.10-8+deb12u1" in msg and "nvidia.version" in msg
+    assert "NVIDIA's repository" in msg
+
+
+def test_no_stop_when_apt_offers_a_dkms_that_satisfies_it_or_nothing_is_to_install():
+    offered = "dkms 3.1.8-1\n" + NEW
+    assert plan.dkms_refusal(profile(), snap(offered)) is None
+    installed = snap(NEW, **{"nvidia-kernel-open-dkms": "580.95.05-1"})
+    assert plan.dkms_refusal(profile(), installed) is None  # converged: nothing changes
+    assert plan.dkms_refusal(profile(), snap("")) is None  # no lists yet: apt will say
+    old = "dkms 3.0.10-8+deb12u1\nversion 570.86.15-1\ndepends dkms, nvidia-kernel-support--v1\n"
+    assert plan.dkms_refusal(profile(), snap(old)) is None
+    assert plan.dkms_refusal(profile("ubuntu-24.04"), snap(NEW)) is None
