@@ -109,13 +109,21 @@ def debian_contrib(p: NodeProfile) -> bool:
     return p.os == "debian-12" and p.nvidia.source == "cuda-repo"
 
 
+#: Debian's archive keyring (debian-archive-keyring, on every Debian 12 host).
+DEBIAN_ARCHIVE_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+
 def debian_contrib_source(p: NodeProfile) -> str:
-    """deb822 stanza: contrib of the release and its -updates at nvidia.debian_mirror. No
-    Signed-By: apt refuses one URI/suite with differing Signed-By values, and the host's
-    own entry for the same archive usually has none (debian-archive-keyring's keys are
-    in trusted.gpg.d)."""
+    """deb822 stanza: contrib of the release and its -updates at nvidia.debian_mirror,
+    signed by Debian's archive keyring. apt keeps one Signed-By per URI and suite: the first
+    entry read that names one sets it and every later entry must name the same or none
+    ("Conflicting values set for option Signed-By ...", apt's debmetaindex.cc). The host's
+    own entry is read first (sources.list, or debian.sources before gpunode-*) and names
+    this keyring (deb822 debian.sources) or none (one-line sources.list), so both agree;
+    with no Signed-By here, a debian.sources naming the keyring would conflict."""
     return (f"Types: deb\nURIs: {p.nvidia.debian_mirror.rstrip('/')}\n"
-            "Suites: bookworm bookworm-updates\nComponents: contrib\n")
+            "Suites: bookworm bookworm-updates\nComponents: contrib\n"
+            f"Signed-By: {DEBIAN_ARCHIVE_KEYRING}\n")
 
 
 def dkms_kernel_package(p: NodeProfile) -> str | None:

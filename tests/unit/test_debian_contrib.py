@@ -4,6 +4,10 @@ newer dkms than apt can install (plan.dkms_refusal, compared by lock.unmet_requi
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from gpunode import desired, hostcmd, lock, plan
@@ -28,9 +32,35 @@ def test_debian12_from_the_cuda_repo_gets_debians_contrib_component():
     lines = text.splitlines()
     assert "Components: contrib" in lines and "URIs: http://deb.debian.org/debian" in lines
     assert "Suites: bookworm bookworm-updates" in lines
-    assert "Signed-By" not in text  # must match the host's own entry for the same archive
+    assert f"Signed-By: {desired.DEBIAN_ARCHIVE_KEYRING}" in lines
     mirror = contrib(profile(debian_mirror="http://mirror.example/debian/"))
     assert mirror is not None and "URIs: http://mirror.example/debian\n" in mirror
+
+
+# Debian 12's two stock forms of the archive entry the contrib file sits beside.
+DEB822 = ("Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\n"
+          "Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+ONE_LINE = "deb http://deb.debian.org/debian bookworm main\n"
+
+
+@pytest.mark.skipif(not shutil.which("apt-get"), reason="needs apt-get (Debian or Ubuntu)")
+@pytest.mark.parametrize("stock", ["deb822", "one-line"])
+def test_apt_reads_the_contrib_file_beside_either_stock_entry(tmp_path: Path, stock):
+    """apt itself parses the host's entry plus gpunode's file: one Signed-By per URI and
+    suite, or "Conflicting values set for option Signed-By" and no apt at all."""
+    parts = tmp_path / "sources.list.d"
+    parts.mkdir()
+    main = tmp_path / "sources.list"
+    main.write_text(ONE_LINE if stock == "one-line" else "")
+    if stock == "deb822":
+        (parts / "debian.sources").write_text(DEB822)
+    text = contrib(profile())
+    assert text is not None
+    (parts / Path(desired.DEBIAN_CONTRIB_SOURCES).name).write_text(text)
+    proc = subprocess.run(["apt-get", "-o", f"Dir::Etc::sourcelist={main}", "-o",
+                           f"Dir::Etc::sourceparts={parts}", "-o", f"Dir::State::lists={tmp_path}",
+                           "indextargets"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("os", ["ubuntu-24.04", "ubuntu-22.04"])
