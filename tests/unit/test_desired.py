@@ -291,6 +291,10 @@ def test_gpu_settings_drift_names_the_difference():
     ("ubuntu-24.04", "6.8.0-45-generic", "linux-headers-generic"),
     ("ubuntu-24.04", "6.14.0-29-generic", "linux-headers-generic-hwe-24.04"),
     ("ubuntu-22.04", "6.8.0-60-generic", "linux-headers-generic-hwe-22.04"),
+    # the HWE kernels of the lab's `--kernel hwe` guests (noble-updates' and jammy-updates'
+    # linux-image-virtual-hwe-24.04 and -22.04 when they were added): a new major too
+    ("ubuntu-24.04", "7.0.0-44-generic", "linux-headers-generic-hwe-24.04"),
+    ("ubuntu-22.04", "6.8.0-149-generic", "linux-headers-generic-hwe-22.04"),
     ("ubuntu-22.04", "5.15.0-140-lowlatency", "linux-headers-lowlatency"),
     ("ubuntu-24.04", "6.8.0-1020-nvidia", "linux-headers-nvidia"),
     ("ubuntu-24.04", "6.8.0-1030-aws", "linux-headers-aws"),

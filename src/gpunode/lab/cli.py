@@ -84,6 +84,9 @@ def up(
     os_name: Annotated[str, typer.Option(
         "--os", help=f"Guest OS of a new VM: {', '.join(lab_image.LAB_OS)} (an existing VM "
                      "keeps its own)")] = "debian-12",
+    kernel: Annotated[str, typer.Option(
+        "--kernel", help="Kernel of a new VM: generic (the release's own) or hwe (Ubuntu's "
+                         "HWE kernel); an existing VM keeps its own")] = "generic",
     state_dir: StateDir = None,
 ) -> None:
     """Start VMs (creating them from their OS's base image), wait for SSH."""
@@ -94,7 +97,7 @@ def up(
     for name in names:
         vm = _guard(lambda n=name: lab.up(n, cpus=cpus, memory_mib=memory, numa=numa,  # type: ignore[misc]
                                           disk_gib=disk, forward=fwd, iommu=iommu,
-                                          os_name=os_name))
+                                          os_name=os_name, kernel=kernel))
         extra = "".join(f" {g}->127.0.0.1:{h}" for g, h in vm.forwards.items())
         typer.echo(f"{vm.name}: up, ssh {vm.user}@{vm.address} -p {vm.ssh_port}{extra}")
 
@@ -177,7 +180,8 @@ def status(
         for v in vms:
             fwd = " ".join(f"{g}->{h}" for g, h in v.forwards.items())
             typer.echo(f"  {v.name:16} {v.state:8} ssh 127.0.0.1:{v.ssh_port:<6} cpus={v.cpus} "
-                       f"mem={v.memory_mib}M numa={v.numa}{' iommu' if v.iommu else ''} "
+                       f"mem={v.memory_mib}M numa={v.numa}{' iommu' if v.iommu else ''}"
+                       f"{' kernel=hwe' if v.kernel == 'hwe' else ''} "
                        f"{fwd}".rstrip())
         if snaps:
             typer.echo("  snapshots: " + ", ".join(snaps))
@@ -384,9 +388,13 @@ def image_cmd(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Build even when cached")] = False,
     os_name: Annotated[str, typer.Option(
         "--os", help=f"Guest OS: {', '.join(lab_image.LAB_OS)}")] = "debian-12",
+    kernel: Annotated[str, typer.Option(
+        "--kernel", help="generic (the release's own kernel) or hwe (Ubuntu's HWE kernel)")]
+    = "generic",
 ) -> None:
     """Build an OS's base image (cached by recipe hash) and print its path."""
-    path = _guard(lambda: lab_image.ensure_image(rebuild=rebuild, os_name=os_name))
+    path = _guard(lambda: lab_image.ensure_image(rebuild=rebuild, os_name=os_name,
+                                                 kernel=kernel))
     typer.echo(str(path))
 
 

@@ -60,6 +60,7 @@ class VMConfig:
     origin: dict[str, str]  # {"kind": "base"} or {"kind": "snapshot", "name": ...}
     iommu: bool = False  # emulated VT-d + GPU stand-ins (qemu.IOMMU_STANDINS)
     os: str = "debian-12"  # the guest OS (image.LAB_OS), fixed when the VM is created
+    kernel: str = "generic"  # its kernel (image.KERNELS), fixed when the VM is created
 
     @classmethod
     def load(cls, path: Path) -> VMConfig:
@@ -96,6 +97,7 @@ class VM:
     control_path: Path
     iommu: bool = False
     os: str = "debian-12"
+    kernel: str = "generic"
     _ssh_base: list[str] = field(repr=False, default_factory=list)
 
     @property
@@ -142,7 +144,8 @@ class VM:
             "forwards": {str(g): h for g, h in self.forwards.items()},
             "cpus": self.cpus, "memory_mib": self.memory_mib, "numa": self.numa,
             "disk_gib": self.disk_gib, "serial_log": str(self.serial_log),
-            "qga_socket": str(self.qga_socket), "iommu": self.iommu,
+            "qga_socket": str(self.qga_socket), "iommu": self.iommu, "os": self.os,
+            "kernel": self.kernel,
         }
 
 
@@ -226,6 +229,7 @@ class Lab:
             qga_socket=self.sock_dir / f"{cfg.name}.qga", qmp_socket=self.sock_dir /
             f"{cfg.name}.qmp", known_hosts=d / "known_hosts",
             control_path=self.sock_dir / f"{cfg.name}.ssh", iommu=cfg.iommu, os=cfg.os,
+            kernel=cfg.kernel,
         )
         vm._ssh_base = [
             "ssh", "-F", "/dev/null", "-p", str(cfg.ssh_port), "-i", str(self.key_path),
@@ -247,9 +251,9 @@ class Lab:
            disk_gib: int = 8, forward: Mapping[int, int] | Iterable[int] | None = None,
            *, ssh_port: int | None = None, wait: bool = True,
            timeout: float = BOOT_TIMEOUT_S, iommu: bool | None = None,
-           os_name: str = "debian-12") -> VM:
-        """Start VM `name` (creating it from the base image of `os_name` when new) and
-        wait for SSH.
+           os_name: str = "debian-12", kernel: str = "generic") -> VM:
+        """Start VM `name` (creating it from the base image of `os_name` with `kernel`,
+        image.KERNELS, when new) and wait for SSH.
 
         `forward` maps guest TCP ports to host ports on 127.0.0.1 (host port 0 = pick a free
         one); an iterable of guest ports picks host ports for all of them. An existing VM
@@ -259,6 +263,8 @@ class Lab:
         the PCI devices of `qemu.IOMMU_STANDINS` standing in for passthrough GPUs (a lab
         Proxmox host). It is kept in the VM's settings: `None` keeps what the VM has (off
         for a new VM), so reboots, restarts, snapshots and forks keep the devices.
+        The OS and kernel are fixed when the VM is created (an existing VM keeps its own;
+        snapshots and forks keep them too).
         """
         _check_name(name)
         _check_sizes(cpus, memory_mib, numa, disk_gib)
@@ -280,9 +286,10 @@ class Lab:
                                     f"{disk_gib}G"], check=True, capture_output=True)
                     cfg.disk_gib = disk_gib
             else:
-                image.recipe(os_name)  # a lab OS, or a clear error before anything is made
+                # a lab OS and kernel, or a clear error before anything is made
+                image.recipe(os_name, kernel)
                 cfg = self._create(name, cpus, memory_mib, numa, disk_gib, {"kind": "base"},
-                                   iommu=bool(iommu), os_name=os_name)
+                                   iommu=bool(iommu), os_name=os_name, kernel=kernel)
             vm = self._start(cfg, forward, ssh_port, False, timeout)
         if wait:
             return self.wait_ssh(name, timeout)
@@ -302,13 +309,13 @@ class Lab:
 
     def _create(self, name: str, cpus: int, memory_mib: int, numa: int, disk_gib: int,
                 origin: dict[str, str], iommu: bool = False,
-                os_name: str = "debian-12") -> VMConfig:
+                os_name: str = "debian-12", kernel: str = "generic") -> VMConfig:
         d = self.vm_dir(name)
         d.mkdir(parents=True, exist_ok=True)
         cfg = VMConfig(name=name, cpus=cpus, memory_mib=memory_mib, numa=numa,
                        disk_gib=disk_gib, ssh_port=0, forwards={},
                        instance_id=f"{name}-{uuid.uuid4().hex[:12]}", origin=origin,
-                       iommu=iommu, os=os_name)
+                       iommu=iommu, os=os_name, kernel=kernel)
         try:
             self._fresh_disk(cfg)
         except BaseException:
@@ -317,18 +324,18 @@ class Lab:
         cfg.save(d / "vm.json")
         return cfg
 
-    def _backing(self, origin: dict[str, str], os_name: str) -> Path:
+    def _backing(self, origin: dict[str, str], os_name: str, kernel: str = "generic") -> Path:
         if origin.get("kind") == "snapshot":
             snap = self.snapshot_path(origin["name"])
             if not snap.is_file():
                 raise LabError(f"snapshot {origin['name']!r} ({snap}) no longer exists")
             return snap
-        return image.ensure_image(os_name=os_name)
+        return image.ensure_image(os_name=os_name, kernel=kernel)
 
     def _fresh_disk(self, cfg: VMConfig) -> None:
         """A pristine overlay on the VM's origin, a fresh UEFI store, a new seed."""
         d = self.vm_dir(cfg.name)
-        backing = self._backing(cfg.origin, cfg.os)
+        backing = self._backing(cfg.origin, cfg.os, cfg.kernel)
         disk = d / "disk.qcow2"
         disk.unlink(missing_ok=True)
         res = subprocess.run(
@@ -605,7 +612,7 @@ class Lab:
         target.with_suffix(".json").write_text(json.dumps({
             "source": name, "cpus": cfg.cpus, "memory_mib": cfg.memory_mib,
             "numa": cfg.numa, "disk_gib": cfg.disk_gib, "iommu": cfg.iommu,
-            "os": cfg.os, "created": time.time(),
+            "os": cfg.os, "kernel": cfg.kernel, "created": time.time(),
         }, indent=2) + "\n")
         res = subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(target),
@@ -646,7 +653,8 @@ class Lab:
         cfg = self._create(new_name, c, m, n, meta["disk_gib"],
                            {"kind": "snapshot", "name": snap},
                            iommu=bool(meta.get("iommu", False)) if iommu is None else iommu,
-                           os_name=meta.get("os", "debian-12"))
+                           os_name=meta.get("os", "debian-12"),
+                           kernel=meta.get("kernel", "generic"))
         return self._start(cfg, forward, None, wait, timeout)
 
     # ---- site file -------------------------------------------------------------------

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gpunode.lab import paths
-from gpunode.lab.errors import LabError
+from gpunode.lab.errors import LabError, LabInputError
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -193,25 +193,66 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def recipe(os_name: str) -> dict:
+#: The guest kernels the lab builds: the release's own (GA) kernel, or Ubuntu's HWE kernel.
+KERNELS = ("generic", "hwe")
+#: Ubuntu's HWE kernels, from -updates and -security (the release pocket's HWE meta-packages
+#: still point at the GA kernel; the build's dist-upgrade moves them on): the virtual image
+#: meta-package, the headers meta-package a deploy keeps (desired.headers_meta) and the
+#: extra modules package, where the HWE kernel still splits one off. Checked against the
+#: archive's Packages indices: jammy-updates' linux-image-virtual-hwe-22.04 is 6.8 with
+#: linux-modules-extra-6.8.0-*; noble-updates' linux-image-virtual-hwe-24.04 is 7.0, whose
+#: linux-modules-7.0.0-* holds every module (nouveau too) and has no -extra package.
+HWE = {"ubuntu-22.04": ("22.04", "linux-modules-extra-"), "ubuntu-24.04": ("24.04", None)}
+
+
+def _hwe_recipe(r: dict, release: str, extra: str | None) -> dict:
+    """An Ubuntu recipe with the release's HWE kernel in place of its GA kernel."""
+    return {
+        **r,
+        "kernel": "hwe",
+        "packages": [f"linux-image-virtual-hwe-{release}" if p == "linux-image-virtual" else p
+                     for p in r["packages"]],
+        "preseed": [f"linux-headers-generic-hwe-{release}" if p == "linux-headers-generic"
+                    else p for p in r["preseed"]],
+        "kernel_extra": extra,
+    }
+
+
+HWE_RECIPES: dict[str, dict] = {
+    os_name: _hwe_recipe(RECIPES[os_name], release, extra)
+    for os_name, (release, extra) in HWE.items()
+}
+
+
+def recipe(os_name: str, kernel: str = "generic") -> dict:
+    """The recipe of `os_name`'s image with `kernel` (KERNELS). The generic recipes carry no
+    kernel key, so their hashes (and the images cached under them) predate the choice."""
     if os_name not in RECIPES:
         raise LabError(f"the lab builds guests of {', '.join(LAB_OS)}, not {os_name}")
-    return RECIPES[os_name]
+    if kernel not in KERNELS:
+        raise LabInputError(f"unknown lab kernel {kernel!r}: use {' or '.join(KERNELS)}")
+    if kernel == "generic":
+        return RECIPES[os_name]
+    if os_name not in HWE_RECIPES:
+        raise LabInputError(
+            f"{os_name} has no HWE kernel (Ubuntu's hardware enablement kernels exist only on "
+            f"{', '.join(HWE_RECIPES)}); leave --kernel out or use --kernel generic")
+    return HWE_RECIPES[os_name]
 
 
-def recipe_hash(os_name: str = "debian-12") -> str:
+def recipe_hash(os_name: str = "debian-12", kernel: str = "generic") -> str:
     """Hash of the OS's recipe and of the functions that build the image (not of error
     texts or helpers elsewhere, so editing those does not force a rebuild)."""
     h = hashlib.sha256()
-    h.update(json.dumps(recipe(os_name), sort_keys=True).encode())
+    h.update(json.dumps(recipe(os_name, kernel), sort_keys=True).encode())
     for fn in (_build, _configure, _fstab, _install_grub, _write_grub_cfg):
         h.update(inspect.getsource(fn).encode())
     h.update(" ".join(GRUB_MODULES).encode())
     return h.hexdigest()[:16]
 
 
-def image_path(os_name: str = "debian-12") -> Path:
-    return paths.images_dir() / f"{recipe_hash(os_name)}.qcow2"
+def image_path(os_name: str = "debian-12", kernel: str = "generic") -> Path:
+    return paths.images_dir() / f"{recipe_hash(os_name, kernel)}.qcow2"
 
 
 def host_mirror(apt_dir: Path = Path("/etc/apt")) -> str:
@@ -275,10 +316,10 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def ensure_image(rebuild: bool = False, mirror: str | None = None,
-                 os_name: str = "debian-12") -> Path:
-    """Return the OS's cached base image, building it first when missing (or when
-    `rebuild`)."""
-    target = image_path(os_name)
+                 os_name: str = "debian-12", kernel: str = "generic") -> Path:
+    """Return the OS's cached base image with `kernel` (KERNELS), building it first when
+    missing (or when `rebuild`)."""
+    target = image_path(os_name, kernel)
     with _lock(paths.images_dir() / ".build.lock"):
         if target.exists() and not rebuild:
             return target
@@ -291,7 +332,7 @@ def ensure_image(rebuild: bool = False, mirror: str | None = None,
         if os_name == "debian-12":
             _build(target, mirror or host_mirror(), RECIPE, None)
         else:
-            _build(target, mirror or UBUNTU_MIRROR, recipe(os_name), ubuntu_keyring())
+            _build(target, mirror or UBUNTU_MIRROR, recipe(os_name, kernel), ubuntu_keyring())
     return target
 
 
