@@ -4,15 +4,10 @@
 
 The inventory gives every host its resolved profile as `host.data.node`."""
 
-import sys
-from pathlib import Path
+from pyinfra import host
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from pyinfra import host  # noqa: E402
-
-from gpunode.deploys import deploy_node  # noqa: E402
-from gpunode.model import NodeProfile  # noqa: E402
+from gpunode.deploys import deploy_node
+from gpunode.model import NodeProfile
 
 _p = NodeProfile.model_validate(host.data.node)
 if _p.kind != "pve-host":  # Proxmox hosts: deploy/pve_host.py

@@ -6,12 +6,9 @@ The site file comes from $GPUNODE_SITE, else inventory/site.yaml. Each host's
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from gpunode.inventory import SiteError, load_site, to_ansible  # noqa: E402
-from gpunode.lock import locked_site  # noqa: E402
+from gpunode.inventory import SiteError, load_site, to_ansible
+from gpunode.lock import locked_site
 
 
 def main(argv: list[str]) -> int:

@@ -6,12 +6,9 @@ nodes named in $GPUNODE_LIMIT (comma-separated) are listed when it is set."""
 
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from gpunode.inventory import SiteError, load_site, to_pyinfra  # noqa: E402
-from gpunode.lock import locked_site  # noqa: E402
+from gpunode.inventory import SiteError, load_site, to_pyinfra
+from gpunode.lock import locked_site
 
 try:
     _groups = to_pyinfra(locked_site(load_site()))  # <site>.lock applied

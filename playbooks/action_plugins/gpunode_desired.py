@@ -2,71 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 from ansible.plugins.action import ActionBase
 
-try:
-    import gpunode  # noqa: F401
-except ImportError:  # a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+from gpunode.ansible_actions import load_node
 
-
-def load_node(action: ActionBase, task_vars: dict[str, Any]) -> Any:
-    """The host's resolved profile from hostvars `node`, validated by the model."""
-    from gpunode.model import NodeProfile
-
-    node = action._templar.template(task_vars.get("node"))
-    if not isinstance(node, dict):
-        raise ValueError("hostvar `node` is missing: use gpunode's inventory "
-                         "(inventory/ansible_inventory.py) for this host")
-    return NodeProfile.model_validate(json.loads(json.dumps(node)))
-
-
-def read_host(action: ActionBase, p: Any, host: str | None) -> dict[str, Any] | str:
-    """The host read with gpunode's ONE snapshot command (gpunode.facts.node_spec, the
-    pyinfra deploy's), or the error message."""
-    from gpunode.facts import node_spec, snapshot_command
-
-    res = action._low_level_execute_command(snapshot_command(node_spec(p)), sudoable=True)
-    if res.get("rc") != 0:
-        err = (res.get("stderr") or res.get("stdout") or "").strip()[-2000:]
-        return (f"{host}: reading the host (python3 snapshot script) failed with exit "
-                f"{res.get('rc')}: {err}; check that python3 runs there")
-    try:
-        return json.loads(res["stdout"])
-    except ValueError:
-        return f"{host}: the snapshot script printed no JSON: {res['stdout'][:500]!r}"
-
-
-class HostReadAction(ActionBase):
-    """An action that reads the host with the one snapshot command and returns facts
-    decided from it: `decider(p)` gives the function from snapshot data to facts (it raises
-    ValueError for bad task arguments, before the host is read)."""
-
-    TRANSFERS_FILES = False
-    _supports_check_mode = True  # read-only
-    _supports_async = False
-
-    def decider(self, p: Any) -> Any:
-        raise NotImplementedError
-
-    def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
-        result = super().run(tmp, task_vars)
-        host = (task_vars or {}).get("inventory_hostname")
-        try:
-            p = load_node(self, task_vars or {})
-            decide = self.decider(p)
-        except ValueError as exc:
-            return {**result, "failed": True, "msg": f"{host}: {exc}"}
-        data = read_host(self, p, host)
-        if isinstance(data, str):
-            return {**result, "failed": True, "msg": data}
-        result.update(changed=False, ansible_facts=decide(data))
-        return result
+__all__ = ["ActionModule", "load_node"]
 
 
 class ActionModule(ActionBase):

@@ -4,12 +4,9 @@ them with standard modules and decides nothing itself."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpunode_desired import HostReadAction  # noqa: E402
+from gpunode.ansible_actions import HostReadAction
 
 
 class ActionModule(HostReadAction):

@@ -6,16 +6,9 @@ Check mode is gpunode's dry run: the plan is returned and nothing changes."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 from ansible.plugins.action import ActionBase
-
-try:
-    import gpunode  # noqa: F401
-except ImportError:  # a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 
 class ActionModule(ActionBase):

@@ -3,14 +3,11 @@ pyinfra deploy runs) and return the decisions gpunode derives from it as facts."
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 from ansible.module_utils.parsing.convert_bool import boolean
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpunode_desired import HostReadAction  # noqa: E402
+from gpunode.ansible_actions import HostReadAction
 
 
 class ActionModule(HostReadAction):

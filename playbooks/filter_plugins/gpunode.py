@@ -7,16 +7,10 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-try:
-    from gpunode.filters import FILTERS
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-    from gpunode.filters import FILTERS
+from gpunode.filters import FILTERS
 
 
 def _plain(value: Any) -> Any:

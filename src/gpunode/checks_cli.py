@@ -24,8 +24,9 @@ from rich.console import Console
 from gpunode import output
 from gpunode.inventory import Site, SiteError, load_site
 from gpunode.model import NodeProfile
+from gpunode.resources import data_path
 
-CHECKS_DIR = Path(__file__).resolve().parent.parent.parent / "checks"
+CHECKS_DIR = data_path("checks")
 OUTCOMES = ("passed", "failed", "error", "skipped")
 #: Marker expression of a default run: the slow checks have fast stand-ins that run always
 #: (e.g. the initramfs is newer than the nouveau blacklist instead of listing it).

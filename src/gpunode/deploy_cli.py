@@ -22,8 +22,8 @@ from rich.table import Table
 
 from gpunode.deploys import STOP_PREFIX
 from gpunode.inventory import Site, SiteError
+from gpunode.resources import ansible_root, data_root
 
-REPO = Path(__file__).resolve().parents[2]
 console = Console(stderr=True)
 
 # pyinfra 3 prints, per operation, "--> Starting operation: NAME" and per host
@@ -81,7 +81,8 @@ def pyinfra_command(site_path: Path, hosts: list[str], dry_run: bool = False,
     cmd = [str(Path(sys.executable).with_name("pyinfra")), "-y"]
     if dry_run:
         cmd.append("--dry")
-    cmd += [str(REPO / "inventory" / "pyinfra_inventory.py"), str(REPO / "deploy" / f"{entry}.py")]
+    root = data_root()  # the shipped inventory/ and deploy/ (a checkout's, or the wheel's)
+    cmd += [str(root / "inventory" / "pyinfra_inventory.py"), str(root / "deploy" / f"{entry}.py")]
     return cmd, env
 
 
@@ -91,7 +92,7 @@ def run_pyinfra(site_path: Path, hosts: list[str], dry_run: bool = False,
     cmd, env = pyinfra_command(site_path, hosts, dry_run, entry)
     results: dict[str, HostResult] = {h: HostResult() for h in hosts}
     started = time.monotonic()
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    with subprocess.Popen(cmd, cwd=data_root(), env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as proc:
         assert proc.stdout is not None
         read_pyinfra_output(proc.stdout, results, verbose)
@@ -165,6 +166,10 @@ def deploy_command(
         raise fail_input([f"--engine: {engine!r} is not one of pyinfra, ansible"])
     runs = by_entry(loaded, chosen)
     if engine == "ansible":
+        try:
+            ansible_root()
+        except FileNotFoundError as exc:
+            raise fail_input([f"--engine ansible: {exc}"]) from None
         codes = [run_ansible(loaded.path, hosts, dry_run, verbose, entry) for entry, hosts in runs]
         raise typer.Exit(0 if not any(codes) else 1)
     rc, results, seconds = 0, {}, 0.0
@@ -188,12 +193,15 @@ def deploy_command(
 
 def run_ansible(site_path: Path, hosts: list[str], check: bool, verbose: bool,
                 entry: str = "gpu_node") -> int:
+    root = ansible_root()
+    # The inventory script's `#!/usr/bin/env python3` finds this interpreter, which has gpunode.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "GPUNODE_SITE": str(site_path.resolve()),
-           "ANSIBLE_CONFIG": str(REPO / "ansible.cfg")}
+           "ANSIBLE_CONFIG": str(root / "ansible.cfg"), "PATH": path}
     cmd = [str(Path(sys.executable).with_name("ansible-playbook")),
-           str(REPO / "playbooks" / f"{entry}.yml"), "--limit", ",".join(hosts)]
+           str(root / "playbooks" / f"{entry}.yml"), "--limit", ",".join(hosts)]
     if check:
         cmd += ["--check", "--diff"]
     if verbose:
         cmd.append("-v")
-    return subprocess.call(cmd, cwd=REPO, env=env)
+    return subprocess.call(cmd, cwd=root, env=env)

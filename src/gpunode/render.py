@@ -5,15 +5,15 @@ compares the bytes)."""
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from gpunode.filters import FILTERS
 from gpunode.model import NodeProfile
+from gpunode.resources import data_path
 
-TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
+TEMPLATES = data_path("templates")
 MANAGED_HEADER = "Managed by gpunode; local changes are overwritten on the next deploy."
 #: The environment options every engine must use.
 JINJA_OPTIONS: dict[str, Any] = {

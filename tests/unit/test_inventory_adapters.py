@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,8 @@ def test_adapter_output_is_json(example: Path) -> None:
 
 def engine_env(example: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUNODE_", "ANSIBLE_"))}
+    # the inventory script's `#!/usr/bin/env python3` must find the venv's Python (gpunode)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(GPUNODE_SITE=str(example), ANSIBLE_LOCALHOST_WARNING="False",
                ANSIBLE_INVENTORY_UNPARSED_WARNING="False", **extra)
     return env
