@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from gpunode.deploy_cli import ansible_env  # noqa: E402
 from gpunode.lab import labsite  # noqa: E402
 from gpunode.lab.core import Lab  # noqa: E402
 
@@ -53,8 +54,7 @@ def speed_work(site: Path, *limit: str) -> dict:
 
 
 def ansible_run(site: Path, *extra: str, env_extra: dict[str, str] | None = None) -> dict:
-    env = {**os.environ, "GPUNODE_SITE": str(site), "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-           "ANSIBLE_NOCOLOR": "1", **(env_extra or {})}
+    env = {**ansible_env(site), "ANSIBLE_NOCOLOR": "1", **(env_extra or {})}
     cmd = [str(REPO / ".venv/bin/ansible-playbook"), "playbooks/gpu_node.yml", *extra]
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -191,13 +191,19 @@ def deploy_command(
     raise typer.Exit(1 if failed else 0)
 
 
+def ansible_env(site_path: Path) -> dict[str, str]:
+    """The environment ansible-playbook runs in over gpunode's inventory: the site, gpunode's
+    ansible.cfg, and this interpreter's bin first on PATH, so that the inventory script's
+    `#!/usr/bin/env python3` finds a Python that has gpunode."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "GPUNODE_SITE": str(site_path.resolve()),
+            "ANSIBLE_CONFIG": str(ansible_root() / "ansible.cfg"), "PATH": path}
+
+
 def run_ansible(site_path: Path, hosts: list[str], check: bool, verbose: bool,
                 entry: str = "gpu_node") -> int:
     root = ansible_root()
-    # The inventory script's `#!/usr/bin/env python3` finds this interpreter, which has gpunode.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "GPUNODE_SITE": str(site_path.resolve()),
-           "ANSIBLE_CONFIG": str(root / "ansible.cfg"), "PATH": path}
+    env = ansible_env(site_path)
     cmd = [str(Path(sys.executable).with_name("ansible-playbook")),
            str(root / "playbooks" / f"{entry}.yml"), "--limit", ",".join(hosts)]
     if check:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpunode.deploy_cli import ansible_env
 from gpunode.facts import node_spec, snapshot_command
 from gpunode.model import NodeProfile
 
@@ -140,8 +141,7 @@ def diff(a: Any, b: Any, path: str = "") -> list[str]:
 
 def ansible_playbook(site: Path, node: str, *extra: str,
                      playbook: str = "playbooks/gpu_node.yml") -> tuple[int, str, float]:
-    env = {**os.environ, "GPUNODE_SITE": str(site), "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-           "ANSIBLE_NOCOLOR": "1"}
+    env = {**ansible_env(site), "ANSIBLE_NOCOLOR": "1"}
     started = time.monotonic()
     proc = subprocess.run([str(Path(sys.executable).with_name("ansible-playbook")),
                            playbook, "--limit", node, *extra], cwd=REPO,
