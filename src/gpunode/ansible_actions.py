@@ -12,13 +12,30 @@ from ansible.plugins.action import ActionBase
 
 def load_node(action: ActionBase, task_vars: dict[str, Any]) -> Any:
     """The host's resolved profile from hostvars `node`, validated by the model."""
+    return validate_node(action._templar.template(task_vars.get("node")))
+
+
+def validate_node(node: Any) -> Any:
+    """hostvar `node` as a NodeProfile, or ValueError naming every problem by its field path
+    (the roles' argument specs check only that `node` is a mapping: this is the check)."""
+    from pydantic import ValidationError
+
     from gpunode.model import NodeProfile
 
-    node = action._templar.template(task_vars.get("node"))
     if not isinstance(node, dict):
         raise ValueError("hostvar `node` is missing: use gpunode's inventory "
                          "(inventory/ansible_inventory.py) for this host")
-    return NodeProfile.model_validate(json.loads(json.dumps(node)))
+    try:
+        return NodeProfile.model_validate(json.loads(json.dumps(node)))
+    except ValidationError as exc:
+        problems = [_problem(err) for err in exc.errors()]
+        raise ValueError(f"hostvar `node` does not match gpunode's model ({len(problems)} "
+                         "problem(s)): " + "; ".join(problems)) from None
+
+
+def _problem(err: Any) -> str:
+    path = "node" + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in err["loc"])
+    return f"{path}: {str(err['msg']).removeprefix('Value error, ')}"
 
 
 def read_host(action: ActionBase, p: Any, host: str | None) -> dict[str, Any] | str:

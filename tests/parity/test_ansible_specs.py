@@ -1,5 +1,7 @@
-"""Role argument specs are generated from the model, committed current, and accept every
-example profile (and reject a broken one) the way Ansible validates them at role entry."""
+"""Role argument specs are generated, committed current, and take what a role takes from its
+caller (`node`, a mapping); the profile inside is validated once, by the model, in the first
+task every role runs (gpunode_facts -> gpunode_desired -> ansible_actions.validate_node),
+which accepts every example profile and names each problem of a broken one."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import yaml
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
 from gpunode import ansible_specs
+from gpunode.ansible_actions import validate_node
 from gpunode.inventory import load_site
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,23 +44,56 @@ def test_every_deploy_concern_has_a_role():
 
 
 def test_example_profiles_pass_role_validation(example):
-    spec = _spec(ROLES[0])
-    for name, p in load_site(example).nodes.items():
-        result = ArgumentSpecValidator(spec).validate({"node": p.model_dump(mode="json")})
-        assert not result.error_messages, (example.name, name, result.error_messages)
+    for role in ROLES:
+        spec = _spec(role)
+        for name, p in load_site(example).nodes.items():
+            node = p.model_dump(mode="json")
+            result = ArgumentSpecValidator(spec).validate({"node": node})
+            assert not result.error_messages, (example.name, name, result.error_messages)
+            assert validate_node(node) == p
 
 
-@pytest.mark.parametrize(("path", "value"), [
-    (("os",), "windows-11"),
-    (("vllm", "services"), "not-a-list"),
-    (("connection",), None),
+def test_a_role_takes_node_as_a_mapping_and_refuses_anything_else():
+    for role in ROLES:
+        result = ArgumentSpecValidator(_spec(role)).validate({"node": "gpu01"})
+        assert result.error_messages, role.name
+        assert ArgumentSpecValidator(_spec(role)).validate({}).error_messages, role.name
+
+
+def test_every_role_validates_the_profile_first():
+    """The validation the specs leave out happens before any task of any role: a GPU node's
+    role depends on gpunode_facts, whose first task is the gpunode_desired action; the
+    Proxmox host's role starts with the gpunode_plan action. Both load `node` through
+    ansible_actions.load_node."""
+    def first_action(role: str) -> str:
+        tasks = yaml.safe_load((REPO / "roles" / role / "tasks" / "main.yml").read_text())
+        return next(k for k in tasks[0] if k.startswith("gpunode_"))
+
+    for role in ROLES:
+        meta = yaml.safe_load((role / "meta" / "main.yml").read_text())
+        deps = [d["role"] for d in meta.get("dependencies") or []]
+        first = first_action(deps[0] if deps else role.name)
+        assert deps in ([], ["gpunode_facts"]), role.name
+        assert first == ("gpunode_desired" if deps or role.name == "gpunode_facts"
+                         else "gpunode_plan"), (role.name, first)
+    for action in ("gpunode_desired", "gpunode_plan"):
+        text = (REPO / "playbooks" / "action_plugins" / f"{action}.py").read_text()
+        assert "import load_node" in text or "import HostReadAction" in text, action
+
+
+@pytest.mark.parametrize(("path", "value", "named"), [
+    (("os",), "windows-11", "node.os: Input should be"),
+    (("vllm", "services"), "not-a-list", "node.vllm.services: Input should be a valid list"),
+    (("connection",), None, "node.connection: Input should be"),
+    (("tuning", "bogus"), 1, "node.tuning.bogus: Extra inputs are not permitted"),
 ])
-def test_broken_profile_fails_role_validation(example, path, value):
+def test_broken_profile_is_refused_naming_the_field(example, path, value, named):
     p = next(iter(load_site(example).nodes.values()))
     node = p.model_dump(mode="json")
     target = node
     for key in path[:-1]:
         target = target[key]
     target[path[-1]] = value
-    result = ArgumentSpecValidator(_spec(ROLES[0])).validate({"node": node})
-    assert result.error_messages, f"{path}={value!r} was accepted"
+    with pytest.raises(ValueError, match="does not match gpunode's model") as exc:
+        validate_node(node)
+    assert named in str(exc.value), str(exc.value)
