@@ -33,6 +33,10 @@ OP_START = re.compile(r"--> Starting operation: (.+)")
 HOST_STOP = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+" + re.escape(STOP_PREFIX) + r"(?P<why>.*)$")
 HOST_LINE = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+(?P<text>.*)$")
 HOST_RESULT = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+(?P<what>Success|No changes|Error.*)$")
+# pyinfra's connector messages when it cannot reach or log in to a host (ssh.py's
+# raise_connect_error, host.py's "Host key ..."): that host then runs nothing.
+CONNECT_ERROR = re.compile(r"^(SSH error|Could not resolve hostname|Could not connect|EOF error"
+                           r"|Authentication error|Host key)")
 
 
 @dataclass
@@ -97,7 +101,18 @@ def run_pyinfra(site_path: Path, hosts: list[str], dry_run: bool = False,
         assert proc.stdout is not None
         read_pyinfra_output(proc.stdout, results, verbose)
         rc = proc.wait()
+    fail_silent_hosts(rc, results)
     return rc, results, time.monotonic() - started
+
+
+def fail_silent_hosts(rc: int, results: dict[str, HostResult]) -> None:
+    """After a failed pyinfra run, a host with no result at all did not get its deploy."""
+    if rc == 0:
+        return
+    for res in results.values():
+        if not (res.changed or res.unchanged or res.errors):
+            res.errors.append(f"pyinfra exited {rc} before any operation ran on this host "
+                              "(run with -v for its output)")
 
 
 def read_pyinfra_output(lines: Iterable[str], results: dict[str, HostResult],
@@ -128,6 +143,8 @@ def read_pyinfra_output(lines: Iterable[str], results: dict[str, HostResult],
         if groups.get("why") is not None:
             res.errors.append(f"{op}: {groups['why']}")
             said[host] = []
+        elif groups.get("what") is None and CONNECT_ERROR.match(groups["text"].strip()):
+            res.errors.append(f"connecting: {groups['text'].strip()}")
         elif groups.get("what") is None:
             said[host].append(groups["text"].strip())
         elif groups["what"] == "Success":

@@ -123,6 +123,8 @@ def test_unreachable_host_fails_alone(fresh, tmp_path):
     assert rc != 0
     assert results[fresh.name].errors == []
     assert results[fresh.name].changed == []
+    assert results["ghost"].errors and "connecting: Could not connect" in \
+        results["ghost"].errors[0], results["ghost"]
 
 
 def test_pins_and_holds_keep_the_driver_from_upgrading(fresh):

@@ -52,3 +52,36 @@ def test_success_and_no_change_lines_are_counted_per_host():
     assert results["n2"].errors == [
         "Install x: Error: executed 0 commands: E: Could not get lock "
         "/var/lib/dpkg/lock-frontend. It is held by process 812 (python3)"]
+
+
+def test_an_unreachable_host_is_failed_with_pyinfras_reason(tmp_path: Path):
+    """Real pyinfra, real inventory and deploy entry, against a closed port: the host is
+    reported failed with the connector's message (it was "ok" with exit 1)."""
+    from gpunode.deploy_cli import run_pyinfra
+
+    site = tmp_path / "site.yaml"
+    site.write_text("nodes:\n  gpu01:\n    connection: {address: 127.0.0.1, port: 9, "
+                    "user: root}\n    os: debian-12\n")
+    rc, results, _ = run_pyinfra(site, ["gpu01"], dry_run=True)
+    assert rc == 1
+    assert results["gpu01"].errors == [
+        "connecting: Could not connect ([Errno None] Unable to connect to port 9 on "
+        "127.0.0.1)"], results
+
+
+def test_connect_errors_and_silent_hosts_of_a_failed_run_are_failures():
+    from gpunode import deploy_cli
+
+    lines = ["--> Connecting to hosts...", "    [n1] Authentication error (key=x)",
+             "--> Starting operation: Write /etc/a", "    [n2] Success"]
+    results = {"n1": HostResult(), "n2": HostResult(), "n3": HostResult()}
+    read_pyinfra_output(lines, results)
+    assert results["n1"].errors == ["connecting: Authentication error (key=x)"]
+    assert deploy_cli.CONNECT_ERROR.match("Could not resolve hostname (gaierror)")
+    deploy_cli.fail_silent_hosts(0, results)
+    assert results["n3"].errors == []
+    deploy_cli.fail_silent_hosts(1, results)
+    assert results["n3"].errors == ["pyinfra exited 1 before any operation ran on this host "
+                                    "(run with -v for its output)"]
+    assert results["n2"].errors == [] and results["n2"].changed == ["Write /etc/a"]
+    assert results["n1"].errors == ["connecting: Authentication error (key=x)"]
