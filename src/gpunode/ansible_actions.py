@@ -28,14 +28,22 @@ def validate_node(node: Any) -> Any:
     try:
         return NodeProfile.model_validate(json.loads(json.dumps(node)))
     except ValidationError as exc:
-        problems = [_problem(err) for err in exc.errors()]
+        problems = [line for err in exc.errors() for line in _problems(err)]
         raise ValueError(f"hostvar `node` does not match gpunode's model ({len(problems)} "
                          "problem(s)): " + "; ".join(problems)) from None
 
 
-def _problem(err: Any) -> str:
+def _problems(err: Any) -> list[str]:
+    """One line per problem, as `node.<field path>: what`; the model validator's
+    cross-field problems (ProfileProblems) each on their own."""
+    from gpunode.model.profile import ProfileProblems
+
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ProfileProblems):
+        return [f"node.{x.path}: {x.message}" if x.path else f"node: {x.message}"
+                for x in cause.problems]
     path = "node" + "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in err["loc"])
-    return f"{path}: {str(err['msg']).removeprefix('Value error, ')}"
+    return [f"{path}: {str(err['msg']).removeprefix('Value error, ')}"]
 
 
 def read_host(action: ActionBase, p: Any, host: str | None) -> dict[str, Any] | str:
