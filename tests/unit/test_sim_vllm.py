@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +28,7 @@ BOOT = REPO / "src/gpunode/lab/sim/guest/gpunode-sim-boot"
 MODPROBE = REPO / "src/gpunode/lab/sim/guest/nvidia-modprobe"
 #: The project's copy of vLLM 0.33.0's `serve` flag list (source: tests/fixtures/vllm/README.md).
 FLAGS_FILE = REPO / "tests/fixtures/vllm/serve_flags-0.33.0.txt"
+ENV_FILE = REPO / "tests/fixtures/vllm/env_vars-0.33.0.txt"
 KEY = "test-key-0123456789abcdef"
 
 
@@ -440,11 +443,34 @@ def test_demo_client_reads_the_stream(server) -> None:
 
 
 def test_the_products_flag_table_is_the_release_list_the_stand_in_accepts(standin) -> None:
-    """gpunode validates extra_args against gpunode.vllm_flags; the stand-in accepts its own
-    table: both are vLLM 0.33.0's list (tests/fixtures/vllm), so neither drifts alone."""
-    from gpunode.vllm_flags import SERVE_FLAGS
+    """gpunode validates extra_args and extra_env against gpunode.vllm_flags, loaded from
+    src/gpunode/vllm-0.33.0.json; the stand-in's table is generated from that same file: both
+    are vLLM 0.33.0's lists (tests/fixtures/vllm, the release's own output), so neither drifts."""
+    from gpunode import vllm_flags
 
-    listed = {ln.strip().removeprefix("--") for ln in FLAGS_FILE.read_text().splitlines()
-              if ln.strip()}
-    standin_flags = {f.removeprefix("--") for f in standin.serve_flags.SERVE_FLAGS}
-    assert SERVE_FLAGS == listed == standin_flags
+    source = json.loads((REPO / "src/gpunode" / vllm_flags.SOURCE).read_text())
+    listed = [ln.strip() for ln in FLAGS_FILE.read_text().splitlines() if ln.strip()]
+    envs = [ln.strip() for ln in ENV_FILE.read_text().splitlines() if ln.strip()]
+    assert list(source["serve_flags"]) == listed
+    assert source["env_vars"] == envs
+    assert vllm_flags.SERVE_FLAGS == {f.removeprefix("--") for f in listed}
+    assert vllm_flags.ENV_VARS == {e for e in envs if e.startswith("VLLM_")}
+    assert vllm_flags.VLLM_VERSION == source["vllm"] == "0.33.0"
+    assert standin.serve_flags.SERVE_FLAGS == source["serve_flags"]
+
+
+def test_the_stand_ins_flag_table_is_what_the_generator_makes_of_the_source() -> None:
+    """vllm/serve_flags.py is committed (the stand-in wheel cannot import gpunode) but only
+    ever written by gen_serve_flags.py from gpunode's source file: nobody edits one alone."""
+    spec = importlib.util.spec_from_file_location("gen_serve_flags",
+                                                  STANDIN / "gen_serve_flags.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.SOURCE == REPO / "src/gpunode/vllm-0.33.0.json"
+    committed = (STANDIN / "vllm/serve_flags.py").read_text()
+    assert committed == gen.generate()
+    assert "generated from src/gpunode/vllm-0.33.0.json" in committed.splitlines()[0]
+    assert gen.main(["--check"]) == 0
+    # the stand-in's own modules never reach for gpunode
+    for path in (STANDIN / "vllm").glob("*.py"):
+        assert not re.search(r"^\s*(from|import) gpunode", path.read_text(), re.M), path

@@ -1,7 +1,9 @@
-"""vLLM `serve` flags, generated from serve_flags-0.33.0.txt by gen_serve_flags.py. Do not edit."""
+"""vLLM 0.33.0 `serve` flags, generated from src/gpunode/vllm-0.33.0.json by gen_serve_flags.py.
+Do not edit: change the source and run the generator."""
 
-# flag -> kind: bool (also --no-FLAG), list (one or more values), json (dict; also
-# --FLAG.key value), int, float, help, value (one string)
+# flag -> kind: bool (a switch; also --no-FLAG); list (one or more values); json (a JSON object;
+# also --FLAG.key value); int (one integer); float (one number); help (prints the help and exits);
+# value (one string)
 SERVE_FLAGS: dict[str, str] = {
     "--additional-config": "json",
     "--aggregate-engine-logging": "bool",
