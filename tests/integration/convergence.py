@@ -35,21 +35,28 @@ HOST_SPECIFIC = ("MainPID",)
 CONVERGED_OS = "ubuntu-24.04"
 
 
+def ubuntu_archive_unreachable() -> str:
+    """Why no Ubuntu guest can be built here ("" when one can): Ubuntu's archive keyring
+    (image.ubuntu_keyring) cannot be fetched. Ubuntu guest tests skip with it."""
+    from gpunode.lab import image
+    from gpunode.lab.errors import LabError
+
+    try:
+        image.ubuntu_keyring()
+    except LabError as exc:
+        if "cannot be reached" in str(exc):
+            return str(exc)
+        raise
+    return ""
+
+
 def converged_os() -> tuple[str, str]:
     """The converged pair's OS, and why it is not CONVERGED_OS ("" when it is): without
     Ubuntu's archive no Ubuntu guest can be built, and the pair runs on Debian 12 instead
     (the Ubuntu-specific test then skips with that reason)."""
-    from gpunode.lab import image
-    from gpunode.lab.errors import LabError
-
     wanted = os.environ.get("GPUNODE_TEST_CONVERGED_OS", CONVERGED_OS)
-    if wanted.startswith("ubuntu"):
-        try:
-            image.ubuntu_keyring()
-        except LabError as exc:
-            if "cannot be reached" in str(exc):
-                return "debian-12", str(exc)
-            raise
+    if wanted.startswith("ubuntu") and (why := ubuntu_archive_unreachable()):
+        return "debian-12", why
     return wanted, "" if wanted == CONVERGED_OS else f"$GPUNODE_TEST_CONVERGED_OS={wanted}"
 
 

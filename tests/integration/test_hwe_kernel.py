@@ -8,9 +8,9 @@ Skipped, with the reason, when Ubuntu's archive cannot be reached from this mach
 from __future__ import annotations
 
 import pytest
+from convergence import ubuntu_archive_unreachable
 
 from gpunode import desired
-from gpunode.lab import image
 from gpunode.lab.errors import LabError
 from gpunode.model import NodeProfile
 
@@ -20,12 +20,8 @@ OS_NAME = "ubuntu-24.04"
 
 
 def test_an_hwe_guest_boots_the_hwe_kernel_and_the_deploy_keeps_its_headers(lab):
-    try:
-        image.ubuntu_keyring()
-    except LabError as exc:
-        if "cannot be reached" in str(exc):
-            pytest.skip(str(exc))
-        raise
+    if why := ubuntu_archive_unreachable():
+        pytest.skip(why)
     try:
         vm = lab.up("labhwe", os_name=OS_NAME, kernel="hwe", cpus=2, memory_mib=2048)
     except LabError as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from convergence import converged_os, gpunode_cli
+from convergence import converged_os, gpunode_cli, ubuntu_archive_unreachable
 
 from gpunode.deploy_cli import run_pyinfra
 from gpunode.inventory import load_site
@@ -32,13 +32,8 @@ RELEASE = {"debian-12": "Debian GNU/Linux 12", "ubuntu-22.04": "Ubuntu 22.04",
 
 
 def _vm(lab: Lab, os_name: str):
-    if os_name.startswith("ubuntu"):
-        try:
-            image.ubuntu_keyring()
-        except LabError as exc:
-            if "cannot be reached" in str(exc):
-                pytest.skip(str(exc))
-            raise
+    if os_name.startswith("ubuntu") and (why := ubuntu_archive_unreachable()):
+        pytest.skip(why)
     try:
         return lab.up("lab" + os_name.replace("-", "").replace(".", ""), os_name=os_name,
                       **SHAPE)

@@ -4,6 +4,7 @@ reaches SSH, qemu failing at start) are exercised quickly and without TCG."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from gpunode.lab import core, qemu
-from gpunode.lab.core import Lab
+from gpunode.lab.core import VM, Lab
 from gpunode.lab.errors import LabError, LabInputError
 
 FAKE_QEMU = r'''#!{python}
@@ -257,3 +258,29 @@ def test_missing_qemu_says_how_to_install(tmp_path: Path, fake_qemu: Path) -> No
     lab = Lab(tmp_path / "s", qemu_binary=str(tmp_path / "nope" / "qemu-system-x86_64"))
     with pytest.raises(LabError, match="is not installed; run `gpunode lab deps --install`"):
         lab.up("node1", wait=False)
+
+
+@pytest.fixture()
+def fake_qemu_img(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`snapshot` puts a new overlay above the frozen (here: fake) disk with qemu-img."""
+    real_run = subprocess.run
+
+    def run(argv: list[str], *a: object, **kw: object) -> object:
+        if argv and argv[0] == "qemu-img":
+            Path(argv[-1]).write_text("fake overlay\n")
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        return real_run(argv, *a, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(core.subprocess, "run", run)
+
+
+def fork_of_snapshot_without(lab: Lab, key: str, **up: object) -> VM:
+    """A fork of a snapshot whose metadata lacks `key` (as one written before it existed)."""
+    lab.up("base", wait=False, **up)  # type: ignore[arg-type]
+    lab.down("base")
+    lab.snapshot("base", "old")
+    meta_path = lab.snapshot_path("old").with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    del meta[key]
+    meta_path.write_text(json.dumps(meta))
+    return lab.fork("old", "child", wait=False)

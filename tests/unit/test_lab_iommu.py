@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
-from test_lab_core import fake_qemu, lab  # noqa: F401  (fixtures)
+from test_lab_core import fake_qemu, fake_qemu_img, fork_of_snapshot_without, lab  # noqa: F401
 
 from gpunode.lab import core, qemu
 from gpunode.lab.core import Lab
+
+pytestmark = pytest.mark.usefixtures("fake_qemu_img")
 
 
 def _spec(tmp_path: Path, **kw: object) -> qemu.MachineSpec:
@@ -116,18 +117,6 @@ def test_old_vm_json_without_the_key_loads_as_no_iommu(tmp_path: Path) -> None:
     assert core.VMConfig.load(path).iommu is True
 
 
-@pytest.fixture(autouse=True)
-def fake_qemu_img(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`snapshot` puts a new overlay above the frozen (here: fake) disk with qemu-img."""
-    real_run = subprocess.run
-
-    def run(argv: list[str], *a: object, **kw: object) -> object:
-        if argv and argv[0] == "qemu-img":
-            Path(argv[-1]).write_text("fake overlay\n")
-            return subprocess.CompletedProcess(argv, 0, "", "")
-        return real_run(argv, *a, **kw)  # type: ignore[call-overload]
-
-    monkeypatch.setattr(core.subprocess, "run", run)
 
 
 def _argv_of(the_lab: Lab, name: str) -> str:
@@ -166,14 +155,7 @@ def test_iommu_can_be_switched_explicitly(lab: Lab) -> None:  # noqa: F811
 
 
 def test_fork_of_old_snapshot_without_the_key(lab: Lab) -> None:  # noqa: F811
-    lab.up("base", wait=False)
-    lab.down("base")
-    lab.snapshot("base", "old")
-    meta_path = lab.snapshot_path("old").with_suffix(".json")
-    meta = json.loads(meta_path.read_text())
-    del meta["iommu"]
-    meta_path.write_text(json.dumps(meta))
-    assert not lab.fork("old", "child", wait=False).iommu
+    assert not fork_of_snapshot_without(lab, "iommu").iommu
 
 
 @pytest.mark.parametrize("flag,expected", [("--iommu", True), ("--no-iommu", False)])

@@ -6,11 +6,10 @@ test_lab_core)."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from test_lab_core import fake_qemu, lab  # noqa: F401  (fixtures)
+from test_lab_core import fake_qemu, fake_qemu_img, fork_of_snapshot_without, lab  # noqa: F401
 from typer.testing import CliRunner
 
 from gpunode.lab import cli, core, image
@@ -101,22 +100,9 @@ def test_cli_passes_the_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert res.output.strip() == str(tmp_path / "img.qcow2")
 
 
-@pytest.fixture()
-def fake_qemu_img(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`snapshot` puts a new overlay above the frozen (here: fake) disk with qemu-img."""
-    real_run = subprocess.run
-
-    def run(argv: list[str], *a: object, **kw: object) -> object:
-        if argv and argv[0] == "qemu-img":
-            Path(argv[-1]).write_text("fake overlay\n")
-            return subprocess.CompletedProcess(argv, 0, "", "")
-        return real_run(argv, *a, **kw)  # type: ignore[call-overload]
-
-    monkeypatch.setattr(core.subprocess, "run", run)
-
-
 def test_kernel_is_kept_across_restart_snapshot_and_fork(lab: Lab,  # noqa: F811
-                                                         fake_qemu_img: None) -> None:
+                                                         fake_qemu_img: None,  # noqa: F811
+                                                         ) -> None:
     vm = lab.up("hwe", numa=1, wait=False, os_name="ubuntu-24.04", kernel="hwe")
     assert (vm.os, vm.kernel) == ("ubuntu-24.04", "hwe") and vm.info()["kernel"] == "hwe"
     assert json.loads((lab.vm_dir("hwe") / "vm.json").read_text())["kernel"] == "hwe"
@@ -132,7 +118,7 @@ def test_kernel_is_kept_across_restart_snapshot_and_fork(lab: Lab,  # noqa: F811
 
 
 def test_old_vm_json_and_snapshot_without_the_key_are_generic(lab: Lab,  # noqa: F811
-                                                              fake_qemu_img: None,
+                                                              fake_qemu_img: None,  # noqa: F811
                                                               tmp_path: Path) -> None:
     path = tmp_path / "vm.json"
     path.write_text(json.dumps({
@@ -140,14 +126,7 @@ def test_old_vm_json_and_snapshot_without_the_key_are_generic(lab: Lab,  # noqa:
         "ssh_port": 2222, "forwards": {}, "instance_id": "old-1",
         "origin": {"kind": "base"}, "os": "ubuntu-24.04"}))
     assert core.VMConfig.load(path).kernel == "generic"
-    lab.up("base", wait=False, os_name="ubuntu-22.04")
-    lab.down("base")
-    lab.snapshot("base", "old")
-    meta_path = lab.snapshot_path("old").with_suffix(".json")
-    meta = json.loads(meta_path.read_text())
-    del meta["kernel"]
-    meta_path.write_text(json.dumps(meta))
-    child = lab.fork("old", "child", wait=False)
+    child = fork_of_snapshot_without(lab, "kernel", os_name="ubuntu-22.04")
     assert (child.os, child.kernel) == ("ubuntu-22.04", "generic")
 
 
