@@ -47,7 +47,7 @@ schema: install
 	$(BIN)/gpunode schema --out schema/site.schema.json
 
 lint: install
-	$(BIN)/ruff check src tests bench inventory deploy checks
+	$(BIN)/ruff check src tests bench inventory deploy checks playbooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
