@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from gpunode import expect
-from gpunode.facts import Snapshot, node_spec, snapshot_command, snapshot_spec
+from gpunode.facts import Snapshot, node_spec, snapshot_command
 from gpunode.files import node_files
 from gpunode.inventory import Site, SiteError, load_site, resolve_site_path
 from gpunode.model import NodeProfile
@@ -203,8 +203,7 @@ def read_host(host: Any, p: NodeProfile) -> HostFacts:
     if p.kind == "pve-host":  # the deploy's own snapshot holds all the PVE host checks read
         data = run_json(host, snapshot_command(node_spec(p)), "the host")
         return HostFacts(p, Snapshot(data), {}, read_s=time.monotonic() - started)
-    paths = expect.managed_paths(p)
-    snap_cmd = snapshot_command(snapshot_spec(p, paths, []))
+    snap_cmd = snapshot_command(node_spec(p))
     cmd = f"{snap_cmd}; echo; echo {MARKER}; {script_command(expect.core_spec(p))}"
     result = host.run(cmd)
     head, sep, tail = result.stdout.partition(f"\n{MARKER}\n")

@@ -9,7 +9,7 @@ import tomllib
 
 import pytest
 
-from gpunode import desired, expect
+from gpunode import desired, expect, paths
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def _has_nvidia_runtime(data: object) -> bool:
 
 def _containerd_imports(facts, drop_in: str) -> list[str]:
     """containerd reads the nvidia drop-in only when its config.toml imports it."""
-    top = desired.CONTAINERD_CONFIG
+    top = paths.CONTAINERD_CONFIG
     text = facts.content(top)
     try:
         imports = tomllib.loads(text or "").get("imports", [])

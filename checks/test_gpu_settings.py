@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpunode import desired, expect
+from gpunode import desired, expect, paths
 
 pytestmark = pytest.mark.gpu
 
@@ -105,7 +105,7 @@ def test_uvm_device_nodes(facts):
     wrong = {p: "absent" if nodes.get(p) is None else "not a character device"
              for p in desired.UVM_DEVICES if not nodes.get(p)}
     assert not wrong, (f"NVIDIA unified memory device nodes missing: {wrong}; CUDA fails with "
-                       f"'CUDA unknown error' (check {desired.MODULES_LOAD} and "
+                       f"'CUDA unknown error' (check {paths.MODULES_LOAD} and "
                        f"{expect.GPU_SETTINGS_UNIT})")
 
 

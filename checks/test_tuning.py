@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpunode import desired, expect
+from gpunode import desired, expect, paths
 from gpunode.files import banned_cpus
 
 
@@ -15,10 +15,10 @@ def test_cpu_governor(node, facts):
     want = node.tuning.governor
     if want is None:
         pytest.skip("the profile sets no CPU governor")
-    unit = facts.unit(desired.CPU_GOVERNOR_UNIT)
+    unit = facts.unit(paths.CPU_GOVERNOR_UNIT)
     state = (unit.get("UnitFileState"), unit.get("ActiveState"))
     assert state == ("enabled", "active"), (
-        f"{desired.CPU_GOVERNOR_UNIT}: expected enabled/active, is "
+        f"{paths.CPU_GOVERNOR_UNIT}: expected enabled/active, is "
         f"{'/'.join(str(s) for s in state)}")
     data = facts.snap.data
     if not data["cpufreq"]:

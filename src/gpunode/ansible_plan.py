@@ -14,21 +14,22 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from gpunode import desired as d
-from gpunode import plan
+from gpunode import paths, plan
 from gpunode.facts import Snapshot, reboot_reasons
 from gpunode.files import (
-    HF_TOKEN_PATH,
     ManagedFile,
     banned_cpus,
-    credential_path,
     credentials,
     node_files,
     placements,
+    restart_inputs,
 )
 from gpunode.hostcmd import (
     APT_ENV_VARS,
     OS_IDS,
     STAMP_COMMANDS,
+    SYSCTL_APPLY,
+    TMPFILES_APPLY,
     apt_get,
     apt_mark,
     ctk_key_install,
@@ -36,8 +37,8 @@ from gpunode.hostcmd import (
     driver_to_version,
     etc_cdi_cleanup,
     keyring_install,
+    remove_service,
     runtime_configure,
-    stamp_path,
     stamped_command,
     unit_names,
     user_command,
@@ -45,17 +46,12 @@ from gpunode.hostcmd import (
 )
 from gpunode.manifest import manifest_file, write_command
 from gpunode.model import NodeProfile
+from gpunode.paths import stamp_path
 from gpunode.plan import reboot_message, sha256
 from gpunode.render import MANAGED_HEADER, TEMPLATES
 from gpunode.topology import Gpu
 
-#: Templates rendered once per vLLM service (their scope holds `service`).
-SERVICE_TEMPLATES = ("vllm/service.yaml.j2", "vllm/service.env.j2", "vllm/instance.conf.j2")
-IRQ_DROPIN = "/etc/systemd/system/irqbalance.service.d/gpunode.conf"
-TEMPLATE_UNITS = ("/etc/systemd/system/vllm@.service",
-                  "/etc/systemd/system/vllm-prefetch@.service")
 CONCERNS = ("base", "tuning", "nvidia_driver", "gpu_settings", "container_toolkit", "vllm")
-SCRIPTS = ("/usr/local/lib/gpunode/vllm-start", "/usr/local/lib/gpunode/vllm-wait-ready")
 
 
 def _scope(p: NodeProfile, f: ManagedFile, gpus: list[Gpu] | None,
@@ -65,12 +61,10 @@ def _scope(p: NodeProfile, f: ManagedFile, gpus: list[Gpu] | None,
         return {"banned_cpus": banned_cpus(p, gpus or [])}
     if f.template == "tuning/60-gpunode-grub.cfg.j2":
         return {"kernel_args": " ".join(d.kernel_args(p, thp_default))}
-    if f.template not in SERVICE_TEMPLATES:
+    if f.scope != "service":
         return {}
     data = p.model_dump(mode="json")["vllm"]["services"]
-    name = (PurePosixPath(f.path).stem if f.path.startswith("/etc/vllm/")
-            else PurePosixPath(f.path).parent.name.removeprefix("vllm@")
-            .removesuffix(".service.d"))
+    name = f.service
     scope: dict[str, Any] = {"service": next(s for s in data if s["name"] == name)}
     if f.template == "vllm/instance.conf.j2":
         scope["placement_lines"] = placements(p, gpus or [])[name].unit_lines()
@@ -134,35 +128,36 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None,
             "container_toolkit": [x.name for x in ctk] if p.nvidia.hold else [],
             "dcgm": [x.name for x in dcgm if x.version] if p.nvidia.hold else [],
         },
-        "keyring": {"url": url, "sha256": sha, "path": d.CUDA_KEYRING},
+        "keyring": {"url": url, "sha256": sha, "path": paths.CUDA_KEYRING},
         "ctk_key_command": ctk_key_install(p),
-        "runtimes": [{"name": r, "config": d.RUNTIME_CONFIG[r], "command": runtime_configure(r)}
+        "runtimes": [{"name": r, "config": paths.RUNTIME_CONFIG[r], "command": runtime_configure(r)}
                      for r in p.container_toolkit.runtimes if r != "podman"],
         "cdi_refresh_units": d.cdi_refresh_units(p),
-        "irq_dropin": IRQ_DROPIN,
-        "cpu_governor": ({"unit": d.CPU_GOVERNOR_UNIT, "path": d.CPU_GOVERNOR_UNIT_PATH}
+        "irq_dropin": paths.IRQ_DROPIN,
+        "systemd_dir": paths.SYSTEMD_DIR,
+        "sysctl_command": SYSCTL_APPLY,
+        "tmpfiles_command": TMPFILES_APPLY,
+        "cpu_governor": ({"unit": paths.CPU_GOVERNOR_UNIT, "path": paths.CPU_GOVERNOR_UNIT_PATH}
                          if p.tuning.governor else None),
         "vllm": {
             "venv": f"{p.vllm.prefix}/venv",
             "venv_command": venv_command(p),
             "user_command": user_command(p),
             "units": [{"name": s.name, "unit": d.vllm_unit(s.name),
-                       "dropin": f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf",
-                       "inputs": [f"/etc/vllm/{s.name}.yaml", f"/etc/vllm/{s.name}.env",
-                                  f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf",
-                                  credential_path(s.name), HF_TOKEN_PATH, *TEMPLATE_UNITS,
-                                  *SCRIPTS]}
+                       "dropin": paths.vllm_unit_dropin(s.name),
+                       "inputs": restart_inputs(p, s.name)}
                       for s in p.vllm.services],
             # paths only: the role reads each source on the controller (no_log)
             "credentials": [{"path": c.path, "source": str(Path(c.source).expanduser().resolve())}
                             for c in credentials(p)],
             "directories": [
-                {"path": "/var/lib/vllm", "mode": "0755", "owner": p.vllm.user,
+                {"path": paths.VLLM_HOME, "mode": "0755", "owner": p.vllm.user,
                  "group": p.vllm.user},
                 {"path": p.vllm.model_cache, "mode": "0755", "owner": p.vllm.user,
                  "group": p.vllm.user},
-                {"path": "/etc/vllm", "mode": "0750", "owner": "root", "group": p.vllm.user},
-                {"path": "/etc/vllm/credentials", "mode": "0700", "owner": "root",
+                {"path": paths.VLLM_ETC, "mode": "0750", "owner": "root",
+                 "group": p.vllm.user},
+                {"path": paths.VLLM_CREDENTIALS, "mode": "0700", "owner": "root",
                  "group": "root"},
             ],
         },
@@ -202,8 +197,8 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
     placement_files: dict[str, list[dict[str, Any]]] = {"tuning": [], "vllm": []}
     if gpus:
         for job in file_jobs(p, gpus, snap.thp_default):
-            if job["path"] == IRQ_DROPIN or job["template"] == "vllm/instance.conf.j2":
-                if job["path"] == IRQ_DROPIN and not job["scope"]["banned_cpus"]:
+            if job["path"] == paths.IRQ_DROPIN or job["template"] == "vllm/instance.conf.j2":
+                if job["path"] == paths.IRQ_DROPIN and not job["scope"]["banned_cpus"]:
                     continue
                 placement_files[job["concern"]].append(job)
                 files_ok[job["path"]] = _file_ok(snap, job["path"], job["sha256"], job["mode"],
@@ -220,9 +215,9 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         if not files_ok[job["path"]] and job["parent"] not in parents[job["concern"]]:
             parents[job["concern"]].append(job["parent"])
     stamps = {}
-    grub = next(j for j in want["files"]["tuning"] if j["path"] == d.GRUB_CFG)
+    grub = next(j for j in want["files"]["tuning"] if j["path"] == paths.GRUB_CFG)
     blacklist = next(j for j in want["files"]["nvidia_driver"]
-                     if j["path"].endswith("blacklist-nouveau.conf"))
+                     if j["path"] == paths.NOUVEAU_BLACKLIST)
     cdi_key = plan.cdi_key(snap)
     for name, key, force in (("grub", plan.grub_key(data, grub["sha256"]), False),
                              ("initramfs", blacklist["sha256"], False),
@@ -240,11 +235,9 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         and v.split(":")[-1].startswith(f"{p.nvidia.branch}.")
         and not v.split(":")[-1].startswith(f"{version}-"))
     units = {u: _unit(snap, u) for u in unit_names(p)}
-    wants = data["globs"].get("/etc/systemd/system/multi-user.target.wants/*", [])
-    units["nvidia-persistenced.service"]["wanted"] = (
-        "/etc/systemd/system/multi-user.target.wants/nvidia-persistenced.service" in wants)
-    configs = data["globs"].get("/etc/vllm/*.yaml", [])
-    keep = {s.name for s in p.vllm.services}
+    wants = data["globs"].get(paths.wants_glob("multi-user.target"), [])
+    units[paths.PERSISTENCED_UNIT]["wanted"] = (
+        paths.wants_link("multi-user.target", paths.PERSISTENCED_UNIT) in wants)
     venv = want["vllm"]["venv"]
     missing_holds = {
         "driver": _missing(snap, d.driver_hold_set(p, snap.packages)) if p.nvidia.hold else [],
@@ -275,8 +268,8 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "driver_to_version": driver_to_version(p, stale_driver) if stale_driver else None,
         "dpkg_unfinished": data.get("dpkg_unfinished", []),
         "keyring_needed": ("cuda-keyring" not in snap.packages
-                           or not snap.file(d.CUDA_KEYRING)),
-        "ctk_key_needed": not snap.file(d.CTK_KEYRING),
+                           or not snap.file(paths.CUDA_KEYRING)),
+        "ctk_key_needed": not snap.file(paths.CTK_KEYRING),
         "sysctl_differs": any(data["sysctl"].get(k) != " ".join(v.split())
                               for k, v in sysctls.items()),
         "thp_differs": plan.thp_differs(p, data),
@@ -287,12 +280,12 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
                             for u in unit_names(p)),
         "gpu_drift": d.gpu_settings_drift(p, gpus) if snap.smi_ok else [],
         "etc_cdi_cleanup": etc_cdi_cleanup() if plan.etc_cdi_cleanup_needed(p, snap) else None,
-        "runtime_lacks": {r: (data["cmds"].get(f"grep:{d.RUNTIME_CONFIG[r]}") or {"rc": 1})
+        "runtime_lacks": {r: (data["cmds"].get(f"grep:{paths.RUNTIME_CONFIG[r]}") or {"rc": 1})
                           ["rc"] != 0 for r in p.container_toolkit.runtimes if r != "podman"},
         "user_missing": p.vllm.user not in data["users"],
         "venv_ok": d.venv_current(p, data["venvs"].get(venv, {})),
-        "stale_services": sorted(PurePosixPath(c).stem for c in configs
-                                 if PurePosixPath(c).stem not in keep),
+        "stale_services": [{"name": n, "command": "({}) && {}".format(*remove_service(n))}
+                           for n in plan.stale_services(p, snap)],
         "directories_ok": {x["path"]: _dir_ok(snap, x) for x in want["vllm"]["directories"]},
         "reboot_reasons": reboot_reasons(p, snap),
         "reboot_message": reboot_message(p, reboot_reasons(p, snap)),

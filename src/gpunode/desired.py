@@ -9,6 +9,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from gpunode import paths
 from gpunode.model import NodeProfile
 from gpunode.model.parts import DCGM_EXPORTER, OS_PYTHON
 
@@ -23,22 +24,7 @@ UPSTREAM_KEYRING_SHA256 = {
     "ubuntu2204": "d93190d50b98ad4699ff40f4f7af50f16a76dac3bb8da1eaaf366d47898ff8df",
     "ubuntu2404": "d2a6b11c096396d868758b86dab1823b25e14d70333f1dfa74da5ddaf6a06dba",
 }
-#: The certificate DKMS signs its modules with, which Secure Boot needs enrolled: Ubuntu's
-#: shim-signed MOK, Debian's dkms-generated key.
-DKMS_MOK_CERT = {"ubuntu": "/var/lib/shim-signed/mok/MOK.der", "debian": "/var/lib/dkms/mok.pub"}
-CUDA_KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
-#: gpunode's GRUB drop-in with the kernel arguments it keeps (GPU nodes).
-GRUB_CFG = "/etc/default/grub.d/60-gpunode.cfg"
-#: The oneshot unit that sets the CPU governor late in boot (after what else sets it).
-CPU_GOVERNOR_UNIT = "gpunode-cpu-governor.service"
-CPU_GOVERNOR_UNIT_PATH = f"/etc/systemd/system/{CPU_GOVERNOR_UNIT}"
-#: gpunode's nouveau blacklist (copied into the initramfs by update-initramfs).
-NOUVEAU_BLACKLIST = "/etc/modprobe.d/blacklist-nouveau.conf"
-# nvidia.ko creates no /dev/nvidia-uvm*: nvidia-uvm is loaded at boot from this file and
-# the GPU settings unit creates the nodes (nvidia-modprobe -u -c=0) before any vLLM unit.
-MODULES_LOAD = "/etc/modules-load.d/gpunode-nvidia.conf"
 UVM_DEVICES = ("/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
-CTK_KEYRING = "/usr/share/keyrings/nvidia-container-toolkit-keyring.gpg"
 #: Name patterns of driver packages (holds, unattended-upgrades blacklist, checks).
 DRIVER_PATTERNS = ("nvidia-*", "libnvidia-*", "libcuda1", "libcudadebugger1",
                    "cuda-drivers*", "firmware-nvidia-*", "linux-modules-nvidia-*",
@@ -70,7 +56,7 @@ def no_keyring_checksum(p: NodeProfile) -> str:
 
 
 def mok_cert(p: NodeProfile) -> str:
-    return DKMS_MOK_CERT[p.os.split("-")[0]]
+    return paths.DKMS_MOK_CERT[p.os.split("-")[0]]
 
 
 def secure_boot_stop(p: NodeProfile) -> str:
@@ -88,17 +74,14 @@ def secure_boot_notice(p: NodeProfile) -> str:
 
 
 def cuda_repo_line(p: NodeProfile) -> str:
-    return (f"deb [signed-by={CUDA_KEYRING}] {p.nvidia.repo_url.rstrip('/')}/{p.distro}/"
+    return (f"deb [signed-by={paths.CUDA_KEYRING}] {p.nvidia.repo_url.rstrip('/')}/{p.distro}/"
             "x86_64/ /")
 
 
 def cuda_repo_list_path(p: NodeProfile) -> str:
-    return f"/etc/apt/sources.list.d/cuda-{p.distro}-x86_64.list"
+    return paths.cuda_repo_list(p.distro)
 
 
-#: The Debian archive's contrib component, in a file of its own beside the host's sources
-#: (which gpunode leaves alone, whatever their format).
-DEBIAN_CONTRIB_SOURCES = "/etc/apt/sources.list.d/gpunode-debian-contrib.sources"
 
 
 def debian_contrib(p: NodeProfile) -> bool:
@@ -109,8 +92,6 @@ def debian_contrib(p: NodeProfile) -> bool:
     return p.os == "debian-12" and p.nvidia.source == "cuda-repo"
 
 
-#: Debian's archive keyring (debian-archive-keyring, on every Debian 12 host).
-DEBIAN_ARCHIVE_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
 def debian_contrib_source(p: NodeProfile) -> str:
@@ -123,7 +104,7 @@ def debian_contrib_source(p: NodeProfile) -> str:
     with no Signed-By here, a debian.sources naming the keyring would conflict."""
     return (f"Types: deb\nURIs: {p.nvidia.debian_mirror.rstrip('/')}\n"
             "Suites: bookworm bookworm-updates\nComponents: contrib\n"
-            f"Signed-By: {DEBIAN_ARCHIVE_KEYRING}\n")
+            f"Signed-By: {paths.DEBIAN_ARCHIVE_KEYRING}\n")
 
 
 def dkms_kernel_package(p: NodeProfile) -> str | None:
@@ -146,24 +127,8 @@ def dkms_unmet(p: NodeProfile, package: str, version: str, need: str,
             "older driver (builds before 570.148.08 are said to accept bookworm's dkms)")
 
 
-#: Where `nvidia-ctk runtime configure` (toolkit 1.18) puts the nvidia runtime: docker's
-#: daemon.json in place; drop-ins for containerd (imported from its config.toml) and CRI-O.
-RUNTIME_CONFIG = {"docker": "/etc/docker/daemon.json",
-                  "containerd": "/etc/containerd/conf.d/99-nvidia.toml",
-                  "crio": "/etc/crio/conf.d/99-nvidia.toml"}
-#: containerd's own configuration, which must import RUNTIME_CONFIG["containerd"].
-CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 
 
-#: Toolkit 1.18's nvidia-cdi-refresh.service writes the CDI spec here (a tmpfs: it runs at
-#: every boot, and its .path unit starts it again when the kernel's modules.dep or nvidia-ctk
-#: change). Source: the toolkit's deployments/systemd units and .install files (research
-#: nvidia-repo.md §5.4).
-CDI_SPEC = "/var/run/cdi/nvidia.yaml"
-#: Where gpunode wrote the spec itself (`nvidia-ctk cdi generate`) before, as it still does
-#: for toolkit 1.17, which ships no refresh units. Beside CDI_SPEC it would list every
-#: device twice.
-ETC_CDI_SPEC = "/etc/cdi/nvidia.yaml"
 CDI_REFRESH_PATH = "nvidia-cdi-refresh.path"
 CDI_REFRESH_SERVICE = "nvidia-cdi-refresh.service"
 
@@ -176,7 +141,7 @@ def cdi_refresh(p: NodeProfile) -> bool:
 
 def cdi_spec(p: NodeProfile) -> str:
     """The CDI spec file that describes the node's GPUs."""
-    return CDI_SPEC if cdi_refresh(p) else ETC_CDI_SPEC
+    return paths.CDI_SPEC if cdi_refresh(p) else paths.ETC_CDI_SPEC
 
 
 def cdi_refresh_units(p: NodeProfile) -> list[str]:
@@ -190,7 +155,7 @@ def runtime_probe(path: str) -> str:
 
 
 def ctk_repo_line(p: NodeProfile) -> str:
-    return f"deb [signed-by={CTK_KEYRING}] {p.container_toolkit.repo_url.rstrip('/')}/$(ARCH) /"
+    return f"deb [signed-by={paths.CTK_KEYRING}] {p.container_toolkit.repo_url.rstrip('/')}/$(ARCH) /"
 
 
 def driver_deb_version(p: NodeProfile) -> str | None:
@@ -503,7 +468,7 @@ def missing_kernel_args(p: NodeProfile, cmdline: str, thp_default: str | None = 
 # --- units -------------------------------------------------------------------------------
 
 def vllm_unit(name: str) -> str:
-    return f"vllm@{name}.service"
+    return paths.vllm_unit(name)
 
 
 def prefetch_unit(name: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from gpunode import desired
+from gpunode import desired, paths
 from gpunode.files import ManagedFile, node_files
 from gpunode.model import NodeProfile
 from gpunode.topology import Gpu, Placement, format_cpulist
@@ -29,7 +29,7 @@ from gpunode.topology import Gpu, Placement, format_cpulist
 VLLM_EXPOSURE_MAX = 4.0
 
 #: Config files `nvidia-ctk runtime configure` edits, per runtime (the deploy's own map).
-RUNTIME_CONFIG = desired.RUNTIME_CONFIG
+RUNTIME_CONFIG = paths.RUNTIME_CONFIG
 
 #: Longest diff excerpt put into a failure message (lines).
 DIFF_LINES = 24
@@ -43,11 +43,6 @@ def placeholder_gpus(p: NodeProfile) -> list[Gpu]:
     return [Gpu(index=i, uuid=f"GPU-{i:08d}-0000-0000-0000-000000000000", name=p.gpus.model,
                 bus_id=f"00000000:{i + 1:02x}:00.0", memory_mib=None, driver_version="",
                 cpus=[i], numa_node=0) for i in range(count + 1)]
-
-
-def managed_paths(p: NodeProfile) -> list[str]:
-    """Every path the deploy may write for this node (content not meaningful here)."""
-    return sorted({f.path for f in node_files(p, placeholder_gpus(p))})
 
 
 def sha256_text(text: str) -> str:
@@ -351,7 +346,7 @@ IRQBALANCE_UNIT = "irqbalance.service"
 DCGM_UNIT = "nvidia-dcgm.service"
 PCIE_QUERY = ("nvidia-smi --query-gpu=index,pcie.link.gen.max,pcie.link.width.max,"
               "pcie.link.width.current --format=csv,noheader,nounits")
-NOUVEAU_BLACKLISTS = "/etc/modprobe.d/*nouveau*.conf"
+NOUVEAU_BLACKLISTS = paths.NOUVEAU_BLACKLISTS
 
 
 #: Builds and imports a trivial C extension the way Triton builds its launchers at run time
@@ -400,7 +395,7 @@ def checked_units(p: NodeProfile) -> list[str]:
     units = [PERSISTENCED_UNIT, GPU_SETTINGS_UNIT, IRQBALANCE_UNIT, *desired.vllm_units(p),
              *desired.cdi_refresh_units(p)]
     if p.tuning.governor:
-        units.append(desired.CPU_GOVERNOR_UNIT)
+        units.append(paths.CPU_GOVERNOR_UNIT)
     if p.dcgm.enabled:
         units.append(DCGM_UNIT)
     return units
@@ -422,15 +417,16 @@ def core_spec(p: NodeProfile) -> dict[str, Any]:
         commands["dcgmi_version"] = "dcgmi --version"
         commands["dcgmi_discovery"] = "dcgmi discovery -l"
     if p.cuda.enabled:
-        commands["nvcc"] = f"/usr/local/cuda-{p.cuda.version}/bin/nvcc --version"
+        commands["nvcc"] = f"{paths.cuda_toolkit_prefix(p.cuda.version)}/bin/nvcc --version"
     if p.vllm.services:
         commands["venv_python"] = f"{p.vllm.prefix}/venv/bin/python --version"
         commands["triton_build"] = triton_build_command(p)
-    contents = managed_paths(p)
+    # the text of every file the deploy may write, to diff (never a credential)
+    contents = sorted({f.path for f in node_files(p, placeholder_gpus(p))})
     if p.container_toolkit.enabled:
         contents += [RUNTIME_CONFIG[r] for r in p.container_toolkit.runtimes if r in RUNTIME_CONFIG]
         if "containerd" in p.container_toolkit.runtimes:
-            contents.append(desired.CONTAINERD_CONFIG)
+            contents.append(paths.CONTAINERD_CONFIG)
         if p.container_toolkit.cdi:
             contents.append(desired.cdi_spec(p))
     return {"contents": contents, "units": checked_units(p), "unit_props": UNIT_PROPS,
@@ -442,7 +438,8 @@ def core_spec(p: NodeProfile) -> dict[str, Any]:
 def vllm_spec(p: NodeProfile, http_timeout: int = 30) -> dict[str, Any]:
     """The host_facts.py spec probing every vLLM service (HTTP, processes, key and token
     exposure)."""
-    from gpunode.files import HF_TOKEN_PATH, credential_path, vllm_files
+    from gpunode.files import vllm_files
+    from gpunode.paths import HF_TOKEN_PATH, credential_path
 
     managed = [f.path for f in vllm_files(p, placeholder_gpus(p))]
     services = []

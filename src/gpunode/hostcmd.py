@@ -8,8 +8,7 @@ import base64
 import shlex
 from urllib.parse import urlparse
 
-from gpunode import desired
-from gpunode.files import credentials, node_files
+from gpunode import desired, paths
 from gpunode.model import NodeProfile
 
 OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04"),
@@ -17,10 +16,9 @@ OS_IDS = {"ubuntu-22.04": ("ubuntu", "22.04"), "ubuntu-24.04": ("ubuntu", "24.04
 #: The environment of every apt/dpkg command (no prompts, needrestart restarts on its own).
 APT_ENV_VARS = {"DEBIAN_FRONTEND": "noninteractive", "NEEDRESTART_MODE": "a"}
 APT_ENV = " ".join(f"{k}={v}" for k, v in APT_ENV_VARS.items())
-STAMPS = "/var/lib/gpunode"
 
 
-def initramfs_current(boot: str = "/boot", blacklist: str = desired.NOUVEAU_BLACKLIST) -> str:
+def initramfs_current(boot: str = "/boot", blacklist: str = paths.NOUVEAU_BLACKLIST) -> str:
     """Exits 0 when every initramfs image in `boot` was built after `blacklist` was
     last written (so it carries the current blacklist); 1 otherwise, or without images."""
     return (f"(for f in {boot}/initrd.img-*; do [ \"$f\" -nt {shlex.quote(blacklist)} ] "
@@ -34,28 +32,37 @@ STAMP_COMMANDS = {
     # The driver packages' dpkg trigger usually rebuilt the newest kernel's image a moment
     # ago (with the blacklist already in place): rebuild only when an image predates it.
     "initramfs": f"{initramfs_current()} || update-initramfs -u -k all",
-    "cdi": f"nvidia-ctk cdi generate --output={desired.ETC_CDI_SPEC}",  # toolkit 1.17
+    "cdi": f"nvidia-ctk cdi generate --output={paths.ETC_CDI_SPEC}",  # toolkit 1.17
     # toolkit 1.18: its own service writes the spec; a skipped start (its ExecCondition finds
     # no nvidia.ko in modules.dep) leaves no spec, and records no stamp
-    "cdi-refresh": f"systemctl start {desired.CDI_REFRESH_SERVICE} && test -s {desired.CDI_SPEC}",
+    "cdi-refresh": f"systemctl start {desired.CDI_REFRESH_SERVICE} && test -s {paths.CDI_SPEC}",
 }
 
 
-def stamp_path(name: str) -> str:
-    return f"{STAMPS}/{name}.stamp"
+#: Apply gpunode's sysctls, and its THP settings now (both engines run these).
+SYSCTL_APPLY = f"sysctl -q -p {paths.SYSCTL_CONF}"
+TMPFILES_APPLY = f"systemd-tmpfiles --create {paths.TMPFILES_CONF}"
+
+
+def remove_service(name: str) -> list[str]:
+    """Stop vLLM service `name` and remove its files (it left the profile)."""
+    unit = paths.vllm_unit(name)
+    return [f"systemctl disable --now {unit} || true",
+            f"rm -rf {' '.join(paths.service_paths(name))} && systemctl daemon-reload && "
+            f"(systemctl reset-failed {unit} || true)"]
 
 
 def etc_cdi_cleanup() -> str:
     """Remove the spec gpunode generated into /etc/cdi (and its stamp, the sign that
     gpunode wrote it) once the toolkit's refresh service keeps the spec in /var/run/cdi."""
-    return f"rm -f {desired.ETC_CDI_SPEC} {stamp_path('cdi')}"
+    return f"rm -f {paths.ETC_CDI_SPEC} {paths.stamp_path('cdi')}"
 
 
 def stamped_command(command: str, name: str, key: str) -> str:
     """`command`, then record `key` in the stamp (only when the command succeeded)."""
-    stamp = stamp_path(name)
-    return (f"{command} && install -d {STAMPS} && printf '%s\\n' {shlex.quote(key)} > {stamp} "
-            f"&& chmod 644 {stamp}")
+    stamp = paths.stamp_path(name)
+    return (f"{command} && install -d {paths.STAMPS} && printf '%s\\n' {shlex.quote(key)} "
+            f"> {stamp} && chmod 644 {stamp}")
 
 
 def apt_get(p: NodeProfile, args: str) -> str:
@@ -159,7 +166,7 @@ def ctk_key_install(p: NodeProfile) -> str:
     base = p.container_toolkit.repo_url.rstrip("/")
     url = base.removesuffix("/stable/deb").removesuffix("/deb") + "/gpgkey"
     return (f"curl -fsSL --retry 3 {shlex.quote(url)} | gpg --batch --yes --dearmor "
-            f"-o {desired.CTK_KEYRING} && chmod 644 {desired.CTK_KEYRING}")
+            f"-o {paths.CTK_KEYRING} && chmod 644 {paths.CTK_KEYRING}")
 
 
 def runtime_configure(runtime: str) -> str:
@@ -227,28 +234,13 @@ def venv_command(p: NodeProfile) -> str:
 
 def user_command(p: NodeProfile) -> str:
     """Create the vLLM system user (and its group)."""
-    return ("useradd --system --user-group --home-dir /var/lib/vllm --shell /usr/sbin/nologin "
+    return (f"useradd --system --user-group --home-dir {paths.VLLM_HOME} --shell /usr/sbin/nologin "
             f"{shlex.quote(p.vllm.user)}")
-
-
-def managed_paths(p: NodeProfile) -> list[str]:
-    """Every path the snapshot reports on (files, drop-ins, credentials, stamps)."""
-    paths = [f.path for f in node_files(p)]
-    paths += [f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf" for s in p.vllm.services]
-    paths += [c.path for c in credentials(p)]
-    paths += ["/etc/systemd/system/irqbalance.service.d/gpunode.conf", desired.CUDA_KEYRING,
-              desired.CTK_KEYRING, desired.ETC_CDI_SPEC, desired.CDI_SPEC,
-              *desired.RUNTIME_CONFIG.values()]
-    paths += ["/etc/vllm", "/etc/vllm/credentials", "/var/lib/vllm", p.vllm.model_cache]
-    paths += [stamp_path(name) for name in ("initramfs", "grub", "cdi", "cdi-refresh",
-                                            "vllm-venv")]
-    paths.append(f"{STAMPS}/manifest.json")  # gpunode.manifest.MANIFEST_PATH
-    return paths
 
 
 def unit_names(p: NodeProfile) -> list[str]:
     """Every unit the snapshot reports on."""
     units = ["nvidia-persistenced.service", "gpunode-gpu-settings.service", "irqbalance.service",
              "nvidia-dcgm.service", "docker.service", "containerd.service",
-             desired.CPU_GOVERNOR_UNIT]
+             paths.CPU_GOVERNOR_UNIT]
     return units + desired.cdi_refresh_units(p) + desired.vllm_units(p)

@@ -16,11 +16,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from gpunode import desired
-from gpunode.files import HF_TOKEN_PATH, ManagedFile, credential_path
+from gpunode import desired, paths
+from gpunode.files import ManagedFile
 from gpunode.model import NodeProfile
 
-MANIFEST_PATH = "/var/lib/gpunode/manifest.json"
+MANIFEST_PATH = paths.MANIFEST_PATH
 FORMAT = 1
 #: The snapshot command key (spec["commands"]) that reads GPU UUIDs and VBIOS versions.
 GPU_IDS_KEY = "gpu_ids"
@@ -57,9 +57,9 @@ def parse_gpu_ids(text: str) -> list[dict[str, str]]:
 
 def file_paths(p: NodeProfile) -> list[str]:
     """Managed files whose sha256 the manifest records (secrets and itself excluded)."""
-    from gpunode.hostcmd import managed_paths
+    from gpunode.facts import managed_paths
 
-    secrets = {credential_path(s.name) for s in p.vllm.services} | {HF_TOKEN_PATH}
+    secrets = {paths.credential_path(s.name) for s in p.vllm.services} | {paths.HF_TOKEN_PATH}
     return sorted({x for x in managed_paths(p) if x not in secrets and x != MANIFEST_PATH})
 
 

@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from gpunode import desired as d
+from gpunode import paths
 from gpunode.facts import Snapshot
-from gpunode.hostcmd import DKMS_OFFER_KEY, OS_IDS, nccl_available, stamp_path
+from gpunode.hostcmd import DKMS_OFFER_KEY, OS_IDS, nccl_available
 from gpunode.model import NodeProfile
+from gpunode.paths import stamp_path
 
 StepKind = Literal["file", "command", "reboot", "stop"]
 
@@ -183,13 +185,20 @@ def cdi_key(snap: Snapshot) -> str | None:
 def cdi_spec_missing(p: NodeProfile, snap: Snapshot) -> bool:
     """The toolkit's refresh service left no spec (its boot run skipped or failed): start it
     whatever the stamp says."""
-    return d.cdi_refresh(p) and not snap.file(d.CDI_SPEC)
+    return d.cdi_refresh(p) and not snap.file(paths.CDI_SPEC)
 
 
 def etc_cdi_cleanup_needed(p: NodeProfile, snap: Snapshot) -> bool:
     """gpunode generated /etc/cdi/nvidia.yaml earlier (its `cdi` stamp says so) and the
     toolkit's refresh units now keep the spec in /var/run/cdi."""
     return d.cdi_refresh(p) and bool(snap.file(stamp_path("cdi")))
+
+
+def stale_services(p: NodeProfile, snap: Snapshot) -> list[str]:
+    """Services with a config on the host but no longer in the profile."""
+    keep = {s.name for s in p.vllm.services}
+    found = {paths.service_of_config(c) for c in snap.data["globs"].get(paths.VLLM_CONFIG_GLOB, [])}
+    return sorted(found - keep)
 
 
 def todo(snap: Snapshot, specs: list[str]) -> list[str]:

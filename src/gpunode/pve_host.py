@@ -15,19 +15,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpunode import paths
 from gpunode.facts import Snapshot
-from gpunode.hostcmd import OS_IDS, STAMPS, stamp_path, stamped_command
+from gpunode.hostcmd import OS_IDS, stamped_command
 from gpunode.model import NodeProfile
 from gpunode.model.parts import PveHost
+from gpunode.paths import stamp_path
 from gpunode.plan import Step, file_step, reboot_message, sha256, stop_step
 from gpunode.render import render
 
 CONCERN = "pve_host"
-VFIO_CONF = "/etc/modprobe.d/gpunode-vfio.conf"
-BLACKLIST_CONF = "/etc/modprobe.d/gpunode-gpu-blacklist.conf"
-MODULES_CONF = "/etc/modules-load.d/gpunode-vfio.conf"
-GRUB_CFG = "/etc/default/grub.d/60-gpunode-pve.cfg"
-KERNEL_CMDLINE = "/etc/kernel/cmdline"  # systemd-boot via proxmox-boot-tool
+VFIO_CONF = paths.PVE_VFIO_CONF
+BLACKLIST_CONF = paths.PVE_BLACKLIST_CONF
+MODULES_CONF = paths.PVE_MODULES_CONF
+GRUB_CFG = paths.PVE_GRUB_CFG
+KERNEL_CMDLINE = paths.KERNEL_CMDLINE
 VFIO_MODULES = ("vfio", "vfio_iommu_type1", "vfio_pci")
 BLACKLIST = ("nouveau", "nvidia", "nvidiafb", "nvidia_drm")
 #: Kernel arguments this concern owns on /etc/kernel/cmdline (others stay as they are).
@@ -235,7 +237,7 @@ def _stamp_key(paths_contents: list[tuple[str, str]]) -> str:
 
 
 def initramfs_key(p: NodeProfile, snap: Snapshot) -> str:
-    return _stamp_key([f for f in files(p, snap) if f[0].startswith("/etc/modprobe.d/")])
+    return _stamp_key([f for f in files(p, snap) if f[0] in (VFIO_CONF, BLACKLIST_CONF)])
 
 
 def initramfs_needed(p: NodeProfile, snap: Snapshot) -> bool:
@@ -306,9 +308,3 @@ def problems(p: NodeProfile, snap: Snapshot) -> list[str]:
     out += reasons + failures
     out += [f"{s.path}: {s.why}" for s in plan(p, snap) if s.kind == "file" and s.needed]
     return out
-
-
-def managed_paths(p: NodeProfile) -> list[str]:
-    """What the snapshot reports on for this concern."""
-    return [VFIO_CONF, BLACKLIST_CONF, MODULES_CONF, GRUB_CFG, KERNEL_CMDLINE,
-            stamp_path(BOOT_STAMP), stamp_path(INITRAMFS_STAMP), STAMPS]

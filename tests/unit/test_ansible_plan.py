@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpunode import ansible_plan, desired
+from gpunode import ansible_plan, desired, paths
 from gpunode.files import credentials
 from gpunode.inventory import load_site
 
@@ -115,7 +115,7 @@ def test_stamp_is_satisfied_by_the_content_its_command_writes(profile):
     plan = ansible_plan.observed(profile, fresh_snapshot())
     grub = plan["stamps"]["grub"]
     key = next(j for j in ansible_plan.desired(profile)["files"]["tuning"]
-               if j["path"] == desired.GRUB_CFG)["sha256"]
+               if j["path"] == paths.GRUB_CFG)["sha256"]
     assert f"printf '%s\\n' {key} > {grub['path']}" in grub["command"]
     data = fresh_snapshot()
     data["files"][grub["path"]] = {"sha256": hashlib.sha256(f"{key}\n".encode()).hexdigest(),
@@ -161,13 +161,13 @@ def test_toolkit_118_keeps_the_cdi_spec_through_its_refresh_units(profile):
     assert "/etc/cdi" not in refresh["command"] and plan["etc_cdi_cleanup"] is None
     # refreshed for this driver and these GPUs, the spec there: nothing to do
     data["files"][refresh["path"]] = _stamp_file(f"580.95.05 {UUID}")
-    data["files"][desired.CDI_SPEC] = {"sha256": "0" * 64, "mode": "0644", "owner": "root",
+    data["files"][paths.CDI_SPEC] = {"sha256": "0" * 64, "mode": "0644", "owner": "root",
                                        "group": "root"}
     assert not ansible_plan.observed(profile, data)["stamps"]["cdi-refresh"]["needed"]
     # the spec gone (its boot run skipped) or another driver: start the service again
-    del data["files"][desired.CDI_SPEC]
+    del data["files"][paths.CDI_SPEC]
     assert ansible_plan.observed(profile, data)["stamps"]["cdi-refresh"]["needed"]
-    data["files"][desired.CDI_SPEC] = {"sha256": "0" * 64}
+    data["files"][paths.CDI_SPEC] = {"sha256": "0" * 64}
     assert ansible_plan.observed(profile, with_gpu(data, "580.126.09"))["stamps"][
         "cdi-refresh"]["needed"]
     # the spec gpunode generated into /etc/cdi earlier (its cdi stamp says so) goes
@@ -286,22 +286,22 @@ def test_grub_drop_in_follows_the_kernel_thp_default_like_the_pyinfra_deploy(pro
     data = {**fresh_snapshot(), "boot": [], "thp_default": profile.tuning.thp}
     plan = ansible_plan.observed(profile, data)
     assert plan["refusal"] is None  # nothing to ask for on the command line
-    grub = next(j for j in plan["tuning_files"] if j["path"] == desired.GRUB_CFG)
+    grub = next(j for j in plan["tuning_files"] if j["path"] == paths.GRUB_CFG)
     pyinfra = next(f for f in tuning_files(profile, thp_default=profile.tuning.thp)
-                   if f.path == desired.GRUB_CFG)
+                   if f.path == paths.GRUB_CFG)
     assert grub["sha256"] == hashlib.sha256(pyinfra.content.encode()).hexdigest()
     assert grub["scope"] == {"kernel_args": ""} and "transparent_hugepage" not in pyinfra.content
     assert [j["path"] for j in plan["tuning_files"]] == [
         j["path"] for j in ansible_plan.desired(profile)["files"]["tuning"]]
-    data["files"][desired.GRUB_CFG] = {"sha256": grub["sha256"], "mode": "0644",
+    data["files"][paths.GRUB_CFG] = {"sha256": grub["sha256"], "mode": "0644",
                                        "owner": "root", "group": "root"}
-    assert ansible_plan.observed(profile, data)["files_ok"][desired.GRUB_CFG]
+    assert ansible_plan.observed(profile, data)["files_ok"][paths.GRUB_CFG]
     # a kernel built with another default, or none known: the argument is asked for
     for other in ("always", None):
         plan = ansible_plan.observed(profile, {**data, "boot": ["grub"], "thp_default": other})
-        grub = next(j for j in plan["tuning_files"] if j["path"] == desired.GRUB_CFG)
+        grub = next(j for j in plan["tuning_files"] if j["path"] == paths.GRUB_CFG)
         assert grub["scope"] == {"kernel_args": f"transparent_hugepage={profile.tuning.thp}"}
-        assert not plan["files_ok"][desired.GRUB_CFG] and plan["stamps"]["grub"]["needed"]
+        assert not plan["files_ok"][paths.GRUB_CFG] and plan["stamps"]["grub"]["needed"]
 
 
 def test_cpu_governor_unit_runs_on_drift_or_when_inactive(profile):
@@ -311,16 +311,16 @@ def test_cpu_governor_unit_runs_on_drift_or_when_inactive(profile):
     from gpunode.hostcmd import unit_names
 
     want = ansible_plan.desired(profile)
-    assert want["cpu_governor"] == {"unit": desired.CPU_GOVERNOR_UNIT,
-                                    "path": desired.CPU_GOVERNOR_UNIT_PATH}
-    assert desired.CPU_GOVERNOR_UNIT_PATH in [j["path"] for j in want["files"]["tuning"]]
-    assert desired.CPU_GOVERNOR_UNIT in unit_names(profile)
+    assert want["cpu_governor"] == {"unit": paths.CPU_GOVERNOR_UNIT,
+                                    "path": paths.CPU_GOVERNOR_UNIT_PATH}
+    assert paths.CPU_GOVERNOR_UNIT_PATH in [j["path"] for j in want["files"]["tuning"]]
+    assert paths.CPU_GOVERNOR_UNIT in unit_names(profile)
     data = {**fresh_snapshot(), "cpufreq": True, "governors": ["ondemand", "performance"]}
-    data["units"][desired.CPU_GOVERNOR_UNIT] = {"UnitFileState": "enabled",
+    data["units"][paths.CPU_GOVERNOR_UNIT] = {"UnitFileState": "enabled",
                                                 "ActiveState": "active"}
     plan = ansible_plan.observed(profile, data)
     assert plan["governor_differs"] is planner.governor_differs(profile, data) is True
-    assert plan["units"][desired.CPU_GOVERNOR_UNIT] == {
+    assert plan["units"][paths.CPU_GOVERNOR_UNIT] == {
         "enabled": True, "static": False, "active": True, "loaded": False}
     data["governors"] = [profile.tuning.governor]
     assert not ansible_plan.observed(profile, data)["governor_differs"]

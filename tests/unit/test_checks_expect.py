@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import desired, expect
+from gpunode import desired, expect, facts, paths
 from gpunode.files import ManagedFile, node_files
 from gpunode.inventory import load_site, to_ansible
 from gpunode.topology import Gpu, Placement
@@ -32,11 +32,11 @@ def _gpus(n: int = 2) -> list[Gpu]:
 
 
 def test_managed_paths_include_gpu_dependent_files(labnode):
-    paths = expect.managed_paths(labnode)
-    assert "/etc/systemd/system/vllm@tiny.service.d/gpunode.conf" in paths
-    assert "/etc/systemd/system/irqbalance.service.d/gpunode.conf" in paths
     # a host with a GPU (and CPUs) no service uses: every GPU-dependent path exists
-    assert set(paths) == {f.path for f in node_files(labnode, _gpus(3))}
+    every = {f.path for f in node_files(labnode, _gpus(3))}
+    assert {paths.vllm_unit_dropin("tiny"), paths.IRQ_DROPIN} <= every
+    assert every <= set(expect.core_spec(labnode)["contents"])  # the checks diff them
+    assert every <= set(facts.managed_paths(labnode))  # the one snapshot stats them
 
 
 def _info(f: ManagedFile, **over) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import desired, expect
+from gpunode import desired, expect, paths
 from gpunode.files import placements
 from gpunode.inventory import load_site
 from gpunode.lab.sim import gpus as simgpus
@@ -144,10 +144,10 @@ def test_containerd_counts_as_configured_only_when_its_config_imports_the_nvidia
             f = sim.root / path.lstrip("/")
             return f.read_text() if f.exists() else None
 
-    sim.write(desired.CONTAINERD_CONFIG, "version = 2\n")
+    sim.write(paths.CONTAINERD_CONFIG, "version = 2\n")
     sim.run("nvidia-ctk runtime configure --runtime=containerd")
-    drop_in = desired.RUNTIME_CONFIG["containerd"]
+    drop_in = paths.RUNTIME_CONFIG["containerd"]
     assert checks._containerd_imports(Facts(), drop_in) == []
-    sim.write(desired.CONTAINERD_CONFIG, "version = 2\n")  # imports removed by hand
+    sim.write(paths.CONTAINERD_CONFIG, "version = 2\n")  # imports removed by hand
     assert checks._containerd_imports(Facts(), drop_in) == [
-        f"containerd: {desired.CONTAINERD_CONFIG} does not import {drop_in} (imports: [])"]
+        f"containerd: {paths.CONTAINERD_CONFIG} does not import {drop_in} (imports: [])"]

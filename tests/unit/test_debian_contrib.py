@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import desired, hostcmd, lock, plan
+from gpunode import hostcmd, lock, paths, plan
 from gpunode.facts import Snapshot, node_spec
 from gpunode.files import driver_files
 from gpunode.model import NodeProfile
@@ -23,7 +23,7 @@ def profile(os: str = "debian-12", **nvidia) -> NodeProfile:
 
 def contrib(p: NodeProfile) -> str | None:
     return next((f.content for f in driver_files(p)
-                 if f.path == desired.DEBIAN_CONTRIB_SOURCES), None)
+                 if f.path == paths.DEBIAN_CONTRIB_SOURCES), None)
 
 
 def test_debian12_from_the_cuda_repo_gets_debians_contrib_component():
@@ -32,7 +32,7 @@ def test_debian12_from_the_cuda_repo_gets_debians_contrib_component():
     lines = text.splitlines()
     assert "Components: contrib" in lines and "URIs: http://deb.debian.org/debian" in lines
     assert "Suites: bookworm bookworm-updates" in lines
-    assert f"Signed-By: {desired.DEBIAN_ARCHIVE_KEYRING}" in lines
+    assert f"Signed-By: {paths.DEBIAN_ARCHIVE_KEYRING}" in lines
     mirror = contrib(profile(debian_mirror="http://mirror.example/debian/"))
     assert mirror is not None and "URIs: http://mirror.example/debian\n" in mirror
 
@@ -56,7 +56,7 @@ def test_apt_reads_the_contrib_file_beside_either_stock_entry(tmp_path: Path, st
         (parts / "debian.sources").write_text(DEB822)
     text = contrib(profile())
     assert text is not None
-    (parts / Path(desired.DEBIAN_CONTRIB_SOURCES).name).write_text(text)
+    (parts / Path(paths.DEBIAN_CONTRIB_SOURCES).name).write_text(text)
     proc = subprocess.run(["apt-get", "-o", f"Dir::Etc::sourcelist={main}", "-o",
                            f"Dir::Etc::sourceparts={parts}", "-o", f"Dir::State::lists={tmp_path}",
                            "indextargets"], capture_output=True, text=True, timeout=60)

@@ -3,7 +3,7 @@ reachable here, so its choices are proven by these tests)."""
 
 import pytest
 
-from gpunode import desired, plan
+from gpunode import desired, paths, plan
 from gpunode.facts import Snapshot, reboot_reasons
 from gpunode.files import tuning_files
 from gpunode.model import NodeProfile
@@ -148,7 +148,7 @@ def test_thp_argument_only_where_it_differs_from_the_kernel_default(thp, kernel_
     assert desired.missing_kernel_args(p, "root=/dev/vda", kernel_default) == (
         [token] if asks else [])
     grub = next(f for f in tuning_files(p, thp_default=kernel_default)
-                if f.path == desired.GRUB_CFG)
+                if f.path == paths.GRUB_CFG)
     assert (token in grub.content) is asks
     assert ("GRUB_CMDLINE_LINUX_DEFAULT=" in grub.content) is asks
 
@@ -158,7 +158,7 @@ def test_cpu_governor_is_set_by_a_late_oneshot_unit_not_tmpfiles():
     (ondemand, tuned, power-profiles-daemon) overrode."""
     files = {f.path: f.content for f in tuning_files(profile(tuning={"governor": "schedutil"}))}
     assert "scaling_governor" not in files["/etc/tmpfiles.d/gpunode-tuning.conf"]
-    unit = files[desired.CPU_GOVERNOR_UNIT_PATH]
+    unit = files[paths.CPU_GOVERNOR_UNIT_PATH]
     lines = unit.splitlines()
     after = next(ln for ln in lines if ln.startswith("After=")).split("=", 1)[1].split()
     assert {"ondemand.service", "tuned.service", "power-profiles-daemon.service"} <= set(after)
@@ -171,12 +171,12 @@ def test_cpu_governor_is_set_by_a_late_oneshot_unit_not_tmpfiles():
     assert 'echo "schedutil" > "$$f"' in start  # $$: systemd passes a literal $ to sh
     assert "%" not in start  # no systemd specifiers
     no_governor = tuning_files(profile(tuning={"governor": None}))
-    assert desired.CPU_GOVERNOR_UNIT_PATH not in {f.path for f in no_governor}
+    assert paths.CPU_GOVERNOR_UNIT_PATH not in {f.path for f in no_governor}
 
 
 def test_reboot_reasons_use_the_kernel_thp_default():
     p = profile(tuning={"thp": "madvise"})
-    files = {desired.GRUB_CFG: {"sha256": "x"}}
+    files = {paths.GRUB_CFG: {"sha256": "x"}}
     assert reboot_reasons(p, snap(cmdline="root=/dev/vda", files=files,
                                   thp_default="madvise")) == []
     assert reboot_reasons(p, snap(cmdline="root=/dev/vda", files=files,

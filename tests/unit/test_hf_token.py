@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpunode import ansible_plan, expect, hostcmd, manifest
+from gpunode import ansible_plan, expect, facts, hostcmd, manifest
 from gpunode.deploy_cli import preflight
-from gpunode.files import HF_TOKEN_PATH, credential_path, credentials, node_files
+from gpunode.files import credentials, node_files
 from gpunode.inventory import SiteError, load_site
+from gpunode.paths import HF_TOKEN_PATH, credential_path
 from gpunode.render import render
 from gpunode.topology import Gpu
 
@@ -99,7 +100,7 @@ def test_no_token_changes_nothing(without_token):
     assert not [c for c in credentials(without_token) if c.path == HF_TOKEN_PATH]
     for f in node_files(without_token, _gpus()):
         assert "hf-token" not in f.content and "HF_TOKEN" not in f.content, f.path
-    assert HF_TOKEN_PATH not in hostcmd.managed_paths(without_token)
+    assert HF_TOKEN_PATH not in facts.managed_paths(without_token)
     assert HF_TOKEN_PATH not in json.dumps(ansible_plan.desired(without_token)["vllm"]
                                            ["credentials"])
 
@@ -116,7 +117,7 @@ def test_token_never_in_rendered_files_commands_facts_or_manifest(with_token, to
         want["vllm"]["credentials"]
     assert TOKEN not in json.dumps(ansible_plan.observed(with_token, _snapshot({})))
     assert TOKEN not in json.dumps(expect.vllm_spec(with_token))
-    assert HF_TOKEN_PATH in hostcmd.managed_paths(with_token)  # the snapshot stats it
+    assert HF_TOKEN_PATH in facts.managed_paths(with_token)  # the snapshot stats it
     assert HF_TOKEN_PATH not in manifest.file_paths(with_token)  # no hash of a secret
 
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from gpunode import hostcmd
+from gpunode import hostcmd, paths
 from gpunode.model import NodeProfile
 
 
@@ -45,7 +45,7 @@ def run_sh(script: str, path_dir) -> subprocess.CompletedProcess[str]:
 
 
 def test_stamp_is_written_only_when_the_command_succeeds(tmp_path, monkeypatch):
-    monkeypatch.setattr(hostcmd, "STAMPS", str(tmp_path / "stamps"))
+    monkeypatch.setattr(paths, "STAMPS", str(tmp_path / "stamps"))
     ok = run_sh(hostcmd.stamped_command("true", "grub", "key 1"), tmp_path)
     assert ok.returncode == 0
     assert (tmp_path / "stamps" / "grub.stamp").read_text() == "key 1\n"

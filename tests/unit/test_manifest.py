@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gpunode import ansible_plan, facts, hostcmd, lock, manifest
+from gpunode import ansible_plan, facts, lock, manifest
 from gpunode.cli import app
 from gpunode.inventory import load_site
 
@@ -24,7 +24,7 @@ def profile():
 
 def converged(p) -> dict:
     files = {path: {"mode": "0644", "owner": "root", "group": "root", "sha256": "ab" * 32}
-             for path in hostcmd.managed_paths(p)}
+             for path in facts.managed_paths(p)}
     files["/etc/vllm"] = {"mode": "0750", "owner": "root", "group": "vllm", "dir": True}
     return {"os": {"id": "debian", "version_id": "12"}, "kernel": "6.1.0-30-amd64",
             "nvidia_proc_version": PROC,
@@ -69,7 +69,7 @@ def test_manifest_bytes_are_deterministic_and_shared_by_both_engines(profile):
     # the one snapshot spec (both engines) asks for GPU UUIDs and VBIOS
     assert facts.node_spec(profile)["commands"][manifest.GPU_IDS_KEY] == \
         manifest.GPU_IDS_COMMAND
-    assert manifest.MANIFEST_PATH in hostcmd.managed_paths(profile)
+    assert manifest.MANIFEST_PATH in facts.managed_paths(profile)
 
 
 def test_manifest_on_the_host_is_ok_when_bytes_match(profile):

@@ -13,8 +13,8 @@ import pytest
 
 from gpunode import pve_host
 from gpunode.facts import Snapshot
-from gpunode.hostcmd import stamp_path
 from gpunode.model import NodeProfile
+from gpunode.paths import stamp_path
 from gpunode.plan import sha256
 
 BOOT = 1_700_000_000

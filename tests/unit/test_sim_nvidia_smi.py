@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gpunode import paths
 from gpunode.lab.sim import gpus as simgpus
 from gpunode.lab.sim import guest
 
@@ -604,11 +605,10 @@ def test_the_deploys_runtime_probe_reads_the_file_nvidia_ctk_writes(a6000: Guest
     """The deploys configure a runtime when its probe file lacks nvidia; reading the wrong
     file (CRI-O's crio.conf.d, containerd's config.toml before 1.18) reconfigures and
     restarts the runtime on every run."""
-    from gpunode import desired
 
     r = a6000.run("nvidia-ctk", "runtime", "configure", f"--runtime={runtime}")
     assert r.returncode == 0, r.stderr
-    assert "nvidia" in a6000.read(desired.RUNTIME_CONFIG[runtime])
+    assert "nvidia" in a6000.read(paths.RUNTIME_CONFIG[runtime])
 
 
 # ---------------------------------------------------------------- nvidia-uvm (SIMULATION)

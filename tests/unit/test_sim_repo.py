@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from gpunode import paths
 from gpunode.lab.sim import packages as cat
 from gpunode.lab.sim import repo
 from gpunode.lab.sim.server import serving
@@ -323,7 +324,7 @@ def test_toolkit_118_ships_and_starts_its_cdi_refresh_units(built: tuple[Path, d
     deb = d / "nvidia-container-toolkit-base_1.18.1-1_amd64.deb"
     new = extract(deb, tmp_path / "n")
     units = new / "etc/systemd/system"
-    assert f"Environment=NVIDIA_CTK_CDI_OUTPUT_FILE_PATH={desired.CDI_SPEC}\n" in (
+    assert f"Environment=NVIDIA_CTK_CDI_OUTPUT_FILE_PATH={paths.CDI_SPEC}\n" in (
         units / desired.CDI_REFRESH_SERVICE).read_text()
     assert "PathChanged=/lib/modules/%v/modules.dep\n" in (units / desired.CDI_REFRESH_PATH
                                                            ).read_text()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gpunode import paths
 from gpunode.inventory import load_site
 from gpunode.render import render
 
@@ -75,6 +76,6 @@ def test_gpu_settings_unit_creates_the_uvm_nodes_before_vllm_starts() -> None:
     vllm = render("vllm/vllm@.service.j2", p)
     for key in ("After", "Wants"):
         assert "gpunode-gpu-settings.service" in " ".join(_directives(vllm, key)).split()
-    modules = {f.path: f for f in driver_files(p)}[desired.MODULES_LOAD]
+    modules = {f.path: f for f in driver_files(p)}[paths.MODULES_LOAD]
     assert [ln for ln in modules.content.splitlines() if not ln.startswith("#")] == ["nvidia-uvm"]
     assert "nvidia-modprobe" in desired.driver_packages(p)

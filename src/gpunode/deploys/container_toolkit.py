@@ -6,7 +6,7 @@ from 1.18 on, by nvidia-ctk cdi generate before."""
 
 from pyinfra.api import deploy
 
-from gpunode import desired, plan
+from gpunode import desired, paths, plan
 from gpunode.deploys import ops
 from gpunode.files import container_toolkit_files
 from gpunode.hostcmd import ctk_key_install, etc_cdi_cleanup, runtime_configure
@@ -19,7 +19,7 @@ def deploy_container_toolkit(p: NodeProfile) -> None:
         return
     ops.run_when(
         name="Install the container toolkit repository key", p=p, tag="ctk-key",
-        needed=lambda snap: not snap.file(desired.CTK_KEYRING),
+        needed=lambda snap: not snap.file(paths.CTK_KEYRING),
         command=ctk_key_install(p))
     files = container_toolkit_files(p)
     for f in files:
@@ -33,14 +33,14 @@ def deploy_container_toolkit(p: NodeProfile) -> None:
     for runtime in p.container_toolkit.runtimes:
         if runtime == "podman":
             continue  # podman uses the CDI spec; nothing to configure
-        path = desired.RUNTIME_CONFIG[runtime]
+        path = paths.RUNTIME_CONFIG[runtime]
         ops.run_when(
             name=f"Configure the {runtime} runtime for NVIDIA", p=p, tag=f"runtime:{runtime}",
             needed=lambda snap, path=path: _lacks_nvidia(snap, path),
             command=runtime_configure(runtime))
     if desired.cdi_refresh(p):
         # toolkit 1.18: its nvidia-cdi-refresh units keep /var/run/cdi/nvidia.yaml
-        ops.run_when(name=f"Remove the CDI spec gpunode generated ({desired.ETC_CDI_SPEC})",
+        ops.run_when(name=f"Remove the CDI spec gpunode generated ({paths.ETC_CDI_SPEC})",
                      p=p, tag="cdi-cleanup",
                      needed=lambda snap: plan.etc_cdi_cleanup_needed(p, snap),
                      command=etc_cdi_cleanup())

@@ -7,7 +7,7 @@ persistence mode really on."""
 from pyinfra import host
 from pyinfra.api import deploy
 
-from gpunode import desired, plan
+from gpunode import desired, paths, plan
 from gpunode.deploys import ops
 from gpunode.files import driver_files
 from gpunode.hostcmd import keyring_install
@@ -36,7 +36,7 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
             return
         ops.run_when(
             name="Install cuda-keyring (checksum-verified)", p=p, tag="keyring",
-            needed="cuda-keyring" not in snap.packages or not snap.file(desired.CUDA_KEYRING),
+            needed="cuda-keyring" not in snap.packages or not snap.file(paths.CUDA_KEYRING),
             command=install)
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
@@ -55,11 +55,11 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
                     packages=[desired.Pkg(n) for n in desired.driver_packages(p)])
     if p.nvidia.hold:
         ops.hold_driver(name="Hold the driver packages", p=p)
-    blacklist = next(f for f in files if f.path.endswith("blacklist-nouveau.conf"))
+    blacklist = next(f for f in files if f.path == paths.NOUVEAU_BLACKLIST)
     ops.stamped(name="Rebuild the initramfs without nouveau", p=p, stamp_name="initramfs",
                 key=ops.sha256(blacklist.content))
     ops.daemon_reload(name="Reload systemd units", p=p, unit_paths=[f.path for f in files])
     ops.unit(name="Run nvidia-persistenced with persistence mode", p=p,
-             unit_name="nvidia-persistenced.service", wanted_by="multi-user.target",
+             unit_name=paths.PERSISTENCED_UNIT, wanted_by="multi-user.target",
              running=lambda snap: snap.smi_ok,
-             restart_when=("/etc/systemd/system/nvidia-persistenced.service.d/gpunode.conf",))
+             restart_when=tuple(f.path for f in files if paths.PERSISTENCED_UNIT in f.restart))

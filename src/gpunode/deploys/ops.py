@@ -19,19 +19,19 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
 from pyinfra.operations import server
 
-from gpunode import desired, hostcmd
+from gpunode import desired, hostcmd, paths
 from gpunode.deploys import STOP_PREFIX
 from gpunode.facts import NodeSnapshot, Snapshot, node_spec, reboot_reasons
-from gpunode.files import ManagedFile, credential_path
+from gpunode.files import ManagedFile
 from gpunode.hostcmd import (
     STAMP_COMMANDS,
     apt_get,
     apt_mark,
-    stamp_path,
     stamped_command,
     unit_names,
 )
 from gpunode.model import NodeProfile
+from gpunode.paths import stamp_path
 from gpunode.plan import (
     file_step,
     find,
@@ -39,6 +39,7 @@ from gpunode.plan import (
     reboot_message,
     reboot_refusal,
     sha256,
+    stale_services,
     todo,
 )
 
@@ -238,8 +239,8 @@ def unit(p: NodeProfile, unit_name: str, enabled: bool = True,
     running = None if running is None else decide(running, p)
     is_enabled = state.get("UnitFileState") in ("enabled", "static", "enabled-runtime")
     active = state.get("ActiveState") == "active"
-    wants = snapshot(p).data["globs"].get(f"/etc/systemd/system/{wanted_by}.wants/*", [])
-    if wanted_by and f"/etc/systemd/system/{wanted_by}.wants/{name}" not in wants:
+    wants = snapshot(p).data["globs"].get(paths.wants_glob(wanted_by), []) if wanted_by else []
+    if wanted_by and paths.wants_link(wanted_by, name) not in wants:
         changing(f"unit:{name}")
         yield StringCommand(f"systemctl add-wants {wanted_by} {name}")
     elif not wanted_by and enabled and state.get("UnitFileState") not in ("enabled",
@@ -337,17 +338,10 @@ def directory(p: NodeProfile, path: str, mode: int, owner: str, group: str):
 @operation()
 def remove_stale_services(p: NodeProfile):
     """Services with a config in /etc/vllm but no longer in the profile: stop, remove."""
-    keep = {s.name for s in p.vllm.services}
-    configs = snapshot(p).data["globs"].get("/etc/vllm/*.yaml", [])
-    stale = sorted(PurePosixPath(c).stem for c in configs if PurePosixPath(c).stem not in keep)
-    for name in stale:
+    for name in stale_services(p, snapshot(p)):
         changing(f"removed:{name}")
-        unit = desired.vllm_unit(name)
-        yield StringCommand(f"systemctl disable --now {unit} || true")
-        yield StringCommand(
-            f"rm -rf /etc/vllm/{name}.yaml /etc/vllm/{name}.env {credential_path(name)} "
-            f"/etc/systemd/system/{unit}.d && systemctl daemon-reload && "
-            f"(systemctl reset-failed {unit} || true)")
+        for command in hostcmd.remove_service(name):
+            yield StringCommand(command)
 
 
 @operation()

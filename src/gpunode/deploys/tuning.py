@@ -6,12 +6,11 @@ platform lacks (cpufreq in VMs) is skipped visibly."""
 from pyinfra import host
 from pyinfra.api import deploy
 
-from gpunode import desired, plan
+from gpunode import desired, paths, plan
 from gpunode.deploys import ops
-from gpunode.files import ManagedFile, render, tuning_files
+from gpunode.files import ManagedFile, banned_cpus, irq_dropin, tuning_files
+from gpunode.hostcmd import SYSCTL_APPLY, TMPFILES_APPLY
 from gpunode.model import NodeProfile
-
-IRQ_DROPIN = "/etc/systemd/system/irqbalance.service.d/gpunode.conf"
 
 
 @deploy("Tuning")
@@ -22,27 +21,27 @@ def deploy_tuning(p: NodeProfile) -> None:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
     sysctls = desired.sysctls(p)
     ops.run_when(name="Apply sysctls", p=p, tag="sysctl",
-                 command="sysctl -q -p /etc/sysctl.d/60-gpunode.conf",
+                 command=SYSCTL_APPLY,
                  needed=lambda s: any(s.data["sysctl"].get(k) != " ".join(v.split())
                                       for k, v in sysctls.items()))
     ops.run_when(name="Apply THP now", p=p, tag="tmpfiles",
-                 command="systemd-tmpfiles --create /etc/tmpfiles.d/gpunode-tuning.conf",
+                 command=TMPFILES_APPLY,
                  needed=lambda s: plan.thp_differs(p, s.data))
     if p.tuning.governor:
-        unit = desired.CPU_GOVERNOR_UNIT
+        unit = paths.CPU_GOVERNOR_UNIT
         ops.daemon_reload(name="Reload systemd units (CPU governor unit)", p=p,
-                          unit_paths=[desired.CPU_GOVERNOR_UNIT_PATH])
+                          unit_paths=[paths.CPU_GOVERNOR_UNIT_PATH])
         ops.unit(name="Enable the CPU governor unit", p=p, unit_name=unit, running=None)
         ops.run_when(
             name="Set the CPU governor where it differs from the profile", p=p,
             tag="cpu-governor", command=f"systemctl restart {unit}",
             needed=lambda s: (plan.governor_differs(p, s.data)
                               or s.unit(unit).get("ActiveState") != "active"
-                              or ops.changed(desired.CPU_GOVERNOR_UNIT_PATH)))
+                              or ops.changed(paths.CPU_GOVERNOR_UNIT_PATH)))
     if p.tuning.governor and not snap.data["cpufreq"]:
         host.noop(f"CPU governor {p.tuning.governor} skipped: no cpufreq on this host "
                   f"({snap.data['virt']})")
-    grub = next(f for f in files if f.path == desired.GRUB_CFG)
+    grub = next(f for f in files if f.path == paths.GRUB_CFG)
     ops.stamped(name="Update the GRUB configuration", p=p, stamp_name="grub",
                 key=lambda snap: plan.grub_key(snap.data, ops.sha256(grub.content)))
 
@@ -51,25 +50,22 @@ def deploy_tuning(p: NodeProfile) -> None:
 def deploy_irq_placement(p: NodeProfile) -> None:
     """irqbalance keeps device interrupts off the CPUs pinned to vLLM services."""
     if p.tuning.irqbalance == "disabled":
-        ops.unit(name="Stop irqbalance", p=p, unit_name="irqbalance.service", enabled=False,
+        ops.unit(name="Stop irqbalance", p=p, unit_name=paths.IRQBALANCE_UNIT, enabled=False,
                  running=False)
         return
     if p.tuning.irqbalance != "ban-service-cpus" or not p.vllm.services:
         return
-    ops.placement_file(name=f"Write {IRQ_DROPIN}", p=p, path=IRQ_DROPIN,
+    ops.placement_file(name=f"Write {paths.IRQ_DROPIN}", p=p, path=paths.IRQ_DROPIN,
                        build=lambda snap: _irq_dropin(p, snap))
-    ops.daemon_reload(name="Reload systemd units", p=p, unit_paths=[IRQ_DROPIN])
-    ops.unit(name="Run irqbalance", p=p, unit_name="irqbalance.service",
-             restart_when=(IRQ_DROPIN,))
+    ops.daemon_reload(name="Reload systemd units", p=p, unit_paths=[paths.IRQ_DROPIN])
+    ops.unit(name="Run irqbalance", p=p, unit_name=paths.IRQBALANCE_UNIT,
+             restart_when=(paths.IRQ_DROPIN,))
 
 
 def _irq_dropin(p: NodeProfile, snap) -> ManagedFile | None:
-    from gpunode.files import banned_cpus
-
     if not snap.gpus:
         return None
     cpus = banned_cpus(p, snap.gpus)
     if not cpus:
         return None
-    return ManagedFile("tuning", IRQ_DROPIN, "tuning/irqbalance.conf.j2",
-                       render("tuning/irqbalance.conf.j2", p, banned_cpus=cpus))
+    return irq_dropin(p, cpus)

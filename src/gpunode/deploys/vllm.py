@@ -9,22 +9,11 @@ from pathlib import Path
 
 from pyinfra.api import deploy
 
-from gpunode import desired
+from gpunode import desired, files, paths
 from gpunode.deploys import ops
-from gpunode.files import (
-    HF_TOKEN_PATH,
-    ManagedFile,
-    credential_path,
-    credentials,
-    placements,
-    vllm_files,
-)
+from gpunode.files import ManagedFile, credentials, placements, restart_inputs, vllm_files
 from gpunode.hostcmd import user_command, venv_command
 from gpunode.model import NodeProfile
-from gpunode.render import render
-
-TEMPLATE_UNITS = ("/etc/systemd/system/vllm@.service", "/etc/systemd/system/vllm-prefetch@.service")
-SCRIPTS = ("/usr/local/lib/gpunode/vllm-start", "/usr/local/lib/gpunode/vllm-wait-ready")
 
 
 def read_key(path: str) -> str | None:
@@ -39,11 +28,7 @@ def instance_dropin(p: NodeProfile, name: str, snap) -> ManagedFile | None:
         return None
     data = p.model_dump(mode="json")
     svc = next(s for s in data["vllm"]["services"] if s["name"] == name)
-    where = placements(p, snap.gpus)[name]
-    path = f"/etc/systemd/system/vllm@{name}.service.d/gpunode.conf"
-    return ManagedFile("vllm", path, "vllm/instance.conf.j2",
-                       render("vllm/instance.conf.j2", p, service=svc,
-                              placement_lines=where.unit_lines()))
+    return files.instance_dropin(p, name, svc, placements(p, snap.gpus)[name])
 
 
 @deploy("vLLM")
@@ -58,22 +43,21 @@ def deploy_vllm(p: NodeProfile) -> None:
     ops.run_when(name=f"Create the {v.user} system user", p=p, tag="user",
                  needed=lambda snap: v.user not in snap.data["users"],
                  command=user_command(p))
-    for path, mode, owner, group in (("/var/lib/vllm", 0o755, v.user, v.user),
+    for path, mode, owner, group in ((paths.VLLM_HOME, 0o755, v.user, v.user),
                                      (v.model_cache, 0o755, v.user, v.user),
-                                     ("/etc/vllm", 0o750, "root", v.user),
-                                     ("/etc/vllm/credentials", 0o700, "root", "root")):
+                                     (paths.VLLM_ETC, 0o750, "root", v.user),
+                                     (paths.VLLM_CREDENTIALS, 0o700, "root", "root")):
         ops.directory(name=f"Directory {path}", p=p, path=path, mode=mode, owner=owner,
                       group=group)
     venv = f"{v.prefix}/venv"
     ops.run_when(name=f"Install vLLM {v.version} in {venv} (uv)", p=p, tag="venv",
                  needed=lambda snap: not desired.venv_current(p, snap.data["venvs"].get(venv, {})),
                  command=venv_command(p))
-    files = vllm_files(p)
-    for f in files:
+    for f in vllm_files(p):
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
     for svc in v.services:
         ops.placement_file(name=f"Place vllm@{svc.name} on its GPUs' CPUs", p=p,
-                           path=f"/etc/systemd/system/vllm@{svc.name}.service.d/gpunode.conf",
+                           path=paths.vllm_unit_dropin(svc.name),
                            build=lambda snap, name=svc.name: instance_dropin(p, name, snap))
     for cred in credentials(p):
         key = read_key(cred.source)
@@ -84,13 +68,11 @@ def deploy_vllm(p: NodeProfile) -> None:
             return
         ops.secret_file(name=f"Install {cred.what} as a credential", p=p, path=cred.path,
                         content=key)
-    dropins = [f"/etc/systemd/system/vllm@{s.name}.service.d/gpunode.conf" for s in v.services]
+    dropins = [paths.vllm_unit_dropin(s.name) for s in v.services]
     ops.daemon_reload(name="Reload systemd units", p=p,
-                      unit_paths=[*TEMPLATE_UNITS, *dropins])
+                      unit_paths=[*paths.TEMPLATE_UNITS, *dropins])
     for svc in v.services:
-        inputs = (f"/etc/vllm/{svc.name}.yaml", f"/etc/vllm/{svc.name}.env",
-                  f"/etc/systemd/system/vllm@{svc.name}.service.d/gpunode.conf",
-                  credential_path(svc.name), HF_TOKEN_PATH, *TEMPLATE_UNITS, *SCRIPTS, "venv")
+        inputs = (*restart_inputs(p, svc.name), "venv")
         ops.unit(name=f"Run vllm@{svc.name} (waits for /health)", p=p,
                  unit_name=desired.vllm_unit(svc.name), running=lambda snap: snap.smi_ok,
                  restart_when=inputs)

@@ -17,7 +17,7 @@ from typing import Any
 
 from pyinfra.api import FactBase
 
-from gpunode import desired
+from gpunode import desired, paths
 from gpunode.model import NodeProfile
 from gpunode.topology import NVIDIA_SMI_QUERY, Gpu, attach_topology, parse_query_gpu, parse_topo
 
@@ -95,17 +95,22 @@ class Snapshot:
 def node_spec(p: NodeProfile) -> dict[str, Any]:
     """What a deploy reads from the node: the one snapshot spec both engines and the
     checks use, by the node's kind."""
-    from gpunode import hostcmd, pve_host
+    from gpunode import hostcmd
     from gpunode.manifest import GPU_IDS_COMMAND, GPU_IDS_KEY
 
+    spec = {
+        "paths": sorted(set(managed_paths(p))),
+        "units": [] if p.kind == "pve-host" else hostcmd.unit_names(p),
+        "sysctls": sorted(desired.sysctls(p)),
+        "nvidia_smi_query": NVIDIA_SMI_QUERY,
+        "venvs": [f"{p.vllm.prefix}/venv"],
+    }
     if p.kind == "pve-host":
-        spec = snapshot_spec(p, pve_host.managed_paths(p), [])
-        spec.update(pci=True, reads=[pve_host.KERNEL_CMDLINE])
+        spec.update(pci=True, reads=[paths.KERNEL_CMDLINE])
         return spec
-    spec = snapshot_spec(p, hostcmd.managed_paths(p), hostcmd.unit_names(p))
-    spec["globs"] = ["/etc/vllm/*.yaml", "/etc/systemd/system/multi-user.target.wants/*"]
-    spec["commands"] = {f"grep:{desired.RUNTIME_CONFIG[r]}": desired.runtime_probe(
-        desired.RUNTIME_CONFIG[r]) for r in p.container_toolkit.runtimes if r != "podman"}
+    spec["globs"] = [paths.VLLM_CONFIG_GLOB, paths.wants_glob("multi-user.target")]
+    spec["commands"] = {f"grep:{paths.RUNTIME_CONFIG[r]}": desired.runtime_probe(
+        paths.RUNTIME_CONFIG[r]) for r in p.container_toolkit.runtimes if r != "podman"}
     spec["commands"][GPU_IDS_KEY] = GPU_IDS_COMMAND  # for the manifest
     dkms = hostcmd.dkms_offer_command(p)
     if dkms:  # debian-12 from the CUDA repo: plan.dkms_refusal reads it
@@ -113,14 +118,27 @@ def node_spec(p: NodeProfile) -> dict[str, Any]:
     return spec
 
 
-def snapshot_spec(p: NodeProfile, paths: list[str], units: list[str]) -> dict[str, Any]:
-    return {
-        "paths": sorted(set(paths)),
-        "units": units,
-        "sysctls": sorted(desired.sysctls(p)),
-        "nvidia_smi_query": NVIDIA_SMI_QUERY,
-        "venvs": [f"{p.vllm.prefix}/venv"],
-    }
+def managed_paths(p: NodeProfile) -> list[str]:
+    """Every host path the snapshot reports on: managed files (the placement drop-ins
+    whatever the GPUs), credentials, keyrings, runtime configs, directories, stamps and
+    the manifest; a PVE host's own files and stamps."""
+    from gpunode import pve_host
+    from gpunode.files import credentials, node_files
+
+    if p.kind == "pve-host":
+        return [paths.PVE_VFIO_CONF, paths.PVE_BLACKLIST_CONF, paths.PVE_MODULES_CONF,
+                paths.PVE_GRUB_CFG, paths.KERNEL_CMDLINE, paths.stamp_path(pve_host.BOOT_STAMP),
+                paths.stamp_path(pve_host.INITRAMFS_STAMP), paths.STAMPS]
+    out = [f.path for f in node_files(p)]
+    out += [paths.vllm_unit_dropin(s.name) for s in p.vllm.services]
+    out += [c.path for c in credentials(p)]
+    out += [paths.IRQ_DROPIN, paths.CUDA_KEYRING, paths.CTK_KEYRING, paths.ETC_CDI_SPEC,
+            paths.CDI_SPEC, *paths.RUNTIME_CONFIG.values()]
+    out += [paths.VLLM_ETC, paths.VLLM_CREDENTIALS, paths.VLLM_HOME, p.vllm.model_cache]
+    out += [paths.stamp_path(name) for name in ("initramfs", "grub", "cdi", "cdi-refresh",
+                                                "vllm-venv")]
+    out.append(paths.MANIFEST_PATH)
+    return out
 
 
 def reboot_reasons(p: NodeProfile, snap: Snapshot) -> list[str]:
@@ -141,7 +159,7 @@ def reboot_reasons(p: NodeProfile, snap: Snapshot) -> list[str]:
         pkgs = ", ".join(data["reboot_required_pkgs"]) or "packages"
         reasons.append(f"/run/reboot-required is set (by {pkgs})")
     missing = desired.missing_kernel_args(p, data["cmdline"], snap.thp_default)
-    if missing and data["files"].get(desired.GRUB_CFG):
+    if missing and data["files"].get(paths.GRUB_CFG):
         reasons.append(f"kernel command line lacks {' '.join(missing)} (set in GRUB, "
                        "applies at the next boot)")
     for gpu in snap.gpus:

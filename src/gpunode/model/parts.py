@@ -35,6 +35,7 @@ from gpunode.model.types import (
     Url,
     abs_path,
 )
+from gpunode.paths import VLLM_HOME
 
 PCI_ADDRESS = r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}(\.[0-7])?$"
 GPU_UUID = r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
@@ -513,7 +514,7 @@ class Vllm(Strict):
     prefix: PrefixDir = Field("/opt/vllm", description="Install prefix (venv at <prefix>/venv); "
                             "a directory below /opt, /srv, /usr/local, /var/lib, ...")
     model_cache: DataDir = Field(
-        "/var/lib/vllm/hf", description="Shared HF_HOME for models, owned by the service user: "
+        f"{VLLM_HOME}/hf", description="Shared HF_HOME for models, owned by the service user: "
         "a directory below /var/lib, /srv, /data, /models, /mnt, ... never a system directory.")
     bind_privileged_ports: StrictBool = Field(
         False, description="Let services listen on ports below 1024 (grants "

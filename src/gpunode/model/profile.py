@@ -31,6 +31,7 @@ from gpunode.model.parts import (
     nccl_cudas,
 )
 from gpunode.model.types import VOLID, DebName, DebVersion, PyName, PyVersion, WheelHash
+from gpunode.paths import VLLM_HOME
 
 #: The apt groups a lock pins package by package (the driver set is pinned by its version).
 LockedGroup = Literal["cuda", "nccl", "cudnn", "container-toolkit", "dcgm"]
@@ -202,10 +203,10 @@ def check_profile(p: NodeProfile) -> list[Problem]:
         add("vllm.user", f"{v.user!r} is also the SSH user gpunode logs in as; the services "
             "need an account of their own")
     for a, b in ((v.prefix, v.model_cache), (v.model_cache, v.prefix),
-                 (v.prefix, "/var/lib/vllm")):
+                 (v.prefix, VLLM_HOME)):
         if a == b or a.startswith(b + "/"):
             add("vllm.prefix", f"{v.prefix} must lie outside the service user's directories "
-                f"({v.model_cache}, /var/lib/vllm) and the model cache outside it: root runs "
+                f"({v.model_cache}, {VLLM_HOME}) and the model cache outside it: root runs "
                 "the installer from the prefix")
             break
     for i, svc in enumerate(v.services):
