@@ -72,3 +72,17 @@ def test_readme_commands_run_in_a_fresh_clone(tmp_path: Path) -> None:
     assert (clone / ".venv/bin/gpunode").is_file()
     assert (clone / "inventory/site.yaml").is_file()
     assert "Recommended service settings" in proc.stdout
+
+
+def test_the_layout_names_every_package_and_module() -> None:
+    """README's layout block lists every package and module of src/gpunode (and each
+    top-level folder users know), so a new one is described where newcomers look."""
+    text = README.read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    src = REPO / "src" / "gpunode"
+    names = {p.name + ("/" if p.is_dir() else "") for p in src.iterdir()
+             if not p.name.startswith(("__", ".")) and p.suffix in ("", ".py", ".json")}
+    missing = sorted(n for n in names if n not in block)
+    assert not missing, f"README ## Layout does not mention: {missing}"
+    for folder in ("inventory/", "deploy/", "playbooks/", "roles/", "templates/", "checks/"):
+        assert folder in block, folder
