@@ -112,9 +112,10 @@ def keyring_install(p: NodeProfile) -> str | None:
             f"{apt_get(p, f'install --reinstall {deb}')} && rm -f {deb}")
 
 
-#: Prints the distinct libnccl2 versions the host's apt metadata offers, one a line.
-_NCCL_OFFERED = ("apt-cache madison libnccl2 2>/dev/null "
-                 "| awk -F'|' '{gsub(/[ \\t]/, \"\", $2); if ($2 != \"\") print $2}' | sort -uV")
+def _offered(package: str) -> str:
+    """Prints the distinct versions of `package` the host's apt metadata offers, one a line."""
+    return (f"apt-cache madison {package} 2>/dev/null "
+            "| awk -F'|' '{gsub(/[ \\t]/, \"\", $2); if ($2 != \"\") print $2}' | sort -uV")
 
 
 def _joined(suffix: str) -> str:
@@ -136,7 +137,7 @@ def nccl_available(p: NodeProfile) -> str | None:
     head = (f"{p.name}: nccl.version {p.nccl.version} with cuda.version {cuda}: "
             f"libnccl2={pkg.version} is not in this host's apt repositories; "
             f"they offer for CUDA {cuda}: ")
-    return (f"have=$({_NCCL_OFFERED}); "
+    return (f"have=$({_offered('libnccl2')}); "
             f"printf '%s\\n' \"$have\" | grep -qxF -- {shlex.quote(pkg.version)} || {{ "
             f"for_cuda=$(printf '%s\\n' \"$have\" | {_joined('+cuda' + cuda)}); "
             f"all=$(printf '%s\\n' \"$have\" | {_joined('')}); "
@@ -155,8 +156,7 @@ def dkms_offer_command(p: NodeProfile) -> str | None:
     pkg = desired.dkms_kernel_package(p)
     if pkg is None:
         return None
-    return ("apt-cache madison dkms 2>/dev/null | awk -F'|' '{gsub(/[ \\t]/, \"\", $2); "
-            "if ($2 != \"\") print \"dkms \" $2}'; "
+    return (f"{_offered('dkms')} | sed 's/^/dkms /'; "
             f"apt-cache show --no-all-versions {pkg} 2>/dev/null "
             "| sed -n 's/^Version: /version /p; s/^Depends: /depends /p'")
 
