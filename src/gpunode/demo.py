@@ -386,11 +386,11 @@ class Demo:
         return str(Path(sys.executable).with_name(name))
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROXMOX_")}
-        return env | {"GPUNODE_SITE": str(self.site), "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-                      "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "COLUMNS": "160",
-                      "PYTHONUNBUFFERED": "1",
-                      "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"}
+        from gpunode.deploy_cli import ansible_env
+
+        env = {k: v for k, v in ansible_env(self.site).items() if not k.startswith("PROXMOX_")}
+        return env | {"ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "COLUMNS": "160",
+                      "PYTHONUNBUFFERED": "1"}
 
     def gpunode(self, *args: str) -> list[str]:
         return [self.tool("gpunode"), *args, "--site", str(self.site)]

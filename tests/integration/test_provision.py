@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gpunode.deploy_cli import ansible_env
 from gpunode.inventory import load_site
 from gpunode.proxmox import apply as papply
 from gpunode.proxmox import run
@@ -336,9 +337,8 @@ def test_hung_start_times_out_naming_the_task(pve, token, tmp_path, monkeypatch)
 
 def test_ansible_playbook_drives_the_same_library(pve, token, tmp_path):
     site = write_site(tmp_path, pve, token)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXMOX_")}
-    env |= {"GPUNODE_SITE": str(site), "ANSIBLE_NOCOLOR": "1",
-            "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"}
+    env = {k: v for k, v in ansible_env(site).items() if not k.startswith("PROXMOX_")}
+    env["ANSIBLE_NOCOLOR"] = "1"
 
     def play(*extra: str) -> subprocess.CompletedProcess:
         proc = subprocess.run(["ansible-playbook", "playbooks/provision.yml", "-e",

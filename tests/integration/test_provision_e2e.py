@@ -25,6 +25,7 @@ import pytest
 import yaml
 from convergence import lock, manifest
 
+from gpunode.deploy_cli import ansible_env
 from gpunode.lab import labsite
 from gpunode.manifest import reproducible
 
@@ -176,9 +177,8 @@ def test_provision_through_ansible_playbook(e2e_site):
     (test_provision.py::test_ansible_playbook_drives_the_same_library)."""
     pve, write, refresh, tok = e2e_site
     site = write()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROXMOX_")}
-    env |= {"GPUNODE_SITE": str(site), "ANSIBLE_NOCOLOR": "1",
-            "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"}
+    env = {k: v for k, v in ansible_env(site).items() if not k.startswith("PROXMOX_")}
+    env["ANSIBLE_NOCOLOR"] = "1"
 
     def play(*extra: str) -> subprocess.CompletedProcess:
         proc = subprocess.run(["ansible-playbook", "playbooks/provision.yml", "--limit", NODE,
