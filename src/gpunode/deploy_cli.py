@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -91,16 +92,29 @@ def pyinfra_command(site_path: Path, hosts: list[str], dry_run: bool = False,
 
 
 def run_pyinfra(site_path: Path, hosts: list[str], dry_run: bool = False,
-                verbose: bool = False, entry: str = "gpu_node"
+                verbose: bool = False, entry: str = "gpu_node", timeout_s: float | None = None
                 ) -> tuple[int, dict[str, HostResult], float]:
+    """Run pyinfra and read its results. `timeout_s` (the lab tests' bound) kills a run that
+    has not finished by then; every host without a result then says so."""
     cmd, env = pyinfra_command(site_path, hosts, dry_run, entry)
     results: dict[str, HostResult] = {h: HostResult() for h in hosts}
     started = time.monotonic()
     with subprocess.Popen(cmd, cwd=data_root(), env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as proc:
-        assert proc.stdout is not None
-        read_pyinfra_output(proc.stdout, results, verbose)
-        rc = proc.wait()
+        watchdog = threading.Timer(timeout_s, proc.kill) if timeout_s else None
+        if watchdog:
+            watchdog.start()
+        try:
+            assert proc.stdout is not None
+            last_op = read_pyinfra_output(proc.stdout, results, verbose)
+            rc = proc.wait()
+        finally:
+            if watchdog:
+                watchdog.cancel()
+    if watchdog and watchdog.finished.is_set() and rc < 0:
+        for res in results.values():
+            res.errors.append(f"pyinfra was stopped after {timeout_s:.0f} s (the run's "
+                              f"timeout), in: {last_op or 'connecting'}")
     fail_silent_hosts(rc, results)
     return rc, results, time.monotonic() - started
 
@@ -116,10 +130,10 @@ def fail_silent_hosts(rc: int, results: dict[str, HostResult]) -> None:
 
 
 def read_pyinfra_output(lines: Iterable[str], results: dict[str, HostResult],
-                        verbose: bool = False) -> None:
+                        verbose: bool = False) -> str:
     """Fill `results` from pyinfra's output (per host: changed operations, unchanged count,
     errors with gpunode's stop message or the failed command's last output lines), echoing
-    progress and error lines."""
+    progress and error lines. Returns the last operation that started."""
     op = ""
     said: dict[str, list[str]] = {h: [] for h in results}  # host lines since its last result
     for line in lines:
@@ -158,6 +172,7 @@ def read_pyinfra_output(lines: Iterable[str], results: dict[str, HostResult],
                 detail = " | ".join(x for x in said[host][-3:] if x)
                 res.errors.append(f"{op}: {groups['what']}" + (f": {detail}" if detail else ""))
             said[host] = []
+    return op
 
 
 def deploy_command(

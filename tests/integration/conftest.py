@@ -165,9 +165,8 @@ class ConvergedLab:
 
     def __init__(self, lab: Lab):
         import yaml
-        from convergence import converged_os, gpunode_cli, state_dump
+        from convergence import converged_os, gpunode_cli, pyinfra, state_dump
 
-        from gpunode.deploy_cli import run_pyinfra
         from gpunode.inventory import load_site
         from gpunode.lab import labsite
 
@@ -195,7 +194,7 @@ class ConvergedLab:
         threading.Thread(target=self._time_ansible, daemon=True).start()
         try:
             boot_before = self.boot_id()
-            self.first_rc, self.first_results, self.first_seconds = run_pyinfra(self.site,
+            self.first_rc, self.first_results, self.first_seconds = pyinfra(self.site,
                                                                                 [self.name])
             self.boot_ids = (boot_before, self.boot_id())
             self.pyinfra_check = gpunode_cli("check", self.name, "--site", str(self.site))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpunode.deploy_cli import ansible_env
+from gpunode.deploy_cli import HostResult, ansible_env, run_pyinfra
 from gpunode.facts import node_spec, snapshot_command
 from gpunode.model import NodeProfile
 
@@ -33,6 +33,9 @@ HOST_SPECIFIC = ("MainPID",)
 #: node path runs in `make test` through the Proxmox end-to-end test (full deploy and checks)
 #: and converges as the pair does in `make test-matrix` (test_other_os.py).
 CONVERGED_OS = "ubuntu-24.04"
+# Every pyinfra run of the lab tests is bounded: a hung one fails its test, naming the
+# operation it was in, instead of holding CI (a fresh deploy takes about 20 minutes here).
+DEPLOY_TIMEOUT_S = 2400
 
 
 def ubuntu_archive_unreachable() -> str:
@@ -172,3 +175,9 @@ def changed_tasks(output: str) -> list[str]:
         elif line.startswith("changed:"):
             tasks.append(current)
     return tasks
+
+
+def pyinfra(site: Path, hosts: list[str], entry: str = "gpu_node"
+            ) -> tuple[int, dict[str, HostResult], float]:
+    """run_pyinfra, bounded by DEPLOY_TIMEOUT_S."""
+    return run_pyinfra(site, hosts, entry=entry, timeout_s=DEPLOY_TIMEOUT_S)

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from convergence import drift, gpunode_cli, lock, manifest
+from convergence import drift, gpunode_cli, lock, manifest, pyinfra
 
 from gpunode import desired
-from gpunode.deploy_cli import run_pyinfra
 from gpunode.files import placements
 from gpunode.lab.sim import repo
 from gpunode.lock import compare_versions
@@ -40,7 +39,7 @@ def _version(v: str) -> object:
 
 
 def deploy(site: Path, hosts: list[str]):
-    rc, results, seconds = run_pyinfra(site, hosts)
+    rc, results, seconds = pyinfra(site, hosts)
     return rc, results, seconds
 
 

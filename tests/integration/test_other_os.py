@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from convergence import converged_os, gpunode_cli, ubuntu_archive_unreachable
+from convergence import converged_os, gpunode_cli, pyinfra, ubuntu_archive_unreachable
 
-from gpunode.deploy_cli import run_pyinfra
 from gpunode.inventory import load_site
 from gpunode.lab import image, labsite
 from gpunode.lab.core import Lab
@@ -62,7 +61,7 @@ def test_a_guest_of_another_os_converges_passes_its_checks_and_stays_converged(
     if serves:
         assert node["vllm"]["python"] == OS_PYTHON[os_name]
 
-    rc, results, seconds = run_pyinfra(site, [vm.name])
+    rc, results, seconds = pyinfra(site, [vm.name])
     assert rc == 0, results[vm.name].errors
     print(f"\nfresh deploy of the {os_name} guest: {seconds:.0f} s")
     assert "Open Kernel Module" in vm.check("cat /proc/driver/nvidia/version")
@@ -77,6 +76,6 @@ def test_a_guest_of_another_os_converges_passes_its_checks_and_stays_converged(
     rc, out, _ = gpunode_cli("check", vm.name, "--site", str(site))
     assert rc == 0, out
 
-    rc, results, _ = run_pyinfra(site, [vm.name])
+    rc, results, _ = pyinfra(site, [vm.name])
     assert rc == 0, results[vm.name].errors
     assert not results[vm.name].changed, results[vm.name].changed

@@ -23,9 +23,16 @@ from typing import Any
 
 import pytest
 import yaml
-from convergence import ansible_playbook, changed_tasks, diff, gpunode_cli, recap, state_dump
+from convergence import (
+    ansible_playbook,
+    changed_tasks,
+    diff,
+    gpunode_cli,
+    pyinfra,
+    recap,
+    state_dump,
+)
 
-from gpunode.deploy_cli import run_pyinfra
 from gpunode.inventory import load_site
 from gpunode.lab import qemu
 
@@ -106,7 +113,7 @@ def test_both_engines_prepare_the_host_and_the_checks_pass(lab, pve_hosts):
         assert drivers.split() == ["vfio-pci", "vfio-pci"], (node, drivers)
 
     # Second runs change nothing.
-    rc, res, seconds = run_pyinfra(site, [PY], entry="pve_host")
+    rc, res, seconds = pyinfra(site, [PY], entry="pve_host")
     print(f"pyinfra no-op: {seconds:.1f} s")
     assert rc == 0 and not res[PY].changed and not res[PY].errors, res[PY]
     rc, out, seconds = ansible_playbook(site, ANS, playbook="playbooks/pve_host.yml")

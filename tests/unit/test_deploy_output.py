@@ -5,6 +5,7 @@ gpunode's own `fail` operation (which changes nothing)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,18 @@ def test_connect_errors_and_silent_hosts_of_a_failed_run_are_failures():
                                     "(run with -v for its output)"]
     assert results["n2"].errors == [] and results["n2"].changed == ["Write /etc/a"]
     assert results["n1"].errors == ["connecting: Authentication error (key=x)"]
+
+
+def test_a_run_past_its_timeout_is_stopped_naming_the_operation(tmp_path: Path, monkeypatch):
+    """The lab tests bound every pyinfra run: a hung one (paramiko waited an hour for a
+    channel of a rebooting host) is killed and each host says where it was."""
+    from gpunode import deploy_cli
+
+    script = "echo '--> Starting operation: Upgrade the driver'; exec sleep 60"
+    monkeypatch.setattr(deploy_cli, "pyinfra_command",
+                        lambda *a: (["sh", "-c", script], dict(os.environ)))
+    rc, results, seconds = deploy_cli.run_pyinfra(tmp_path / "site.yaml", ["n1"],
+                                                  timeout_s=1)
+    assert rc != 0 and seconds < 30
+    assert results["n1"].errors[0] == ("pyinfra was stopped after 1 s (the run's timeout), "
+                                       "in: Upgrade the driver")

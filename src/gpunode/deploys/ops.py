@@ -9,15 +9,23 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from io import StringIO
 from pathlib import PurePosixPath
 from typing import Any
 
+import gevent
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand, operation
-from pyinfra.operations import server
+from pyinfra.api import (
+    FileUploadCommand,
+    FunctionCommand,
+    OperationError,
+    StringCommand,
+    operation,
+)
+from pyinfra.connectors.util import clear_askpass_cache, remove_any_sudo_askpass_file
 
 from gpunode import desired, hostcmd, paths
 from gpunode.deploys import STOP_PREFIX
@@ -46,6 +54,9 @@ from gpunode.plan import (
 _CACHE: dict[str, Snapshot] = {}
 _CHANGED: dict[str, set[str]] = defaultdict(set)
 logger = logging.getLogger("pyinfra")
+# The reboot wait: first try after REBOOT_DELAY_S, then every REBOOT_INTERVAL_S; one probe
+# (connect, read the boot id) gives up after REBOOT_PROBE_S.
+REBOOT_DELAY_S, REBOOT_INTERVAL_S, REBOOT_PROBE_S = 5, 2, 30
 
 
 def snapshot(p: NodeProfile) -> Snapshot:
@@ -310,8 +321,54 @@ def _reboot(why: str, timeout_s: int, before: str | None = None):
     host.log(f"rebooting: {why}")
     if before:
         yield StringCommand(before)
-    yield from server.reboot._inner(delay=5, interval=2, reboot_timeout=timeout_s)
+    booted: list[str] = []
+    yield FunctionCommand(_read_boot_id, (booted,), {})
+    # a sudo password file would not survive the reboot (pyinfra's server.reboot does the same)
+    yield FunctionCommand(lambda state, h: remove_any_sudo_askpass_file(h), (), {})
+    yield StringCommand("( sleep 1 && reboot ) </dev/null >/dev/null 2>&1 &")
+    yield FunctionCommand(_wait_for_new_boot, (booted, timeout_s), {})
     _CACHE.pop(host.name, None)
+
+
+def _read_boot_id(state: Any, h: Any, into: list[str]) -> None:
+    now = _boot_id(h)
+    if not now:
+        raise OperationError(f"{h.name}: could not read its boot id before the reboot")
+    into.append(now)
+
+
+def _boot_id(h: Any) -> str | None:
+    """The host's boot id, or None when it does not answer (connecting included) within
+    REBOOT_PROBE_S: refused, reset, or a channel that never opens."""
+    with gevent.Timeout(REBOOT_PROBE_S, False):
+        try:
+            h.connect(show_errors=False)
+            if not h.connected:
+                return None
+            ok, out = h.run_shell_command(StringCommand("cat /proc/sys/kernel/random/boot_id"))
+        except Exception:  # the host is not (or no longer) answering
+            return None
+        return out.stdout.strip() if ok else None
+    return None
+
+
+def _wait_for_new_boot(state: Any, h: Any, booted: list[str], timeout_s: int) -> None:
+    """Wait until the host answers with another boot id. Every try is a new connection that
+    is dropped unless the new boot answered: one that reached the old system while it shut
+    down can hang (its channel never opens), and pyinfra's own reboot wait kept such a
+    connection and asked it again."""
+    deadline = time.monotonic() + timeout_s
+    time.sleep(REBOOT_DELAY_S)
+    clear_askpass_cache(h)
+    h.disconnect()
+    while time.monotonic() < deadline:
+        now = _boot_id(h)
+        if now and now != booted[0]:
+            return
+        h.disconnect()
+        time.sleep(REBOOT_INTERVAL_S)
+    raise OperationError(f"{h.name} did not come back from its reboot within {timeout_s} s "
+                         "(reboot_timeout_s)")
 
 
 @operation()

@@ -38,6 +38,10 @@ def ansible_plain(value: Any) -> Any:
     return value
 
 
+# seconds a host has to open an SSH channel for a command (pyinfra; paramiko's default is 3600)
+CHANNEL_TIMEOUT_S = 120
+
+
 def _ansible_connection(p: NodeProfile) -> dict[str, Any]:
     c = p.connection
     out: dict[str, Any] = {"ansible_host": c.address, "ansible_port": c.port,
@@ -74,7 +78,11 @@ def pyinfra_host(p: NodeProfile, site: Site) -> tuple[str, dict[str, Any]]:
                             "_sudo": c.become and c.user != "root", "node": node_data(p),
                             "gpunode_site": str(site.path.resolve()),
                             "ssh_known_hosts_file": "/dev/null",
-                            "ssh_strict_host_key_checking": "no"}
+                            "ssh_strict_host_key_checking": "no",
+                            # a command whose channel the host never opens (a host gone
+                            # mid-command, e.g. rebooting) fails after this instead of
+                            # paramiko's default hour
+                            "ssh_paramiko_connect_kwargs": {"channel_timeout": CHANNEL_TIMEOUT_S}}
     if c.key:
         data["ssh_key"] = c.key
     return p.name, data
