@@ -3,9 +3,11 @@ kernel arguments through GRUB across a reboot, snapshot/fork, reset.
 
 One shared VM (`lab_vm`) carries the module; tests run in file order and the last one
 (`reset`) hands the VM back pristine. Boots: first boot, one reboot, one fork, one reset.
-The reboot, fork and reset (about 50 s each under TCG) run in `make test-matrix`: in
-`make test` the Proxmox host preparation proves kernel arguments through GRUB across a
-reboot, and no other test there forks or resets a VM.
+The whole module runs in `make test-matrix` (its VM's boot, reboot, fork and reset cost
+about 50 s each under TCG): in `make test` every other lab test uses SSH, cloud-init and the
+port forwards, the converged pair's pinning tests read the emulated NUMA nodes, its fresh
+deploy finds nouveau loaded, pvesim's tests ask the guest agent, and the Proxmox host
+preparation proves kernel arguments through GRUB across a reboot.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 from gpunode.lab import qemu
 from gpunode.lab.core import VM, Lab, qemu_pids
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.matrix]
 
 MARKER = "/var/lib/gpunode-lab-test-marker"
 TOKEN = f"gpunode_lab_probe={uuid.uuid4().hex[:10]}"
@@ -95,7 +97,6 @@ def test_forwarded_port_reaches_guest_service(lab_vm: VM) -> None:
     assert body.strip() == TOKEN
 
 
-@pytest.mark.matrix
 def test_kernel_argument_in_grub_config_is_active_after_reboot(lab: Lab, lab_vm: VM) -> None:
     assert TOKEN not in lab_vm.check("cat /proc/cmdline")
     lab_vm.check(
@@ -105,7 +106,6 @@ def test_kernel_argument_in_grub_config_is_active_after_reboot(lab: Lab, lab_vm:
     assert TOKEN in vm.check("cat /proc/cmdline").split()
 
 
-@pytest.mark.matrix
 def test_snapshot_then_fork_keeps_disk_and_gets_own_identity(lab: Lab, lab_vm: VM) -> None:
     lab_vm.check(f"echo {TOKEN} | sudo tee {MARKER}")
     lab.snapshot(lab_vm.name, "t-snap", restart=False)
@@ -122,7 +122,6 @@ def test_snapshot_then_fork_keeps_disk_and_gets_own_identity(lab: Lab, lab_vm: V
     assert "labfork" not in lab.names()
 
 
-@pytest.mark.matrix
 def test_reset_gives_back_a_pristine_vm(lab: Lab, lab_vm: VM) -> None:
     lab.reset(lab_vm.name)
     vm = lab.up(lab_vm.name, forward=[8000])
