@@ -166,13 +166,7 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None,
 
 def _file_ok(snap: Snapshot, path: str, digest: str, mode: str, owner: str,
              group: str) -> bool:
-    cur = snap.file(path)
-    return bool(cur and cur.get("sha256") == digest and cur["mode"] == mode
-                and cur["owner"] == owner and cur["group"] == group)
-
-
-def _missing(snap: Snapshot, names: list[str]) -> list[str]:
-    return sorted(n for n in names if n not in snap.holds)
+    return not plan.file_differs(snap, path, digest, mode, owner, group)
 
 
 def _unit(snap: Snapshot, name: str) -> dict[str, Any]:
@@ -228,20 +222,16 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
             snap, stamp, sha256(key + "\n"), "0644", "root", "root"))
         stamps[name] = {"path": stamp, "needed": needed, "command":
                         stamped_command(STAMP_COMMANDS[name], name, key) if key else None}
-    sysctls = d.sysctls(p)
-    version = p.nvidia.version
-    stale_driver = sorted(
-        n for n, v in snap.packages.items() if version and d.is_driver_package(n)
-        and v.split(":")[-1].startswith(f"{p.nvidia.branch}.")
-        and not v.split(":")[-1].startswith(f"{version}-"))
+    stale_driver = plan.stale_driver(p, snap)
     units = {u: _unit(snap, u) for u in unit_names(p)}
     wants = data["globs"].get(paths.wants_glob("multi-user.target"), [])
     units[paths.PERSISTENCED_UNIT]["wanted"] = (
         paths.wants_link("multi-user.target", paths.PERSISTENCED_UNIT) in wants)
     venv = want["vllm"]["venv"]
     missing_holds = {
-        "driver": _missing(snap, d.driver_hold_set(p, snap.packages)) if p.nvidia.hold else [],
-        **{k: _missing(snap, v) for k, v in want["holds"].items()},
+        "driver": (plan.unheld(snap, d.driver_hold_set(p, snap.packages)) if p.nvidia.hold
+                   else []),
+        **{k: plan.unheld(snap, v) for k, v in want["holds"].items()},
     }
     return {
         "os": data["os"],
@@ -270,14 +260,12 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "keyring_needed": ("cuda-keyring" not in snap.packages
                            or not snap.file(paths.CUDA_KEYRING)),
         "ctk_key_needed": not snap.file(paths.CTK_KEYRING),
-        "sysctl_differs": any(data["sysctl"].get(k) != " ".join(v.split())
-                              for k, v in sysctls.items()),
+        "sysctl_differs": plan.sysctl_differs(p, data),
         "thp_differs": plan.thp_differs(p, data),
         "governor_differs": plan.governor_differs(p, data),
         "stamps": stamps,
         "units": units,
-        "stale_daemon": any(snap.unit(u).get("NeedDaemonReload") == "yes"
-                            for u in unit_names(p)),
+        "stale_daemon": plan.daemon_reload_stale(p, snap),
         "gpu_drift": d.gpu_settings_drift(p, gpus) if snap.smi_ok else [],
         "etc_cdi_cleanup": etc_cdi_cleanup() if plan.etc_cdi_cleanup_needed(p, snap) else None,
         "runtime_lacks": {r: (data["cmds"].get(f"grep:{paths.RUNTIME_CONFIG[r]}") or {"rc": 1})
@@ -309,6 +297,4 @@ def _read_key(path: str) -> str | None:
 
 
 def _dir_ok(snap: Snapshot, x: dict[str, str]) -> bool:
-    cur = snap.file(x["path"])
-    return bool(cur and cur.get("dir") and cur["mode"] == x["mode"]
-                and cur["owner"] == x["owner"] and cur["group"] == x["group"])
+    return not plan.dir_differs(snap, x["path"], x["mode"], x["owner"], x["group"])

@@ -55,23 +55,36 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def file_differs(snap: Snapshot, path: str, digest: str, mode: str, owner: str,
+                 group: str) -> str:
+    """How the host's file differs from one with this sha256, mode and owner ("": it
+    does not)."""
+    cur = snap.file(path)
+    if cur is None:
+        return "missing"
+    if cur.get("dir"):
+        return "a directory is in the way"
+    if cur.get("sha256") != digest:
+        return "content differs"
+    if (cur["mode"], cur["owner"], cur["group"]) != (mode, owner, group):
+        return f"mode/owner {cur['mode']} {cur['owner']}:{cur['group']}"
+    return ""
+
+
 def file_step(concern: str, snap: Snapshot, path: str, content: str, mode: str = "0644",
               owner: str = "root", group: str = "root") -> Step:
     """A file with exactly this content and mode; needed when the host's differs."""
-    cur = snap.file(path)
-    if cur is None:
-        why = "missing"
-    elif cur.get("dir"):
-        why = "a directory is in the way"
-    elif cur.get("sha256") != sha256(content):
-        why = "content differs"
-    elif (cur["mode"], cur["owner"], cur["group"]) != (mode, owner, group):
-        why = f"mode/owner {cur['mode']} {cur['owner']}:{cur['group']}"
-    else:
-        why = ""
+    why = file_differs(snap, path, sha256(content), mode, owner, group)
     return Step(key=f"file:{path}", concern=concern, kind="file", title=f"Write {path}",
                 needed=bool(why), why=why or "as rendered", path=path, content=content,
                 mode=mode, owner=owner, group=group)
+
+
+def dir_differs(snap: Snapshot, path: str, mode: str, owner: str, group: str) -> bool:
+    """The host lacks this directory with exactly this mode and owner."""
+    cur = snap.file(path)
+    return not (cur and cur.get("dir") and cur["mode"] == mode and cur["owner"] == owner
+                and cur["group"] == group)
 
 
 def stop_step(concern: str, key: str, message: str) -> Step:
@@ -199,6 +212,34 @@ def stale_services(p: NodeProfile, snap: Snapshot) -> list[str]:
     keep = {s.name for s in p.vllm.services}
     found = {paths.service_of_config(c) for c in snap.data["globs"].get(paths.VLLM_CONFIG_GLOB, [])}
     return sorted(found - keep)
+
+
+def sysctl_differs(p: NodeProfile, data: dict[str, Any]) -> bool:
+    """A kernel parameter's live value differs from the profile's (applied again)."""
+    return any(data["sysctl"].get(k) != " ".join(v.split()) for k, v in d.sysctls(p).items())
+
+
+def daemon_reload_stale(p: NodeProfile, snap: Snapshot) -> bool:
+    """systemd says one of the node's units changed on disk since it was loaded."""
+    from gpunode.hostcmd import unit_names
+
+    return any(snap.unit(u).get("NeedDaemonReload") == "yes" for u in unit_names(p))
+
+
+def stale_driver(p: NodeProfile, snap: Snapshot) -> list[str]:
+    """Installed packages of the profile's driver branch at another release than the pinned
+    one (to move, up or down, to the pin); none when no release is pinned."""
+    want = p.nvidia.version
+    if not want:
+        return []
+    return sorted(n for n, v in snap.packages.items() if d.is_driver_package(n)
+                  and v.split(":")[-1].startswith(f"{p.nvidia.branch}.")
+                  and not v.split(":")[-1].startswith(f"{want}-"))
+
+
+def unheld(snap: Snapshot, names: list[str]) -> list[str]:
+    """The packages of `names` apt does not hold yet."""
+    return sorted(n for n in names if n not in snap.holds)
 
 
 def todo(snap: Snapshot, specs: list[str]) -> list[str]:

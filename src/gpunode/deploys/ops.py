@@ -36,19 +36,22 @@ from gpunode.hostcmd import (
     apt_get,
     apt_mark,
     stamped_command,
-    unit_names,
 )
 from gpunode.model import NodeProfile
 from gpunode.paths import stamp_path
 from gpunode.plan import (
+    daemon_reload_stale,
+    dir_differs,
     file_step,
     find,
     planner,
     reboot_message,
     reboot_refusal,
     sha256,
+    stale_driver,
     stale_services,
     todo,
+    unheld,
 )
 
 _CACHE: dict[str, Snapshot] = {}
@@ -168,17 +171,17 @@ def apt_install(p: NodeProfile, packages: list[desired.Pkg], unhold: bool = Fals
 
 @operation()
 def apt_hold(p: NodeProfile, names: list[str]):
-    missing = [n for n in names if n not in snapshot(p).holds]
+    missing = unheld(snapshot(p), names)
     if missing:
         changing("hold")
-        yield StringCommand(apt_mark(p, "hold", sorted(missing)))
+        yield StringCommand(apt_mark(p, "hold", missing))
 
 
 @operation()
 def hold_driver(p: NodeProfile):
     """Hold every installed package of the driver branch (decided at execution time)."""
     snap = snapshot(p)
-    missing = [n for n in desired.driver_hold_set(p, snap.packages) if n not in snap.holds]
+    missing = unheld(snap, desired.driver_hold_set(p, snap.packages))
     if missing:
         changing("hold")
         yield StringCommand(apt_mark(p, "hold", missing))
@@ -188,13 +191,7 @@ def hold_driver(p: NodeProfile):
 def driver_to_version(p: NodeProfile):
     """Move every installed driver package to the pinned version (upgrade/downgrade):
     release holds, install at the preferences' candidate, hold again."""
-    snap = snapshot(p)
-    want = p.nvidia.version
-    if not want:
-        return
-    stale = sorted(n for n, v in snap.packages.items() if desired.is_driver_package(n)
-                   and v.split(":")[-1].startswith(f"{p.nvidia.branch}.")
-                   and not v.split(":")[-1].startswith(f"{want}-"))
+    stale = stale_driver(p, snapshot(p))
     if not stale:
         return
     changing("driver-version")
@@ -230,9 +227,7 @@ def run_when(p: NodeProfile, command: str, needed: bool | Callable[[Snapshot], b
 
 @operation()
 def daemon_reload(p: NodeProfile, unit_paths: list[str]):
-    snap = snapshot(p)
-    stale = any(snap.unit(u).get("NeedDaemonReload") == "yes" for u in unit_names(p))
-    if changed(*unit_paths) or stale:
+    if changed(*unit_paths) or daemon_reload_stale(p, snapshot(p)):
         changing("daemon-reload")
         yield StringCommand("systemctl daemon-reload")
 
@@ -384,9 +379,7 @@ def placement_file(p: NodeProfile, path: str,
 
 @operation()
 def directory(p: NodeProfile, path: str, mode: int, owner: str, group: str):
-    cur = snapshot(p).file(path)
-    if not (cur and cur.get("dir") and cur["mode"] == f"{mode:04o}" and cur["owner"] == owner
-            and cur["group"] == group):
+    if dir_differs(snapshot(p), path, f"{mode:04o}", owner, group):
         changing(path, {path: {"mode": f"{mode:04o}", "owner": owner, "group": group,
                                "dir": True}})
         yield StringCommand(f"install -d -m {mode:o} -o {owner} -g {group} {shlex.quote(path)}")

@@ -6,7 +6,7 @@ platform lacks (cpufreq in VMs) is skipped visibly."""
 from pyinfra import host
 from pyinfra.api import deploy
 
-from gpunode import desired, paths, plan
+from gpunode import paths, plan
 from gpunode.deploys import ops
 from gpunode.files import ManagedFile, banned_cpus, irq_dropin, tuning_files
 from gpunode.hostcmd import SYSCTL_APPLY, TMPFILES_APPLY
@@ -19,11 +19,9 @@ def deploy_tuning(p: NodeProfile) -> None:
     files = tuning_files(p, thp_default=snap.thp_default)
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
-    sysctls = desired.sysctls(p)
     ops.run_when(name="Apply sysctls", p=p, tag="sysctl",
                  command=SYSCTL_APPLY,
-                 needed=lambda s: any(s.data["sysctl"].get(k) != " ".join(v.split())
-                                      for k, v in sysctls.items()))
+                 needed=lambda s: plan.sysctl_differs(p, s.data))
     ops.run_when(name="Apply THP now", p=p, tag="tmpfiles",
                  command=TMPFILES_APPLY,
                  needed=lambda s: plan.thp_differs(p, s.data))
