@@ -227,7 +227,6 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
     wants = data["globs"].get(paths.wants_glob("multi-user.target"), [])
     units[paths.PERSISTENCED_UNIT]["wanted"] = (
         paths.wants_link("multi-user.target", paths.PERSISTENCED_UNIT) in wants)
-    venv = want["vllm"]["venv"]
     missing_holds = {
         "driver": (plan.unheld(snap, d.driver_hold_set(p, snap.packages)) if p.nvidia.hold
                    else []),
@@ -256,10 +255,9 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
                          for k, v in missing_holds.items()},
         "stale_driver": stale_driver,
         "driver_to_version": driver_to_version(p, stale_driver) if stale_driver else None,
-        "dpkg_unfinished": data.get("dpkg_unfinished", []),
-        "keyring_needed": ("cuda-keyring" not in snap.packages
-                           or not snap.file(paths.CUDA_KEYRING)),
-        "ctk_key_needed": not snap.file(paths.CTK_KEYRING),
+        "dpkg_unfinished": plan.dpkg_unfinished(snap),
+        "keyring_needed": plan.cuda_keyring_needed(snap),
+        "ctk_key_needed": plan.ctk_key_needed(snap),
         "sysctl_differs": plan.sysctl_differs(p, data),
         "thp_differs": plan.thp_differs(p, data),
         "governor_differs": plan.governor_differs(p, data),
@@ -268,10 +266,10 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "stale_daemon": plan.daemon_reload_stale(p, snap),
         "gpu_drift": d.gpu_settings_drift(p, gpus) if snap.smi_ok else [],
         "etc_cdi_cleanup": etc_cdi_cleanup() if plan.etc_cdi_cleanup_needed(p, snap) else None,
-        "runtime_lacks": {r: (data["cmds"].get(f"grep:{paths.RUNTIME_CONFIG[r]}") or {"rc": 1})
-                          ["rc"] != 0 for r in p.container_toolkit.runtimes if r != "podman"},
-        "user_missing": p.vllm.user not in data["users"],
-        "venv_ok": d.venv_current(p, data["venvs"].get(venv, {})),
+        "runtime_lacks": {r: plan.runtime_lacks_nvidia(snap, r)
+                          for r in p.container_toolkit.runtimes if r != "podman"},
+        "user_missing": plan.vllm_user_missing(p, snap),
+        "venv_ok": not plan.venv_outdated(p, snap),
         "stale_services": [{"name": n, "command": "({}) && {}".format(*remove_service(n))}
                            for n in plan.stale_services(p, snap)],
         "directories_ok": {x["path"]: _dir_ok(snap, x) for x in want["vllm"]["directories"]},

@@ -242,6 +242,37 @@ def unheld(snap: Snapshot, names: list[str]) -> list[str]:
     return sorted(n for n in names if n not in snap.holds)
 
 
+def dpkg_unfinished(snap: Snapshot) -> bool:
+    """dpkg was stopped mid-run (packages unpacked, not configured): finish it first."""
+    return bool(snap.data.get("dpkg_unfinished"))
+
+
+def cuda_keyring_needed(snap: Snapshot) -> bool:
+    """cuda-keyring (the package and its keyring file) is not in place."""
+    return "cuda-keyring" not in snap.packages or not snap.file(paths.CUDA_KEYRING)
+
+
+def ctk_key_needed(snap: Snapshot) -> bool:
+    """The container toolkit repository's key is not in place."""
+    return not snap.file(paths.CTK_KEYRING)
+
+
+def runtime_lacks_nvidia(snap: Snapshot, runtime: str) -> bool:
+    """The container runtime's config does not name the NVIDIA runtime yet (the snapshot's
+    grep of it failed, or did not run)."""
+    info = snap.data["cmds"].get(f"grep:{paths.RUNTIME_CONFIG[runtime]}")
+    return info is None or info["rc"] != 0
+
+
+def vllm_user_missing(p: NodeProfile, snap: Snapshot) -> bool:
+    return p.vllm.user not in snap.data["users"]
+
+
+def venv_outdated(p: NodeProfile, snap: Snapshot) -> bool:
+    """vLLM's venv is missing or not the profile's (vLLM version, Python, locked set)."""
+    return not d.venv_current(p, snap.data["venvs"].get(f"{p.vllm.prefix}/venv", {}))
+
+
 def todo(snap: Snapshot, specs: list[str]) -> list[str]:
     """The `name` or `name=version` specs the host does not have yet."""
     out = []

@@ -22,7 +22,7 @@ def deploy_base(p: NodeProfile) -> bool:
         ops.fail(name="Refuse this host", message=refusal)
         return False
     ops.run_when(name="Finish an interrupted dpkg run", p=p, tag="dpkg-configure",
-                 needed=lambda snap: bool(snap.data.get("dpkg_unfinished")),
+                 needed=plan.dpkg_unfinished,
                  command=dpkg_configure_pending(p))
     for f in base_files(p):
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)

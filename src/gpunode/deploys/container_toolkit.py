@@ -19,7 +19,7 @@ def deploy_container_toolkit(p: NodeProfile) -> None:
         return
     ops.run_when(
         name="Install the container toolkit repository key", p=p, tag="ctk-key",
-        needed=lambda snap: not snap.file(paths.CTK_KEYRING),
+        needed=plan.ctk_key_needed,
         command=ctk_key_install(p))
     files = container_toolkit_files(p)
     for f in files:
@@ -33,10 +33,9 @@ def deploy_container_toolkit(p: NodeProfile) -> None:
     for runtime in p.container_toolkit.runtimes:
         if runtime == "podman":
             continue  # podman uses the CDI spec; nothing to configure
-        path = paths.RUNTIME_CONFIG[runtime]
         ops.run_when(
             name=f"Configure the {runtime} runtime for NVIDIA", p=p, tag=f"runtime:{runtime}",
-            needed=lambda snap, path=path: _lacks_nvidia(snap, path),
+            needed=lambda snap, r=runtime: plan.runtime_lacks_nvidia(snap, r),
             command=runtime_configure(runtime))
     if desired.cdi_refresh(p):
         # toolkit 1.18: its nvidia-cdi-refresh units keep /var/run/cdi/nvidia.yaml
@@ -53,10 +52,3 @@ def deploy_container_toolkit(p: NodeProfile) -> None:
     elif p.container_toolkit.cdi:
         ops.stamped(name="Generate the CDI spec for this driver", p=p, stamp_name="cdi",
                     key=plan.cdi_key)
-
-
-def _lacks_nvidia(snap, path: str) -> bool:
-    info = snap.data["cmds"].get(f"grep:{path}")
-    if info is not None:
-        return info["rc"] != 0
-    return True

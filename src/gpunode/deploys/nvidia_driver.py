@@ -36,7 +36,7 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
             return
         ops.run_when(
             name="Install cuda-keyring (checksum-verified)", p=p, tag="keyring",
-            needed="cuda-keyring" not in snap.packages or not snap.file(paths.CUDA_KEYRING),
+            needed=plan.cuda_keyring_needed(snap),
             command=install)
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pyinfra.api import deploy
 
-from gpunode import desired, files, paths
+from gpunode import desired, files, paths, plan
 from gpunode.deploys import ops
 from gpunode.files import ManagedFile, credentials, placements, restart_inputs, vllm_files
 from gpunode.hostcmd import user_command, venv_command
@@ -41,7 +41,7 @@ def deploy_vllm(p: NodeProfile) -> None:
     ops.apt_install(name="Install the C compiler and headers Triton builds its launchers with",
                     p=p, packages=[desired.Pkg(n) for n in desired.vllm_build_packages(p)])
     ops.run_when(name=f"Create the {v.user} system user", p=p, tag="user",
-                 needed=lambda snap: v.user not in snap.data["users"],
+                 needed=lambda snap: plan.vllm_user_missing(p, snap),
                  command=user_command(p))
     for path, mode, owner, group in ((paths.VLLM_HOME, 0o755, v.user, v.user),
                                      (v.model_cache, 0o755, v.user, v.user),
@@ -51,7 +51,7 @@ def deploy_vllm(p: NodeProfile) -> None:
                       group=group)
     venv = f"{v.prefix}/venv"
     ops.run_when(name=f"Install vLLM {v.version} in {venv} (uv)", p=p, tag="venv",
-                 needed=lambda snap: not desired.venv_current(p, snap.data["venvs"].get(venv, {})),
+                 needed=lambda snap: plan.venv_outdated(p, snap),
                  command=venv_command(p))
     for f in vllm_files(p):
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
