@@ -81,6 +81,7 @@ def file_jobs(p: NodeProfile, gpus: list[Gpu] | None = None,
         jobs.append({"concern": f.concern, "path": f.path, "template": f.template,
                      "mode": f"{f.mode:04o}", "owner": f.owner, "group": f.group,
                      "parent": str(PurePosixPath(f.path).parent),
+                     "apt_source": f.apt_source, "systemd_unit": f.systemd_unit,
                      "scope": scope, "sha256": sha256(f.content)})
     return jobs
 
@@ -134,7 +135,6 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None,
                      for r in p.container_toolkit.runtimes if r != "podman"],
         "cdi_refresh_units": d.cdi_refresh_units(p),
         "irq_dropin": paths.IRQ_DROPIN,
-        "systemd_dir": paths.SYSTEMD_DIR,
         "sysctl_command": SYSCTL_APPLY,
         "tmpfiles_command": TMPFILES_APPLY,
         "cpu_governor": ({"unit": paths.CPU_GOVERNOR_UNIT, "path": paths.CPU_GOVERNOR_UNIT_PATH}

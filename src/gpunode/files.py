@@ -32,6 +32,16 @@ class ManagedFile:
     service: str | None = None
     restart: tuple[str, ...] = ()
 
+    @property
+    def apt_source(self) -> bool:
+        """An apt source or pin: apt needs fresh lists after it changed."""
+        return self.path.startswith(paths.APT_SOURCE_DIRS)
+
+    @property
+    def systemd_unit(self) -> bool:
+        """A unit or drop-in: systemd needs a daemon-reload after it changed."""
+        return self.path.startswith(paths.SYSTEMD_DIR + "/")
+
 
 def _file(concern: str, path: str, template: str, node: NodeProfile, mode: int = 0o644,
           group: str = "root", restart: tuple[str, ...] = (), **scope: object) -> ManagedFile:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 SYSTEMD_DIR = "/etc/systemd/system"
+# where apt reads sources and pins: a change there needs fresh lists
+APT_SOURCE_DIRS = ("/etc/apt/sources.list.d/", "/etc/apt/preferences.d/")
 #: gpunode's own state: stamps and the node manifest.
 STAMPS = "/var/lib/gpunode"
 MANIFEST_PATH = f"{STAMPS}/manifest.json"

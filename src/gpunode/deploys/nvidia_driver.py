@@ -40,7 +40,7 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
             command=install)
     for f in files:
         ops.managed_file(name=f"Write {f.path}", p=p, f=f)
-    sources = tuple(f.path for f in files if "sources.list.d" in f.path or "preferences" in f.path)
+    sources = tuple(f.path for f in files if f.apt_source)
     ops.apt_update(name="Refresh apt lists after repository changes", p=p,
                    when_changed=(*sources, "keyring"))
     pin = desired.pinning_package(p)
