@@ -235,11 +235,11 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
     return {
         "os": data["os"],
         "refusal": plan.host_refusal(p, data),
-        "virt": data["virt"],
-        "cpufreq": data["cpufreq"],
         "smi_ok": snap.smi_ok,
-        "secure_boot": bool(data["secure_boot"]),
-        "driver_installed": snap.driver_installed(p),
+        "secure_boot": plan.secure_boot(p, snap),
+        "governor_skipped": plan.governor_skipped(p, data),
+        "governor_needed": plan.governor_needed(p, snap),
+        "gpu_settings_needed": plan.gpu_settings_needed(p, snap),
         "files_ok": files_ok,
         # the GRUB drop-in depends on the kernel's built-in THP mode: the role writes these
         "tuning_files": want["files"]["tuning"],
@@ -260,11 +260,9 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "ctk_key_needed": plan.ctk_key_needed(snap),
         "sysctl_differs": plan.sysctl_differs(p, data),
         "thp_differs": plan.thp_differs(p, data),
-        "governor_differs": plan.governor_differs(p, data),
         "stamps": stamps,
         "units": units,
         "stale_daemon": plan.daemon_reload_stale(p, snap),
-        "gpu_drift": d.gpu_settings_drift(p, gpus) if snap.smi_ok else [],
         "etc_cdi_cleanup": etc_cdi_cleanup() if plan.etc_cdi_cleanup_needed(p, snap) else None,
         "runtime_lacks": {r: plan.runtime_lacks_nvidia(snap, r)
                           for r in p.container_toolkit.runtimes if r != "podman"},

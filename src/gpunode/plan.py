@@ -183,6 +183,39 @@ def governor_differs(p: NodeProfile, data: dict[str, Any]) -> bool:
     return bool(p.tuning.governor and govs and govs != [p.tuning.governor])
 
 
+def governor_needed(p: NodeProfile, snap: Snapshot) -> bool:
+    """The governor unit must run (again): a CPU's governor differs, or the unit is not
+    active (a changed unit file triggers it too, in the engines)."""
+    return bool(p.tuning.governor) and (
+        governor_differs(p, snap.data)
+        or snap.unit(paths.CPU_GOVERNOR_UNIT).get("ActiveState") != "active")
+
+
+def governor_skipped(p: NodeProfile, data: dict[str, Any]) -> str | None:
+    """The notice when the profile sets a governor the host has no cpufreq for (a VM)."""
+    if p.tuning.governor and not data["cpufreq"]:
+        return (f"CPU governor {p.tuning.governor} skipped: no cpufreq on this host "
+                f"({data['virt']})")
+    return None
+
+
+def secure_boot(p: NodeProfile, snap: Snapshot) -> str | None:
+    """With Secure Boot on and DKMS about to build the module (cuda-repo, driver not yet
+    installed): "stop" (the profile's secure_boot policy) or "notice"; None otherwise."""
+    if (p.nvidia.source == "cuda-repo" and snap.data["secure_boot"]
+            and not snap.driver_installed(p)):
+        return "stop" if p.nvidia.secure_boot == "stop" else "notice"
+    return None
+
+
+def gpu_settings_needed(p: NodeProfile, snap: Snapshot) -> bool:
+    """nvidia-smi answers and a GPU differs from the profile's settings, or the settings
+    unit is not active (a changed settings file triggers it too, in the engines)."""
+    return snap.smi_ok and (bool(d.gpu_settings_drift(p, snap.gpus))
+                            or snap.unit(paths.GPU_SETTINGS_UNIT).get("ActiveState")
+                            != "active")
+
+
 # Package sets and apt lists (GPU nodes) -------------------------------------------------
 
 APT_LISTS_MAX_AGE_S = 3600

@@ -306,8 +306,9 @@ def test_grub_drop_in_follows_the_kernel_thp_default_like_the_pyinfra_deploy(pro
 
 def test_cpu_governor_unit_runs_on_drift_or_when_inactive(profile):
     """The role's decisions for the governor unit are the pyinfra deploy's functions
-    (gpunode.plan.governor_differs) on the same snapshot; the unit is read by the snapshot."""
+    (gpunode.plan.governor_needed) on the same snapshot; the unit is read by the snapshot."""
     from gpunode import plan as planner
+    from gpunode.facts import Snapshot
     from gpunode.hostcmd import unit_names
 
     want = ansible_plan.desired(profile)
@@ -319,18 +320,24 @@ def test_cpu_governor_unit_runs_on_drift_or_when_inactive(profile):
     data["units"][paths.CPU_GOVERNOR_UNIT] = {"UnitFileState": "enabled",
                                                 "ActiveState": "active"}
     plan = ansible_plan.observed(profile, data)
-    assert plan["governor_differs"] is planner.governor_differs(profile, data) is True
+    assert plan["governor_needed"] is planner.governor_needed(profile, Snapshot(data)) is True
     assert plan["units"][paths.CPU_GOVERNOR_UNIT] == {
         "enabled": True, "static": False, "active": True, "loaded": False}
     data["governors"] = [profile.tuning.governor]
-    assert not ansible_plan.observed(profile, data)["governor_differs"]
+    assert not ansible_plan.observed(profile, data)["governor_needed"]
     data["governors"] = []  # no cpufreq (a VM): nothing to compare
-    assert not ansible_plan.observed(profile, data)["governor_differs"]
+    assert not ansible_plan.observed(profile, data)["governor_needed"]
+    data["units"][paths.CPU_GOVERNOR_UNIT]["ActiveState"] = "failed"
+    assert ansible_plan.observed(profile, data)["governor_needed"]   # runs again
+    assert ansible_plan.observed(profile, data)["governor_skipped"] is None
+    assert ansible_plan.observed(profile, {**data, "cpufreq": False})["governor_skipped"] == (
+        f"CPU governor {profile.tuning.governor} skipped: no cpufreq on this host (kvm)")
+    data["governors"] = [profile.tuning.governor]
     none = profile.model_copy(update={"tuning": profile.tuning.model_copy(
         update={"governor": None})})
     assert ansible_plan.desired(none)["cpu_governor"] is None
     assert not ansible_plan.observed(none, {**data, "governors": ["powersave"]})[
-        "governor_differs"]
+        "governor_needed"]
 
 
 def test_the_dkms_stop_comes_from_plan_dkms_refusal(profile):

@@ -4,12 +4,12 @@ re-runs it when the files changed or nvidia-smi reports drift."""
 
 from pyinfra.api import deploy
 
-from gpunode import desired
+from gpunode import paths, plan
 from gpunode.deploys import ops
 from gpunode.files import gpu_settings_files
 from gpunode.model import NodeProfile
 
-UNIT = "gpunode-gpu-settings.service"
+UNIT = paths.GPU_SETTINGS_UNIT
 
 
 @deploy("GPU settings")
@@ -25,7 +25,5 @@ def deploy_gpu_settings(p: NodeProfile) -> None:
     ops.run_when(
         name="Apply GPU settings where nvidia-smi differs from the profile", p=p,
         tag="gpu-settings", command=f"modprobe nvidia-uvm && systemctl restart {UNIT}",
-        needed=lambda snap: snap.smi_ok and (
-            bool(desired.gpu_settings_drift(p, snap.gpus))
-            or snap.unit(UNIT).get("ActiveState") != "active"
-            or ops.changed(*(f.path for f in files))))
+        needed=lambda snap: plan.gpu_settings_needed(p, snap) or (
+            snap.smi_ok and ops.changed(*(f.path for f in files))))

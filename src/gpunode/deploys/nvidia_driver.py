@@ -18,10 +18,11 @@ from gpunode.model import NodeProfile
 def deploy_nvidia_driver(p: NodeProfile) -> None:
     snap = ops.snapshot(p)
     dkms = p.nvidia.source == "cuda-repo"
-    if dkms and snap.data["secure_boot"] and not snap.driver_installed(p):
-        if p.nvidia.secure_boot == "stop":
-            ops.fail(name="Stop: Secure Boot with DKMS modules", message=desired.secure_boot_stop(p))
-            return
+    secure_boot = plan.secure_boot(p, snap)
+    if secure_boot == "stop":
+        ops.fail(name="Stop: Secure Boot with DKMS modules", message=desired.secure_boot_stop(p))
+        return
+    if secure_boot == "notice":
         host.noop(desired.secure_boot_notice(p))
 
     headers = desired.header_packages(p, snap.data["kernel"], snap.data["kernels"])

@@ -33,12 +33,11 @@ def deploy_tuning(p: NodeProfile) -> None:
         ops.run_when(
             name="Set the CPU governor where it differs from the profile", p=p,
             tag="cpu-governor", command=f"systemctl restart {unit}",
-            needed=lambda s: (plan.governor_differs(p, s.data)
-                              or s.unit(unit).get("ActiveState") != "active"
+            needed=lambda s: (plan.governor_needed(p, s)
                               or ops.changed(paths.CPU_GOVERNOR_UNIT_PATH)))
-    if p.tuning.governor and not snap.data["cpufreq"]:
-        host.noop(f"CPU governor {p.tuning.governor} skipped: no cpufreq on this host "
-                  f"({snap.data['virt']})")
+    skipped = plan.governor_skipped(p, snap.data)
+    if skipped:
+        host.noop(skipped)
     grub = next(f for f in files if f.path == paths.GRUB_CFG)
     ops.stamped(name="Update the GRUB configuration", p=p, stamp_name="grub",
                 key=lambda snap: plan.grub_key(snap.data, ops.sha256(grub.content)))
