@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import gevent
 import pytest
-from pyinfra.api import OperationError
+from pyinfra.api import FunctionCommand, OperationError, StringCommand
 
 from gpunode.deploys import ops
 
@@ -52,6 +52,25 @@ def test_the_old_system_answering_is_dropped_and_a_hung_probe_given_up():
     h = RebootingHost([OLD, OLD, "hang", NEW])
     ops._wait_for_new_boot(None, h, [OLD], timeout_s=30)
     assert h.connections == 4 and h.connected       # one connection per try, the last kept
+
+
+def test_the_reboot_runs_through_pyinfra_as_written(monkeypatch):
+    """The reboot's commands executed the way pyinfra executes them (FunctionCommand passes
+    state and host only to functions whose parameters have those names: the first version
+    named it `h`, and every lab reboot failed with a TypeError)."""
+    h = RebootingHost([OLD, OLD, NEW])
+    h.connected = True
+    monkeypatch.setattr(ops, "host", SimpleNamespace(
+        name=h.name, log=lambda *a: None, state=SimpleNamespace(is_executing=False)))
+    ran = []
+    for command in ops._reboot("a test", timeout_s=30, before="systemctl stop x"):
+        if isinstance(command, FunctionCommand):
+            command.execute(None, h, {})
+        else:
+            assert isinstance(command, StringCommand)
+            ran.append(str(command))
+    assert ran == ["systemctl stop x", "( sleep 1 && reboot ) </dev/null >/dev/null 2>&1 &"]
+    assert h.connected and h.connections == 2   # after the open one: the old system, the new
 
 
 def test_a_host_that_never_comes_back_fails_naming_it():

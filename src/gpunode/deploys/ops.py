@@ -27,7 +27,7 @@ from pyinfra.api import (
 )
 from pyinfra.connectors.util import clear_askpass_cache, remove_any_sudo_askpass_file
 
-from gpunode import desired, hostcmd, paths
+from gpunode import desired, hostcmd
 from gpunode.deploys import STOP_PREFIX
 from gpunode.facts import NodeSnapshot, Snapshot, node_spec, reboot_reasons
 from gpunode.files import ManagedFile
@@ -52,6 +52,7 @@ from gpunode.plan import (
     stale_services,
     todo,
     unheld,
+    unit_state,
 )
 
 _CACHE: dict[str, Snapshot] = {}
@@ -81,7 +82,7 @@ def changing(tag: str, wrote: dict[str, Any] | None = None) -> None:
         _CHANGED[host.name].add(tag)
         snap = _CACHE.get(host.name)
         if wrote is not None and snap is not None:
-            snap.data["files"].update(wrote)
+            snap.wrote(wrote)
         else:
             _CACHE.pop(host.name, None)
 
@@ -241,19 +242,16 @@ def unit(p: NodeProfile, unit_name: str, enabled: bool = True,
     it alone); restarted when one of its inputs changed. `wanted_by` enables units without
     an [Install]."""
     name = unit_name
-    state = snapshot(p).unit(name)
+    state = unit_state(snapshot(p), name)
     running = None if running is None else decide(running, p)
-    is_enabled = state.get("UnitFileState") in ("enabled", "static", "enabled-runtime")
-    active = state.get("ActiveState") == "active"
-    wants = snapshot(p).data["globs"].get(paths.wants_glob(wanted_by), []) if wanted_by else []
-    if wanted_by and paths.wants_link(wanted_by, name) not in wants:
+    active = state["active"]
+    if wanted_by and not snapshot(p).wanted(wanted_by, name):
         changing(f"unit:{name}")
         yield StringCommand(f"systemctl add-wants {wanted_by} {name}")
-    elif not wanted_by and enabled and state.get("UnitFileState") not in ("enabled",
-                                                                          "enabled-runtime"):
+    elif not wanted_by and enabled and not state["enabled"]:
         changing(f"unit:{name}")
         yield StringCommand(f"systemctl enable {name}")
-    if not enabled and is_enabled and state.get("UnitFileState") != "static":
+    if not enabled and state["enabled"]:
         changing(f"unit:{name}")
         yield StringCommand(f"systemctl disable {name}")
     if running and (not active or changed(*restart_when)):
@@ -317,52 +315,53 @@ def _reboot(why: str, timeout_s: int, before: str | None = None):
     if before:
         yield StringCommand(before)
     booted: list[str] = []
+    # (pyinfra passes state and host to a function only when its parameters have those names)
     yield FunctionCommand(_read_boot_id, (booted,), {})
     # a sudo password file would not survive the reboot (pyinfra's server.reboot does the same)
-    yield FunctionCommand(lambda state, h: remove_any_sudo_askpass_file(h), (), {})
+    yield FunctionCommand(lambda state, host: remove_any_sudo_askpass_file(host), (), {})
     yield StringCommand("( sleep 1 && reboot ) </dev/null >/dev/null 2>&1 &")
     yield FunctionCommand(_wait_for_new_boot, (booted, timeout_s), {})
     _CACHE.pop(host.name, None)
 
 
-def _read_boot_id(state: Any, h: Any, into: list[str]) -> None:
-    now = _boot_id(h)
+def _read_boot_id(state: Any, host: Any, into: list[str]) -> None:
+    now = _boot_id(host)
     if not now:
-        raise OperationError(f"{h.name}: could not read its boot id before the reboot")
+        raise OperationError(f"{host.name}: could not read its boot id before the reboot")
     into.append(now)
 
 
-def _boot_id(h: Any) -> str | None:
+def _boot_id(host: Any) -> str | None:
     """The host's boot id, or None when it does not answer (connecting included) within
     REBOOT_PROBE_S: refused, reset, or a channel that never opens."""
     with gevent.Timeout(REBOOT_PROBE_S, False):
         try:
-            h.connect(show_errors=False)
-            if not h.connected:
+            host.connect(show_errors=False)
+            if not host.connected:
                 return None
-            ok, out = h.run_shell_command(StringCommand("cat /proc/sys/kernel/random/boot_id"))
+            ok, out = host.run_shell_command(StringCommand("cat /proc/sys/kernel/random/boot_id"))
         except Exception:  # the host is not (or no longer) answering
             return None
         return out.stdout.strip() if ok else None
     return None
 
 
-def _wait_for_new_boot(state: Any, h: Any, booted: list[str], timeout_s: int) -> None:
+def _wait_for_new_boot(state: Any, host: Any, booted: list[str], timeout_s: int) -> None:
     """Wait until the host answers with another boot id. Every try is a new connection that
     is dropped unless the new boot answered: one that reached the old system while it shut
     down can hang (its channel never opens), and pyinfra's own reboot wait kept such a
     connection and asked it again."""
     deadline = time.monotonic() + timeout_s
     time.sleep(REBOOT_DELAY_S)
-    clear_askpass_cache(h)
-    h.disconnect()
+    clear_askpass_cache(host)
+    host.disconnect()
     while time.monotonic() < deadline:
-        now = _boot_id(h)
+        now = _boot_id(host)
         if now and now != booted[0]:
             return
-        h.disconnect()
+        host.disconnect()
         time.sleep(REBOOT_INTERVAL_S)
-    raise OperationError(f"{h.name} did not come back from its reboot within {timeout_s} s "
+    raise OperationError(f"{host.name} did not come back from its reboot within {timeout_s} s "
                          "(reboot_timeout_s)")
 
 
