@@ -82,6 +82,7 @@ def file_jobs(p: NodeProfile, gpus: list[Gpu] | None = None,
                      "mode": f"{f.mode:04o}", "owner": f.owner, "group": f.group,
                      "parent": str(PurePosixPath(f.path).parent),
                      "apt_source": f.apt_source, "systemd_unit": f.systemd_unit,
+                     "restart": list(f.restart),
                      "scope": scope, "sha256": sha256(f.content)})
     return jobs
 
@@ -169,14 +170,6 @@ def _file_ok(snap: Snapshot, path: str, digest: str, mode: str, owner: str,
     return not plan.file_differs(snap, path, digest, mode, owner, group)
 
 
-def _unit(snap: Snapshot, name: str) -> dict[str, Any]:
-    state = snap.unit(name)
-    return {"enabled": state.get("UnitFileState") in ("enabled", "enabled-runtime"),
-            "static": state.get("UnitFileState") == "static",
-            "active": state.get("ActiveState") == "active",
-            "loaded": state.get("LoadState") == "loaded"}
-
-
 def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
              ) -> dict[str, Any]:
     """Host-dependent decisions (`gpunode` facts), the same ones the pyinfra operations make
@@ -223,17 +216,15 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         stamps[name] = {"path": stamp, "needed": needed, "command":
                         stamped_command(STAMP_COMMANDS[name], name, key) if key else None}
     stale_driver = plan.stale_driver(p, snap)
-    units = {u: _unit(snap, u) for u in unit_names(p)}
-    wants = data["globs"].get(paths.wants_glob("multi-user.target"), [])
-    units[paths.PERSISTENCED_UNIT]["wanted"] = (
-        paths.wants_link("multi-user.target", paths.PERSISTENCED_UNIT) in wants)
+    units = {u: plan.unit_state(snap, u) for u in unit_names(p)}
+    units[paths.PERSISTENCED_UNIT]["wanted"] = snap.wanted("multi-user.target",
+                                                            paths.PERSISTENCED_UNIT)
     missing_holds = {
         "driver": (plan.unheld(snap, d.driver_hold_set(p, snap.packages)) if p.nvidia.hold
                    else []),
         **{k: plan.unheld(snap, v) for k, v in want["holds"].items()},
     }
     return {
-        "os": data["os"],
         "refusal": plan.host_refusal(p, data),
         "smi_ok": snap.smi_ok,
         "secure_boot": plan.secure_boot(p, snap),

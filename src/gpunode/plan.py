@@ -80,6 +80,15 @@ def file_step(concern: str, snap: Snapshot, path: str, content: str, mode: str =
                 mode=mode, owner=owner, group=group)
 
 
+def unit_state(snap: Snapshot, name: str) -> dict[str, bool]:
+    """A unit as the engines act on it: enabled (by its [Install]), static, active, loaded."""
+    state = snap.unit(name)
+    return {"enabled": state.get("UnitFileState") in ("enabled", "enabled-runtime"),
+            "static": state.get("UnitFileState") == "static",
+            "active": state.get("ActiveState") == "active",
+            "loaded": state.get("LoadState") == "loaded"}
+
+
 def dir_differs(snap: Snapshot, path: str, mode: str, owner: str, group: str) -> bool:
     """The host lacks this directory with exactly this mode and owner."""
     cur = snap.file(path)
@@ -317,12 +326,17 @@ def todo(snap: Snapshot, specs: list[str]) -> list[str]:
     return out
 
 
+def header_packages(p: NodeProfile, snap: Snapshot) -> list[str]:
+    """The kernel headers this host needs: for its running and its newest kernel."""
+    return d.header_packages(p, snap.data["kernel"], snap.data["kernels"])
+
+
 def packages_todo(p: NodeProfile, snap: Snapshot) -> dict[str, list[str]]:
     """Per package set, what is still to install on this host."""
     pin = d.pinning_package(p)
     sets = {
         "base": d.base_packages(p),
-        "headers": d.header_packages(p, snap.data["kernel"], snap.data["kernels"]),
+        "headers": header_packages(p, snap),
         "pin": [pin] if pin else [],
         "driver": d.driver_packages(p),
         "cuda": [x.spec for x in d.cuda_packages(p) + d.nccl_packages(p)

@@ -25,7 +25,7 @@ def deploy_nvidia_driver(p: NodeProfile) -> None:
     if secure_boot == "notice":
         host.noop(desired.secure_boot_notice(p))
 
-    headers = desired.header_packages(p, snap.data["kernel"], snap.data["kernels"])
+    headers = plan.header_packages(p, snap)
     ops.apt_install(name="Install kernel headers for the running and newest kernel", p=p,
                     packages=[desired.Pkg(n) for n in headers])
 

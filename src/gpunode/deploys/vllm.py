@@ -26,8 +26,8 @@ def read_key(path: str) -> str | None:
 def instance_dropin(p: NodeProfile, name: str, snap) -> ManagedFile | None:
     if not snap.gpus:
         return None
-    data = p.model_dump(mode="json")
-    svc = next(s for s in data["vllm"]["services"] if s["name"] == name)
+    node = p.model_dump(mode="json")
+    svc = next(s for s in node["vllm"]["services"] if s["name"] == name)
     return files.instance_dropin(p, name, svc, placements(p, snap.gpus)[name])
 
 

@@ -59,6 +59,17 @@ class Snapshot:
     def file(self, path: str) -> dict[str, Any] | None:
         return self.data["files"].get(path)
 
+    def wrote(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Files or directories the deploy just wrote, as the snapshot would now read them."""
+        self.data["files"].update(entries)
+
+    def wanted(self, target: str, unit: str) -> bool:
+        """`unit` is linked into `target`'s .wants (enabled without an [Install])."""
+        from gpunode import paths
+
+        return paths.wants_link(target, unit) in self.data["globs"].get(
+            paths.wants_glob(target), [])
+
     def unit(self, name: str) -> dict[str, str]:
         return self.data["units"].get(name, {})
 
