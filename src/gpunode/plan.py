@@ -196,8 +196,7 @@ def governor_needed(p: NodeProfile, snap: Snapshot) -> bool:
     """The governor unit must run (again): a CPU's governor differs, or the unit is not
     active (a changed unit file triggers it too, in the engines)."""
     return bool(p.tuning.governor) and (
-        governor_differs(p, snap.data)
-        or snap.unit(paths.CPU_GOVERNOR_UNIT).get("ActiveState") != "active")
+        governor_differs(p, snap.data) or not unit_state(snap, paths.CPU_GOVERNOR_UNIT)["active"])
 
 
 def governor_skipped(p: NodeProfile, data: dict[str, Any]) -> str | None:
@@ -221,8 +220,7 @@ def gpu_settings_needed(p: NodeProfile, snap: Snapshot) -> bool:
     """nvidia-smi answers and a GPU differs from the profile's settings, or the settings
     unit is not active (a changed settings file triggers it too, in the engines)."""
     return snap.smi_ok and (bool(d.gpu_settings_drift(p, snap.gpus))
-                            or snap.unit(paths.GPU_SETTINGS_UNIT).get("ActiveState")
-                            != "active")
+                            or not unit_state(snap, paths.GPU_SETTINGS_UNIT)["active"])
 
 
 # Package sets and apt lists (GPU nodes) -------------------------------------------------
