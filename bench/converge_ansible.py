@@ -68,6 +68,31 @@ def ansible_run(site: Path, *extra: str, env_extra: dict[str, str] | None = None
             "tail": out.splitlines()[-8:] if proc.returncode else []}
 
 
+def floor(vm, site: Path, runs: int = 3) -> dict:
+    """The floor a no-op is compared with: the same facts (the snapshot script on the node's
+    spec) read by one SSH command on a new connection (no control master), best of `runs`."""
+    from gpunode.facts import node_spec, snapshot_command
+    from gpunode.inventory.loader import load_site
+
+    (p,) = load_site(site).select([vm.name])
+    argv = [*vm.ssh_argv(snapshot_command(node_spec(p)))]
+    argv[1:1] = ["-o", "ControlPath=none"]
+    times = []
+    for _ in range(runs):
+        started = time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        times.append(time.monotonic() - started)
+        if proc.returncode:
+            return {"rc": proc.returncode, "tail": proc.stderr.splitlines()[-4:]}
+    return {"rc": 0, "seconds": round(min(times), 2), "runs": [round(t, 2) for t in times]}
+
+
+def with_floor_ratio(run: dict, base: dict) -> dict:
+    if run.get("rc") == 0 and base.get("rc") == 0:
+        run["over_floor"] = round(run["seconds"] / max(base["seconds"], 0.01), 2)
+    return run
+
+
 def pyinfra_run(site: Path) -> dict:
     try:
         from converge import pyinfra_run as run  # the lead's pyinfra benchmark, same shape
@@ -81,12 +106,13 @@ def pyinfra_run(site: Path) -> dict:
     return run(site)
 
 
-def vm_site(lab: Lab, facts: dict, name: str, state: Path) -> tuple[Path, float]:
+def vm_site(lab: Lab, facts: dict, name: str, state: Path):
+    """A fresh lab VM ready for a deploy: (its site file, boot seconds, the VM)."""
     started = time.monotonic()
     vm = lab.up(name, cpus=2, memory_mib=3072, numa=2)
     boot = time.monotonic() - started
     labsite.prepare_guest(vm, models=("/var/lib/vllm/models/tiny-sim",))
-    return labsite.write_lab_site(lab, facts, state / f"site-{name}.yaml"), round(boot, 2)
+    return labsite.write_lab_site(lab, facts, state / f"site-{name}.yaml"), round(boot, 2), vm
 
 
 def main() -> int:
@@ -109,16 +135,19 @@ def main() -> int:
     try:
         facts = labsite.prepare_lab(state)
         if not args.skip_pyinfra:
-            site, boot = vm_site(lab, facts, "benchpy", state)
+            site, boot, vm = vm_site(lab, facts, "benchpy", state)
+            fresh = pyinfra_run(site)
+            base = floor(vm, site)
             result["engines"]["pyinfra"] = {"engine": "pyinfra", "boot_s": boot,
-                                            "fresh": pyinfra_run(site),
-                                            "noop": pyinfra_run(site)}
+                                            "fresh": fresh, "floor": base,
+                                            "noop": with_floor_ratio(pyinfra_run(site), base)}
             lab.down("benchpy")
-        site, boot = vm_site(lab, facts, "benchansible", state)
+        site, boot, vm = vm_site(lab, facts, "benchansible", state)
         fresh = ansible_run(site)
-        noop = ansible_run(site)
+        base = floor(vm, site)
+        noop = with_floor_ratio(ansible_run(site), base)
         result["engines"]["ansible"] = {"engine": "ansible", "boot_s": boot, "fresh": fresh,
-                                        "noop": noop}
+                                        "floor": base, "noop": noop}
         result["ansible_speed_work"] = speed_work(site)
         py = result["engines"].get("pyinfra")
         if py and py["fresh"].get("rc") == 0 and fresh["rc"] == 0:
