@@ -1,6 +1,6 @@
 """gpunode.ansible_plan: the decisions the Ansible roles act on, from a snapshot (the same
 data the pyinfra deploy reads), on a fresh host and on a converged one (both SIMULATED
-snapshots built here)."""
+snapshots from tests/snapshot_fixtures.py and built here)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from snapshot_fixtures import UUID, fresh_snapshot, with_gpu
 
 from gpunode import ansible_plan, desired, paths
 from gpunode.files import credentials
@@ -20,19 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def profile():
     return next(iter(load_site(REPO / "inventory" / "examples" / "lab.yaml").nodes.values()))
-
-
-def fresh_snapshot() -> dict:
-    return {"os": {"id": "debian", "version_id": "12"}, "kernel": "6.1.0-30-amd64",
-            "kernels": ["6.1.0-30-amd64"], "cmdline": "BOOT_IMAGE=/vmlinuz root=/dev/vda1",
-            "virt": "kvm", "cpufreq": False, "governors": [], "secure_boot": False,
-            "efi": True, "boot": ["grub"], "modules": ["nouveau"], "reboot_required": False,
-            "reboot_required_pkgs": [], "nvidia_proc_version": None,
-            "packages": {"python3": "3.11.2-1+b1"}, "holds": [], "apt_lists_mtime": 0,
-            "files": {}, "units": {}, "sysctl": {"vm.swappiness": "60"},
-            "thp": {"enabled": "always", "defrag": "madvise"}, "hugepages": {},
-            "memory_kib": 3000000, "nvidia_smi": {"present": False}, "venvs": {},
-            "users": ["root"], "globs": {}, "cmds": {}}
 
 
 def test_fresh_host_needs_everything(profile):
@@ -121,24 +109,6 @@ def test_stamp_is_satisfied_by_the_content_its_command_writes(profile):
     data["files"][grub["path"]] = {"sha256": hashlib.sha256(f"{key}\n".encode()).hexdigest(),
                                    "mode": "0644", "owner": "root", "group": "root"}
     assert not ansible_plan.observed(profile, data)["stamps"]["grub"]["needed"]
-
-
-UUIDS = ("GPU-12345678-1234-1234-1234-123456789abc", "GPU-12345678-1234-1234-1234-123456789abd")
-UUID = ",".join(UUIDS)  # as the CDI stamp key lists them
-
-
-def with_gpu(data: dict, driver: str = "580.95.05") -> dict:
-    """nvidia-smi answers for two GPUs (the fields the snapshot's query asks for)."""
-    from gpunode.topology import GPU_FIELDS
-
-    lines = []
-    for i, uuid in enumerate(UUIDS):
-        values = {"index": str(i), "uuid": uuid, "name": "NVIDIA RTX A6000",
-                  "pci.bus_id": f"00000000:0{i + 1}:00.0", "memory.total": "49140",
-                  "driver_version": driver}
-        lines.append(", ".join(values.get(f, "0") for f in GPU_FIELDS))
-    data["nvidia_smi"] = {"present": True, "rc": 0, "query": "\n".join(lines)}
-    return data
 
 
 def _stamp_file(key: str) -> dict:

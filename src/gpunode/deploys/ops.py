@@ -238,12 +238,15 @@ def unit(p: NodeProfile, unit_name: str, enabled: bool = True,
          running: bool | None | Callable[[Snapshot], bool] = True,
          restart_when: tuple[str, ...] = (),
          wanted_by: str | None = None):
-    """Unit enabled/running as asked (running may be decided at execution time; None leaves
-    it alone); restarted when one of its inputs changed. `wanted_by` enables units without
-    an [Install]."""
+    """Unit enabled/running as asked, restarted when one of its inputs changed. `running`:
+    True start, False stop, None leave it alone; a callable decides at execution time
+    whether it may start now (the GPUs answer), and leaves it alone when not: a host whose
+    nvidia-smi fails keeps its units as they are, as the Ansible roles do. `wanted_by`
+    enables units without an [Install]."""
     name = unit_name
     state = unit_state(snapshot(p), name)
-    running = None if running is None else decide(running, p)
+    if callable(running):
+        running = True if decide(running, p) else None
     active = state["active"]
     if wanted_by and not snapshot(p).wanted(wanted_by, name):
         changing(f"unit:{name}")
