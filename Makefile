@@ -38,10 +38,10 @@ test-fast: install
 
 # make demo [ENGINE=ansible] [DEMO_ARGS=--keep]: pvesim (simulated Proxmox VE) -> PCI mappings
 # and a GPU VM through proxmoxer -> full-stack deploy -> checks -> a streamed chat completion
-# -> teardown, through pyinfra or ansible-playbook (src/gpunode/demo.py).
+# -> teardown, through pyinfra or ansible-playbook (src/gpunode/lab/demo.py).
 ENGINE ?= pyinfra
 demo: install lab-deps
-	$(BIN)/python -m gpunode.demo --engine $(ENGINE) $(DEMO_ARGS)
+	$(BIN)/python -m gpunode.lab.demo --engine $(ENGINE) $(DEMO_ARGS)
 
 schema: install
 	$(BIN)/gpunode schema --out schema/site.schema.json

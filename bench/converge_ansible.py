@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpunode.deploy_cli import ansible_env  # noqa: E402
+from gpunode.cli.deploy import ansible_env  # noqa: E402
 from gpunode.lab import labsite  # noqa: E402
 from gpunode.lab.core import Lab  # noqa: E402
 

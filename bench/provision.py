@@ -75,7 +75,7 @@ def time_plan(site_path: Path, runs: int) -> dict[str, Any]:
 def time_cli(site_path: Path) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROXMOX_")}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "gpunode.cli", "provision", "--dry-run",
+    proc = subprocess.run([sys.executable, "-m", "gpunode.cli.main", "provision", "--dry-run",
                            "--site", str(site_path)], capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:

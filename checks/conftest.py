@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-from gpunode import expect
+from gpunode.checks import expect
+from gpunode.core.files import node_files
+from gpunode.core.topology import Gpu
 from gpunode.facts import Snapshot, node_spec, snapshot_command
-from gpunode.files import node_files
 from gpunode.inventory import Site, SiteError, load_site, resolve_site_path
 from gpunode.model import NodeProfile
-from gpunode.topology import Gpu
 
 HOST_SCRIPT = Path(__file__).with_name("host_facts.py")
 MARKER = "@@gpunode-checks@@"
@@ -163,7 +163,7 @@ class HostFacts:
         return self.extra["contents"].get(path)
 
     def file_problems(self, concern: str) -> list[str]:
-        """Managed files of one concern compared with gpunode.files.node_files."""
+        """Managed files of one concern compared with gpunode.core.files.node_files."""
         problems = []
         try:
             files = node_files(self.profile, self.gpus, self.snap.thp_default)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gpunode import desired, expect
+from gpunode.checks import expect
+from gpunode.core import desired
 from gpunode.facts import reboot_reasons
 
 

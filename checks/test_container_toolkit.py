@@ -9,7 +9,8 @@ import tomllib
 
 import pytest
 
-from gpunode import desired, expect, paths
+from gpunode.checks import expect
+from gpunode.core import desired, paths
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from gpunode import desired, expect
+from gpunode.checks import expect
+from gpunode.core import desired
 
 
 def test_cuda_toolkit(node, facts):

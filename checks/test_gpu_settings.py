@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpunode import desired, expect, paths
+from gpunode.checks import expect
+from gpunode.core import desired, paths
 
 pytestmark = pytest.mark.gpu
 

@@ -7,7 +7,8 @@ import fnmatch
 
 import pytest
 
-from gpunode import desired, expect, plan
+from gpunode.checks import expect
+from gpunode.core import desired, plan
 
 pytestmark = pytest.mark.gpu
 

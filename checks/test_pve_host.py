@@ -1,12 +1,12 @@
 """Proxmox VE host prepared for GPU passthrough: IOMMU and interrupt remapping on, each
 mapped device alone in its IOMMU group and bound to vfio-pci, VFIO loaded, huge pages
-reserved, gpunode's files as planned. Reads the deploy's own snapshot (gpunode.pve_host)."""
+reserved, gpunode's files as planned. Reads the deploy's own snapshot (gpunode.core.pve_host)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpunode import pve_host
+from gpunode.core import pve_host
 
 pytestmark = pytest.mark.pve_host
 

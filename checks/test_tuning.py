@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from gpunode import desired, expect, paths
-from gpunode.files import banned_cpus
+from gpunode.checks import expect
+from gpunode.core import desired, paths
+from gpunode.core.files import banned_cpus
 
 
 def test_cpu_governor(node, facts):

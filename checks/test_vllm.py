@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from gpunode import desired, expect
-from gpunode.files import placements as compute_placements
-from gpunode.topology import parse_cpulist
+from gpunode.checks import expect
+from gpunode.core import desired
+from gpunode.core.files import placements as compute_placements
+from gpunode.core.topology import parse_cpulist
 
 pytestmark = pytest.mark.gpu
 

@@ -6,7 +6,7 @@ The inventory gives every host its resolved profile as `host.data.node`."""
 
 from pyinfra import host
 
-from gpunode.deploys import deploy_node
+from gpunode.engines.pyinfra import deploy_node
 from gpunode.model import NodeProfile
 
 _p = NodeProfile.model_validate(host.data.node)

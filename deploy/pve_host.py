@@ -6,7 +6,7 @@ Hosts of other kinds are left alone (deploy/gpu_node.py converges them)."""
 
 from pyinfra import host
 
-from gpunode.deploys.pve_host import deploy_pve_host
+from gpunode.engines.pyinfra.pve_host import deploy_pve_host
 from gpunode.model import NodeProfile
 
 _p = NodeProfile.model_validate(host.data.node)

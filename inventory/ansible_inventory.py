@@ -7,8 +7,8 @@ The site file comes from $GPUNODE_SITE, else inventory/site.yaml. Each host's
 import json
 import sys
 
+from gpunode.core.lock import locked_site
 from gpunode.inventory import SiteError, load_site, to_ansible
-from gpunode.lock import locked_site
 
 
 def main(argv: list[str]) -> int:

@@ -7,8 +7,8 @@ nodes named in $GPUNODE_LIMIT (comma-separated) are listed when it is set."""
 import os
 import sys
 
+from gpunode.core.lock import locked_site
 from gpunode.inventory import SiteError, load_site, to_pyinfra
-from gpunode.lock import locked_site
 
 try:
     _groups = to_pyinfra(locked_site(load_site()))  # <site>.lock applied

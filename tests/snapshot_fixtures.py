@@ -24,7 +24,7 @@ UUID = ",".join(UUIDS)  # as the CDI stamp key lists them
 def with_gpu(data: dict, driver: str = "580.95.05", **settings: str) -> dict:
     """nvidia-smi answers for two GPUs (the fields the snapshot's query asks for; `settings`
     gives further fields by name, e.g. persistence_mode="Enabled")."""
-    from gpunode.topology import GPU_FIELDS
+    from gpunode.core.topology import GPU_FIELDS
 
     lines = []
     for i, uuid in enumerate(UUIDS):

@@ -6,7 +6,7 @@ from typing import Any
 
 from ansible.plugins.action import ActionBase
 
-from gpunode.ansible_actions import load_node
+from gpunode.engines.ansible.actions import load_node
 
 __all__ = ["ActionModule", "load_node"]
 
@@ -17,8 +17,8 @@ class ActionModule(ActionBase):
     _supports_async = False
 
     def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
-        from gpunode.ansible_plan import desired
-        from gpunode.topology import Gpu
+        from gpunode.core.topology import Gpu
+        from gpunode.engines.ansible.plan import desired
 
         result = super().run(tmp, task_vars)
         try:

@@ -7,12 +7,12 @@ from typing import Any
 
 from ansible.module_utils.parsing.convert_bool import boolean
 
-from gpunode.ansible_actions import HostReadAction
+from gpunode.engines.ansible.actions import HostReadAction
 
 
 class ActionModule(HostReadAction):
     def decider(self, p: Any) -> Any:
-        from gpunode.ansible_plan import observed
+        from gpunode.engines.ansible.plan import observed
 
         skip = boolean(self._task.args.get("skip_unchanged", True))
         return lambda data: {"gpunode": observed(p, data, skip)}

@@ -1,7 +1,7 @@
-"""gpunode's Jinja filters for Ansible: exactly gpunode.filters.FILTERS, nothing else.
+"""gpunode's Jinja filters for Ansible: exactly gpunode.core.filters.FILTERS, nothing else.
 
 Ansible hands filters its own str/dict subclasses (AnsibleUnsafeText, ...); each filter
-gets plain JSON data first, so yaml/json output is the same as under gpunode.render."""
+gets plain JSON data first, so yaml/json output is the same as under gpunode.core.render."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from gpunode.filters import FILTERS
+from gpunode.core.filters import FILTERS
 
 
 def _plain(value: Any) -> Any:

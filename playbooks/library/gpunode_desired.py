@@ -12,7 +12,7 @@ description:
     vLLM units and directories. Runs on the controller only; nothing is sent to the host.
 options:
   gpus:
-    description: Synthetic GPU list (gpunode.topology.Gpu fields); used by the render parity
+    description: Synthetic GPU list (gpunode.core.topology.Gpu fields); used by the render parity
       test to include GPU-placement drop-ins.
     type: list
     elements: dict
@@ -26,7 +26,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 ansible_facts:
-  description: C(gpunode_desired) (see gpunode.ansible_plan.desired).
+  description: C(gpunode_desired) (see gpunode.engines.ansible.plan.desired).
   returned: always
   type: dict
 """

@@ -6,7 +6,7 @@ module: gpunode_plan
 short_description: A gpunode concern's steps for this host, decided from one snapshot
 description:
   - Reads the host with gpunode's snapshot script (one command, the pyinfra deploy's) and
-    sets fact C(gpunode_plan) to the concern's steps (gpunode.plan.Step as dicts) - key,
+    sets fact C(gpunode_plan) to the concern's steps (gpunode.core.plan.Step as dicts) - key,
     kind (file, command, reboot, stop), title, needed, why and what to do. Read-only; runs
     in check mode.
 options:

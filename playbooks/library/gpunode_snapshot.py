@@ -26,7 +26,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 ansible_facts:
-  description: C(gpunode) (see gpunode.ansible_plan.observed).
+  description: C(gpunode) (see gpunode.engines.ansible.plan.observed).
   returned: always
   type: dict
 """

@@ -187,7 +187,7 @@ class ConvergedLab:
         self._ansible_started = time.monotonic()
         with self._ansible_log.open("w") as log:
             self._ansible = subprocess.Popen(
-                [sys.executable, "-m", "gpunode.cli", "deploy", ANSIBLE_VM, "--site",
+                [sys.executable, "-m", "gpunode.cli.main", "deploy", ANSIBLE_VM, "--site",
                  str(self.site), "--engine", "ansible"], cwd=REPO, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self._ansible_seconds: float | None = None

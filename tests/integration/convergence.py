@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpunode.deploy_cli import HostResult, ansible_env, run_pyinfra
+from gpunode.cli.deploy import HostResult, ansible_env, run_pyinfra
 from gpunode.facts import node_spec, snapshot_command
 from gpunode.model import NodeProfile
 
@@ -66,7 +66,7 @@ def converged_os() -> tuple[str, str]:
 def gpunode_cli(*args: str, timeout: float = 1800) -> tuple[int, str, float]:
     """`gpunode ARGS...` in the repository: (exit code, output, seconds)."""
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "gpunode.cli", *args], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "gpunode.cli.main", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr, round(time.monotonic() - started, 1)
 

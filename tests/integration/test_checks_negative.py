@@ -24,18 +24,18 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from gpunode import desired
-from gpunode.checks_cli import ssh_config_text
-from gpunode.files import placements
-from gpunode.inventory import load_site
-from gpunode.model import NodeProfile
-from gpunode.topology import (
+from gpunode.cli.check import ssh_config_text
+from gpunode.core import desired
+from gpunode.core.files import placements
+from gpunode.core.topology import (
     NVIDIA_SMI_QUERY,
     attach_topology,
     parse_cpulist,
     parse_query_gpu,
     parse_topo,
 )
+from gpunode.inventory import load_site
+from gpunode.model import NodeProfile
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -82,7 +82,7 @@ def gpunode_check(c: Converged, *args: str) -> tuple[int, dict, float, str]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "gpunode.cli", "check", c.node, "--site",
+        proc = subprocess.run([sys.executable, "-m", "gpunode.cli.main", "check", c.node, "--site",
                                str(c.site), "--json", str(out), *args],
                               capture_output=True, text=True, timeout=600)
         elapsed = time.monotonic() - started

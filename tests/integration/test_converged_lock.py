@@ -14,8 +14,8 @@ import pytest
 import yaml
 from convergence import drift, gpunode_cli, lab_via, lock, manifest
 
-from gpunode import desired
-from gpunode.manifest import MANIFEST_PATH
+from gpunode.core import desired
+from gpunode.core.manifest import MANIFEST_PATH
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,13 +18,13 @@ import pytest
 import yaml
 from convergence import drift, gpunode_cli, lock, manifest, pyinfra
 
-from gpunode import desired
-from gpunode.files import placements
+from gpunode.core import desired
+from gpunode.core.files import placements
+from gpunode.core.lock import compare_versions
+from gpunode.core.manifest import managed_package
+from gpunode.core.topology import NVIDIA_SMI_QUERY, attach_topology, parse_query_gpu, parse_topo
 from gpunode.lab.sim import repo
-from gpunode.lock import compare_versions
-from gpunode.manifest import managed_package
 from gpunode.model.parts import OS_PYTHON
-from gpunode.topology import NVIDIA_SMI_QUERY, attach_topology, parse_query_gpu, parse_topo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -227,7 +227,7 @@ def test_an_interrupted_deploy_converges_on_the_next_run(fresh):
     import subprocess
     import time
 
-    from gpunode.deploy_cli import pyinfra_command
+    from gpunode.cli.deploy import pyinfra_command
 
     vm = fresh.vm
     remove_toolkit(vm)

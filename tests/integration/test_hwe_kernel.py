@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from convergence import ubuntu_archive_unreachable
 
-from gpunode import desired
+from gpunode.core import desired
 from gpunode.lab.errors import LabError
 from gpunode.model import NodeProfile
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gpunode.deploy_cli import ansible_env
+from gpunode.cli.deploy import ansible_env
 from gpunode.inventory import load_site
 from gpunode.proxmox import apply as papply
 from gpunode.proxmox import run
@@ -82,7 +82,7 @@ def write_site(d: Path, pve: Any, token: Any, *, url: str | None = None,
 
 def gpunode(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PROXMOX_")}
-    proc = subprocess.run([sys.executable, "-m", "gpunode.cli", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "gpunode.cli.main", *args], capture_output=True,
                           text=True, cwd=REPO, env=clean | (env or {}) | {"COLUMNS": "160"},
                           timeout=300)
     OUTPUTS.append(f"$ gpunode {' '.join(args)}\n{proc.stdout}\n{proc.stderr}")
@@ -176,8 +176,8 @@ def _lock_image(site: Path) -> dict[str, Any]:
     """<site>.lock as `gpunode lock` writes it for this site's VM: the image group read
     through PVE (the same code path), the other groups recording their site values only
     (their mirrors are not part of this module)."""
-    from gpunode import lock as lk
-    from gpunode.lock_cli import pve_images
+    from gpunode.cli.lock import pve_images
+    from gpunode.core import lock as lk
 
     loaded = load_site(site)
     src = lk.Sources(image=pve_images(loaded))

@@ -75,7 +75,7 @@ def test_pipeline_destroys_the_vm_even_when_a_step_fails(pve, tmp_path):
     (work / "inventory" / "site.yaml").write_text(yaml.safe_dump(site))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROXMOX_")}
     env |= {"PROXMOX_TOKEN_SECRET": tok.secret,
-            "GPUNODE": f"{sys.executable} -m gpunode.cli", "COLUMNS": "160"}
+            "GPUNODE": f"{sys.executable} -m gpunode.cli.main", "COLUMNS": "160"}
     steps = dict(run_workflow(env, work))
     assert steps["Validate the site"] == 0 and steps["Plan (dry run)"] == 0
     assert steps["Remove a VM left by an earlier run"] == 0

@@ -25,9 +25,9 @@ import pytest
 import yaml
 from convergence import lock, manifest
 
-from gpunode.deploy_cli import ansible_env
+from gpunode.cli.deploy import ansible_env
+from gpunode.core.manifest import reproducible
 from gpunode.lab import labsite
-from gpunode.manifest import reproducible
 
 REPO = Path(__file__).resolve().parents[2]
 VMID = 201
@@ -36,7 +36,7 @@ NODE = "pvegpu1"
 
 def gpunode(*args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROXMOX_")}
-    proc = subprocess.run([sys.executable, "-m", "gpunode.cli", *args], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "gpunode.cli.main", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout,
                           env=env | {"COLUMNS": "160"})
     print(f"$ gpunode {' '.join(args)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n"

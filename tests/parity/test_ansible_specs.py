@@ -11,8 +11,8 @@ import pytest
 import yaml
 from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
 
-from gpunode import ansible_specs
-from gpunode.ansible_actions import validate_node
+from gpunode.engines.ansible import specs as ansible_specs
+from gpunode.engines.ansible.actions import validate_node
 from gpunode.inventory import load_site
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,12 +33,12 @@ def _spec(role: Path) -> dict:
 def test_committed_argument_specs_are_current():
     assert ROLES, "no roles found"
     stale = ansible_specs.stale()
-    assert not stale, (f"stale argument specs (run `python -m gpunode.ansible_specs`): "
+    assert not stale, (f"stale argument specs (run `python -m gpunode.engines.ansible.specs`): "
                        f"{[str(p.relative_to(REPO)) for p in stale]}")
 
 
 def test_every_deploy_concern_has_a_role():
-    concerns = {p.stem for p in (REPO / "src" / "gpunode" / "deploys").glob("*.py")
+    concerns = {p.stem for p in (REPO / "src" / "gpunode" / "engines" / "pyinfra").glob("*.py")
                 if p.stem not in ("__init__", "ops")}
     assert {r.name.removeprefix("gpunode_") for r in ROLES} == concerns | {"facts"}
 

@@ -1,5 +1,5 @@
 """Render parity: Ansible's `template` module, driven by the roles' own template task,
-writes every gpunode file byte for byte as `gpunode.render` does -- for every template,
+writes every gpunode file byte for byte as `gpunode.core.render` does -- for every template,
 every example profile, every vLLM service, and the GPU-placement drop-ins (with a
 synthetic GPU list). One ansible-playbook run (connection local) renders everything."""
 
@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpunode.ansible_plan import file_jobs
+from gpunode.core.render import JINJA_OPTIONS, render, template_names
+from gpunode.core.topology import Gpu
+from gpunode.engines.ansible.plan import file_jobs
 from gpunode.inventory import load_site
 from gpunode.inventory.adapters import ansible_unsafe
 from gpunode.model import NodeProfile
-from gpunode.render import JINJA_OPTIONS, render, template_names
-from gpunode.topology import Gpu
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "inventory" / "examples").glob("*.yaml"))
@@ -137,7 +137,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
 #: keep_trailing_newline: it re-adds as many trailing newlines as the TEMPLATE SOURCE ends
 #: with, counted against the rendered text. When a filter's output itself ends with a
 #: newline (node_driver_preferences), Jinja keeps both newlines and Ansible only one.
-#: Fix (outside the Ansible roles): let gpunode.filters.node_driver_preferences return the
+#: Fix (outside the Ansible roles): let gpunode.core.filters.node_driver_preferences return the
 #: text without its final newline; then both engines write one newline.
 KNOWN_DIFFS: dict[str, str] = {}
 
@@ -162,7 +162,7 @@ def test_ansible_renders_every_file_like_gpunode(rendered):
     print(f"\nrender parity: {checked} files, {len(nodes)} profiles, "
           f"{len(seen_templates)} templates; known differences: {sorted(differs)}")
     unexpected = {t: d for t, d in differs.items() if t not in KNOWN_DIFFS}
-    assert not unexpected, "Ansible and gpunode.render differ:\n" + "\n".join(
+    assert not unexpected, "Ansible and gpunode.core.render differ:\n" + "\n".join(
         line for lines in unexpected.values() for line in lines)
     fixed = set(KNOWN_DIFFS) - set(differs)
     assert not fixed, f"no longer different, remove from KNOWN_DIFFS: {sorted(fixed)}"
@@ -189,9 +189,9 @@ def test_hostile_values_written_literally(rendered):
 
 
 def test_file_jobs_match_node_files():
-    """The jobs the roles render are gpunode.files.node_files, with the scope that
-    reproduces their content (guards the scope mapping in gpunode.ansible_plan)."""
-    from gpunode.files import node_files
+    """The jobs the roles render are gpunode.core.files.node_files, with the scope that
+    reproduces their content (guards the scope mapping in gpunode.engines.ansible.plan)."""
+    from gpunode.core.files import node_files
 
     for host, p in profiles().items():
         gpus = synthetic_gpus(p)

@@ -1,4 +1,4 @@
-"""gpunode.ansible_plan: the decisions the Ansible roles act on, from a snapshot (the same
+"""gpunode.engines.ansible.plan: the decisions the Ansible roles act on, from a snapshot (the same
 data the pyinfra deploy reads), on a fresh host and on a converged one (both SIMULATED
 snapshots from tests/snapshot_fixtures.py and built here)."""
 
@@ -11,8 +11,9 @@ import pytest
 import yaml
 from snapshot_fixtures import UUID, fresh_snapshot, with_gpu
 
-from gpunode import ansible_plan, desired, paths
-from gpunode.files import credentials
+from gpunode.core import desired, paths
+from gpunode.core.files import credentials
+from gpunode.engines.ansible import plan as ansible_plan
 from gpunode.inventory import load_site
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,7 +176,7 @@ def test_both_engines_refuse_to_reboot_into_a_kernel_without_the_nvidia_module(
         profile, monkeypatch):
     """Was: both rebooted into the newest kernel though DKMS had built no module for it (no
     headers), and the host came back without GPUs."""
-    from gpunode.deploys import ops
+    from gpunode.engines.pyinfra import ops
     from gpunode.facts import Snapshot
 
     data = fresh_snapshot()
@@ -231,7 +232,7 @@ def test_held_driver_packages_and_stale_versions(profile):
 def test_the_nccl_check_runs_only_while_the_pinned_libnccl2_is_to_install(profile):
     """Both engines take it from plan.nccl_check: before installing, never on a host that
     already has the build (its repository may since have dropped it)."""
-    from gpunode import hostcmd
+    from gpunode.core import hostcmd
 
     def nccl(enabled: bool):
         return profile.model_copy(update={"nccl": profile.nccl.model_copy(
@@ -251,7 +252,7 @@ def test_grub_drop_in_follows_the_kernel_thp_default_like_the_pyinfra_deploy(pro
     """Was: transparent_hugepage=<thp> always, so an Ubuntu kernel (madvise built in) got a
     GRUB change and a reboot for nothing. The role writes `tuning_files` (with the host's
     kernel default) and the GRUB stamp follows the same content as tuning_files does."""
-    from gpunode.files import tuning_files
+    from gpunode.core.files import tuning_files
 
     data = {**fresh_snapshot(), "boot": [], "thp_default": profile.tuning.thp}
     plan = ansible_plan.observed(profile, data)
@@ -276,10 +277,10 @@ def test_grub_drop_in_follows_the_kernel_thp_default_like_the_pyinfra_deploy(pro
 
 def test_cpu_governor_unit_runs_on_drift_or_when_inactive(profile):
     """The role's decisions for the governor unit are the pyinfra deploy's functions
-    (gpunode.plan.governor_needed) on the same snapshot; the unit is read by the snapshot."""
-    from gpunode import plan as planner
+    (gpunode.core.plan.governor_needed) on the same snapshot; the unit is read by the snapshot."""
+    from gpunode.core import plan as planner
+    from gpunode.core.hostcmd import unit_names
     from gpunode.facts import Snapshot
-    from gpunode.hostcmd import unit_names
 
     want = ansible_plan.desired(profile)
     assert want["cpu_governor"] == {"unit": paths.CPU_GOVERNOR_UNIT,
@@ -313,7 +314,7 @@ def test_cpu_governor_unit_runs_on_drift_or_when_inactive(profile):
 def test_the_dkms_stop_comes_from_plan_dkms_refusal(profile):
     """Both engines stop a debian-12 host before its driver changes with the message
     plan.dkms_refusal gives from the snapshot (the pyinfra deploy through ops.refuse)."""
-    from gpunode import hostcmd, plan
+    from gpunode.core import hostcmd, plan
     from gpunode.facts import Snapshot
 
     data = fresh_snapshot()

@@ -8,8 +8,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from typer.testing import CliRunner
 
-from gpunode import checks_cli
-from gpunode.cli import app
+from gpunode.cli import check as checks_cli
+from gpunode.cli.main import app
 from gpunode.inventory import load_site
 
 SITE = """

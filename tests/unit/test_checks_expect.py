@@ -1,4 +1,4 @@
-"""gpunode.expect: the comparisons and parsers the checks use, on small made-up inputs."""
+"""gpunode.checks.expect: the comparisons and parsers the checks use, on small made-up inputs."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import desired, expect, facts, paths
-from gpunode.files import ManagedFile, node_files
+from gpunode import facts
+from gpunode.checks import expect
+from gpunode.core import desired, paths
+from gpunode.core.files import ManagedFile, node_files
+from gpunode.core.topology import Gpu, Placement
 from gpunode.inventory import load_site, to_ansible
-from gpunode.topology import Gpu, Placement
 
 LAB = Path(__file__).resolve().parents[2] / "inventory" / "examples" / "lab.yaml"
 
@@ -160,7 +162,7 @@ def test_listeners_and_binding():
 
 
 def test_package_problems():
-    from gpunode.desired import Pkg
+    from gpunode.core.desired import Pkg
 
     pkgs = [Pkg("libnccl2", "2.28.3-1+cuda13.0"), Pkg("libnccl-dev", "2.28.3-1+cuda13.0")]
     installed = {"libnccl2": "2.28.3-1+cuda13.0", "libnccl-dev": "2.27.0-1+cuda13.0"}

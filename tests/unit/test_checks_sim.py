@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import desired, expect, paths
-from gpunode.files import placements
+from gpunode.checks import expect
+from gpunode.core import desired, paths
+from gpunode.core.files import placements
+from gpunode.core.topology import NVIDIA_SMI_QUERY, attach_topology, parse_query_gpu, parse_topo
 from gpunode.inventory import load_site
 from gpunode.lab.sim import gpus as simgpus
-from gpunode.topology import NVIDIA_SMI_QUERY, attach_topology, parse_query_gpu, parse_topo
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST = REPO / "src" / "gpunode" / "lab" / "sim" / "guest"

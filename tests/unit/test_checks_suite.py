@@ -149,7 +149,7 @@ def test_host_facts_probe_keeps_the_key_on_the_host(tmp_path, api):
     assert probe["models_nokey"]["status"] == 401
     assert probe["models_key"]["status"] == 200 and "tiny-sim" in probe["models_key"]["body"]
     assert probe["completion"]["status"] == 200
-    from gpunode import expect
+    from gpunode.checks import expect
 
     listening = [x for x in expect.parse_ss_listeners(out["listeners"]["out"]) if x.port == api]
     assert listening and expect.bound_ok("127.0.0.1", listening[0].address)
@@ -216,8 +216,8 @@ def test_profile_from_ansible_inventory(tmp_path, write_site):
 def test_process_placement_is_read_from_proc():
     """What systemd's CPUAffinity=/NUMAPolicy= do to a process, set here with numactl, is
     what host_facts reads: Cpus_allowed_list and the numa_maps policy."""
-    from gpunode import expect
-    from gpunode.topology import Placement
+    from gpunode.checks import expect
+    from gpunode.core.topology import Placement
 
     hf = _host_facts()
     proc = subprocess.Popen(["numactl", "--membind=0", "--physcpubind=0", "sleep", "30"])
@@ -239,7 +239,8 @@ def test_process_placement_is_read_from_proc():
 def test_char_devices_read_back(tmp_path):
     """host_facts tells a character device (what nvidia-modprobe makes) from a plain file
     and from a missing path, and the shared read asks for the uvm nodes on a GPU node."""
-    from gpunode import desired, expect
+    from gpunode.checks import expect
+    from gpunode.core import desired
 
     hf = _host_facts()
     (tmp_path / "plain").write_text("")
@@ -268,8 +269,8 @@ def _offline_security_supported() -> bool:
 def test_rendered_vllm_unit_meets_the_exposure_threshold(tmp_path):
     """The unit the deploy writes scores at or below the suite's threshold (offline
     analysis of the rendered file; the check runs the same analysis on the live unit)."""
-    from gpunode import expect
-    from gpunode.files import node_files
+    from gpunode.checks import expect
+    from gpunode.core.files import node_files
     from gpunode.inventory import load_site
 
     p = load_site(REPO / "inventory" / "examples" / "lab.yaml").nodes["labgpu1"]
@@ -288,8 +289,9 @@ def test_rendered_vllm_unit_meets_the_exposure_threshold(tmp_path):
 def test_unattended_blacklist_read_back_through_apt_config(tmp_path):
     """The rendered unattended-upgrades file, as apt itself reads it, lists every prefix
     the driver check expects (the check parses the same `apt-config dump`)."""
-    from gpunode import desired, expect
-    from gpunode.files import base_files
+    from gpunode.checks import expect
+    from gpunode.core import desired
+    from gpunode.core.files import base_files
     from gpunode.inventory import load_site
 
     p = load_site(REPO / "inventory" / "examples" / "lab.yaml").nodes["labgpu1"]
@@ -345,7 +347,7 @@ def _probe(python: str, **env: str) -> dict:
     """TRITON_BUILD_PROBE run as host_facts runs a command, by `python` on this machine."""
     import os
 
-    from gpunode import expect
+    from gpunode.checks import expect
 
     res = subprocess.run([python, "-c", expect.TRITON_BUILD_PROBE], capture_output=True,
                          text=True, timeout=120, env={**os.environ, **env})
@@ -358,7 +360,8 @@ def test_triton_toolchain_check_builds_an_extension_as_triton_does(tmp_path):
     import shutil
     import sysconfig
 
-    from gpunode import desired, expect
+    from gpunode.checks import expect
+    from gpunode.core import desired
     from gpunode.inventory import load_site
 
     if not (shutil.which("gcc") and Path(sysconfig.get_paths()["include"], "Python.h").exists()):
@@ -394,7 +397,7 @@ def test_secret_check_names_mode_and_where_the_token_shows():
 def test_module_check_fails_for_a_kernel_with_headers_but_no_module():
     from types import SimpleNamespace
 
-    from gpunode import desired
+    from gpunode.core import desired
     from gpunode.facts import Snapshot
     from gpunode.model import NodeProfile
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from gpunode import checks_cli, output
+from gpunode.cli import check as checks_cli
+from gpunode.cli import output
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = REPO / "tests/fixtures/models"
@@ -24,7 +25,7 @@ WIDTH = 100
 def gpunode(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     """Run the CLI with stdout and stderr on pipes (not a terminal), as CI or `| less` does."""
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    return subprocess.run([sys.executable, "-m", "gpunode.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "gpunode.cli.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

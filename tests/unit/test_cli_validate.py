@@ -13,7 +13,7 @@ import yaml
 from site_docs import GUEST, NODE
 from typer.testing import CliRunner, Result
 
-from gpunode.cli import app
+from gpunode.cli.main import app
 from gpunode.inventory import load_site
 
 SVC = "    vllm:\n      services:\n"

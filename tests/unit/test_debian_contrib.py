@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import hostcmd, lock, paths, plan
+from gpunode.core import hostcmd, lock, paths, plan
+from gpunode.core.files import driver_files
 from gpunode.facts import Snapshot, node_spec
-from gpunode.files import driver_files
 from gpunode.model import NodeProfile
 
 

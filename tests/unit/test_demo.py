@@ -1,4 +1,4 @@
-"""`make demo` (gpunode.demo) without VMs: how a failure, --keep, a leaked secret and the
+"""`make demo` (gpunode.lab.demo) without VMs: how a failure, --keep, a leaked secret and the
 progress view behave. The chain itself runs in `make demo`; the streamed chat client is
 tested against the vLLM stand-in in test_sim_vllm.py."""
 
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from gpunode import demo
+from gpunode.lab import demo
 from gpunode.lab.errors import LabError
 from gpunode.lab.pvesim.backend import fixed_ssh_ports
 

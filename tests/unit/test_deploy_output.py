@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gpunode.deploy_cli import HostResult, read_pyinfra_output
+from gpunode.cli.deploy import HostResult, read_pyinfra_output
 
 DEPLOY = """\
 import sys
 sys.path.insert(0, {src!r})
 from pyinfra.operations import server
-from gpunode.deploys import ops
+from gpunode.engines.pyinfra import ops
 ops.fail(name="Refuse an unsupported or unexpected OS",
          message="n1: the profile says ubuntu-24.04 but the host runs debian 12")
 server.shell(name="Must not run", commands=["touch {marker}"])
@@ -58,7 +58,7 @@ def test_success_and_no_change_lines_are_counted_per_host():
 def test_an_unreachable_host_is_failed_with_pyinfras_reason(tmp_path: Path):
     """Real pyinfra, real inventory and deploy entry, against a closed port: the host is
     reported failed with the connector's message (it was "ok" with exit 1)."""
-    from gpunode.deploy_cli import run_pyinfra
+    from gpunode.cli.deploy import run_pyinfra
 
     site = tmp_path / "site.yaml"
     site.write_text("nodes:\n  gpu01:\n    connection: {address: 127.0.0.1, port: 9, "
@@ -71,7 +71,7 @@ def test_an_unreachable_host_is_failed_with_pyinfras_reason(tmp_path: Path):
 
 
 def test_connect_errors_and_silent_hosts_of_a_failed_run_are_failures():
-    from gpunode import deploy_cli
+    from gpunode.cli import deploy as deploy_cli
 
     lines = ["--> Connecting to hosts...", "    [n1] Authentication error (key=x)",
              "--> Starting operation: Write /etc/a", "    [n2] Success"]
@@ -91,7 +91,7 @@ def test_connect_errors_and_silent_hosts_of_a_failed_run_are_failures():
 def test_a_run_past_its_timeout_is_stopped_naming_the_operation(tmp_path: Path, monkeypatch):
     """The lab tests bound every pyinfra run: a hung one (paramiko waited an hour for a
     channel of a rebooting host) is killed and each host says where it was."""
-    from gpunode import deploy_cli
+    from gpunode.cli import deploy as deploy_cli
 
     script = "echo '--> Starting operation: Upgrade the driver'; exec sleep 60"
     monkeypatch.setattr(deploy_cli, "pyinfra_command",

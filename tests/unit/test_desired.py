@@ -3,11 +3,11 @@ reachable here, so its choices are proven by these tests)."""
 
 import pytest
 
-from gpunode import desired, paths, plan
+from gpunode.core import desired, paths, plan
+from gpunode.core.files import tuning_files
+from gpunode.core.topology import Gpu
 from gpunode.facts import Snapshot, reboot_reasons
-from gpunode.files import tuning_files
 from gpunode.model import NodeProfile
-from gpunode.topology import Gpu
 
 
 def profile(**over) -> NodeProfile:
@@ -316,7 +316,7 @@ def test_headers_for_a_newer_kernel_of_another_flavour_come_with_its_meta_packag
 
 def test_services_sharing_a_gpu_start_one_after_the_other():
     """Was: both started at once, and vLLM's memory profiling on the shared GPU raced."""
-    from gpunode.files import vllm_files
+    from gpunode.core.files import vllm_files
 
     gpus = [Gpu(index=i, uuid=f"GPU-{i}", name="NVIDIA RTX A6000", bus_id=f"00000000:0{i}:00.0",
                 memory_mib=49140, driver_version="580.95.05", cpus=[0, 1], numa_node=0)

@@ -1,4 +1,4 @@
-"""gpunode.drift: live state (SIMULATED snapshots) against the lock, gpunode's files and the
+"""gpunode.core.drift: live state (SIMULATED snapshots) against the lock, gpunode's files and the
 siblings in the same group; `gpunode drift` table, --json and exit codes."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gpunode import drift, lock, manifest
-from gpunode.cli import app
-from gpunode.files import node_files
+from gpunode.cli.main import app
+from gpunode.core import drift, lock, manifest
+from gpunode.core.files import node_files
 from gpunode.inventory import load_site
 
 SITE = """

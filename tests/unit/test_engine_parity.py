@@ -21,8 +21,9 @@ from pyinfra.api import Config, Inventory, State, StringCommand
 from pyinfra.context import ctx_host, ctx_state
 from snapshot_fixtures import fresh_snapshot, with_gpu
 
-from gpunode import ansible_plan, desired, paths
-from gpunode.deploys import deploy_node, ops
+from gpunode.core import desired, paths
+from gpunode.engines.ansible import plan as ansible_plan
+from gpunode.engines.pyinfra import deploy_node, ops
 from gpunode.facts import Snapshot, reboot_reasons
 from gpunode.inventory import load_site
 from gpunode.model import NodeProfile
@@ -258,7 +259,7 @@ def test_refused_os_only_stops(profile, monkeypatch):
 
 def test_the_comparison_sees_a_decision_one_engine_skips(profile, monkeypatch):
     """The harness can fail: a pyinfra deploy that forgets one decision differs."""
-    from gpunode import plan
+    from gpunode.core import plan
 
     data = fresh_snapshot()
     monkeypatch.setattr(plan, "thp_differs", lambda p, data: False)  # pyinfra's view only

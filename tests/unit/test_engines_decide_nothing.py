@@ -1,6 +1,6 @@
 """Issue 14's invariant, by grep: the engines (the pyinfra deploys and the Ansible side's
 controller code and roles) read no snapshot keys and make none of the host-dependent
-decisions gpunode.plan makes once for both. Each pattern below is one such decision or raw
+decisions gpunode.core.plan makes once for both. Each pattern below is one such decision or raw
 read as it was written twice before; a new one in an engine fails here."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-ENGINES = [*sorted((REPO / "src/gpunode/deploys").glob("*.py")),
-           REPO / "src/gpunode/ansible_plan.py"]
+ENGINES = [*sorted((REPO / "src/gpunode/engines/pyinfra").glob("*.py")),
+           REPO / "src/gpunode/engines/ansible/plan.py"]
 ROLES = sorted((REPO / "roles").glob("*/tasks/*.yml"))
 
-# pattern -> what belongs in gpunode.plan (or gpunode.facts.Snapshot) instead
+# pattern -> what belongs in gpunode.core.plan (or gpunode.facts.Snapshot) instead
 IN_PYTHON = {
     r"(?<!host)\.data\[|(?<!host)\.data\.get\(|\bdata\[\"": "a raw snapshot key",
     r"ActiveState|UnitFileState|NeedDaemonReload|LoadState": "unit state (plan.unit_state)",

@@ -2,7 +2,7 @@
 a root-only credential file on the node, handed to the prefetch and server units by
 LoadCredential= and exported as HF_TOKEN only inside their processes; never in a rendered
 file, a command line, the Ansible facts or the manifest. Both engines read
-gpunode.files.credentials."""
+gpunode.core.files.credentials."""
 
 from __future__ import annotations
 
@@ -16,13 +16,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpunode import ansible_plan, expect, facts, hostcmd, manifest
-from gpunode.deploy_cli import preflight
-from gpunode.files import credentials, node_files
+from gpunode import facts
+from gpunode.checks import expect
+from gpunode.cli.deploy import preflight
+from gpunode.core import hostcmd, manifest
+from gpunode.core.files import credentials, node_files
+from gpunode.core.paths import HF_TOKEN_PATH, credential_path
+from gpunode.core.render import render
+from gpunode.core.topology import Gpu
+from gpunode.engines.ansible import plan as ansible_plan
 from gpunode.inventory import SiteError, load_site
-from gpunode.paths import HF_TOKEN_PATH, credential_path
-from gpunode.render import render
-from gpunode.topology import Gpu
 
 REPO = Path(__file__).resolve().parents[2]
 BARE = yaml.safe_load((REPO / "inventory" / "examples" / "bare-metal.yaml").read_text())

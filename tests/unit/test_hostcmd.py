@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from gpunode import hostcmd, paths
+from gpunode.core import hostcmd, paths
 from gpunode.model import NodeProfile
 
 
@@ -171,8 +171,8 @@ def test_a_keyring_checksum_mismatch_names_the_field_the_os_and_both_checksums(t
 def test_the_readiness_gate_probes_the_address_in_the_services_own_config(tmp_path, host, url):
     """Host and port come from the YAML vLLM serves from (was: VLLM_HTTP_HOST/PORT in the
     unit's environment, variables vLLM does not know and warns about)."""
-    from gpunode.files import node_files
-    from gpunode.filters import to_yaml_block
+    from gpunode.core.files import node_files
+    from gpunode.core.filters import to_yaml_block
 
     p = profile(gpus={"count": 1}, vllm={"services": [
         {"name": "a", "model": "/m", "gpus": [0], "port": 8123, "host": host}]})

@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
-from gpunode.cli import main as _unused_main  # noqa: F401 - the CLI must import cleanly
-from gpunode.files import banned_cpus, node_files
-from gpunode.hostcmd import user_command, venv_command
+from gpunode.cli.main import main as _unused_main  # noqa: F401 - the CLI must import cleanly
+from gpunode.core.files import banned_cpus, node_files
+from gpunode.core.hostcmd import user_command, venv_command
+from gpunode.core.render import render
+from gpunode.core.topology import Gpu
 from gpunode.inventory import SiteError, load_site
-from gpunode.render import render
-from gpunode.topology import Gpu
 
 REPO = Path(__file__).resolve().parents[2]
 BARE = yaml.safe_load((REPO / "inventory" / "examples" / "bare-metal.yaml").read_text())
@@ -373,7 +373,7 @@ def test_irqbalance_never_bans_every_cpu():
 def test_validate_command_refuses_the_alias_bomb(tmp_path):
     from typer.testing import CliRunner
 
-    from gpunode.cli import app
+    from gpunode.cli.main import app
 
     path = alias_bomb(tmp_path)
     start = time.monotonic()

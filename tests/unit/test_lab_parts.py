@@ -272,7 +272,7 @@ def test_the_sim_serves_the_default_nccl_build_and_only_builds_validate_knows() 
     """A lab deploy with the model's default nccl.version and cuda.version must find its
     libnccl2 in the sim, and the sim must not serve a pair that NVIDIA never built
     (validate's table, model.parts.NCCL_BUILDS, refuses those)."""
-    from gpunode import desired
+    from gpunode.core import desired
     from gpunode.lab.sim import packages as cat
     from gpunode.model import NodeProfile
     from gpunode.model.parts import NCCL_BUILDS

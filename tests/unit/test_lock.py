@@ -1,4 +1,4 @@
-"""gpunode.lock: resolution over apt `Packages` metadata and a simple index (fixtures in
+"""gpunode.core.lock: resolution over apt `Packages` metadata and a simple index (fixtures in
 tests/fixtures/lock, stanzas in the format of the lab's simulated repository), the lock file,
 the site-vs-lock check, and `gpunode lock [--update]` end to end over file:// mirrors."""
 
@@ -13,8 +13,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from gpunode import lock as lk
-from gpunode.cli import app
+from gpunode.cli.main import app
+from gpunode.core import lock as lk
 from gpunode.inventory import SiteError, load_site
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "lock"
@@ -240,7 +240,7 @@ def test_consistent_site_passes_and_gets_the_locked_driver(tmp_path):
 def test_the_locked_closure_is_what_both_engines_install_hold_and_check(tmp_path):
     """With a lock, a group's packages are its whole locked closure at exact versions (the
     cuda-toolkit metapackage, unversioned in the site, included)."""
-    from gpunode import desired
+    from gpunode.core import desired
 
     site, doc = _lock(tmp_path)
     plain, p = site.nodes["gpu01"], lk.apply_lock(site, doc).nodes["gpu01"]
@@ -259,7 +259,7 @@ def test_the_locked_closure_is_what_both_engines_install_hold_and_check(tmp_path
 
 
 def test_the_locked_vllm_set_is_installed_hash_checked_and_judged_whole(tmp_path):
-    from gpunode import desired, hostcmd
+    from gpunode.core import desired, hostcmd
 
     site, doc = _lock(tmp_path)
     plain, p = site.nodes["gpu01"], lk.apply_lock(site, doc).nodes["gpu01"]
@@ -428,7 +428,7 @@ def test_validate_and_deploy_refuse_before_any_host(tmp_path, monkeypatch):
     assert _run("lock", "--site", str(site), "--via", f"{MIRROR}=file://{root}").exit_code == 0
     assert _run("validate", "--site", str(site)).exit_code == 0
     site.write_text(SITE.replace("nccl: {enabled: true}", "nccl: {enabled: true, version: 2.27.7}"))
-    from gpunode import deploy_cli
+    from gpunode.cli import deploy as deploy_cli
 
     def touched(*a, **k):
         raise AssertionError("a host was touched")

@@ -1,4 +1,4 @@
-"""gpunode.manifest: built from the deploys' snapshot (SIMULATED snapshot data here), the
+"""gpunode.core.manifest: built from the deploys' snapshot (SIMULATED snapshot data here), the
 same bytes through both engines' paths, and `gpunode manifest NODE`."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gpunode import ansible_plan, facts, lock, manifest
-from gpunode.cli import app
+from gpunode import facts
+from gpunode.cli.main import app
+from gpunode.core import lock, manifest
+from gpunode.engines.ansible import plan as ansible_plan
 from gpunode.inventory import load_site
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,7 +64,7 @@ def test_manifest_bytes_are_deterministic_and_shared_by_both_engines(profile):
     f = manifest.manifest_file(profile, data)
     assert f.content == manifest.manifest_file(profile, json.loads(json.dumps(data))).content
     assert f.path == manifest.MANIFEST_PATH and f.mode == 0o644
-    # the Ansible role writes what gpunode.ansible_plan computes from the same snapshot
+    # the Ansible role writes what gpunode.engines.ansible.plan computes from the same snapshot
     observed_data = {**_fresh(), **data}
     job = ansible_plan.observed(profile, observed_data)["manifest"]
     assert job["content"] == f.content and job["path"] == f.path and not job["ok"]
@@ -92,7 +94,7 @@ def test_driver_module_and_gpu_ids_parsers():
 
 
 def test_deploys_name_the_manifest_concern():
-    text = (REPO / "src/gpunode/deploys/__init__.py").read_text()
+    text = (REPO / "src/gpunode/engines/pyinfra/__init__.py").read_text()
     assert "manifest.deploy_manifest(p)" in text
     play = (REPO / "playbooks/gpu_node.yml").read_text()
     assert play.rstrip().endswith("name: gpunode_manifest")

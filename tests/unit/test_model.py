@@ -358,8 +358,8 @@ def test_extra_env_takes_only_the_vllm_variables_the_release_reads() -> None:
 
 
 def test_the_service_environment_holds_no_variable_vllm_does_not_read() -> None:
-    from gpunode import desired
-    from gpunode.vllm_flags import ENV_VARS
+    from gpunode.core import desired
+    from gpunode.core.vllm_flags import ENV_VARS
 
     p = profile(vllm={"services": [svc("a", port=8001, host="0.0.0.0")]})
     env = desired.vllm_environment(p.vllm.model_dump(), p.vllm.services[0].model_dump())

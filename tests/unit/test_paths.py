@@ -1,4 +1,4 @@
-"""gpunode.paths owns the host paths: nothing else spells the vLLM ones, the roles spell
+"""gpunode.core.paths owns the host paths: nothing else spells the vLLM ones, the roles spell
 none; a managed file carries its identity; one snapshot spec builder."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import facts, paths
-from gpunode.files import node_files, restart_inputs
+from gpunode import facts
+from gpunode.core import paths
+from gpunode.core.files import node_files, restart_inputs
+from gpunode.core.topology import Gpu
 from gpunode.inventory import load_site
 from gpunode.model import NodeProfile
-from gpunode.topology import Gpu
 
 REPO = Path(__file__).resolve().parents[2]
 #: Fragments of the vLLM drop-in, credential, config and unit paths, and gpunode's state.
@@ -47,7 +48,7 @@ def _yaml_lines(f: Path) -> list[tuple[int, str]]:
 def test_vllm_paths_are_spelled_only_in_paths_py():
     offenders = []
     for f in _sources("src/gpunode", "deploy", "checks", "roles", "playbooks"):
-        if f == REPO / "src/gpunode/paths.py" or "lab" in f.relative_to(REPO).parts:
+        if f == REPO / "src/gpunode/core/paths.py" or "lab" in f.relative_to(REPO).parts:
             continue  # the lab's simulated packages ship their own files
         lines = _code_strings(f) if f.suffix == ".py" else _yaml_lines(f)
         offenders += [f"{f.relative_to(REPO)}:{n}: {text.strip()}" for n, text in lines

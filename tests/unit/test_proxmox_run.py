@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gpunode.cli import app
+from gpunode.cli.main import app
 from gpunode.inventory import load_site
 from gpunode.proxmox import run
 

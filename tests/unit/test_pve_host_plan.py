@@ -1,4 +1,4 @@
-"""gpunode.pve_host.plan from host trees: fresh, converged, mid-way, refused, systemd-boot.
+"""gpunode.core.pve_host.plan from host trees: fresh, converged, mid-way, refused, systemd-boot.
 
 The trees are snapshots (gpunode.facts) as the snapshot script reports them; the PCI part
 follows what a Proxmox host shows (/sys/bus/pci/devices: vendor, device, class, driver and
@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from gpunode import pve_host
+from gpunode.core import pve_host
+from gpunode.core.paths import stamp_path
+from gpunode.core.plan import sha256
 from gpunode.facts import Snapshot
 from gpunode.model import NodeProfile
-from gpunode.paths import stamp_path
-from gpunode.plan import sha256
 
 BOOT = 1_700_000_000
 GPU, AUDIO = "0000:41:00.0", "0000:41:00.1"

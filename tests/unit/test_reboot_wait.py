@@ -10,7 +10,7 @@ import gevent
 import pytest
 from pyinfra.api import FunctionCommand, OperationError, StringCommand
 
-from gpunode.deploys import ops
+from gpunode.engines.pyinfra import ops
 
 OLD, NEW = "0ld-b00t", "n3w-b00t"
 

@@ -10,9 +10,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpunode import filters
+from gpunode.core import filters
+from gpunode.core.render import JINJA_OPTIONS, MANAGED_HEADER, context, environment
 from gpunode.model import NodeProfile
-from gpunode.render import JINJA_OPTIONS, MANAGED_HEADER, context, environment
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import paths
+from gpunode.core import paths
 from gpunode.lab.sim import gpus as simgpus
 from gpunode.lab.sim import guest
 

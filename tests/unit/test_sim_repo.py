@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import paths
+from gpunode.core import paths
 from gpunode.lab.sim import packages as cat
 from gpunode.lab.sim import repo
 from gpunode.lab.sim.server import serving
@@ -181,7 +181,7 @@ def test_every_version_the_model_defaults_to_is_served(built: tuple[Path, dict])
     """A site that enables everything at the model's defaults (each driver the sim serves
     pinned) finds every package=version gpunode installs in the distro's CUDA repository
     or the container toolkit repository."""
-    from gpunode import desired
+    from gpunode.core import desired
     from gpunode.model import NodeProfile
 
     www = built[0]
@@ -318,7 +318,7 @@ def test_kmod_and_library_packages_record_their_state(built: tuple[Path, dict],
 
 def test_toolkit_118_ships_and_starts_its_cdi_refresh_units(built: tuple[Path, dict],
                                                            tmp_path: Path) -> None:
-    from gpunode import desired
+    from gpunode.core import desired
 
     d = built[0] / cat.CTK_REPO_PATH
     deb = d / "nvidia-container-toolkit-base_1.18.1-1_amd64.deb"
@@ -614,7 +614,7 @@ def test_apt_installs_what_gpunode_names_for_dcgm_as_nvidias_install_does(
 ) -> None:
     """NVIDIA's instructions install -cuda13 with Recommends; gpunode installs its own list
     without them: apt must end with the same DCGM packages, and the exporter next to them."""
-    from gpunode import desired
+    from gpunode.core import desired
     from gpunode.model import NodeProfile
 
     apt, _ = apt_debian12
@@ -668,7 +668,7 @@ def test_the_deploys_nccl_check_reads_the_sim_repo_through_real_apt(
         apt_debian12: tuple[PrivateApt, Path]) -> None:
     """hostcmd.nccl_available parses real `apt-cache madison` output of the sim repo: the
     default build passes, a release validate knows but the repository lacks stops."""
-    from gpunode import hostcmd
+    from gpunode.core import hostcmd
     from gpunode.model import NodeProfile
 
     apt, _ = apt_debian12

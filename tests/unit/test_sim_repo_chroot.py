@@ -144,7 +144,7 @@ def _build(tmp: Path) -> Path:
 
 
 def test_install_pin_upgrade_switch_and_purge(chroot: tuple[Chroot, str, Path]) -> None:
-    from gpunode import desired
+    from gpunode.core import desired
     from gpunode.model import NodeProfile
 
     defaults = NodeProfile.model_validate({

@@ -426,9 +426,9 @@ def test_wheel_builds(tmp_path: Path) -> None:
 
 
 def test_demo_client_reads_the_stream(server) -> None:
-    """`make demo`'s chat client (gpunode.demo.stream_chat) against the stand-in: a
+    """`make demo`'s chat client (gpunode.lab.demo.stream_chat) against the stand-in: a
     streamed chat completion read as server-sent events, as an OpenAI client reads it."""
-    from gpunode.demo import StepFailed, stream_chat
+    from gpunode.lab.demo import StepFailed, stream_chat
 
     port, _, _ = server
     assert _req(port, "GET", "/health")[0] == 200
@@ -443,10 +443,10 @@ def test_demo_client_reads_the_stream(server) -> None:
 
 
 def test_the_products_flag_table_is_the_release_list_the_stand_in_accepts(standin) -> None:
-    """gpunode validates extra_args and extra_env against gpunode.vllm_flags, loaded from
+    """gpunode validates extra_args and extra_env against gpunode.core.vllm_flags, loaded from
     src/gpunode/vllm-0.33.0.json; the stand-in's table is generated from that same file: both
     are vLLM 0.33.0's lists (tests/fixtures/vllm, the release's own output), so neither drifts."""
-    from gpunode import vllm_flags
+    from gpunode.core import vllm_flags
 
     source = json.loads((REPO / "src/gpunode" / vllm_flags.SOURCE).read_text())
     listed = [ln.strip() for ln in FLAGS_FILE.read_text().splitlines() if ln.strip()]

@@ -16,11 +16,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpunode.files import node_files
-from gpunode.hostcmd import user_command, venv_command
+from gpunode.core.files import node_files
+from gpunode.core.hostcmd import user_command, venv_command
+from gpunode.core.topology import Gpu
 from gpunode.inventory import SiteError, load_site
 from gpunode.model.profile import FROM_LOCK
-from gpunode.topology import Gpu
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "inventory" / "examples"

@@ -421,7 +421,7 @@ def test_a_profile_built_outside_the_loader_gets_the_cross_field_rules(
     """The action plugin, deploy entry files and checks validate hostvars `node` directly:
     the model raises what the loader reports, every problem with its field path (the
     action plugin as one message, `node.<path>: what` per problem)."""
-    from gpunode.expect import resolve_profile
+    from gpunode.checks.expect import resolve_profile
 
     lines = site_errors(CROSS_FIELD)
     assert len(lines) == 3  # every problem of the node (tp, port, utilization), as before

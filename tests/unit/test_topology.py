@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gpunode.topology import (
+from gpunode.core.topology import (
     GPU_FIELDS,
     Gpu,
     attach_topology,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from gpunode import paths
+from gpunode.core import paths
+from gpunode.core.render import render
 from gpunode.inventory import load_site
-from gpunode.render import render
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,8 +64,8 @@ def test_gpu_settings_unit_creates_the_uvm_nodes_before_vllm_starts() -> None:
     NoNewPrivileges= sandbox: the GPU settings unit creates it first, as root (+), with the
     device cgroup letting it mknod (DevicePolicy= binds + commands too), and every vLLM
     unit waits for that unit."""
-    from gpunode import desired
-    from gpunode.files import driver_files
+    from gpunode.core import desired
+    from gpunode.core.files import driver_files
 
     p = load_site(REPO / "inventory" / "examples" / "lab.yaml").nodes["labgpu1"]
     settings = render("gpu_settings/gpunode-gpu-settings.service.j2", p)

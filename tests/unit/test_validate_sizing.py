@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from gpunode.cli import app
+from gpunode.cli.main import app
 
 MODELS = Path(__file__).resolve().parent.parent / "fixtures" / "models"
 

@@ -1,7 +1,7 @@
 """Installed, not only cloned: the built wheel, pip-installed into a fresh venv, runs
 `gpunode validate | render | sizing | schema | deploy --dry-run` from a directory outside
 the checkout, with the checkout nowhere on sys.path (templates, the deploy and inventory
-entry files come from the package's data, gpunode.resources).
+entry files come from the package's data, gpunode.core.resources).
 
 Dependencies come as wheels from ~/.cache/gpunode/wheels-<key> (filled once with
 `pip download`, pinned to this venv's versions); the build and install run offline."""
@@ -90,7 +90,7 @@ def test_the_wheel_ships_templates_checks_and_entry_files_and_not_the_lab(instal
                 if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".md"}
         assert mine and mine <= shipped, sorted(mine - shipped)
     assert {"inventory/pyinfra_inventory.py", "inventory/ansible_inventory.py"} <= shipped
-    assert "gpunode/vllm-0.33.0.json" in names  # the vLLM flag table gpunode.vllm_flags loads
+    assert "gpunode/vllm-0.33.0.json" in names  # the vLLM flag table gpunode.core.vllm_flags loads
     assert not [n for n in names if n.startswith("gpunode/lab/")]
     assert not [n for n in shipped if n.startswith(("playbooks/", "roles/"))]
 
@@ -110,9 +110,9 @@ def test_the_installed_cli_works_outside_the_checkout(installed, tmp_path: Path)
     site = where / "site.yaml"
     shutil.copy(REPO / "inventory" / "examples" / "bare-metal.yaml", site)
     probe = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import gpunode.cli, gpunode.vllm_flags as f, sys; "
+                            "import gpunode.cli.main, gpunode.core.vllm_flags as f, sys; "
                             "assert len(f.SERVE_FLAGS) > 300 and len(f.ENV_VARS) > 200; "
-                            "print(gpunode.cli.__file__); print(sys.path)"],
+                            "print(gpunode.cli.main.__file__); print(sys.path)"],
                            cwd=where, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
                            text=True, check=True)
     assert probe.stdout.startswith(str(venv)), probe.stdout

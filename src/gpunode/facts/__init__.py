@@ -17,9 +17,9 @@ from typing import Any
 
 from pyinfra.api import FactBase
 
-from gpunode import desired, paths
+from gpunode.core import desired, paths
+from gpunode.core.topology import NVIDIA_SMI_QUERY, Gpu, attach_topology, parse_query_gpu, parse_topo
 from gpunode.model import NodeProfile
-from gpunode.topology import NVIDIA_SMI_QUERY, Gpu, attach_topology, parse_query_gpu, parse_topo
 
 _SCRIPT = (Path(__file__).with_name("snapshot_remote.py")).read_bytes()
 _SCRIPT_B64 = base64.b64encode(_SCRIPT).decode()
@@ -65,7 +65,7 @@ class Snapshot:
 
     def wanted(self, target: str, unit: str) -> bool:
         """`unit` is linked into `target`'s .wants (enabled without an [Install])."""
-        from gpunode import paths
+        from gpunode.core import paths
 
         return paths.wants_link(target, unit) in self.data["globs"].get(
             paths.wants_glob(target), [])
@@ -106,8 +106,8 @@ class Snapshot:
 def node_spec(p: NodeProfile) -> dict[str, Any]:
     """What a deploy reads from the node: the one snapshot spec both engines and the
     checks use, by the node's kind."""
-    from gpunode import hostcmd
-    from gpunode.manifest import GPU_IDS_COMMAND, GPU_IDS_KEY
+    from gpunode.core import hostcmd
+    from gpunode.core.manifest import GPU_IDS_COMMAND, GPU_IDS_KEY
 
     spec = {
         "paths": sorted(set(managed_paths(p))),
@@ -133,8 +133,8 @@ def managed_paths(p: NodeProfile) -> list[str]:
     """Every host path the snapshot reports on: managed files (the placement drop-ins
     whatever the GPUs), credentials, keyrings, runtime configs, directories, stamps and
     the manifest; a PVE host's own files and stamps."""
-    from gpunode import pve_host
-    from gpunode.files import credentials, node_files
+    from gpunode.core import pve_host
+    from gpunode.core.files import credentials, node_files
 
     if p.kind == "pve-host":
         return [paths.PVE_VFIO_CONF, paths.PVE_BLACKLIST_CONF, paths.PVE_MODULES_CONF,

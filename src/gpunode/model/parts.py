@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from gpunode.core.paths import VLLM_HOME
 from gpunode.model.types import (
     VOLID,
     ControlPath,
@@ -35,7 +36,6 @@ from gpunode.model.types import (
     Url,
     abs_path,
 )
-from gpunode.paths import VLLM_HOME
 
 PCI_ADDRESS = r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}(\.[0-7])?$"
 GPU_UUID = r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
@@ -388,7 +388,7 @@ class VllmService(Strict):
     @field_validator("extra_args")
     @classmethod
     def _known_args(cls, value: dict[str, object]) -> dict[str, object]:
-        from gpunode.vllm_flags import SERVE_FLAGS, VLLM_VERSION
+        from gpunode.core.vllm_flags import SERVE_FLAGS, VLLM_VERSION
 
         managed = {"model", "host", "port", "served-model-name", "tensor-parallel-size",
                    "gpu-memory-utilization", "max-model-len", "max-num-seqs", "quantization",
@@ -424,7 +424,7 @@ class VllmService(Strict):
     @field_validator("extra_env")
     @classmethod
     def _no_secret_env(cls, value: dict[str, str]) -> dict[str, str]:
-        from gpunode.vllm_flags import ENV_VARS, VLLM_VERSION
+        from gpunode.core.vllm_flags import ENV_VARS, VLLM_VERSION
 
         for key in value:
             if key in MANAGED_ENV or key.upper() in MANAGED_ENV:

@@ -8,6 +8,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field, StrictInt, model_validator
 
+from gpunode.core.paths import VLLM_HOME
 from gpunode.model.parts import (
     NCCL_BUILDS,
     OS_PYTHON,
@@ -31,7 +32,6 @@ from gpunode.model.parts import (
     nccl_cudas,
 )
 from gpunode.model.types import VOLID, DebName, DebVersion, PyName, PyVersion, WheelHash
-from gpunode.paths import VLLM_HOME
 
 #: The apt groups a lock pins package by package (the driver set is pinned by its version).
 LockedGroup = Literal["cuda", "nccl", "cudnn", "container-toolkit", "dcgm"]

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from gpunode import output
+from gpunode.cli import output
 from gpunode.inventory import Site, SiteError, load_site
 from gpunode.proxmox import run
 from gpunode.proxmox.plan import Change
@@ -37,7 +37,7 @@ def _input_error(lines: list[str]) -> typer.Exit:
 
 
 def _open(site: str | None, names: list[str] | None) -> tuple[Site, list[run.Endpoint]]:
-    from gpunode.lock import locked_site
+    from gpunode.core.lock import locked_site
 
     try:
         # a lock that disagrees with the site stops here, before `rebuild` destroys anything
@@ -153,7 +153,7 @@ def destroy_command(nodes: Annotated[list[str], typer.Argument(help="pve-guest n
 
 
 def _gpunode(*args: str) -> list[str]:
-    return [sys.executable, "-m", "gpunode.cli", *args]
+    return [sys.executable, "-m", "gpunode.cli.main", *args]
 
 
 def rebuild_command(node: Annotated[str, typer.Argument(help="One pve-guest node.")],
@@ -195,7 +195,7 @@ def rebuild_command(node: Annotated[str, typer.Argument(help="One pve-guest node
         raise finish(1)
     t0 = time.monotonic()
     try:
-        from gpunode.checks_cli import key_path
+        from gpunode.cli.check import key_path
         from gpunode.proxmox.ready import NotReady, wait_ready
 
         fresh = load_site(loaded.path)

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from gpunode import output
+from gpunode.cli import output
 from gpunode.sizing.gpus import parse_gpus
 from gpunode.sizing.planner import (
     DEFAULT_GPU_MEMORY_UTILIZATION,

@@ -3,7 +3,7 @@
     python src/gpunode/lab/sim/vllm_standin/gen_serve_flags.py [SOURCE.json] [--check]
 
 SOURCE defaults to src/gpunode/vllm-0.33.0.json, the one list of vLLM 0.33.0's `serve`
-flags with their argument kinds that gpunode.vllm_flags also loads. The stand-in is a wheel
+flags with their argument kinds that gpunode.core.vllm_flags also loads. The stand-in is a wheel
 of its own that cannot import gpunode, so it carries this generated copy; --check only says
 whether the committed copy is what the source gives (tests/unit/test_sim_vllm.py checks it).
 """

@@ -1,0 +1,1 @@
+"""The `gpunode` command: main (the verbs), deploy, check, lock, and their output."""
