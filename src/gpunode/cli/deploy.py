@@ -184,7 +184,8 @@ def deploy_command(
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Engine output.")] = False,
 ) -> None:
     """Converge NODE... (or --all) to their profiles."""
-    from gpunode.cli.main import fail_input, open_site
+    from gpunode.cli import fail_input
+    from gpunode.cli.main import open_site
 
     loaded = open_site(site)
     try:

@@ -134,7 +134,7 @@ def lock_command(
         "only; the lock records FROM).")] = None,
 ) -> None:
     """Resolve every version the site leaves open and write <site>.lock beside it."""
-    from gpunode.cli.main import fail_input
+    from gpunode.cli import fail_input
     from gpunode.inventory import SiteError, load_site
 
     try:
@@ -216,7 +216,8 @@ def manifest_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Print the manifest the deploy wrote on NODE (/var/lib/gpunode/core/manifest.json)."""
-    from gpunode.cli.main import fail_input, open_site
+    from gpunode.cli import fail_input
+    from gpunode.cli.main import open_site
     from gpunode.core import manifest as mf
     from gpunode.inventory import SiteError
 
@@ -250,8 +251,8 @@ def drift_command(
 ) -> None:
     """Compare NODE... live (one snapshot command each) against the lock and the files the
     deploy writes, and against siblings in the same group; exit 1 on drift."""
-    from gpunode.cli import output
-    from gpunode.cli.main import fail_input, open_site
+    from gpunode.cli import fail_input, output
+    from gpunode.cli.main import open_site
     from gpunode.core import drift as dr
     from gpunode.core import manifest as mf
     from gpunode.inventory import SiteError

@@ -17,7 +17,7 @@ import typer.main
 from rich.console import Console
 from rich.markup import escape
 
-from gpunode.cli import output
+from gpunode.cli import SiteOpt, fail_input, output
 from gpunode.inventory import Site, SiteError, load_site, to_ansible, to_pyinfra
 from gpunode.model import NodeProfile
 
@@ -25,15 +25,6 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Infrastructure as code for LLM-serving NVIDIA GPU hosts.")
 console = Console()
 err = Console(stderr=True)
-
-SiteOpt = Annotated[str | None, typer.Option("--site", help="Site file (else $GPUNODE_SITE, "
-                                              "else inventory/site.yaml).")]
-
-
-def fail_input(lines: list[str]) -> typer.Exit:
-    for line in lines:
-        print(line, file=sys.stderr)
-    return typer.Exit(2)
 
 
 @dataclass

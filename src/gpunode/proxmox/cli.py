@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from gpunode.cli import output
+from gpunode.cli import SiteOpt, fail_input, output
 from gpunode.inventory import Site, SiteError, load_site
 from gpunode.proxmox import run
 from gpunode.proxmox.plan import Change
@@ -24,16 +24,8 @@ out = output.console()
 
 NodesArg = Annotated[list[str] | None, typer.Argument(help="pve-guest nodes or groups "
                                                       "(default: every pve-guest node).")]
-SiteOpt = Annotated[str | None, typer.Option("--site", help="Site file (else $GPUNODE_SITE, "
-                                             "else inventory/site.yaml).")]
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the report as JSON to "
                                              "this file ('-' for stdout).")]
-
-
-def _input_error(lines: list[str]) -> typer.Exit:
-    for line in lines:
-        print(line, file=sys.stderr)
-    return typer.Exit(2)
 
 
 def _open(site: str | None, names: list[str] | None) -> tuple[Site, list[run.Endpoint]]:
@@ -44,11 +36,11 @@ def _open(site: str | None, names: list[str] | None) -> tuple[Site, list[run.End
         loaded = locked_site(load_site(site))
         return loaded, run.endpoints_for(loaded, names)
     except SiteError as exc:
-        raise _input_error(exc.lines) from None
+        raise fail_input(exc.lines) from None
     except run.InputProblems as exc:
-        raise _input_error(exc.lines) from None
+        raise fail_input(exc.lines) from None
     except run.PveInputError as exc:
-        raise _input_error([str(exc)]) from None
+        raise fail_input([str(exc)]) from None
 
 
 def _progress(node: str, message: str) -> None:
