@@ -101,3 +101,36 @@ def test_a_run_past_its_timeout_is_stopped_naming_the_operation(tmp_path: Path, 
     assert rc != 0 and seconds < 30
     assert results["n1"].errors[0] == ("pyinfra was stopped after 1 s (the run's timeout), "
                                        "in: Upgrade the driver")
+
+
+DRY = """--> Preparing operation files...
+    Loading: deploy/gpu_node.py
+    [gpu1] Ready: deploy/gpu_node.py
+
+--> Detected changes:
+    Operation                                   Change            Conditional Change
+    Base | Write /etc/apt/apt.conf.d/99gpunode-apt   2 (gpu1, gpu2)    -
+    Base | Install base packages                1 (gpu2)          -
+    Tuning | Apply sysctls                      -                 -
+    vLLM | Run vllm@tiny (waits for /health)   -                 1 (gpu1)
+
+    Detected changes may not include every change pyinfra will execute.
+
+--> Disconnecting from hosts...
+"""
+
+
+def test_a_dry_run_reads_the_changes_pyinfra_detected_per_host():
+    """Was: `gpunode deploy --dry-run` passed -y with --dry, so pyinfra skipped its change
+    detection and every node showed 0 changed."""
+    from gpunode.cli.deploy import pyinfra_command
+
+    results = {"gpu1": HostResult(), "gpu2": HostResult()}
+    read_pyinfra_output(DRY.splitlines(), results)
+    assert results["gpu1"].changed == ["Base | Write /etc/apt/apt.conf.d/99gpunode-apt",
+                                       "vLLM | Run vllm@tiny (waits for /health)"]
+    assert results["gpu2"].changed == ["Base | Write /etc/apt/apt.conf.d/99gpunode-apt",
+                                       "Base | Install base packages"]
+    cmd, _ = pyinfra_command(Path("site.yaml"), ["gpu1"], dry_run=True)
+    assert "--dry" in cmd and "-y" not in cmd
+    assert "-y" in pyinfra_command(Path("site.yaml"), ["gpu1"])[0]

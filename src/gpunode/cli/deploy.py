@@ -38,6 +38,12 @@ HOST_RESULT = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+(?P<what>Success|No change
 # raise_connect_error, host.py's "Host key ..."): that host then runs nothing.
 CONNECT_ERROR = re.compile(r"^(SSH error|Could not resolve hostname|Could not connect|EOF error"
                            r"|Authentication error|Host key)")
+# --dry: pyinfra's table of the changes it detected while preparing (pyinfra_cli.prints.
+# print_meta): one row per operation, its Change and Conditional Change columns "-" or
+# "N (host, host, ...)" (the names truncated to 48 characters).
+DETECTED = re.compile(r"^\s*--> Detected changes:")
+DETECTED_ROW = re.compile(r"^\s+(?P<op>\S.*?)\s{2,}(?P<change>-|\d+ \(.*?\))\s{2,}"
+                          r"(?P<cond>-|\d+ \(.*?\))\s*$")
 
 
 @dataclass
@@ -83,9 +89,8 @@ def pyinfra_command(site_path: Path, hosts: list[str], dry_run: bool = False,
     """The pyinfra command line and environment that deploy `hosts` of the site."""
     env = {**os.environ, "GPUNODE_SITE": str(site_path.resolve()),
            "GPUNODE_LIMIT": ",".join(hosts), "PYTHONUNBUFFERED": "1"}
-    cmd = [str(Path(sys.executable).with_name("pyinfra")), "-y"]
-    if dry_run:
-        cmd.append("--dry")
+    # --dry without -y: with -y, pyinfra skips its change detection and reports nothing
+    cmd = [str(Path(sys.executable).with_name("pyinfra")), "--dry" if dry_run else "-y"]
     root = data_root()  # the shipped inventory/ and deploy/ (a checkout's, or the wheel's)
     cmd += [str(root / "inventory" / "pyinfra_inventory.py"), str(root / "deploy" / f"{entry}.py")]
     return cmd, env
@@ -134,12 +139,18 @@ def read_pyinfra_output(lines: Iterable[str], results: dict[str, HostResult],
     """Fill `results` from pyinfra's output (per host: changed operations, unchanged count,
     errors with gpunode's stop message or the failed command's last output lines), echoing
     progress and error lines. Returns the last operation that started."""
-    op = ""
+    op, detecting = "", False
     said: dict[str, list[str]] = {h: [] for h in results}  # host lines since its last result
     for line in lines:
         text = re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip("\n"))
         if verbose:
             console.print(text, markup=False, highlight=False)
+        if DETECTED.match(text):
+            detecting = True
+            continue
+        if detecting:
+            detecting = _detected_row(text, results)
+            continue
         match = OP_START.search(text)
         if match:
             op = match.group(1).strip()
@@ -173,6 +184,26 @@ def read_pyinfra_output(lines: Iterable[str], results: dict[str, HostResult],
                 res.errors.append(f"{op}: {groups['what']}" + (f": {detail}" if detail else ""))
             said[host] = []
     return op
+
+
+def _detected_row(text: str, results: dict[str, HostResult]) -> bool:
+    """One line of pyinfra's detected-changes table (--dry): each host it names (every host
+    when the count covers them all, the names being truncated) would change this
+    operation. False once the table has ended."""
+    if not text.strip():
+        return False
+    row = DETECTED_ROW.match(text)
+    if row is None or row.group("op") == "Operation":
+        return True
+    for col in (row.group("change"), row.group("cond")):
+        if col == "-":
+            continue
+        count, _, names = col.partition(" (")
+        hosts = (list(results) if int(count) >= len(results) else
+                 [h for h in (n.strip() for n in names.rstrip(")").split(",")) if h in results])
+        for host in hosts:
+            results[host].changed.append(row.group("op"))
+    return True
 
 
 def deploy_command(
@@ -210,13 +241,24 @@ def deploy_command(
         code, res, took = run_pyinfra(loaded.path, hosts, dry_run, verbose, entry)
         rc, seconds = rc or code, seconds + took
         results.update(res)
-    table = Table(title=f"gpunode deploy ({seconds:.1f} s)")
-    for col in ("node", "changed", "unchanged", "result"):
+    if dry_run:  # what pyinfra detected while preparing; nothing ran
+        table = Table(title=f"gpunode deploy --dry-run ({seconds:.1f} s): nothing was changed")
+        cols: tuple[str, ...] = ("node", "would change", "result")
+    else:
+        table = Table(title=f"gpunode deploy ({seconds:.1f} s)")
+        cols = ("node", "changed", "unchanged", "result")
+    for col in cols:
         table.add_column(col)
     failed = rc != 0
     for name, res in results.items():
         status = "[red]failed[/red]" if res.errors else "[green]ok[/green]"
-        table.add_row(name, str(len(res.changed)), str(res.unchanged), status)
+        counts = [str(len(res.changed))] + ([] if dry_run else [str(res.unchanged)])
+        table.add_row(name, *counts, status)
+        if dry_run and res.changed:
+            console.print(f"{name} would change (detected before running; later operations "
+                          "may follow from these):", highlight=False)
+            for op in res.changed:
+                console.print(f"  {op}", markup=False, highlight=False)
         for err in res.errors:
             console.print(f"[red]{name}[/red]: {err}", highlight=False)
         failed |= bool(res.errors)
