@@ -1,9 +1,9 @@
 """Every lab OS the converged pair does not run (`make test-matrix`): a lab guest of that OS
-converged with the SIMULATED NVIDIA stack from its simulated repository: the full pyinfra
-deploy, `gpunode check`, and a second run that changes nothing. With the pair on Ubuntu
-24.04 (convergence.CONVERGED_OS) these are Debian 12 and Ubuntu 22.04. An Ubuntu 22.04
-guest runs no vLLM service (its python3 is 3.10; see labsite.lab_site), so there the
-deploy must install no vLLM venv.
+converged with the SIMULATED NVIDIA stack from its simulated repository: a dry run of each
+engine on the fresh guest, the full pyinfra deploy, `gpunode check`, and a second run that
+changes nothing. With the pair on Ubuntu 24.04 (convergence.CONVERGED_OS) these are
+Debian 12 and Ubuntu 22.04. An Ubuntu 22.04 guest runs no vLLM service (its python3 is
+3.10; see labsite.lab_site), so there the deploy must install no vLLM venv.
 
 An Ubuntu guest is skipped, with the reason, when Ubuntu's archive cannot be reached from
 this machine."""
@@ -60,6 +60,15 @@ def test_a_guest_of_another_os_converges_passes_its_checks_and_stays_converged(
     assert serves == (os_name != "ubuntu-22.04")
     if serves:
         assert node["vllm"]["python"] == OS_PYTHON[os_name]
+
+    # On the fresh guest, a dry run of each engine says what it would change and changes
+    # nothing (Ansible's check mode without python3-apt, the units or the vLLM user yet).
+    for engine in ("pyinfra", "ansible"):
+        rc, out, _ = gpunode_cli("deploy", vm.name, "--site", str(site), "--engine", engine,
+                                 "--dry-run")
+        assert rc == 0, f"{engine} --dry-run: {out[-3000:]}"
+        assert ("would change" in out) if engine == "pyinfra" else ("changed=" in out), out[-3000:]
+    assert vm.run("ls /var/lib/gpunode /etc/sysctl.d/60-gpunode.conf")[0] != 0
 
     rc, results, seconds = pyinfra(site, [vm.name])
     assert rc == 0, results[vm.name].errors
