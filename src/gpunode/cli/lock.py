@@ -215,7 +215,7 @@ def manifest_command(
     site: Annotated[str | None, typer.Option("--site", help="Site file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
-    """Print the manifest the deploy wrote on NODE (/var/lib/gpunode/core/manifest.json)."""
+    """Print the manifest the deploy wrote on NODE (/var/lib/gpunode/manifest.json)."""
     from gpunode.cli import fail_input
     from gpunode.cli.main import open_site
     from gpunode.core import manifest as mf

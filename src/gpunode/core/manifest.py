@@ -1,5 +1,5 @@
 """The node manifest: what a deploy left on a node, written there by both engines as
-/var/lib/gpunode/core/manifest.json and read back by `gpunode manifest` and `gpunode drift`.
+/var/lib/gpunode/manifest.json and read back by `gpunode manifest` and `gpunode drift`.
 
 `build` is a pure function of the profile and the deploy's one-command host snapshot
 (gpunode.facts): versions of every NVIDIA-side package installed, the kernel, the loaded

@@ -1,5 +1,5 @@
 """Concern `manifest`: record what the deploy left on the node in
-/var/lib/gpunode/core/manifest.json (gpunode.core.manifest), built at execution time from the
+/var/lib/gpunode/manifest.json (gpunode.core.manifest), built at execution time from the
 snapshot as it is after every other concern, written only when it changed."""
 
 from __future__ import annotations
