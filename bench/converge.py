@@ -28,12 +28,15 @@ from gpunode.lab.core import Lab  # noqa: E402
 TARGET_NOOP_S = 10.0
 
 
-def pyinfra_run(site: Path) -> dict:
+def pyinfra_run(site: Path, root: Path = REPO) -> dict:
+    """`root`: the tree whose entry files and code run (another revision's worktree)."""
     env = {**os.environ, "GPUNODE_SITE": str(site), "PYTHONUNBUFFERED": "1"}
+    if root != REPO:
+        env["PYTHONPATH"] = str(root / "src")
     cmd = [str(REPO / ".venv/bin/pyinfra"), "-y", "-vv",
            "inventory/pyinfra_inventory.py", "deploy/gpu_node.py"]
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - started
     out = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
     return {
