@@ -76,6 +76,32 @@ def test_the_snapshot_asks_apt_for_dkms_and_the_dkms_package_by_flavour():
     assert closed is not None and "show --no-all-versions nvidia-kernel-dkms " in closed
 
 
+@pytest.mark.parametrize(("installed", "asked"), [
+    ("ii 580.95.05-1", False),  # converged: apt is not asked (seconds per no-op)
+    ("ii 580.82.07-1", True),  # a driver bump: the new pin is to install
+    ("rc 580.95.05-1", True),  # removed, its configuration left
+    ("", True),  # not installed
+])
+def test_the_dkms_probe_asks_apt_only_when_the_package_is_not_at_its_pin(tmp_path, installed,
+                                                                       asked):
+    command = hostcmd.dkms_offer_command(profile(version="580.95.05"))
+    assert command is not None and "580.95.05-1" in command
+    assert hostcmd.dkms_offer_command(profile()).startswith("apt-cache")  # no pin: always
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if installed:  # dpkg-query's abbreviation is three characters: "ii " then the version
+        (bin_dir / "dpkg-query").write_text(f"#!/bin/sh\nprintf '%s' '{installed}'\n")
+    else:
+        (bin_dir / "dpkg-query").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "apt-cache").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/asked\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    proc = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "asked").exists() == asked
+
+
 @pytest.mark.parametrize(("depends", "available", "unmet"), [
     ("dkms (>= 3.1.8), nvidia-kernel-support--v1", ["3.0.10-8+deb12u1"], "dkms (>= 3.1.8)"),
     ("dkms (>= 3.1.8)", ["3.0.10-8+deb12u1", "3.1.8-1"], None),

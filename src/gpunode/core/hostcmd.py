@@ -42,6 +42,9 @@ STAMP_COMMANDS = {
 #: Apply gpunode's sysctls, and its THP settings now (both engines run these).
 SYSCTL_APPLY = f"sysctl -q -p {paths.SYSCTL_CONF}"
 TMPFILES_APPLY = f"systemd-tmpfiles --create {paths.TMPFILES_CONF}"
+#: Apply gpunode's disk rules now (they apply by themselves at every boot).
+BLOCK_APPLY = ("udevadm control --reload && udevadm trigger --action=change "
+               "--subsystem-match=block && udevadm settle --timeout=60")
 
 
 def remove_service(name: str) -> list[str]:
@@ -152,13 +155,22 @@ DKMS_OFFER_KEY = "apt:dkms"
 def dkms_offer_command(p: NodeProfile) -> str | None:
     """Prints `dkms <version>` for every dkms build the host's apt metadata offers, then the
     DKMS kernel-module package's candidate as `version ...` and `depends ...` (apt-cache
-    show honours the driver's preferences pin). None: not a debian-12 CUDA-repo node."""
+    show honours the driver's preferences pin); nothing when that package is installed at
+    the pinned version. None: not a debian-12 CUDA-repo node."""
     pkg = desired.dkms_kernel_package(p)
     if pkg is None:
         return None
-    return (f"{_offered('dkms')} | sed 's/^/dkms /'; "
-            f"apt-cache show --no-all-versions {pkg} 2>/dev/null "
-            "| sed -n 's/^Version: /version /p; s/^Depends: /depends /p'")
+    probe = (f"{_offered('dkms')} | sed 's/^/dkms /'; "
+             f"apt-cache show --no-all-versions {pkg} 2>/dev/null "
+             "| sed -n 's/^Version: /version /p; s/^Depends: /depends /p'")
+    pinned = desired.driver_deb_version(p)
+    if pinned is None:
+        return probe
+    # Installed at the pin already (a converged node): nothing is to install, so nothing
+    # to refuse, and the two apt-cache runs (seconds each on a small VM) are skipped.
+    installed = f"dpkg-query -W -f='${{db:Status-Abbrev}}${{Version}}' {pkg} 2>/dev/null"
+    return f'[ "$({installed})" = {shlex.quote("ii " + pinned)} ] || {{ {probe}; }}'
+
 
 
 def ctk_key_install(p: NodeProfile) -> str:
