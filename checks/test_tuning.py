@@ -1,5 +1,5 @@
-"""Host tuning: governor, NUMA balancing, THP, huge pages, sysctls, kernel arguments, limits,
-irqbalance kept off the pinned CPUs."""
+"""Host tuning: governor, NUMA balancing, THP, huge pages, sysctls, disks' I/O scheduler and
+read-ahead, kernel arguments, limits, irqbalance kept off the pinned CPUs."""
 
 from __future__ import annotations
 
@@ -49,6 +49,27 @@ def test_hugepages(node, facts):
     actual = pools.get(f"hugepages-{size_kib}kB")
     assert actual == hp.count, (
         f"{hp.size} huge pages differ: expected {hp.count} reserved, host has {actual}")
+
+
+def test_block_io(node, facts):
+    """Each whole disk of a class gpunode tunes (NVMe, sd/vd/xvd) has the profile's I/O
+    scheduler and read-ahead, read from sysfs; a scheduler the kernel does not offer for a
+    disk is a failure too (the deploy cannot set it)."""
+    if not node.tuning.block_io.enabled:
+        pytest.skip("tuning.block_io.enabled is false")
+    wrong = []
+    for dev, got in sorted(facts.snap.data["block"].items()):
+        want = desired.block_wanted(node, dev)
+        if want is None:
+            continue
+        scheduler, read_ahead = want
+        if got["scheduler"] != scheduler:
+            offered = ", ".join(got["schedulers"]) or "none listed"
+            wrong.append(f"{dev}: I/O scheduler {got['scheduler']}, expected {scheduler} "
+                         f"(the kernel offers: {offered})")
+        if got["read_ahead_kb"] != read_ahead:
+            wrong.append(f"{dev}: read-ahead {got['read_ahead_kb']} KiB, expected {read_ahead}")
+    assert not wrong, "; ".join(wrong)
 
 
 def test_sysctls(node, facts):

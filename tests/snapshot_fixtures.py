@@ -14,7 +14,12 @@ def fresh_snapshot() -> dict:
             "files": {}, "units": {}, "sysctl": {"vm.swappiness": "60"},
             "thp": {"enabled": "always", "defrag": "madvise"}, "hugepages": {},
             "memory_kib": 3000000, "nvidia_smi": {"present": False}, "venvs": {},
-            "users": ["root"], "globs": {}, "cmds": {}}
+            "users": ["root"], "globs": {}, "cmds": {},
+            # a virtio system disk at the kernel's defaults, and a CD-ROM gpunode leaves alone
+            "block": {"vda": {"scheduler": "none", "schedulers": ["mq-deadline", "none"],
+                              "read_ahead_kb": 128},
+                      "sr0": {"scheduler": "mq-deadline", "schedulers": ["mq-deadline", "none"],
+                              "read_ahead_kb": 128}}}
 
 
 UUIDS = ("GPU-12345678-1234-1234-1234-123456789abc", "GPU-12345678-1234-1234-1234-123456789abd")

@@ -27,6 +27,7 @@ import testinfra
 from gpunode.cli.check import ssh_config_text
 from gpunode.core import desired
 from gpunode.core.files import placements
+from gpunode.core.hostcmd import BLOCK_APPLY
 from gpunode.core.topology import (
     NVIDIA_SMI_QUERY,
     attach_topology,
@@ -131,6 +132,20 @@ def _sysctl_repair(c: Converged) -> None:
     c.run(f"sysctl -qw {SWAPPINESS}={desired.sysctls(c.profile)[SWAPPINESS]}")
 
 
+def _block_break(c: Converged) -> list[str]:
+    dev = "vda"  # the lab VM's system disk (virtio)
+    c.run(f"echo none > /sys/block/{dev}/queue/scheduler && "
+          f"echo 64 > /sys/block/{dev}/queue/read_ahead_kb")
+    scheduler, read_ahead = desired.block_wanted(c.profile, dev)
+    return [f"{dev}: I/O scheduler none, expected {scheduler}",
+            f"{dev}: read-ahead 64 KiB, expected {read_ahead}"]
+
+
+def _block_repair(c: Converged) -> None:
+    # gpunode's own udev rules put the disk back: this also proves that they apply
+    c.run(BLOCK_APPLY)
+
+
 def _held_driver_package(c: Converged) -> str:
     return desired.driver_packages(c.profile)[0]
 
@@ -204,6 +219,7 @@ def _key_on_cmdline_break(c: Converged) -> list[str]:
 
 BREAKS = [
     Break("sysctl", "test_sysctls", _sysctl_break, _sysctl_repair),
+    Break("block-io", "test_block_io", _block_break, _block_repair),
     Break("unhold", "test_driver_packages_held", _unhold_break, _unhold_repair),
     Break("stop-unit", "test_units_enabled_and_active", _stop_break, _restart_clean),
     Break("cpu-affinity", "test_cpu_affinity", _affinity_break, _restart_clean),

@@ -34,6 +34,7 @@ def test_fresh_host_needs_everything(profile):
     assert plan["todo"]["headers"] == ["linux-headers-amd64", "linux-headers-6.1.0-30-amd64"]
     assert plan["todo"]["vllm"] == ["gcc", "libc6-dev", "python3.11-dev"]  # Triton's toolchain
     assert plan["sysctl_differs"] and plan["thp_differs"] and plan["user_missing"]
+    assert plan["block_differs"] == ["vda"]  # the CD-ROM is no disk gpunode tunes
     assert all(s["needed"] for name, s in plan["stamps"].items()
                if name not in ("cdi", "cdi-refresh"))
     assert plan["stamps"]["cdi"] == {"path": "/var/lib/gpunode/cdi.stamp", "needed": False,
@@ -41,6 +42,27 @@ def test_fresh_host_needs_everything(profile):
     assert plan["placement_files"] == {"tuning": [], "vllm": []}
     assert set(plan["parents_needed"]["vllm"]) >= {"/etc/vllm", "/usr/local/lib/gpunode"}
     assert want["files"]["nvidia_driver"][0]["template"].startswith("nvidia_driver/")
+
+
+def test_disks_differ_on_read_ahead_or_an_offered_scheduler_only(profile):
+    data = fresh_snapshot()
+    vda = data["block"]["vda"]
+    vda.update(scheduler="mq-deadline", read_ahead_kb=4096)
+    assert ansible_plan.observed(profile, data)["block_differs"] == []
+    vda["read_ahead_kb"] = 128
+    assert ansible_plan.observed(profile, data)["block_differs"] == ["vda"]
+    # a scheduler the kernel does not offer for the disk is no step: the checks report it
+    vda.update(read_ahead_kb=4096, scheduler="none", schedulers=["none"])
+    assert ansible_plan.observed(profile, data)["block_differs"] == []
+    data["block"]["nvme0n1"] = {"scheduler": "mq-deadline", "schedulers": ["mq-deadline", "none"],
+                                "read_ahead_kb": 4096}
+    assert ansible_plan.observed(profile, data)["block_differs"] == ["nvme0n1"]
+    assert desired.block_wanted(profile, "nvme0n1") == ("none", 4096)
+    assert desired.block_wanted(profile, "nvme0n1p1") is None  # partitions follow the disk
+    assert desired.block_wanted(profile, "dm-0") is None
+    off = profile.model_copy(update={"tuning": profile.tuning.model_copy(
+        update={"block_io": profile.tuning.block_io.model_copy(update={"enabled": False})})})
+    assert ansible_plan.observed(off, data)["block_differs"] == []
 
 
 def test_a_host_lacking_only_the_triton_toolchain_refreshes_apt_and_installs_it(profile):

@@ -126,6 +126,30 @@ def test_sysctls_merge_profile_over_defaults_and_numa_follows_pinning():
     assert desired.sysctls(profile())["kernel.numa_balancing"] == "1"
 
 
+def test_serving_sysctls_reserve_the_vllm_ports_and_yield_to_the_site():
+    svc = {"model": "/m", "gpu_memory_utilization": 0.3}
+    p = profile(tuning={"sysctl": {"net.core.somaxconn": 8192}},
+                vllm={"services": [{"name": "a", "port": 8001, "gpus": [0], **svc},
+                                   {"name": "b", "port": 8000, "gpus": [1], **svc},
+                                   {"name": "c", "port": 9000, "gpus": [0], **svc}]})
+    values = desired.sysctls(p)
+    # the kernel's own spelling, so the read-back compares equal: sorted, runs as a-b
+    assert values["net.ipv4.ip_local_reserved_ports"] == "8000-8001,9000"
+    assert values["net.ipv4.tcp_slow_start_after_idle"] == "0"
+    assert values["net.core.somaxconn"] == "8192"  # the site's value wins ...
+    reasons = desired.sysctl_reasons(p)
+    assert "net.core.somaxconn" not in reasons  # ... and gpunode's reason is not printed
+    assert set(reasons) == set(desired.SERVING_SYSCTLS) - {"net.core.somaxconn"} | {
+        "net.ipv4.ip_local_reserved_ports"}
+    # no services: nothing to reserve; switched off: none of them
+    assert "net.ipv4.ip_local_reserved_ports" not in desired.sysctls(profile())
+    off = desired.sysctls(profile(tuning={"serving_sysctls": False}))
+    assert not set(off) & set(desired.SERVING_SYSCTLS)
+    assert desired.sysctl_reasons(profile(tuning={"serving_sysctls": False})) == {}
+    assert desired.port_ranges([]) == ""
+    assert desired.port_ranges([5, 3, 4, 4, 9]) == "3-5,9"
+
+
 def test_kernel_args_and_pending():
     p = profile(tuning={"thp": "madvise", "hugepages": {"size": "1G", "count": 4}},
                 memory_mib=65536)

@@ -86,6 +86,7 @@ def ansible_actions(p: NodeProfile, data: dict[str, Any]) -> Counter:
     out += [_apt(specs) for specs in obs["todo"].values() if specs]
     out += ["sysctl"] if obs["sysctl_differs"] else []
     out += ["tmpfiles"] if obs["thp_differs"] else []
+    out += ["block-io"] if obs["block_differs"] else []
     out += ["cpu-governor"] if obs["governor_needed"] else []
     out += [f"stamp:{name}" for name in _stamps_run(p, obs, want)]
     out += ["cdi-cleanup"] if obs["etc_cdi_cleanup"] else []
@@ -127,6 +128,11 @@ def ansible_actions(p: NodeProfile, data: dict[str, Any]) -> Counter:
     return Counter(_apt(a[4:].split(",")) if a.startswith("apt:") else a for a in out)
 
 
+def _block_as_wanted(p: NodeProfile, dev: str, got: dict[str, Any]) -> dict[str, Any]:
+    want = desired.block_wanted(p, dev)
+    return got if want is None else {**got, "scheduler": want[0], "read_ahead_kb": want[1]}
+
+
 def _entry(digest: str, mode: str = "0644", owner: str = "root", group: str = "root") -> dict:
     return {"sha256": digest, "mode": mode, "owner": owner, "group": group}
 
@@ -159,6 +165,8 @@ def converged(p: NodeProfile) -> dict[str, Any]:
                 apt_lists_mtime=2**31, users=["root", p.vllm.user],
                 sysctl={k: " ".join(v.split()) for k, v in desired.sysctls(p).items()},
                 thp={"enabled": p.tuning.thp, "defrag": p.tuning.thp_defrag},
+                block={dev: _block_as_wanted(p, dev, got)
+                       for dev, got in fresh_snapshot()["block"].items()},
                 venvs={f"{p.vllm.prefix}/venv": {"vllm": p.vllm.version}})
     data["cmdline"] += " " + " ".join(desired.kernel_args(p, data.get("thp_default")))
     for runtime in p.container_toolkit.runtimes:

@@ -121,3 +121,21 @@ def test_env_quote_round_trips(value: str) -> None:
     quoted = filters.env_quote(value)
     assert unquote(quoted) == value
     assert " " not in quoted or quoted.startswith('"')
+
+
+def test_the_sysctl_file_gives_each_serving_sysctl_its_reason() -> None:
+    from gpunode.core import desired, paths
+    from gpunode.core.files import tuning_files
+
+    p = NodeProfile.model_validate({
+        "name": "n", "connection": {"address": "127.0.0.1"}, "gpus": {"count": 1},
+        "tuning": {"sysctl": {"net.core.somaxconn": 8192}},
+        "vllm": {"services": [{"name": "a", "model": "/m", "gpus": [0], "port": 8000}]}})
+    (conf,) = [f for f in tuning_files(p) if f.path == paths.SYSCTL_CONF]
+    lines = conf.content.splitlines()
+    at = lines.index("net.ipv4.tcp_slow_start_after_idle = 0")
+    assert lines[at - 1] == "# " + desired.SERVING_SYSCTLS[
+        "net.ipv4.tcp_slow_start_after_idle"][1]
+    assert "net.ipv4.ip_local_reserved_ports = 8000" in lines
+    at = lines.index("net.core.somaxconn = 8192")  # the site's own value: no reason of ours
+    assert not lines[at - 1].startswith("#")

@@ -425,6 +425,53 @@ def tuning_profile(p: NodeProfile) -> str:
     return "virtual-guest" if p.kind == "pve-guest" else "accelerator-performance"
 
 
+#: The socket sysctls of a serving node (tuning.serving_sysctls), and why: the sysctl file
+#: carries each reason above its line.
+SERVING_SYSCTLS: dict[str, tuple[str, str]] = {
+    "net.core.somaxconn": (
+        "4096", "accept queue ceiling: a listen() backlog is capped by it (uvicorn, which "
+        "serves vLLM's API, asks for 2048); older kernels default to 128"),
+    "net.ipv4.tcp_max_syn_backlog": (
+        "8192", "half-open connections kept while a burst of clients connects at once"),
+    "net.core.netdev_max_backlog": (
+        "16384", "packets queued per CPU when a fast NIC outruns the softirq (default 1000)"),
+    "net.ipv4.ip_local_port_range": (
+        "10240 65535", "ephemeral ports for a proxy or gateway on the node opening one "
+        "connection per request (the vLLM ports are reserved out of it)"),
+    "net.ipv4.tcp_slow_start_after_idle": (
+        "0", "a streamed completion pauses between tokens: keep the congestion window "
+        "instead of restarting slow start after each pause"),
+    "net.core.rmem_max": ("16777216", "16 MiB socket buffer ceiling (large model downloads "
+                          "over long fat paths; streams stay small)"),
+    "net.core.wmem_max": ("16777216", "16 MiB socket buffer ceiling, sending side"),
+    "net.ipv4.tcp_rmem": ("4096 131072 16777216", "TCP receive autotuning up to 16 MiB"),
+    "net.ipv4.tcp_wmem": ("4096 16384 16777216", "TCP send autotuning up to 16 MiB"),
+}
+RESERVED_PORTS_WHY = ("the vLLM listen ports: never handed out as ephemeral ports, so a "
+                      "restarting service always gets its port back")
+
+
+def port_ranges(ports: list[int]) -> str:
+    """Ports as the kernel prints ip_local_reserved_ports: sorted, runs as a-b, comma-joined."""
+    runs: list[list[int]] = []
+    for port in sorted(set(ports)):
+        if runs and port == runs[-1][1] + 1:
+            runs[-1][1] = port
+        else:
+            runs.append([port, port])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs)
+
+
+def sysctl_reasons(p: NodeProfile) -> dict[str, str]:
+    """Why gpunode sets each of its own serving sysctls (the file's comments)."""
+    if not p.tuning.serving_sysctls:
+        return {}
+    reasons = {key: why for key, (_, why) in SERVING_SYSCTLS.items()}
+    if p.vllm.services:
+        reasons["net.ipv4.ip_local_reserved_ports"] = RESERVED_PORTS_WHY
+    return {k: v for k, v in reasons.items() if k not in p.tuning.sysctl}
+
+
 def sysctls(p: NodeProfile) -> dict[str, str]:
     """Every sysctl gpunode sets: its defaults, then the profile's map on top."""
     values: dict[str, str] = {
@@ -438,9 +485,35 @@ def sysctls(p: NodeProfile) -> dict[str, str]:
     hp = p.tuning.hugepages
     if hp.size == "2M" and hp.count:
         values["vm.nr_hugepages"] = str(hp.count)
+    if p.tuning.serving_sysctls:
+        values.update({key: value for key, (value, _) in SERVING_SYSCTLS.items()})
+        if p.vllm.services:
+            values["net.ipv4.ip_local_reserved_ports"] = port_ranges(
+                [s.port for s in p.vllm.services])
     for key, value in p.tuning.sysctl.items():
         values[key] = str(value)
     return dict(sorted(values.items()))
+
+
+#: Disks by class: the udev KERNEL pattern of the rules file and the same names as a
+#: regular expression over /sys/block (whole disks only; partitions are not there).
+BLOCK_CLASSES = {
+    "nvme": ("nvme[0-9]*n[0-9]*", re.compile(r"nvme\d+n\d+")),
+    "other": ("sd[a-z]*|vd[a-z]*|xvd[a-z]*", re.compile(r"(sd|vd|xvd)[a-z]+")),
+}
+
+
+def block_wanted(p: NodeProfile, device: str) -> tuple[str, int] | None:
+    """(I/O scheduler, read-ahead KiB) gpunode wants for disk `device` (a /sys/block name),
+    or None when it leaves the device alone (another kind of device, or block_io off)."""
+    bio = p.tuning.block_io
+    if not bio.enabled:
+        return None
+    for cls, (_, names) in BLOCK_CLASSES.items():
+        if names.fullmatch(device):
+            return (bio.nvme_scheduler if cls == "nvme" else bio.other_scheduler,
+                    bio.read_ahead_kb)
+    return None
 
 
 def kernel_args(p: NodeProfile, thp_default: str | None = None) -> list[str]:

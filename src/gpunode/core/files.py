@@ -138,6 +138,8 @@ def tuning_files(p: NodeProfile, gpus: list[Gpu] | None = None,
         _file("tuning", paths.LIMITS_CONF,
               "tuning/60-gpunode-limits.conf.j2", p),
     ]
+    if p.tuning.block_io.enabled:
+        files.append(_file("tuning", paths.BLOCK_RULES, "tuning/60-gpunode-block.rules.j2", p))
     if p.tuning.governor:
         files.append(_file("tuning", paths.CPU_GOVERNOR_UNIT_PATH,
                            "tuning/gpunode-cpu-governor.service.j2", p))

@@ -99,6 +99,19 @@ def node_sysctls(node: dict[str, Any]) -> dict[str, str]:
     return desired.sysctls(_profile(node))
 
 
+def node_sysctl_reasons(node: dict[str, Any]) -> dict[str, str]:
+    from gpunode.core import desired
+
+    return desired.sysctl_reasons(_profile(node))
+
+
+def node_block_kernels(node: dict[str, Any]) -> dict[str, str]:
+    """The udev KERNEL pattern of each disk class (desired.BLOCK_CLASSES)."""
+    from gpunode.core import desired
+
+    return {cls: pattern for cls, (pattern, _) in desired.BLOCK_CLASSES.items()}
+
+
 def node_cuda_repo_line(node: dict[str, Any]) -> str:
     from gpunode.core import desired
 
@@ -155,6 +168,8 @@ def service_start_after(service: dict[str, Any], node: dict[str, Any]) -> list[s
 
 FILTERS = {
     "node_sysctls": node_sysctls,
+    "node_sysctl_reasons": node_sysctl_reasons,
+    "node_block_kernels": node_block_kernels,
     "node_cuda_repo_line": node_cuda_repo_line,
     "node_ctk_repo_line": node_ctk_repo_line,
     "node_debian_contrib_source": node_debian_contrib_source,

@@ -50,6 +50,8 @@ APT_CONF = "/etc/apt/apt.conf.d/99gpunode-apt"
 
 # tuning
 SYSCTL_CONF = "/etc/sysctl.d/60-gpunode.conf"
+#: udev rules setting the disks' I/O scheduler and read-ahead (tuning.block_io).
+BLOCK_RULES = "/etc/udev/rules.d/60-gpunode-block.rules"
 #: gpunode's GRUB drop-in with the kernel arguments it keeps (GPU nodes).
 GRUB_CFG = "/etc/default/grub.d/60-gpunode.cfg"
 TMPFILES_CONF = "/etc/tmpfiles.d/gpunode-tuning.conf"

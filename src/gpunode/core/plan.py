@@ -259,6 +259,22 @@ def sysctl_differs(p: NodeProfile, data: dict[str, Any]) -> bool:
     return any(data["sysctl"].get(k) != " ".join(v.split()) for k, v in d.sysctls(p).items())
 
 
+def block_differs(p: NodeProfile, data: dict[str, Any]) -> list[str]:
+    """Disks whose read-ahead, or whose I/O scheduler where the kernel offers the one wanted,
+    differs from the profile (the rules are applied again). A scheduler the kernel does not
+    offer for a disk is no step a deploy could take: the checks report it."""
+    out = []
+    for dev, got in sorted((data.get("block") or {}).items()):
+        want = d.block_wanted(p, dev)
+        if want is None:
+            continue
+        scheduler, read_ahead = want
+        if ((scheduler in got.get("schedulers", []) and got.get("scheduler") != scheduler)
+                or got.get("read_ahead_kb") != read_ahead):
+            out.append(dev)
+    return out
+
+
 def daemon_reload_stale(p: NodeProfile, snap: Snapshot) -> bool:
     """systemd says one of the node's units changed on disk since it was loaded."""
     from gpunode.core.hostcmd import unit_names

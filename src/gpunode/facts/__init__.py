@@ -120,6 +120,7 @@ def node_spec(p: NodeProfile) -> dict[str, Any]:
         spec.update(pci=True, reads=[paths.KERNEL_CMDLINE])
         return spec
     spec["globs"] = [paths.VLLM_CONFIG_GLOB, paths.wants_glob("multi-user.target")]
+    spec["block"] = p.tuning.block_io.enabled
     spec["commands"] = {f"grep:{paths.RUNTIME_CONFIG[r]}": desired.runtime_probe(
         paths.RUNTIME_CONFIG[r]) for r in p.container_toolkit.runtimes if r != "podman"}
     spec["commands"][GPU_IDS_KEY] = GPU_IDS_COMMAND  # for the manifest

@@ -220,6 +220,16 @@ def main():
         text = read("/sys/kernel/mm/transparent_hugepage/" + k, "") or ""
         thp[k] = next((w.strip("[]") for w in text.split() if w.startswith("[")), None)
     out["thp"] = thp
+    if spec.get("block"):
+        # every whole disk's active I/O scheduler, those it offers, and its read-ahead
+        out["block"] = {}
+        for d in sorted(glob.glob("/sys/block/*")):
+            words = (read(d + "/queue/scheduler", "") or "").split()
+            ra = (read(d + "/queue/read_ahead_kb", "") or "").strip()
+            out["block"][os.path.basename(d)] = {
+                "scheduler": next((w.strip("[]") for w in words if w.startswith("[")), None),
+                "schedulers": [w.strip("[]") for w in words],
+                "read_ahead_kb": int(ra) if ra.isdigit() else None}
     out["hugepages"] = {os.path.basename(d): int((read(d + "/nr_hugepages", "0") or "0").strip())
                         for d in glob.glob("/sys/kernel/mm/hugepages/hugepages-*")}
     out["memory_kib"] = next((int(line.split()[1]) for line in

@@ -294,6 +294,23 @@ class Limits(Strict):
         "K, M, G or T (powers of 1024).")
 
 
+IoScheduler = Literal["none", "mq-deadline", "kyber", "bfq"]
+
+
+class BlockIo(Strict):
+    """Block devices' I/O scheduler and read-ahead (udev rules, applied at once and at
+    every boot). Model loads are long sequential reads of safetensors shards."""
+
+    enabled: StrictBool = Field(True, description="Write and apply the udev rules.")
+    nvme_scheduler: IoScheduler = Field(
+        "none", description="NVMe namespaces: the drive orders its own queues.")
+    other_scheduler: IoScheduler = Field(
+        "mq-deadline", description="Other disks (SATA/SAS sd*, virtio vd*, xvd*).")
+    read_ahead_kb: StrictInt = Field(
+        4096, ge=0, le=65536, description="Read-ahead of every such disk in KiB (kernel "
+        "default 128): larger sequential reads while a model's weights load.")
+
+
 SYSCTL_KEY = r"^[a-z0-9_]+(\.[a-zA-Z0-9_/\-]+)+$"
 #: sysctls that name a program the kernel runs as root: never from a site.
 SYSCTL_PROGRAMS = frozenset({"kernel.modprobe", "kernel.hotplug", "kernel.poweroff_cmd",
@@ -321,6 +338,12 @@ class Tuning(Strict):
                  SysctlValue | StrictInt] = Field(
         default_factory=dict, description="Extra sysctls (merged over gpunode's defaults).")
     swappiness: StrictInt = Field(10, ge=0, le=200, description="vm.swappiness.")
+    block_io: BlockIo = Field(default_factory=BlockIo,
+                              description="I/O scheduler and read-ahead per disk class.")
+    serving_sysctls: StrictBool = Field(
+        True, description="Socket sysctls for many concurrent HTTP streams (accept and SYN "
+        "backlogs, input queue, ephemeral port range with the vLLM ports reserved out of it, "
+        "TCP buffer ceilings, no slow start after idle); each value in `sysctl` wins.")
 
     @field_validator("sysctl")
     @classmethod

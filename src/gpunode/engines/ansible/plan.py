@@ -25,6 +25,7 @@ from gpunode.core.files import (
 )
 from gpunode.core.hostcmd import (
     APT_ENV_VARS,
+    BLOCK_APPLY,
     OS_IDS,
     STAMP_COMMANDS,
     SYSCTL_APPLY,
@@ -138,6 +139,7 @@ def desired(p: NodeProfile, gpus: list[Gpu] | None = None,
         "irq_dropin": paths.IRQ_DROPIN,
         "sysctl_command": SYSCTL_APPLY,
         "tmpfiles_command": TMPFILES_APPLY,
+        "block_command": BLOCK_APPLY,
         "cpu_governor": ({"unit": paths.CPU_GOVERNOR_UNIT, "path": paths.CPU_GOVERNOR_UNIT_PATH}
                          if p.tuning.governor else None),
         "vllm": {
@@ -251,6 +253,7 @@ def observed(p: NodeProfile, data: dict[str, Any], skip_unchanged: bool = True
         "ctk_key_needed": plan.ctk_key_needed(snap),
         "sysctl_differs": plan.sysctl_differs(p, data),
         "thp_differs": plan.thp_differs(p, data),
+        "block_differs": plan.block_differs(p, data),
         "stamps": stamps,
         "units": units,
         "stale_daemon": plan.daemon_reload_stale(p, snap),

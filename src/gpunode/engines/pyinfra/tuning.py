@@ -8,7 +8,7 @@ from pyinfra.api import deploy
 
 from gpunode.core import paths, plan
 from gpunode.core.files import ManagedFile, banned_cpus, irq_dropin, tuning_files
-from gpunode.core.hostcmd import SYSCTL_APPLY, TMPFILES_APPLY
+from gpunode.core.hostcmd import BLOCK_APPLY, SYSCTL_APPLY, TMPFILES_APPLY
 from gpunode.engines.pyinfra import ops
 from gpunode.model import NodeProfile
 
@@ -25,6 +25,8 @@ def deploy_tuning(p: NodeProfile) -> None:
     ops.run_when(name="Apply THP now", p=p, tag="tmpfiles",
                  command=TMPFILES_APPLY,
                  needed=lambda s: plan.thp_differs(p, s.data))
+    ops.run_when(name="Apply the disks' I/O scheduler and read-ahead", p=p, tag="block-io",
+                 command=BLOCK_APPLY, needed=lambda s: bool(plan.block_differs(p, s.data)))
     if p.tuning.governor:
         unit = paths.CPU_GOVERNOR_UNIT
         ops.daemon_reload(name="Reload systemd units (CPU governor unit)", p=p,
