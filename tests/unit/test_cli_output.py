@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -108,7 +110,9 @@ def local_site(tmp_path: Path) -> Path:
 
 
 def test_validate_says_per_service_whether_sizing_ran(local_site: Path, tmp_path: Path) -> None:
-    env_hub = tmp_path / "hf"  # an empty cache: the remote model is not there
+    # an empty cache: the remote model is not there. A short path (not pytest's tmp_path,
+    # longer under xdist): the message names it, and a path is not broken across lines.
+    env_hub = Path(tempfile.mkdtemp(prefix="hf-"))
     os.environ["HF_HOME"] = str(env_hub)
     try:
         proc = gpunode("validate", "--site", str(local_site))
@@ -116,6 +120,7 @@ def test_validate_says_per_service_whether_sizing_ran(local_site: Path, tmp_path
         strict = gpunode("validate", "--site", str(local_site), "--require-sizing")
     finally:
         del os.environ["HF_HOME"]
+        shutil.rmtree(env_hub, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
     by_name = {s["service"]: s for s in doc["sizing"]}
     assert by_name["awq70b"]["ran"] and by_name["awq70b"]["verdict"] in ("fits", "warnings")
