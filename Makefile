@@ -22,12 +22,17 @@ install: $(STAMP)
 lab-deps: $(STAMP)
 	$(BIN)/python -m gpunode.lab.cli deps --install
 
-# -v: one line per test; lab_progress (tests/lab_progress.py): a line when a lab fixture
-# starts and is ready, and one a minute while a fixture or test is still running; -rs: the
-# reason of every skip at the end.
+# Two runs: the unit and parity tests (no VMs) spread over the CPUs (pytest-xdist), then the
+# lab tests in one process, since their VMs and fresh deploys are session fixtures shared by
+# many tests. -v: one line per test; lab_progress (tests/lab_progress.py): a line when a lab
+# fixture starts and is ready, and one a minute while a fixture or test is still running;
+# -rs: the reason of every skip at the end.
+UNIT_JOBS ?= auto
 test: install lab-deps
+	PYTHONPATH=tests $(BIN)/pytest -n $(UNIT_JOBS) -q -rs --durations=5 -m "not matrix" \
+	  $(PYTEST_ARGS) tests/unit tests/parity
 	PYTHONPATH=tests $(BIN)/pytest -p lab_progress -v -rs --durations=10 -m "not matrix" \
-	  $(PYTEST_ARGS) tests
+	  $(PYTEST_ARGS) tests/integration
 
 test-matrix: install lab-deps
 	PYTHONPATH=tests $(BIN)/pytest -p lab_progress -v -rs --durations=10 -m matrix \
