@@ -77,9 +77,10 @@ def test_the_snapshot_asks_apt_for_dkms_and_the_dkms_package_by_flavour():
 
 
 @pytest.mark.parametrize(("installed", "asked"), [
-    ("ii 580.95.05-1", False),  # converged: apt is not asked (seconds per no-op)
-    ("ii 580.82.07-1", True),  # a driver bump: the new pin is to install
-    ("rc 580.95.05-1", True),  # removed, its configuration left
+    ("installed 580.95.05-1", False),  # converged (held): apt is not asked (seconds a no-op)
+    ("installed 580.82.07-1", True),  # a driver bump: the new pin is to install
+    ("config-files 580.95.05-1", True),  # removed, its configuration left
+    ("half-configured 580.95.05-1", True),
     ("", True),  # not installed
 ])
 def test_the_dkms_probe_asks_apt_only_when_the_package_is_not_at_its_pin(tmp_path, installed,
@@ -89,7 +90,7 @@ def test_the_dkms_probe_asks_apt_only_when_the_package_is_not_at_its_pin(tmp_pat
     assert hostcmd.dkms_offer_command(profile()).startswith("apt-cache")  # no pin: always
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    if installed:  # dpkg-query's abbreviation is three characters: "ii " then the version
+    if installed:
         (bin_dir / "dpkg-query").write_text(f"#!/bin/sh\nprintf '%s' '{installed}'\n")
     else:
         (bin_dir / "dpkg-query").write_text("#!/bin/sh\nexit 1\n")

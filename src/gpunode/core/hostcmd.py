@@ -168,8 +168,9 @@ def dkms_offer_command(p: NodeProfile) -> str | None:
         return probe
     # Installed at the pin already (a converged node): nothing is to install, so nothing
     # to refuse, and the two apt-cache runs (seconds each on a small VM) are skipped.
-    installed = f"dpkg-query -W -f='${{db:Status-Abbrev}}${{Version}}' {pkg} 2>/dev/null"
-    return f'[ "$({installed})" = {shlex.quote("ii " + pinned)} ] || {{ {probe}; }}'
+    # (held or not: gpunode holds it)
+    installed = f"dpkg-query -W -f='${{db:Status-Status}} ${{Version}}' {pkg} 2>/dev/null"
+    return f'[ "$({installed})" = {shlex.quote("installed " + pinned)} ] || {{ {probe}; }}'
 
 
 
