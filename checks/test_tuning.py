@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gpunode.checks import expect
-from gpunode.core import desired, paths
+from gpunode.core import desired, paths, plan
 from gpunode.core.files import banned_cpus
 
 
@@ -58,17 +58,12 @@ def test_block_io(node, facts):
     if not node.tuning.block_io.enabled:
         pytest.skip("tuning.block_io.enabled is false")
     wrong = []
-    for dev, got in sorted(facts.snap.data["block"].items()):
-        want = desired.block_wanted(node, dev)
-        if want is None:
-            continue
-        scheduler, read_ahead = want
-        if got["scheduler"] != scheduler:
-            offered = ", ".join(got["schedulers"]) or "none listed"
-            wrong.append(f"{dev}: I/O scheduler {got['scheduler']}, expected {scheduler} "
-                         f"(the kernel offers: {offered})")
-        if got["read_ahead_kb"] != read_ahead:
-            wrong.append(f"{dev}: read-ahead {got['read_ahead_kb']} KiB, expected {read_ahead}")
+    for dev, setting, have, want, offered in plan.block_mismatches(node, facts.snap.data):
+        if setting == "scheduler":
+            wrong.append(f"{dev}: I/O scheduler {have}, expected {want} "
+                         f"(the kernel offers: {', '.join(offered) or 'none listed'})")
+        else:
+            wrong.append(f"{dev}: read-ahead {have} KiB, expected {want}")
     assert not wrong, "; ".join(wrong)
 
 

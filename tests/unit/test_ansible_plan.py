@@ -11,7 +11,7 @@ import pytest
 import yaml
 from snapshot_fixtures import UUID, fresh_snapshot, with_gpu
 
-from gpunode.core import desired, paths
+from gpunode.core import desired, paths, plan
 from gpunode.core.files import credentials
 from gpunode.engines.ansible import plan as ansible_plan
 from gpunode.inventory import load_site
@@ -54,6 +54,9 @@ def test_disks_differ_on_read_ahead_or_an_offered_scheduler_only(profile):
     # a scheduler the kernel does not offer for the disk is no step: the checks report it
     vda.update(read_ahead_kb=4096, scheduler="none", schedulers=["none"])
     assert ansible_plan.observed(profile, data)["block_differs"] == []
+    # ... while the checks, which judge from the same list, still see it
+    assert plan.block_mismatches(profile, data) == [
+        ("vda", "scheduler", "none", "mq-deadline", ["none"])]
     data["block"]["nvme0n1"] = {"scheduler": "mq-deadline", "schedulers": ["mq-deadline", "none"],
                                 "read_ahead_kb": 4096}
     assert ansible_plan.observed(profile, data)["block_differs"] == ["nvme0n1"]

@@ -167,11 +167,10 @@ def dkms_offer_command(p: NodeProfile) -> str | None:
     if pinned is None:
         return probe
     # Installed at the pin already (a converged node): nothing is to install, so nothing
-    # to refuse, and the two apt-cache runs (seconds each on a small VM) are skipped.
-    # (held or not: gpunode holds it)
+    # to refuse, and the two apt-cache runs (seconds each on a small VM) are skipped. dpkg's
+    # status word, not its abbreviation: gpunode holds the package ("hi", not "ii").
     installed = f"dpkg-query -W -f='${{db:Status-Status}} ${{Version}}' {pkg} 2>/dev/null"
     return f'[ "$({installed})" = {shlex.quote("installed " + pinned)} ] || {{ {probe}; }}'
-
 
 
 def ctk_key_install(p: NodeProfile) -> str:

@@ -259,20 +259,29 @@ def sysctl_differs(p: NodeProfile, data: dict[str, Any]) -> bool:
     return any(data["sysctl"].get(k) != " ".join(v.split()) for k, v in d.sysctls(p).items())
 
 
-def block_differs(p: NodeProfile, data: dict[str, Any]) -> list[str]:
-    """Disks whose read-ahead, or whose I/O scheduler where the kernel offers the one wanted,
-    differs from the profile (the rules are applied again). A scheduler the kernel does not
-    offer for a disk is no step a deploy could take: the checks report it."""
+def block_mismatches(p: NodeProfile, data: dict[str, Any]
+                     ) -> list[tuple[str, str, Any, Any, list[str]]]:
+    """Each setting of a disk gpunode tunes that differs from the profile, as (disk,
+    "scheduler" or "read_ahead_kb", host's value, wanted value, schedulers the kernel
+    offers for that disk). The deploy and the checks both judge from this list."""
     out = []
     for dev, got in sorted((data.get("block") or {}).items()):
         want = d.block_wanted(p, dev)
         if want is None:
             continue
-        scheduler, read_ahead = want
-        if ((scheduler in got.get("schedulers", []) and got.get("scheduler") != scheduler)
-                or got.get("read_ahead_kb") != read_ahead):
-            out.append(dev)
+        offered = got.get("schedulers", [])
+        for setting, wanted in zip(("scheduler", "read_ahead_kb"), want, strict=True):
+            if got.get(setting) != wanted:
+                out.append((dev, setting, got.get(setting), wanted, offered))
     return out
+
+
+def block_differs(p: NodeProfile, data: dict[str, Any]) -> list[str]:
+    """Disks whose read-ahead, or whose I/O scheduler where the kernel offers the one wanted,
+    differs from the profile (the rules are applied again). A scheduler the kernel does not
+    offer for a disk is no step a deploy could take: the checks report it."""
+    return sorted({dev for dev, setting, _, wanted, offered in block_mismatches(p, data)
+                   if setting == "read_ahead_kb" or wanted in offered})
 
 
 def daemon_reload_stale(p: NodeProfile, snap: Snapshot) -> bool:
